@@ -1,0 +1,359 @@
+"""The routing table: the contract between discovery and the data plane.
+
+Everything here is immutable and built from the standard library only, so that
+``discovery/`` (and the cluster control plane) can produce tables and ``mesh/``
+can consume them without either knowing the other.
+
+Shape::
+
+    RoutingTable(version, services)
+      Service(name, options, routes)
+        Route(listen_host, port, protocol, endpoints)
+          Endpoint(id, address, port, node, weight, state, via)
+
+Rules:
+- Equal inputs give equal tables: every collection is a tuple sorted by a stable
+  key (services by name, routes by (port, listen_host), endpoints by id).  The
+  ``normalized()`` constructor helpers do the sorting so producers cannot forget.
+- ``RoutingTable.digest`` covers the content and not the version: two producers
+  (two managers) that see the same cluster publish tables with the same digest.
+- A table round-trips through JSON: ``RoutingTable.from_json(t.to_json()) == t``.
+- An endpoint is identified by ``Endpoint.key`` = (id, address, port, via).  The
+  data plane keeps per-endpoint state (health, ejection, active connections)
+  across tables as long as the key is present.  Docker reuses addresses at once,
+  so discovery sets ``id`` to the container/task id, never to the address alone.
+- ``state="draining"``: the endpoint gets no new connections; open ones stay.
+- ``via`` is ``None`` for an endpoint reached directly, or "host:port" of the
+  tunnel of the agent on the endpoint's node (cluster-wide forwarding).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+__all__ = [
+    "BALANCERS",
+    "PROXY_PROTOCOLS",
+    "Endpoint",
+    "HealthCheck",
+    "Route",
+    "RoutingTable",
+    "Service",
+    "ServiceOptions",
+    "TableError",
+    "format_hostport",
+    "parse_hostport",
+]
+
+BALANCERS = ("round-robin", "least-conn", "p2c", "hash")
+PROXY_PROTOCOLS = (None, "v1", "v2")
+ENDPOINT_STATES = ("running", "draining")
+PROTOCOLS = ("tcp",)
+HEALTH_KINDS = ("tcp", "http")
+
+
+class TableError(ValueError):
+    """A table (or a part of one) violates the contract.  The message says which field."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise TableError(msg)
+
+
+def parse_hostport(text: str, default_host: str | None = None) -> tuple[str, int]:
+    """Parse "host:port", "[v6]:port" or (with ``default_host``) a bare "port".
+
+    Raises ``TableError`` with a message that quotes the input.
+    """
+    s = str(text).strip()
+    host: str | None
+    if s.startswith("["):
+        end = s.find("]")
+        _check(end > 0 and s[end + 1 : end + 2] == ":", f"expected '[address]:port', got {text!r}")
+        host, port_s = s[1:end], s[end + 2 :]
+    elif s.count(":") == 1:
+        host, port_s = s.split(":")
+    elif ":" not in s and default_host is not None:
+        host, port_s = default_host, s
+    else:
+        raise TableError(f"expected 'host:port', got {text!r}")
+    _check(bool(host), f"missing host in {text!r}")
+    _check(port_s.isdigit(), f"port must be a number in {text!r}")
+    port = int(port_s)
+    _check(0 < port < 65536, f"port out of range 1-65535 in {text!r}")
+    return host, port
+
+
+def format_hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """Active health check of a service's endpoints.
+
+    kind "tcp": a connect within ``timeout`` is a pass.  kind "http": GET ``path``
+    (Host ``host`` if set) and a status in ``expect_status`` is a pass.  An
+    endpoint turns healthy after ``rise`` passes in a row and unhealthy after
+    ``fall`` failures in a row.  Each probe is delayed by a random share of up to
+    ``jitter`` x interval so nodes do not probe in lock step.
+    """
+
+    kind: str = "tcp"
+    interval: float = 5.0
+    timeout: float = 2.0
+    rise: int = 2
+    fall: int = 3
+    path: str = "/"
+    host: str | None = None
+    expect_status: tuple[int, ...] = (200,)
+    jitter: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check(self.kind in HEALTH_KINDS, f"health check kind must be one of {HEALTH_KINDS}, got {self.kind!r}")
+        _check(self.interval > 0, f"health check interval must be > 0, got {self.interval!r}")
+        _check(self.timeout > 0, f"health check timeout must be > 0, got {self.timeout!r}")
+        _check(self.rise >= 1 and self.fall >= 1, "health check rise and fall must be >= 1")
+        _check(0 <= self.jitter <= 1, f"health check jitter must be within 0..1, got {self.jitter!r}")
+        _check(self.path.startswith("/"), f"health check path must start with '/', got {self.path!r}")
+        _check(
+            len(self.expect_status) > 0 and all(100 <= s <= 599 for s in self.expect_status),
+            f"health check expect_status must be HTTP statuses, got {self.expect_status!r}",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceOptions:
+    """Per-service behaviour of the data plane.  Defaults are what a user gets with no options.
+
+    Timeouts are in seconds; ``idle_timeout`` 0 disables it.
+    ``retries``: how many *other* endpoints a failed connect is retried on
+    (before any byte was sent upstream).
+    Outlier detection: ``consecutive_failures`` connect failures in a row eject an
+    endpoint for ``base_ejection_time`` x (number of its ejections so far), capped
+    at ``max_ejection_time``; at most ``max_ejection_percent`` % of a route's
+    endpoints are ejected at once.  ``panic_threshold`` (%): when fewer than that
+    share of endpoints are usable, balance over all of them instead of refusing.
+    ``locality``: "prefer" local endpoints (cluster mode) or "off".
+    """
+
+    balance: str = "round-robin"
+    proxy_protocol: str | None = None
+    connect_timeout: float = 3.0
+    idle_timeout: float = 3600.0
+    retries: int = 2
+    consecutive_failures: int = 3
+    base_ejection_time: float = 10.0
+    max_ejection_time: float = 300.0
+    max_ejection_percent: int = 50
+    panic_threshold: int = 50
+    health_check: HealthCheck | None = None
+    locality: str = "prefer"
+
+    def __post_init__(self) -> None:
+        _check(self.balance in BALANCERS, f"balance must be one of {', '.join(BALANCERS)}; got {self.balance!r}")
+        _check(
+            self.proxy_protocol in PROXY_PROTOCOLS,
+            f"proxy_protocol must be one of v1, v2 (or unset); got {self.proxy_protocol!r}",
+        )
+        _check(self.connect_timeout > 0, f"connect_timeout must be > 0, got {self.connect_timeout!r}")
+        _check(self.idle_timeout >= 0, f"idle_timeout must be >= 0 (0 = off), got {self.idle_timeout!r}")
+        _check(0 <= self.retries <= 100, f"retries must be within 0..100, got {self.retries!r}")
+        _check(self.consecutive_failures >= 1, "consecutive_failures must be >= 1")
+        _check(0 < self.base_ejection_time <= self.max_ejection_time, "need 0 < base_ejection_time <= max_ejection_time")
+        _check(0 <= self.max_ejection_percent <= 100, "max_ejection_percent must be within 0..100")
+        _check(0 <= self.panic_threshold <= 100, "panic_threshold must be within 0..100")
+        _check(self.locality in ("prefer", "off"), f"locality must be 'prefer' or 'off', got {self.locality!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One replica of a route: where to connect.  See the module docstring for ``id`` and ``via``."""
+
+    id: str
+    address: str
+    port: int
+    node: str = ""
+    weight: int = 1
+    state: str = "running"
+    via: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(bool(self.id), "endpoint id must not be empty")
+        _check(bool(self.address), f"endpoint {self.id}: address must not be empty")
+        _check(isinstance(self.port, int) and 0 < self.port < 65536, f"endpoint {self.id}: port out of range: {self.port!r}")
+        _check(isinstance(self.weight, int) and 1 <= self.weight <= 1000, f"endpoint {self.id}: weight must be 1..1000, got {self.weight!r}")
+        _check(self.state in ENDPOINT_STATES, f"endpoint {self.id}: state must be running or draining, got {self.state!r}")
+        if self.via is not None:
+            parse_hostport(self.via)
+
+    @property
+    def key(self) -> tuple[str, str, int, str | None]:
+        return (self.id, self.address, self.port, self.via)
+
+    @property
+    def hostport(self) -> str:
+        return format_hostport(self.address, self.port)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A published port and the endpoints behind it."""
+
+    port: int
+    endpoints: tuple[Endpoint, ...] = ()
+    listen_host: str = "0.0.0.0"
+    protocol: str = "tcp"
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.port, int) and 0 < self.port < 65536, f"listen port out of range: {self.port!r}")
+        _check(self.protocol in PROTOCOLS, f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        _check(bool(self.listen_host), "listen_host must not be empty")
+        ids = [e.id for e in self.endpoints]
+        _check(len(ids) == len(set(ids)), f"route :{self.port}: duplicate endpoint ids")
+        object.__setattr__(self, "endpoints", tuple(sorted(self.endpoints, key=lambda e: e.id)))
+
+    @property
+    def listen(self) -> tuple[str, int]:
+        return (self.listen_host, self.port)
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    name: str
+    routes: tuple[Route, ...]
+    options: ServiceOptions = field(default_factory=ServiceOptions)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "service name must not be empty")
+        object.__setattr__(self, "routes", tuple(sorted(self.routes, key=lambda r: (r.port, r.listen_host))))
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingTable:
+    """An immutable, versioned snapshot.  ``version`` is assigned by the producer
+    and grows with each publish; ``digest`` identifies the content."""
+
+    version: int = 0
+    services: tuple[Service, ...] = ()
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.services]
+        _check(len(names) == len(set(names)), "duplicate service names")
+        object.__setattr__(self, "services", tuple(sorted(self.services, key=lambda s: s.name)))
+        seen: dict[tuple[str, int], str] = {}
+        for svc in self.services:
+            for r in svc.routes:
+                for other_key, other in seen.items():
+                    if other_key[1] == r.port and _hosts_overlap(other_key[0], r.listen_host):
+                        raise TableError(
+                            f"service {svc.name!r} listens on {format_hostport(r.listen_host, r.port)}, "
+                            f"already used by service {other!r}"
+                        )
+                seen[(r.listen_host, r.port)] = svc.name
+
+    # -- derived views --------------------------------------------------------------
+    def service(self, name: str) -> Service | None:
+        for s in self.services:
+            if s.name == name:
+                return s
+        return None
+
+    def routes(self) -> Iterable[tuple[Service, Route]]:
+        for s in self.services:
+            for r in s.routes:
+                yield s, r
+
+    @property
+    def digest(self) -> str:
+        body = json.dumps(self.to_dict()["services"], sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+    def same_content(self, other: RoutingTable | None) -> bool:
+        return other is not None and self.services == other.services
+
+    def with_version(self, version: int) -> RoutingTable:
+        return replace(self, version=version)
+
+    # -- JSON -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "services": [_service_to_dict(s) for s in self.services]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RoutingTable:
+        try:
+            return cls(
+                version=int(data.get("version", 0)),
+                services=tuple(_service_from_dict(s) for s in data.get("services", ())),
+            )
+        except TableError:
+            raise
+        except (TypeError, KeyError, AttributeError, ValueError) as exc:
+            raise TableError(f"malformed routing table: {exc!r}") from exc
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> RoutingTable:
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise TableError(f"routing table is not JSON: {exc}") from exc
+        _check(isinstance(data, dict), "routing table JSON must be an object")
+        return cls.from_dict(data)
+
+
+def _hosts_overlap(a: str, b: str) -> bool:
+    wild = ("0.0.0.0", "::", "*")
+    return a == b or a in wild or b in wild
+
+
+def _plain(obj: Any) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in fields(obj)}
+
+
+def _service_to_dict(s: Service) -> dict[str, Any]:
+    opts = _plain(s.options)
+    if s.options.health_check is not None:
+        hc = _plain(s.options.health_check)
+        hc["expect_status"] = list(hc["expect_status"])
+        opts["health_check"] = hc
+    return {
+        "name": s.name,
+        "options": opts,
+        "routes": [
+            {
+                "port": r.port,
+                "listen_host": r.listen_host,
+                "protocol": r.protocol,
+                "endpoints": [_plain(e) for e in r.endpoints],
+            }
+            for r in s.routes
+        ],
+    }
+
+
+def _service_from_dict(d: dict[str, Any]) -> Service:
+    opts = dict(d.get("options") or {})
+    hc = opts.get("health_check")
+    if hc is not None:
+        hc = dict(hc)
+        if "expect_status" in hc:
+            hc["expect_status"] = tuple(hc["expect_status"])
+        opts["health_check"] = HealthCheck(**hc)
+    routes = tuple(
+        Route(
+            port=r["port"],
+            listen_host=r.get("listen_host", "0.0.0.0"),
+            protocol=r.get("protocol", "tcp"),
+            endpoints=tuple(Endpoint(**e) for e in r.get("endpoints", ())),
+        )
+        for r in d["routes"]
+    )
+    return Service(name=d["name"], routes=routes, options=ServiceOptions(**opts))
