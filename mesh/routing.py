@@ -165,7 +165,9 @@ class ServiceOptions:
         _check(self.idle_timeout >= 0, f"idle_timeout must be >= 0 (0 = off), got {self.idle_timeout!r}")
         _check(0 <= self.retries <= 100, f"retries must be within 0..100, got {self.retries!r}")
         _check(self.consecutive_failures >= 1, "consecutive_failures must be >= 1")
-        _check(0 < self.base_ejection_time <= self.max_ejection_time, "need 0 < base_ejection_time <= max_ejection_time")
+        _check(
+            0 < self.base_ejection_time <= self.max_ejection_time, "need 0 < base_ejection_time <= max_ejection_time"
+        )
         _check(0 <= self.max_ejection_percent <= 100, "max_ejection_percent must be within 0..100")
         _check(0 <= self.panic_threshold <= 100, "panic_threshold must be within 0..100")
         _check(self.locality in ("prefer", "off"), f"locality must be 'prefer' or 'off', got {self.locality!r}")
@@ -186,9 +188,17 @@ class Endpoint:
     def __post_init__(self) -> None:
         _check(bool(self.id), "endpoint id must not be empty")
         _check(bool(self.address), f"endpoint {self.id}: address must not be empty")
-        _check(isinstance(self.port, int) and 0 < self.port < 65536, f"endpoint {self.id}: port out of range: {self.port!r}")
-        _check(isinstance(self.weight, int) and 1 <= self.weight <= 1000, f"endpoint {self.id}: weight must be 1..1000, got {self.weight!r}")
-        _check(self.state in ENDPOINT_STATES, f"endpoint {self.id}: state must be running or draining, got {self.state!r}")
+        _check(
+            isinstance(self.port, int) and 0 < self.port < 65536,
+            f"endpoint {self.id}: port out of range: {self.port!r}",
+        )
+        _check(
+            isinstance(self.weight, int) and 1 <= self.weight <= 1000,
+            f"endpoint {self.id}: weight must be 1..1000, got {self.weight!r}",
+        )
+        _check(
+            self.state in ENDPOINT_STATES, f"endpoint {self.id}: state must be running or draining, got {self.state!r}"
+        )
         if self.via is not None:
             parse_hostport(self.via)
 

@@ -81,7 +81,9 @@ def test_port_conflict_names_both_services():
 
 
 def test_different_hosts_same_port_is_fine():
-    RoutingTable(1, (Service("a", (Route(80, listen_host="127.0.0.1"),)), Service("b", (Route(80, listen_host="127.0.0.2"),))))
+    RoutingTable(
+        1, (Service("a", (Route(80, listen_host="127.0.0.1"),)), Service("b", (Route(80, listen_host="127.0.0.2"),)))
+    )
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,9 @@ import time
 from collections.abc import Awaitable, Callable
 
 
-async def wait_for(cond: Callable[[], bool | Awaitable[bool]], timeout: float = 5.0, interval: float = 0.01, what: str = "") -> None:
+async def wait_for(
+    cond: Callable[[], bool | Awaitable[bool]], timeout: float = 5.0, interval: float = 0.01, what: str = ""
+) -> None:
     """Poll ``cond`` until it is true, or fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
