@@ -1,0 +1,396 @@
+"""Endpoint pools: the runtime state of one route's endpoints, and choosing one.
+
+State rules (one ``Pool`` per (service, route); one ``Host`` per ``Endpoint.key``):
+
+- ``Host.health`` is a bitmask written by two sources: active health checks set
+  ``FAILED_ACTIVE_HC``, passive outlier detection sets ``EJECTED``.  0 = healthy.
+- A host is *live* when it is not draining (``endpoint.state == "draining"`` or
+  no longer listed).  Draining hosts never get new connections; a draining host
+  stays in ``hosts`` while the table still lists it.
+- A host is *usable* when it is live and healthy.  Panic: when fewer than
+  ``panic_threshold`` % of the live hosts are healthy, every live host is usable
+  (better to try a maybe-broken endpoint than to refuse everything).
+  ``panic_threshold`` 0 turns panic mode off.
+- Locality ("prefer"): when some local (``via is None``) host is usable, choose
+  among the local usable hosts only; otherwise spill to the remote ones.  When a
+  connection has excluded every local host (retries), it spills too.
+- The tuples of live/usable/preferred hosts are recomputed on every health,
+  ejection, drain or table change -- never per connection.
+- Outlier detection: ``consecutive_failures`` connect failures in a row eject a
+  host for ``base_ejection_time`` x (its ejection count), capped at
+  ``max_ejection_time``.  A success resets the consecutive count.  At most
+  ``max_ejection_percent`` % of the live hosts are ejected at once, rounded
+  down, but at least one when the percent is > 0 and there are >= 2 live hosts
+  (so a two-host route with the default 50 % can still shed its broken half).
+  A host over the threshold that may not be ejected keeps counting and is
+  ejected at its next failure once the bound allows it.
+- Ejections expire lazily: ``choose()`` compares the clock with the earliest
+  expiry (one float compare on the common path) and un-ejects what is due.
+- The ejection count decays: it is halved for every full ``max_ejection_time``
+  a host has spent un-ejected since its last ejection ended (applied lazily, at
+  its next ejection), so a host that failed once a week ago starts again at the
+  base time while a flapping host keeps backing off.
+- ``update()`` diffs by ``Endpoint.key``: a host that is still listed keeps its
+  active count, health, ejections and stats; weight and state changes apply in
+  place; hosts no longer listed are marked draining and dropped from ``hosts``
+  (open connections keep the object alive).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Collection
+
+from mesh.balancer import Balancer, make_balancer
+from mesh.routing import Endpoint, Route, ServiceOptions
+from mesh.stats import HostStats, RouteStats
+
+__all__ = ["EJECTED", "FAILED_ACTIVE_HC", "HEALTHY", "Host", "Pool"]
+
+log = logging.getLogger(__name__)
+
+HEALTHY = 0
+FAILED_ACTIVE_HC = 1
+EJECTED = 2
+
+_INF = float("inf")
+
+
+def _health_text(health: int) -> str:
+    if not health:
+        return "ok"
+    parts = []
+    if health & FAILED_ACTIVE_HC:
+        parts.append("failed_hc")
+    if health & EJECTED:
+        parts.append("ejected")
+    return "|".join(parts)
+
+
+class Host:
+    """Runtime state of one ``Endpoint`` of one route (Envoy's "host").
+
+    The proxy reads ``address``/``port``/``via`` and does ``active += 1`` / ``-= 1``
+    around a proxied connection; everything else is written by the ``Pool``.
+    """
+
+    __slots__ = (
+        "active",
+        "address",
+        "consecutive_failures",
+        "draining",
+        "ejected_until",
+        "ejections",
+        "endpoint",
+        "health",
+        "key",
+        "local",
+        "port",
+        "stats",
+        "via",
+        "weight",
+    )
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.key = endpoint.key
+        self.address = endpoint.address
+        self.port = endpoint.port
+        self.via = endpoint.via
+        self.local = endpoint.via is None
+        self.active = 0
+        self.health = HEALTHY
+        self.consecutive_failures = 0
+        self.ejections = 0
+        self.ejected_until = 0.0
+        self.stats = HostStats()
+        self.endpoint = endpoint
+        self.weight = endpoint.weight
+        self.draining = endpoint.state == "draining"
+
+    def _set_endpoint(self, endpoint: Endpoint) -> None:
+        # Same key, so address/port/via are unchanged; weight, node and state may differ.
+        self.endpoint = endpoint
+        self.weight = endpoint.weight
+        self.draining = endpoint.state == "draining"
+
+    @property
+    def id(self) -> str:
+        return self.endpoint.id
+
+    @property
+    def healthy(self) -> bool:
+        return not self.health
+
+    def __repr__(self) -> str:
+        via = f" via {self.via}" if self.via else ""
+        ej = f" ejected_until={self.ejected_until:.3f}" if self.health & EJECTED else ""
+        return (
+            f"<Host {self.endpoint.id} {self.endpoint.hostport}{via} w={self.weight} active={self.active} "
+            f"health={_health_text(self.health)}{' draining' if self.draining else ''} "
+            f"fails={self.consecutive_failures} ejections={self.ejections}{ej}>"
+        )
+
+
+class Pool:
+    """The hosts of one (service, route) and the balancer that chooses among them.  See the module docstring."""
+
+    def __init__(
+        self,
+        service: str,
+        route: Route,
+        options: ServiceOptions,
+        *,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        local_node: str | None = None,
+    ) -> None:
+        self.service = service
+        self.route = route
+        self.options = options
+        self.local_node = local_node
+        self.stats = RouteStats()
+        self.on_change: list[Callable[[Pool], None]] = []
+        self._rng = rng if rng is not None else random.Random()
+        self._clock = clock
+        self._balancer: Balancer = make_balancer(options.balance, self._rng)
+        self._by_key: dict[tuple, Host] = {}
+        self.hosts: tuple[Host, ...] = ()
+        self._live: tuple[Host, ...] = ()  # not draining
+        self._usable: tuple[Host, ...] = ()  # live and healthy (all live in panic)
+        self._preferred: tuple[Host, ...] = ()  # what choose() balances over
+        self._panic = False
+        self._next_expiry = _INF
+        self._sync_hosts(route)
+        self._recompute(notify=False)
+
+    # -- properties ---------------------------------------------------------------------
+    @property
+    def port(self) -> int:
+        return self.route.port
+
+    @property
+    def panic(self) -> bool:
+        """True while too few hosts are healthy and every live host is used."""
+        return self._panic
+
+    @property
+    def usable(self) -> tuple[Host, ...]:
+        """Hosts that may get new connections (after panic, before locality)."""
+        self._expire_due()
+        return self._usable
+
+    @property
+    def healthy_count(self) -> int:
+        self._expire_due()
+        return sum(1 for h in self._live if not h.health)
+
+    @property
+    def balancer(self) -> Balancer:
+        return self._balancer
+
+    # -- the hot path ----------------------------------------------------------------------
+    def choose(self, client: tuple[str, int] | None = None, exclude: Collection[Host] = ()) -> Host | None:
+        """Pick a host for a new connection from ``client`` (``(ip, port)``, may be None).
+
+        Never awaits.  ``exclude`` holds hosts this connection already tried.
+        Returns None when no usable host remains after ``exclude`` (in panic mode
+        every live host is usable).
+        """
+        if self._clock() >= self._next_expiry:
+            self._expire_due()
+        host = self._balancer.pick(self._preferred, client, exclude)
+        if host is None and exclude and self._preferred is not self._usable:
+            # Every preferred (local) host was tried: spill to the rest.
+            for h in self._usable:
+                if h not in exclude:
+                    return h
+        return host
+
+    def report_success(self, host: Host) -> None:
+        """A connect to ``host`` succeeded: reset its consecutive failures."""
+        host.consecutive_failures = 0
+
+    def report_failure(self, host: Host) -> None:
+        """A connect to ``host`` failed: count it, and eject the host when it reached
+        ``consecutive_failures`` and ``max_ejection_percent`` allows."""
+        host.consecutive_failures += 1
+        opts = self.options
+        if host.consecutive_failures < opts.consecutive_failures or host.health & EJECTED:
+            return
+        if self._by_key.get(host.key) is not host or host.draining:
+            return  # no longer ours to eject; it gets no new connections anyway
+        now = self._clock()
+        self._expire_due(now)
+        if self._ejected_count() >= self._max_ejected():
+            return
+        if host.ejections and host.ejected_until > 0:
+            healthy_for = now - host.ejected_until
+            halvings = int(healthy_for // opts.max_ejection_time) if healthy_for > 0 else 0
+            host.ejections >>= min(halvings, 63)
+        host.ejections += 1
+        duration = min(opts.base_ejection_time * host.ejections, opts.max_ejection_time)
+        host.ejected_until = now + duration
+        host.health |= EJECTED
+        host.consecutive_failures = 0
+        host.stats.ejections += 1
+        if host.ejected_until < self._next_expiry:
+            self._next_expiry = host.ejected_until
+        log.warning(
+            "service %s port %d: ejected endpoint %s (%s) for %.1fs after %d connect failures in a row (ejection #%d)",
+            self.service,
+            self.port,
+            host.endpoint.id,
+            host.endpoint.hostport,
+            duration,
+            opts.consecutive_failures,
+            host.ejections,
+        )
+        self._recompute()
+
+    def set_active_health(self, host: Host, healthy: bool, reason: str = "") -> None:
+        """Record an active health check verdict (after rise/fall); logs and recomputes on a flip only."""
+        was = not host.health & FAILED_ACTIVE_HC
+        if was == healthy:
+            return
+        if healthy:
+            host.health &= ~FAILED_ACTIVE_HC
+        else:
+            host.health |= FAILED_ACTIVE_HC
+        if self._by_key.get(host.key) is not host:
+            return
+        log.warning(
+            "service %s port %d: endpoint %s (%s) is now %s by health check%s",
+            self.service,
+            self.port,
+            host.endpoint.id,
+            host.endpoint.hostport,
+            "healthy" if healthy else "unhealthy",
+            f": {reason}" if reason else "",
+        )
+        self._recompute()
+
+    # -- table changes ----------------------------------------------------------------------
+    def update(self, route: Route, options: ServiceOptions) -> None:
+        """Apply a new version of this route: an in-place diff by ``Endpoint.key``.
+
+        Surviving hosts keep active/health/ejection state and stats; removed ones
+        are marked draining and dropped from ``hosts``.  A changed ``balance``
+        builds a new balancer over the same hosts.
+        """
+        old_balance = self.options.balance
+        self.route = route
+        self.options = options
+        if options.balance != old_balance:
+            self._balancer = make_balancer(options.balance, self._rng)
+        self._sync_hosts(route)
+        self._next_expiry = min((h.ejected_until for h in self.hosts if h.health & EJECTED), default=_INF)
+        self._recompute(force=True)
+
+    def _sync_hosts(self, route: Route) -> None:
+        old = self._by_key
+        new: dict[tuple, Host] = {}
+        for ep in route.endpoints:
+            host = old.get(ep.key)
+            if host is None:
+                host = Host(ep)
+            else:
+                host._set_endpoint(ep)
+            new[ep.key] = host
+        for key, host in old.items():
+            if key not in new:
+                host.draining = True
+        self._by_key = new
+        self.hosts = tuple(new.values())
+
+    # -- internals --------------------------------------------------------------------------
+    def _max_ejected(self) -> int:
+        pct = self.options.max_ejection_percent
+        n = len(self._live)
+        bound = n * pct // 100
+        if pct > 0 and n >= 2 and bound < 1:
+            bound = 1
+        return bound
+
+    def _ejected_count(self) -> int:
+        return sum(1 for h in self._live if h.health & EJECTED)
+
+    def _expire_due(self, now: float | None = None) -> None:
+        if now is None:
+            now = self._clock()
+        if now < self._next_expiry:
+            return
+        nxt = _INF
+        changed = False
+        for host in self.hosts:
+            if host.health & EJECTED:
+                if host.ejected_until <= now:
+                    host.health &= ~EJECTED
+                    changed = True
+                    log.warning(
+                        "service %s port %d: endpoint %s (%s) back from ejection",
+                        self.service,
+                        self.port,
+                        host.endpoint.id,
+                        host.endpoint.hostport,
+                    )
+                elif host.ejected_until < nxt:
+                    nxt = host.ejected_until
+        self._next_expiry = nxt
+        if changed:
+            self._recompute()
+
+    def _recompute(self, notify: bool = True, force: bool = False) -> None:
+        live = tuple(h for h in self.hosts if not h.draining)
+        healthy = tuple(h for h in live if not h.health)
+        threshold = self.options.panic_threshold
+        panic = bool(live) and len(healthy) * 100 < threshold * len(live)
+        if panic and not self._panic:
+            log.warning(
+                "service %s port %d: panic mode, only %d of %d endpoints healthy; balancing over all of them",
+                self.service,
+                self.port,
+                len(healthy),
+                len(live),
+            )
+        elif self._panic and not panic:
+            log.warning("service %s port %d: panic mode over", self.service, self.port)
+        usable = live if panic else healthy
+        changed = force or usable != self._usable or panic != self._panic
+        self._live = live
+        self._panic = panic
+        self._usable = usable
+        self._preferred = self._prefer(usable)
+        self._balancer.rebuild(self._preferred)
+        if notify and changed:
+            self._notify()
+
+    def _prefer(self, usable: tuple[Host, ...]) -> tuple[Host, ...]:
+        """The subset of ``usable`` that choose() balances over (locality).
+
+        Today: all local usable hosts if there is one, else every usable host.
+        This is the place for a later policy such as "spill a share to remote
+        hosts when the local ones carry more than their share of the load".
+        """
+        if self.options.locality != "prefer":
+            return usable
+        local = tuple(h for h in usable if h.local)
+        if not local or len(local) == len(usable):
+            return usable
+        return local
+
+    def _notify(self) -> None:
+        for cb in list(self.on_change):
+            try:
+                cb(self)
+            except Exception:
+                log.exception("service %s port %d: on_change callback %r failed", self.service, self.port, cb)
+
+    def __repr__(self) -> str:
+        healthy = sum(1 for h in self._live if not h.health)
+        return (
+            f"<Pool {self.service}:{self.port} balance={self.options.balance} hosts={len(self.hosts)} "
+            f"live={len(self._live)} healthy={healthy} usable={len(self._usable)} "
+            f"preferred={len(self._preferred)}{' PANIC' if self._panic else ''}>"
+        )
