@@ -20,7 +20,7 @@ Algorithms (``ServiceOptions.balance``):
 
 ``round-robin``
     An expanded, smoothly interleaved schedule (earliest-deadline-first over
-    ``k / weight``) in which each host appears ``weight / gcd`` times.  The
+    ``(k - 1/2) / weight``) in which each host appears ``weight / gcd`` times.  The
     position starts at a random offset the first time there are hosts, so
     processes and nodes that receive the same table at the same moment do not
     move in lock step.  O(1) per pick.
@@ -85,8 +85,9 @@ Client = tuple[str, int] | None
 def weighted_schedule(weights: Sequence[int]) -> tuple[int, ...]:
     """Indexes into ``weights``, index i appearing ``weights[i] / gcd`` times, smoothly interleaved.
 
-    Earliest deadline first: the k-th turn of host i is due at ``k / w_i``; ties go
-    to the lower index.  Weights 1, 2, 3 give ``(2, 1, 2, 0, 1, 2)``.  When the
+    Earliest deadline first: the k-th turn of host i is due in the middle of its
+    k-th share, at ``(k - 1/2) / w_i``; ties go to the lower index.  Weights 5, 1, 1
+    give ``(0, 0, 0, 1, 2, 0, 0)``: the light hosts land mid-cycle, not at its end.  When the
     reduced weights sum to more than ``MAX_SCHEDULE`` they are scaled down (at
     least one turn each), so proportions then hold only approximately.
     """
@@ -104,15 +105,16 @@ def weighted_schedule(weights: Sequence[int]) -> tuple[int, ...]:
     if total > MAX_SCHEDULE:
         ws = [max(1, w * MAX_SCHEDULE // total) for w in ws]
         total = sum(ws)
-    # (deadline, index, turn): deadlines computed as k / w (not accumulated) so the
-    # last turn of every host is exactly 1.0 and each host gets exactly w turns.
-    heap = [(1 / w, i, 1) for i, w in enumerate(ws)]
+    # (deadline, index, turn).  Deadlines are computed, not accumulated: every turn
+    # k <= w is due before 1.0 and turn w + 1 after it, so one cycle of ``total``
+    # pops gives each host exactly its w turns.
+    heap = [(0.5 / w, i, 1) for i, w in enumerate(ws)]
     heapify(heap)
     out = []
     for _ in range(total):
         _, i, k = heap[0]
         out.append(i)
-        heapreplace(heap, ((k + 1) / ws[i], i, k + 1))
+        heapreplace(heap, ((k + 0.5) / ws[i], i, k + 1))
     return tuple(out)
 
 
