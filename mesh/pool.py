@@ -217,13 +217,13 @@ class Pool:
         ``consecutive_failures`` and ``max_ejection_percent`` allows."""
         host.consecutive_failures += 1
         opts = self.options
-        if host.consecutive_failures < opts.consecutive_failures or host.health & EJECTED:
+        if host.consecutive_failures < opts.consecutive_failures:
             return
         if self._by_key.get(host.key) is not host or host.draining:
             return  # no longer ours to eject; it gets no new connections anyway
         now = self._clock()
-        self._expire_due(now)
-        if self._ejected_count() >= self._max_ejected():
+        self._expire_due(now)  # an expired ejection may be re-ejected; others free their slot
+        if host.health & EJECTED or self._ejected_count() >= self._max_ejected():
             return
         if host.ejections and host.ejected_until > 0:
             healthy_for = now - host.ejected_until
