@@ -1,0 +1,529 @@
+"""Static configuration: a YAML or TOML file turned into a ``RoutingTable``.
+
+The file format (YAML shown; TOML has the same tree)::
+
+    defaults:                       # optional: ServiceOptions applied to every service
+      connect_timeout: 2s
+    services:
+      web:
+        listen: 8080                # or "127.0.0.1:8080", or a list of them
+        balance: round-robin        # round-robin | least-conn | p2c | hash
+        endpoints: ["127.0.0.1:9001", {address: 127.0.0.1, port: 9002, weight: 2}]
+
+See examples/mesh.yaml for every option.
+
+Rules:
+- Every error is a ``ConfigError`` whose message starts with "file:line:" and
+  names the key path (``services.web.balance``) and what is expected.
+- YAML positions come from the composed node tree (``start_mark``), so the line
+  is exact; duplicate keys are errors (PyYAML would silently keep the last one).
+- ``tomllib`` gives no positions: the line of a key is found by scanning the text
+  for table headers and ``key =`` lines (best effort, falling back to the line of
+  the nearest enclosing table); the key path is always in the message.
+- Unknown keys are errors, with a "did you mean" hint when a known key is close.
+- Durations are numbers of seconds or strings such as "500ms", "5s", "2m", "1h".
+- A static endpoint's id is its "host:port" unless the file gives one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mesh.errors import ConfigError
+from mesh.routing import (
+    BALANCERS,
+    Endpoint,
+    HealthCheck,
+    Route,
+    RoutingTable,
+    Service,
+    ServiceOptions,
+    TableError,
+    format_hostport,
+    parse_hostport,
+)
+
+__all__ = ["load_config", "parse_config", "parse_duration"]
+
+KeyPath = tuple[str | int, ...]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$")
+_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a number or a string like "500ms", "5s", "2m", "1h".  Raises ``ValueError``."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration like 5, 0.5, '500ms', '5s' or '2m'; got {value!r}")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError(f"duration must not be negative; got {value!r}")
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return float(m.group(1)) * _UNIT[m.group(2)]
+    raise ValueError(f"expected a duration like 5, 0.5, '500ms', '5s' or '2m'; got {value!r}")
+
+
+def load_config(path: str | Path, *, version: int = 1) -> RoutingTable:
+    """Read ``path`` (.yaml, .yml or .toml) and return its routing table with ``version``.
+
+    Raises ``ConfigError`` naming the file and line of whatever is wrong.
+    """
+    source = str(path)
+    suffix = Path(source).suffix.lower()
+    if suffix not in (".yaml", ".yml", ".toml"):
+        raise ConfigError(
+            f"unknown config file type {suffix or '(none)'!r}; expected .yaml, .yml or .toml", source=source
+        )
+    try:
+        text = Path(source).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file: {exc.strerror or exc}", source=source) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file is not UTF-8 text: {exc.reason}", source=source) from exc
+    return parse_config(text, source=source, fmt="toml" if suffix == ".toml" else "yaml", version=version)
+
+
+def parse_config(text: str, *, source: str = "<config>", fmt: str = "yaml", version: int = 1) -> RoutingTable:
+    """Like ``load_config`` for text already read; ``fmt`` is "yaml" or "toml"."""
+    if fmt == "yaml":
+        data, lines = _read_yaml(text, source)
+    elif fmt == "toml":
+        data, lines = _read_toml(text, source)
+    else:
+        raise ValueError(f"fmt must be 'yaml' or 'toml', got {fmt!r}")
+    return _Builder(source, lines).table(data, version)
+
+
+# -- reading, with positions ---------------------------------------------------------------------
+
+
+class _Lines:
+    """Key path -> 1-based line; lookups fall back to the nearest enclosing path."""
+
+    def __init__(self, lines: dict[KeyPath, int]) -> None:
+        self._lines = lines
+
+    def __call__(self, path: KeyPath) -> int | None:
+        p = tuple(path)
+        while True:
+            if p in self._lines:
+                return self._lines[p]
+            if not p:
+                return None
+            p = p[:-1]
+
+
+def _read_yaml(text: str, source: str) -> tuple[Any, _Lines]:
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        what = exc.problem or exc.context or "invalid YAML"
+        raise ConfigError(f"YAML syntax error: {what}", source=source, line=mark.line + 1 if mark else None) from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"YAML error: {exc}", source=source, line=1) from exc
+    finally:
+        loader.dispose()
+    if node is None:
+        raise ConfigError("the file is empty; expected a mapping with a 'services' key", source=source, line=1)
+    lines: dict[KeyPath, int] = {(): node.start_mark.line + 1}
+    constructor = yaml.SafeLoader("")
+
+    def walk(n: yaml.Node, path: KeyPath) -> Any:
+        if isinstance(n, yaml.MappingNode):
+            out: dict[Any, Any] = {}
+            for key_node, value_node in n.value:
+                if not isinstance(key_node, yaml.ScalarNode):
+                    raise ConfigError(
+                        f"{_dotted(path) or 'top level'}: keys must be plain names",
+                        source=source,
+                        line=key_node.start_mark.line + 1,
+                    )
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    raise ConfigError(
+                        "YAML merge keys ('<<') are not supported; write the keys out",
+                        source=source,
+                        line=key_node.start_mark.line + 1,
+                    )
+                try:
+                    key = constructor.construct_object(key_node)
+                except yaml.YAMLError as exc:
+                    raise ConfigError(f"bad key: {exc}", source=source, line=key_node.start_mark.line + 1) from exc
+                if key in out:
+                    raise ConfigError(
+                        f"{_dotted((*path, key))}: duplicate key (first at line {lines[(*path, key)]})",
+                        source=source,
+                        line=key_node.start_mark.line + 1,
+                    )
+                lines[(*path, key)] = key_node.start_mark.line + 1
+                out[key] = walk(value_node, (*path, key))
+            return out
+        if isinstance(n, yaml.SequenceNode):
+            items = []
+            for i, item in enumerate(n.value):
+                lines[(*path, i)] = item.start_mark.line + 1
+                items.append(walk(item, (*path, i)))
+            return items
+        try:
+            return constructor.construct_object(n)
+        except yaml.YAMLError as exc:
+            raise ConfigError(
+                f"{_dotted(path)}: bad value: {getattr(exc, 'problem', None) or exc}",
+                source=source,
+                line=n.start_mark.line + 1,
+            ) from exc
+
+    try:
+        data = walk(node, ())
+    finally:
+        constructor.dispose()
+    return data, _Lines(lines)
+
+
+_TOML_POS = re.compile(r"\(at line (\d+), column \d+\)")
+_TOML_HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(?:#.*)?$")
+_TOML_KEY = re.compile(
+    r"^\s*((?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*'))*)\s*="
+)
+_TOML_INLINE_KEY = re.compile(r"[{,]\s*([A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*')\s*=")
+
+
+def _toml_keys(dotted: str) -> KeyPath:
+    parts = re.findall(r"\"[^\"]*\"|'[^']*'|[^.\s]+", dotted)
+    return tuple(p[1:-1] if p[:1] in "\"'" else p for p in parts)
+
+
+def _read_toml(text: str, source: str) -> tuple[Any, _Lines]:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        msg = str(exc)
+        m = _TOML_POS.search(msg)
+        raise ConfigError(
+            f"TOML syntax error: {_TOML_POS.sub('', msg).strip()}", source=source, line=int(m.group(1)) if m else None
+        ) from exc
+    if not data:
+        raise ConfigError("the file is empty; expected a table with a 'services' key", source=source, line=1)
+    # Best effort: tomllib has no positions.  Walk the text, tracking the current table
+    # header (and array-of-tables indices), and record the first line of every key path.
+    lines: dict[KeyPath, int] = {(): 1}
+    table: KeyPath = ()
+    counters: dict[KeyPath, int] = {}
+    for no, line in enumerate(text.splitlines(), start=1):
+        h = _TOML_HEADER.match(line)
+        if h:
+            keys = _toml_keys(h.group(2))
+            if h.group(1) == "[[":
+                idx = counters.get(keys, -1) + 1
+                counters[keys] = idx
+                lines.setdefault(keys, no)
+                table = (*keys, idx)
+            else:
+                table = keys
+            lines.setdefault(table, no)
+            continue
+        k = _TOML_KEY.match(line)
+        if k:
+            path = (*table, *_toml_keys(k.group(1)))
+            lines.setdefault(path, no)
+            rest = line[k.end() :]
+            # keys of an inline table on the same line: ``web = { listen = 8080, ... }``
+            for ik in _TOML_INLINE_KEY.finditer(rest):
+                name = ik.group(1)
+                lines.setdefault((*path, name[1:-1] if name[:1] in "\"'" else name), no)
+    return data, _Lines(lines)
+
+
+# -- building the table ----------------------------------------------------------------------------
+
+_OPTION_FIELDS = tuple(f.name for f in fields(ServiceOptions) if f.name != "health_check")
+_SERVICE_KEYS = ("listen", "endpoints", "protocol", *_OPTION_FIELDS, "health_check")
+_HEALTH_KEYS = tuple(f.name for f in fields(HealthCheck))
+_ENDPOINT_KEYS = ("address", "port", "weight", "id", "state")
+_TOP_KEYS = ("services", "defaults")
+_DURATIONS = {"connect_timeout", "idle_timeout", "base_ejection_time", "max_ejection_time"}
+_INTS = {"retries": 0, "consecutive_failures": 1, "max_ejection_percent": 0, "panic_threshold": 0}
+_PERCENTS = {"max_ejection_percent", "panic_threshold"}
+
+
+def _dotted(path: KeyPath) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)
+
+
+class _Builder:
+    def __init__(self, source: str, lines: _Lines) -> None:
+        self.source = source
+        self.lines = lines
+
+    def error(self, path: KeyPath, message: str) -> ConfigError:
+        where = _dotted(path)
+        return ConfigError(f"{where}: {message}" if where else message, source=self.source, line=self.lines(path))
+
+    def mapping(self, value: Any, path: KeyPath, allowed: tuple[str, ...], what: str) -> dict[str, Any]:
+        if not isinstance(value, Mapping):
+            raise self.error(path, f"expected {what}, got {_describe(value)}")
+        for key in value:
+            if not isinstance(key, str) or key not in allowed:
+                hint = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+                msg = f"unknown key {str(key)!r}"
+                msg += f" (did you mean {hint[0]!r}?)" if hint else f"; expected one of: {', '.join(allowed)}"
+                raise self.error((*path, key), msg)
+        return dict(value)
+
+    # -- top level ---------------------------------------------------------------------------------
+    def table(self, data: Any, version: int) -> RoutingTable:
+        top = self.mapping(data, (), _TOP_KEYS, "a mapping with a 'services' key")
+        if "services" not in top:
+            raise self.error((), "missing key 'services' (a mapping of service name to its listen/endpoints)")
+        defaults: dict[str, Any] = {}
+        if top.get("defaults") is not None:
+            raw = self.mapping(
+                top["defaults"], ("defaults",), (*_OPTION_FIELDS, "health_check"), "a mapping of options"
+            )
+            defaults = {k: self.option(k, v, ("defaults", k)) for k, v in raw.items()}
+        services_raw = top["services"]
+        if services_raw is None:
+            services_raw = {}
+        if not isinstance(services_raw, Mapping):
+            raise self.error(
+                ("services",), f"expected a mapping of service name to service, got {_describe(services_raw)}"
+            )
+        services = []
+        for name, body in services_raw.items():
+            if not isinstance(name, str) or not name.strip():
+                raise ConfigError(
+                    f"services: service name must be a non-empty string, got {name!r}",
+                    source=self.source,
+                    line=self.lines(("services", name)),
+                )
+            services.append(self.service(name, body, defaults))
+        try:
+            return RoutingTable(version, tuple(services))
+        except TableError as exc:
+            # The only table-level checks are duplicate names (impossible from a mapping) and
+            # listen conflicts: point at the listen key of the service named first in the message.
+            m = re.search(r"service '([^']+)'", str(exc))
+            path: KeyPath = ("services", m.group(1), "listen") if m else ("services",)
+            raise ConfigError(str(exc), source=self.source, line=self.lines(path)) from exc
+
+    # -- one service --------------------------------------------------------------------------------
+    def service(self, name: str, body: Any, defaults: dict[str, Any]) -> Service:
+        base: KeyPath = ("services", name)
+        svc = self.mapping(body, base, _SERVICE_KEYS, "a mapping with 'listen' and 'endpoints'")
+        for required in ("listen", "endpoints"):
+            if required not in svc:
+                raise self.error(base, f"missing key {required!r}")
+        listens = self.listens(svc["listen"], (*base, "listen"))
+        endpoints = self.endpoints(svc["endpoints"], (*base, "endpoints"))
+        opts = dict(defaults)
+        for key, value in svc.items():
+            if key not in ("listen", "endpoints", "protocol"):
+                opts[key] = self.option(key, value, (*base, key))
+        protocol = svc.get("protocol", "tcp")
+        if protocol != "tcp":
+            raise self.error((*base, "protocol"), f"expected 'tcp' (the only protocol), got {_describe(protocol)}")
+        try:
+            options = ServiceOptions(**opts)
+        except TableError as exc:
+            # Cross-field checks (e.g. base_ejection_time <= max_ejection_time).
+            raise self.error(base, str(exc)) from exc
+        routes = []
+        for i, (host, port) in enumerate(listens):
+            lpath: KeyPath = (*base, "listen", i) if isinstance(svc["listen"], list) else (*base, "listen")
+            try:
+                routes.append(Route(port=port, endpoints=endpoints, listen_host=host))
+            except TableError as exc:
+                raise self.error(lpath, str(exc)) from exc
+        seen: dict[tuple[str, int], int] = {}
+        for i, r in enumerate(routes):
+            if r.listen in seen:
+                raise self.error((*base, "listen", i), f"{format_hostport(r.listen_host, r.port)} is listed twice")
+            seen[r.listen] = i
+        try:
+            return Service(name=name, routes=tuple(routes), options=options)
+        except TableError as exc:
+            raise self.error(base, str(exc)) from exc
+
+    def listens(self, value: Any, path: KeyPath) -> list[tuple[str, int]]:
+        items = value if isinstance(value, list) else [value]
+        if not items:
+            raise self.error(path, "expected at least one port or 'host:port'")
+        out = []
+        for i, item in enumerate(items):
+            ipath = (*path, i) if isinstance(value, list) else path
+            if isinstance(item, bool) or not isinstance(item, int | str):
+                raise self.error(ipath, f"expected a port or 'host:port', got {_describe(item)}")
+            try:
+                out.append(parse_hostport(str(item), default_host="0.0.0.0"))
+            except TableError as exc:
+                raise self.error(ipath, f"expected a port (1-65535) or 'host:port': {exc}") from exc
+        return out
+
+    def endpoints(self, value: Any, path: KeyPath) -> tuple[Endpoint, ...]:
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            raise self.error(path, f"expected a list of 'host:port' or mappings, got {_describe(value)}")
+        out: list[Endpoint] = []
+        ids: dict[str, int] = {}
+        for i, item in enumerate(value):
+            ipath = (*path, i)
+            ep = self.endpoint(item, ipath)
+            if ep.id in ids:
+                raise self.error(ipath, f"duplicate endpoint id {ep.id!r} (also endpoints[{ids[ep.id]}])")
+            ids[ep.id] = i
+            out.append(ep)
+        return tuple(out)
+
+    def endpoint(self, item: Any, path: KeyPath) -> Endpoint:
+        if isinstance(item, str):
+            try:
+                host, port = parse_hostport(item)
+            except TableError as exc:
+                raise self.error(path, f"expected 'host:port': {exc}") from exc
+            return Endpoint(id=format_hostport(host, port), address=host, port=port)
+        if not isinstance(item, Mapping):
+            raise self.error(path, f"expected 'host:port' or a mapping with address and port, got {_describe(item)}")
+        ep = self.mapping(item, path, _ENDPOINT_KEYS, "a mapping")
+        for required in ("address", "port"):
+            if required not in ep:
+                raise self.error(path, f"missing key {required!r}")
+        address = self.string(ep["address"], (*path, "address"))
+        port = self.integer(ep["port"], (*path, "port"), 1, 65535)
+        weight = self.integer(ep.get("weight", 1), (*path, "weight"), 1, 1000)
+        state = ep.get("state", "running")
+        if state not in ("running", "draining"):
+            raise self.error((*path, "state"), f"expected 'running' or 'draining', got {_describe(state)}")
+        ep_id = self.string(ep["id"], (*path, "id")) if "id" in ep else format_hostport(address, port)
+        try:
+            return Endpoint(id=ep_id, address=address, port=port, weight=weight, state=state)
+        except TableError as exc:
+            raise self.error(path, str(exc)) from exc
+
+    # -- options ------------------------------------------------------------------------------------
+    def option(self, key: str, value: Any, path: KeyPath) -> Any:
+        if key == "balance":
+            if value not in BALANCERS:
+                raise self.error(path, f"expected one of {', '.join(BALANCERS)}; got {_describe(value)}")
+            return value
+        if key == "proxy_protocol":
+            if value is None or value is False or value in ("none", "off"):
+                return None
+            if value not in ("v1", "v2"):
+                raise self.error(path, f"expected v1, v2 or none; got {_describe(value)}")
+            return value
+        if key == "locality":
+            if value not in ("prefer", "off"):
+                raise self.error(path, f"expected 'prefer' or 'off'; got {_describe(value)}")
+            return value
+        if key in _DURATIONS:
+            d = self.duration(value, path)
+            if key == "connect_timeout" and d <= 0:
+                raise self.error(path, "must be > 0")
+            if key in ("base_ejection_time", "max_ejection_time") and d <= 0:
+                raise self.error(path, "must be > 0")
+            return d
+        if key in _INTS:
+            return self.integer(value, path, _INTS[key], 100)
+        if key == "health_check":
+            return self.health_check(value, path)
+        raise AssertionError(f"unhandled option {key}")  # _SERVICE_KEYS and this function disagree
+
+    def health_check(self, value: Any, path: KeyPath) -> HealthCheck | None:
+        if value is None or value is False:
+            return None
+        hc = self.mapping(value, path, _HEALTH_KEYS, "a mapping (kind, interval, timeout, rise, fall, ...) or null")
+        kw: dict[str, Any] = {}
+        checks: dict[str, Callable[[Any, KeyPath], Any]] = {
+            "kind": lambda v, p: self.choice(v, p, ("tcp", "http")),
+            "interval": self.positive_duration,
+            "timeout": self.positive_duration,
+            "rise": lambda v, p: self.integer(v, p, 1, 1000),
+            "fall": lambda v, p: self.integer(v, p, 1, 1000),
+            "path": self.http_path,
+            "host": lambda v, p: None if v is None else self.string(v, p),
+            "expect_status": self.statuses,
+            "jitter": self.fraction,
+        }
+        for key, v in hc.items():
+            kw[key] = checks[key](v, (*path, key))
+        try:
+            return HealthCheck(**kw)
+        except TableError as exc:
+            raise self.error(path, str(exc)) from exc
+
+    # -- scalars ------------------------------------------------------------------------------------
+    def duration(self, value: Any, path: KeyPath) -> float:
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            raise self.error(path, str(exc)) from exc
+
+    def positive_duration(self, value: Any, path: KeyPath) -> float:
+        d = self.duration(value, path)
+        if d <= 0:
+            raise self.error(path, "must be > 0")
+        return d
+
+    def integer(self, value: Any, path: KeyPath, lo: int, hi: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(path, f"expected a whole number {lo}..{hi}, got {_describe(value)}")
+        if not lo <= value <= hi:
+            raise self.error(path, f"expected a whole number {lo}..{hi}, got {value}")
+        return value
+
+    def string(self, value: Any, path: KeyPath) -> str:
+        if not isinstance(value, str) or not value:
+            raise self.error(path, f"expected a non-empty string, got {_describe(value)}")
+        return value
+
+    def choice(self, value: Any, path: KeyPath, allowed: tuple[str, ...]) -> str:
+        if value not in allowed:
+            raise self.error(path, f"expected one of {', '.join(allowed)}; got {_describe(value)}")
+        return value
+
+    def http_path(self, value: Any, path: KeyPath) -> str:
+        s = self.string(value, path)
+        if not s.startswith("/"):
+            raise self.error(path, f"expected a path starting with '/', got {s!r}")
+        return s
+
+    def statuses(self, value: Any, path: KeyPath) -> tuple[int, ...]:
+        items = value if isinstance(value, list) else [value]
+        if not items:
+            raise self.error(path, "expected an HTTP status or a list of them")
+        return tuple(
+            self.integer(v, (*path, i) if isinstance(value, list) else path, 100, 599) for i, v in enumerate(items)
+        )
+
+    def fraction(self, value: Any, path: KeyPath) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+            raise self.error(path, f"expected a number within 0..1, got {_describe(value)}")
+        return float(value)

@@ -1,0 +1,457 @@
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from mesh.config import load_config, parse_duration
+from mesh.errors import ConfigError
+from mesh.routing import Endpoint, HealthCheck, Route, RoutingTable, Service, ServiceOptions
+
+
+def ep(hostport: str, **kw) -> Endpoint:
+    host, port = hostport.rsplit(":", 1)
+    return Endpoint(id=kw.pop("id", hostport), address=host, port=int(port), **kw)
+
+
+E1, E2, E3 = ep("127.0.0.1:9001"), ep("127.0.0.1:9002"), ep("127.0.0.1:9003")
+
+GOOD = [
+    (
+        "minimal.yaml",
+        """
+        services:
+          web:
+            listen: 8080
+            balance: round-robin
+            endpoints: ["127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003"]
+        """,
+        RoutingTable(1, (Service("web", (Route(8080, (E1, E2, E3)),)),)),
+    ),
+    (
+        "lists.yml",
+        """
+        services:
+          web:
+            listen: ["127.0.0.1:8080", 8081, "8082"]
+            balance: hash
+            endpoints:
+              - 127.0.0.1:9001
+              - {address: 127.0.0.1, port: 9002, weight: 5, id: b, state: draining}
+          db:
+            listen: "[::1]:5432"
+            endpoints: []
+        """,
+        RoutingTable(
+            1,
+            (
+                Service(
+                    "web",
+                    tuple(
+                        Route(port, (E1, ep("127.0.0.1:9002", id="b", weight=5, state="draining")), host)
+                        for host, port in (("127.0.0.1", 8080), ("0.0.0.0", 8081), ("0.0.0.0", 8082))
+                    ),
+                    ServiceOptions(balance="hash"),
+                ),
+                Service("db", (Route(5432, (), "::1"),)),
+            ),
+        ),
+    ),
+    (
+        "options.yaml",
+        """
+        defaults:
+          connect_timeout: 500ms
+          retries: 1
+        services:
+          web:
+            listen: 80
+            endpoints: ["127.0.0.1:9001"]
+            balance: least-conn
+            proxy_protocol: v2
+            idle_timeout: 2m
+            retries: 0
+            consecutive_failures: 5
+            base_ejection_time: 1.5
+            max_ejection_time: 1h
+            max_ejection_percent: 30
+            panic_threshold: 0
+            locality: "off"
+            health_check:
+              kind: http
+              interval: 2s
+              timeout: 250ms
+              rise: 1
+              fall: 4
+              path: /healthz
+              host: example.org
+              expect_status: [200, 204]
+              jitter: 0.5
+          api:
+            listen: 81
+            endpoints: ["127.0.0.1:9002"]
+            health_check: {kind: tcp}
+            proxy_protocol: none
+        """,
+        RoutingTable(
+            1,
+            (
+                Service(
+                    "web",
+                    (Route(80, (E1,)),),
+                    ServiceOptions(
+                        balance="least-conn",
+                        proxy_protocol="v2",
+                        connect_timeout=0.5,
+                        idle_timeout=120.0,
+                        retries=0,
+                        consecutive_failures=5,
+                        base_ejection_time=1.5,
+                        max_ejection_time=3600.0,
+                        max_ejection_percent=30,
+                        panic_threshold=0,
+                        locality="off",
+                        health_check=HealthCheck(
+                            kind="http",
+                            interval=2.0,
+                            timeout=0.25,
+                            rise=1,
+                            fall=4,
+                            path="/healthz",
+                            host="example.org",
+                            expect_status=(200, 204),
+                            jitter=0.5,
+                        ),
+                    ),
+                ),
+                Service(
+                    "api",
+                    (Route(81, (E2,)),),
+                    ServiceOptions(connect_timeout=0.5, retries=1, health_check=HealthCheck(kind="tcp")),
+                ),
+            ),
+        ),
+    ),
+    (
+        "minimal.toml",
+        """
+        [services.web]
+        listen = 8080
+        balance = "p2c"
+        endpoints = ["127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003"]
+        """,
+        RoutingTable(1, (Service("web", (Route(8080, (E1, E2, E3)),), ServiceOptions(balance="p2c")),)),
+    ),
+    (
+        "full.toml",
+        """
+        [defaults]
+        idle_timeout = 0
+
+        [services.web]
+        listen = ["127.0.0.1:8080", 8081]
+        connect_timeout = "2s"
+
+        [services.web.health_check]
+        kind = "http"
+        expect_status = 204
+
+        [[services.web.endpoints]]
+        address = "127.0.0.1"
+        port = 9001
+        weight = 2
+
+        [[services.web.endpoints]]
+        address = "127.0.0.1"
+        port = 9002
+        id = "two"
+
+        [services.db]
+        listen = 5432
+        endpoints = [{ address = "127.0.0.1", port = 9003 }]
+        """,
+        RoutingTable(
+            1,
+            (
+                Service(
+                    "web",
+                    tuple(
+                        Route(p, (ep("127.0.0.1:9001", weight=2), ep("127.0.0.1:9002", id="two")), h)
+                        for h, p in (("127.0.0.1", 8080), ("0.0.0.0", 8081))
+                    ),
+                    ServiceOptions(
+                        connect_timeout=2.0,
+                        idle_timeout=0.0,
+                        health_check=HealthCheck(kind="http", expect_status=(204,)),
+                    ),
+                ),
+                Service("db", (Route(5432, (E3,)),), ServiceOptions(idle_timeout=0.0)),
+            ),
+        ),
+    ),
+    ("no-services.yaml", "services: {}\n", RoutingTable(1, ())),
+]
+
+
+def write(tmp_path, name: str, text: str):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text).lstrip("\n"))
+    return path
+
+
+@pytest.mark.parametrize("name, text, expected", GOOD, ids=[g[0] for g in GOOD])
+def test_good_files(tmp_path, name, text, expected):
+    table = load_config(write(tmp_path, name, text))
+    assert table == expected
+    assert RoutingTable.from_json(table.to_json()) == table
+
+
+YAML_SVC = """
+services:
+  web:
+    listen: 8080
+    endpoints: ["127.0.0.1:9001"]
+"""
+
+BAD = [
+    # (file name, text, exact message after "<path>:")
+    ("empty.yaml", "", "1: the file is empty; expected a mapping with a 'services' key"),
+    ("empty.toml", "# nothing\n", "1: the file is empty; expected a table with a 'services' key"),
+    ("comments.yaml", "# only a comment\n", "1: the file is empty; expected a mapping with a 'services' key"),
+    (
+        "syntax.yaml",
+        "services:\n  web:\n    listen: [8080\n    balance: p2c\n",
+        "4: YAML syntax error: expected ',' or ']', but got ':'",
+    ),
+    ("tab.yaml", "services:\n\tweb: {}\n", "2: YAML syntax error: found character '\\t' that cannot start any token"),
+    ("syntax.toml", "[services.web]\nlisten = \n", "2: TOML syntax error: Invalid value"),
+    (
+        "unknown.yaml",
+        YAML_SVC + "    balanse: p2c\n",
+        "6: services.web.balanse: unknown key 'balanse' (did you mean 'balance'?)",
+    ),
+    (
+        "unknown-nohint.yaml",
+        YAML_SVC + "    colour: blue\n",
+        "6: services.web.colour: unknown key 'colour'; expected one of: listen, endpoints, protocol, balance, "
+        "proxy_protocol, connect_timeout, idle_timeout, retries, consecutive_failures, base_ejection_time, "
+        "max_ejection_time, max_ejection_percent, panic_threshold, locality, health_check",
+    ),
+    ("unknown-top.yaml", "servces: {}\n", "1: servces: unknown key 'servces' (did you mean 'services'?)"),
+    (
+        "unknown.toml",
+        '[services.web]\nlisten = 80\nendpoints = []\n\n[services.web.health_check]\nkind = "tcp"\nintervall = 3\n',
+        "7: services.web.health_check.intervall: unknown key 'intervall' (did you mean 'interval'?)",
+    ),
+    (
+        "balance.yaml",
+        YAML_SVC + "    balance: rr\n",
+        "6: services.web.balance: expected one of round-robin, least-conn, p2c, hash; got 'rr'",
+    ),
+    (
+        "balance.toml",
+        '[services.web]\nlisten = 80\nbalance = "fastest"\nendpoints = []\n',
+        "3: services.web.balance: expected one of round-robin, least-conn, p2c, hash; got 'fastest'",
+    ),
+    (
+        "port.yaml",
+        "services:\n  web:\n    listen: 70000\n    endpoints: []\n",
+        "3: services.web.listen: expected a port (1-65535) or 'host:port': port out of range 1-65535 in '70000'",
+    ),
+    (
+        "port-list.yaml",
+        "services:\n  web:\n    listen:\n      - 80\n      - 'localhost:http'\n    endpoints: []\n",
+        "5: services.web.listen[1]: expected a port (1-65535) or 'host:port': port must be a number in 'localhost:http'",
+    ),
+    (
+        "endpoint-port.yaml",
+        "services:\n  web:\n    listen: 80\n    endpoints:\n      - address: 127.0.0.1\n        port: 0\n",
+        "6: services.web.endpoints[0].port: expected a whole number 1..65535, got 0",
+    ),
+    (
+        "endpoint-str.yaml",
+        "services:\n  web:\n    listen: 80\n    endpoints: ['127.0.0.1:9001', '127.0.0.1']\n",
+        "4: services.web.endpoints[1]: expected 'host:port': expected 'host:port', got '127.0.0.1'",
+    ),
+    (
+        "duration.yaml",
+        YAML_SVC + "    connect_timeout: 5 seconds\n",
+        "6: services.web.connect_timeout: expected a duration like 5, 0.5, '500ms', '5s' or '2m'; got '5 seconds'",
+    ),
+    (
+        "duration-neg.yaml",
+        YAML_SVC + "    idle_timeout: -1\n",
+        "6: services.web.idle_timeout: duration must not be negative; got -1",
+    ),
+    (
+        "duration-zero.yaml",
+        YAML_SVC + "    health_check: {interval: 0s}\n",
+        "6: services.web.health_check.interval: must be > 0",
+    ),
+    (
+        "dup-port.yaml",
+        "services:\n  a:\n    listen: 8080\n    endpoints: []\n  b:\n    listen: '127.0.0.1:8080'\n    endpoints: []\n",
+        "6: service 'b' listens on 127.0.0.1:8080, already used by service 'a'",
+    ),
+    (
+        "dup-port.toml",
+        "[services.a]\nlisten = 8080\nendpoints = []\n\n[services.b]\nendpoints = []\nlisten = [9000, 8080]\n",
+        "7: service 'b' listens on 0.0.0.0:8080, already used by service 'a'",
+    ),
+    (
+        "dup-listen.yaml",
+        "services:\n  a:\n    listen: [8080, '0.0.0.0:8080']\n    endpoints: []\n",
+        "3: services.a.listen[1]: 0.0.0.0:8080 is listed twice",
+    ),
+    (
+        "dup-key.yaml",
+        YAML_SVC + "    listen: 8081\n",
+        "6: services.web.listen: duplicate key (first at line 4)",
+    ),
+    (
+        "dup-endpoint.yaml",
+        "services:\n  web:\n    listen: 80\n    endpoints:\n      - 127.0.0.1:1\n      - 127.0.0.1:1\n",
+        "6: services.web.endpoints[1]: duplicate endpoint id '127.0.0.1:1' (also endpoints[0])",
+    ),
+    ("not-mapping.yaml", "- a\n- b\n", "1: expected a mapping with a 'services' key, got a list"),
+    (
+        "services-list.yaml",
+        "services:\n  - web\n",
+        "1: services: expected a mapping of service name to service, got a list",
+    ),
+    (
+        "missing-services.yaml",
+        "defaults: {}\n",
+        "1: missing key 'services' (a mapping of service name to its listen/endpoints)",
+    ),
+    (
+        "missing-listen.yaml",
+        "services:\n  web:\n    endpoints: []\n",
+        "2: services.web: missing key 'listen'",
+    ),
+    (
+        "retries-type.yaml",
+        YAML_SVC + "    retries: 'two'\n",
+        "6: services.web.retries: expected a whole number 0..100, got 'two'",
+    ),
+    (
+        "retries-bool.toml",
+        "[services.web]\nlisten = 80\nendpoints = []\nretries = true\n",
+        "4: services.web.retries: expected a whole number 0..100, got a boolean (true)",
+    ),
+    (
+        "weight.yaml",
+        "services:\n  web:\n    listen: 80\n    endpoints:\n      - {address: h, port: 1, weight: 0}\n",
+        "5: services.web.endpoints[0].weight: expected a whole number 1..1000, got 0",
+    ),
+    (
+        "state.yaml",
+        "services:\n  web:\n    listen: 80\n    endpoints:\n      - {address: h, port: 1, state: stopped}\n",
+        "5: services.web.endpoints[0].state: expected 'running' or 'draining', got 'stopped'",
+    ),
+    (
+        "endpoints-type.yaml",
+        "services:\n  web:\n    listen: 80\n    endpoints: 127.0.0.1:9001\n",
+        "4: services.web.endpoints: expected a list of 'host:port' or mappings, got '127.0.0.1:9001'",
+    ),
+    (
+        "health-kind.yaml",
+        YAML_SVC + "    health_check:\n      kind: udp\n",
+        "7: services.web.health_check.kind: expected one of tcp, http; got 'udp'",
+    ),
+    (
+        "health-status.yaml",
+        YAML_SVC + "    health_check:\n      expect_status: [200, 999]\n",
+        "7: services.web.health_check.expect_status[1]: expected a whole number 100..599, got 999",
+    ),
+    (
+        "health-path.yaml",
+        YAML_SVC + "    health_check:\n      path: healthz\n",
+        "7: services.web.health_check.path: expected a path starting with '/', got 'healthz'",
+    ),
+    (
+        "health-jitter.yaml",
+        YAML_SVC + "    health_check:\n      jitter: 2\n",
+        "7: services.web.health_check.jitter: expected a number within 0..1, got 2",
+    ),
+    (
+        "ejection.yaml",
+        YAML_SVC + "    base_ejection_time: 10m\n    max_ejection_time: 1m\n",
+        "3: services.web: need 0 < base_ejection_time <= max_ejection_time",
+    ),
+    (
+        "proxy.yaml",
+        YAML_SVC + "    proxy_protocol: v3\n",
+        "6: services.web.proxy_protocol: expected v1, v2 or none; got 'v3'",
+    ),
+    (
+        "protocol.yaml",
+        YAML_SVC + "    protocol: udp\n",
+        "6: services.web.protocol: expected 'tcp' (the only protocol), got 'udp'",
+    ),
+    (
+        "merge.yaml",
+        "x: &x {a: 1}\nservices:\n  <<: *x\n",
+        "3: YAML merge keys ('<<') are not supported; write the keys out",
+    ),
+    (
+        "inline.toml",
+        '[services]\nweb = { listen = 80, endpoints = [], balance = "x" }\n',
+        "2: services.web.balance: expected one of round-robin, least-conn, p2c, hash; got 'x'",
+    ),
+    (
+        "service-name.yaml",
+        "services:\n  1: {listen: 80, endpoints: []}\n",
+        "2: services: service name must be a non-empty string, got 1",
+    ),
+]
+
+
+@pytest.mark.parametrize("name, text, message", BAD, ids=[b[0] for b in BAD])
+def test_bad_files(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}:{message}"
+    assert info.value.source == str(path)
+    assert info.value.line == int(message.split(":", 1)[0])
+
+
+def test_missing_file_and_wrong_suffix(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "nope.yaml")
+    assert str(info.value) == f"{tmp_path / 'nope.yaml'}: cannot read config file: No such file or directory"
+    bad = tmp_path / "mesh.json"
+    bad.write_text("{}")
+    with pytest.raises(ConfigError) as info:
+        load_config(bad)
+    assert str(info.value) == f"{bad}: unknown config file type '.json'; expected .yaml, .yml or .toml"
+
+
+def test_version_argument(tmp_path):
+    path = write(tmp_path, "v.yaml", YAML_SVC)
+    assert load_config(path).version == 1
+    assert load_config(path, version=7).version == 7
+    assert load_config(path, version=7).same_content(load_config(path))
+
+
+@pytest.mark.parametrize(
+    "value, seconds",
+    [(5, 5.0), (0.25, 0.25), ("500ms", 0.5), ("5s", 5.0), ("2m", 120.0), ("1h", 3600.0), ("1.5", 1.5), (" 3 s ", 3.0)],
+)
+def test_parse_duration(value, seconds):
+    assert parse_duration(value) == seconds
+
+
+@pytest.mark.parametrize("value", [True, None, "", "5 sec", "-1s", "1d", [1], -0.5])
+def test_parse_duration_rejects(value):
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(value)
+
+
+def test_example_config_loads():
+    from pathlib import Path
+
+    table = load_config(Path(__file__).parent.parent / "examples" / "mesh.yaml")
+    assert [s.name for s in table.services] == ["api", "db", "web"]
