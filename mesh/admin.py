@@ -1,0 +1,312 @@
+"""The admin API: an aiohttp server (default 127.0.0.1:9901) beside the data plane.
+
+Endpoints:
+  GET /          this list, as JSON
+  GET /metrics   Prometheus text format (OpenMetrics when the scraper asks for it)
+  GET /healthz   200 while the process serves requests (liveness)
+  GET /readyz    200 once a routing table is applied and its listeners are up, else 503 (readiness)
+  GET /v1/table  the current routing table as JSON (``RoutingTable.to_dict()``), each route and endpoint
+                 enriched with a "runtime" object: active connections, health bits, ejection, draining,
+                 counters; 503 before the first table
+
+The server reads everything through a small *state provider* (``AdminState``) so the same handlers serve
+one process (``MeshState`` over a ``Mesh``) and the parent of ``--workers N`` (whose provider asks every
+worker for a stats snapshot over its pipe).  Binding beyond loopback is an explicit choice: a bare port or
+":port" means 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from mesh.errors import ConfigError
+from mesh.metrics import MetricsExporter, make_registry, merge_snapshots, snapshot
+from mesh.routing import RoutingTable, format_hostport
+
+__all__ = [
+    "DEFAULT_ADMIN_HOST",
+    "DEFAULT_ADMIN_PORT",
+    "AdminServer",
+    "AdminState",
+    "CallbackState",
+    "MeshState",
+    "parse_admin_address",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ADMIN_HOST = "127.0.0.1"
+DEFAULT_ADMIN_PORT = 9901
+
+_HEALTH_NAMES = ((1, "failed_health_check"), (2, "ejected"))
+
+ENDPOINTS = {
+    "/": "this list",
+    "/metrics": "Prometheus metrics (text format; OpenMetrics on request)",
+    "/healthz": "liveness: 200 while the process answers",
+    "/readyz": "readiness: 200 once a routing table is applied and its listeners are up, else 503",
+    "/v1/table": "the applied routing table as JSON, with runtime state per route and endpoint",
+}
+
+
+class AdminState(Protocol):
+    """What the admin server needs from the data plane."""
+
+    def table(self) -> RoutingTable | None:
+        """The last applied routing table, or None before the first."""
+
+    def ready(self) -> bool:
+        """True once a table is applied and its listeners are up."""
+
+    async def snapshots(self) -> list[dict[str, Any]]:
+        """One ``mesh.metrics.snapshot()`` per data-plane process."""
+
+
+class MeshState:
+    """``AdminState`` of a single-process ``Mesh``."""
+
+    def __init__(self, mesh: Any) -> None:
+        self.mesh = mesh
+
+    def table(self) -> RoutingTable | None:
+        return self.mesh.table
+
+    def ready(self) -> bool:
+        if self.mesh.table is None:
+            return False
+        ready = getattr(self.mesh, "ready", None)
+        return bool(ready()) if callable(ready) else True
+
+    async def snapshots(self) -> list[dict[str, Any]]:
+        return [snapshot(self.mesh)]
+
+
+class CallbackState:
+    """``AdminState`` from three callables, for the parent of ``--workers N`` (or tests)."""
+
+    def __init__(
+        self,
+        table: Callable[[], RoutingTable | None],
+        ready: Callable[[], bool],
+        snapshots: Callable[[], Awaitable[list[dict[str, Any]]]],
+    ) -> None:
+        self._table = table
+        self._ready = ready
+        self._snapshots = snapshots
+
+    def table(self) -> RoutingTable | None:
+        return self._table()
+
+    def ready(self) -> bool:
+        return self._ready()
+
+    async def snapshots(self) -> list[dict[str, Any]]:
+        return await self._snapshots()
+
+
+def parse_admin_address(text: str) -> tuple[str, int]:
+    """Parse ``--admin ADDR``: "host:port", "[v6]:port", ":port" or "port" (the last two mean 127.0.0.1).
+
+    Port 0 binds an ephemeral port (the bound address is logged).  Raises ``ConfigError`` naming the input.
+    """
+    s = str(text).strip()
+    host = DEFAULT_ADMIN_HOST
+    if s.startswith("["):
+        end = s.find("]")
+        if end < 0 or s[end + 1 : end + 2] != ":":
+            raise ConfigError(f"--admin: expected '[address]:port', got {text!r}")
+        host, port_s = s[1:end], s[end + 2 :]
+    elif ":" in s:
+        if s.count(":") != 1:
+            raise ConfigError(f"--admin: expected 'host:port' (IPv6 as '[address]:port'), got {text!r}")
+        h, port_s = s.split(":")
+        host = h or DEFAULT_ADMIN_HOST
+    else:
+        port_s = s
+    if not port_s.isdigit() or not 0 <= int(port_s) < 65536:
+        raise ConfigError(f"--admin: port must be a number within 0..65535, got {text!r}")
+    if not host:
+        raise ConfigError(f"--admin: missing host in {text!r}")
+    return host, int(port_s)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class AdminServer:
+    """The admin HTTP server.  ``registry`` holds process and discovery metrics (``make_registry()`` when
+    omitted); ``metrics=False`` (``--no-metrics``) turns /metrics off (404)."""
+
+    def __init__(
+        self,
+        state: AdminState,
+        host: str = DEFAULT_ADMIN_HOST,
+        port: int = DEFAULT_ADMIN_PORT,
+        *,
+        registry: CollectorRegistry | None = None,
+        metrics: bool = True,
+    ) -> None:
+        self.state = state
+        self.host = host
+        self.port = port
+        self.metrics = metrics
+        self._exporter = MetricsExporter(registry if registry is not None else make_registry()) if metrics else None
+        self._runner: web.AppRunner | None = None
+        self.address: tuple[str, int] | None = None
+
+    def _app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/", self._index)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/v1/table", self._table)
+        return app
+
+    async def start(self) -> None:
+        """Bind and serve.  Raises ``ConfigError`` when the address is in use or cannot be bound."""
+        if self._runner is not None:
+            raise RuntimeError("admin server already started")
+        runner = web.AppRunner(self._app(), access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self.port)
+        where = format_hostport(self.host, self.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            if exc.errno == errno.EADDRINUSE:
+                msg = f"admin address {where} is in use (another mesh agent?); choose another with --admin ADDR"
+            elif exc.errno == errno.EADDRNOTAVAIL:
+                msg = f"admin address {where} is not an address of this machine; choose another with --admin ADDR"
+            elif exc.errno == errno.EACCES:
+                msg = f"admin address {where}: permission denied binding that port; choose another with --admin ADDR"
+            else:
+                msg = f"admin address {where} cannot be bound: {exc.strerror or exc}"
+            raise ConfigError(msg) from exc
+        self._runner = runner
+        bound = runner.addresses[0]
+        self.address = (bound[0], bound[1])
+        log.info("admin API listening on http://%s/", format_hostport(*self.address))
+        if not _is_loopback(self.host):
+            log.warning(
+                "admin API on %s is reachable beyond this machine (metrics and the routing table are not secret-free)",
+                where,
+            )
+
+    async def stop(self) -> None:
+        """Stop serving (idempotent)."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    # -- handlers -------------------------------------------------------------------------------------
+    async def _index(self, request: web.Request) -> web.Response:
+        return web.json_response({"endpoints": ENDPOINTS, "metrics": self.metrics})
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        table = self.state.table()
+        ready = self.state.ready()
+        body = {"ready": ready, "table_version": None if table is None else table.version}
+        if not ready:
+            body["reason"] = "no routing table applied yet" if table is None else "listeners are not up yet"
+        return web.json_response(body, status=200 if ready else 503)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        if self._exporter is None:
+            raise web.HTTPNotFound(text="metrics are off (--no-metrics)\n")
+        snaps = await self.state.snapshots()
+        # Rendering thousands of series takes milliseconds: do it off the loop so the data plane keeps
+        # moving.  The snapshots are plain dicts, already detached from the live stats.
+        body, content_type = await asyncio.to_thread(self._exporter.render, snaps, request.headers.get("Accept"))
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def _table(self, request: web.Request) -> web.Response:
+        table = self.state.table()
+        if table is None:
+            return web.json_response({"error": "no routing table applied yet"}, status=503)
+        merged = merge_snapshots(await self.state.snapshots())
+        return web.json_response(table_with_runtime(table, merged), dumps=_dumps)
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=1, sort_keys=True)
+
+
+def table_with_runtime(table: RoutingTable, merged: dict[str, Any], now: float | None = None) -> dict[str, Any]:
+    """``table.to_dict()`` with a "runtime" object on each route and endpoint, from a merged snapshot.
+
+    Endpoints that left the table but still carry connections are listed under the route's
+    ``runtime.departed``.  A route or endpoint the data plane does not (yet) know has ``runtime: null``.
+    """
+    now = time.time() if now is None else now
+    doc = table.to_dict()
+    by_route = {(r["service"], r["port"]): r for r in merged["routes"]}
+    for svc in doc["services"]:
+        for route in svc["routes"]:
+            r = by_route.get((svc["name"], route["port"]))
+            if r is None:
+                route["runtime"] = None
+                for ep in route["endpoints"]:
+                    ep["runtime"] = None
+                continue
+            hosts = {h["id"]: h for h in r["hosts"]}
+            listed_ids = {ep["id"] for ep in route["endpoints"]}
+            route["runtime"] = {
+                "listening": r["listening"],
+                "accepted": r["accepted"],
+                "retries": r["retries"],
+                "no_endpoint": r["no_endpoint"],
+                "connect_failures": r["failures"],
+                "healthy_endpoints": sum(1 for h in r["hosts"] if h["up"]),
+                "departed": [
+                    {"id": h["id"], "address": h["address"], "runtime": _host_runtime(h)}
+                    for h in r["hosts"]
+                    if h["id"] not in listed_ids
+                ],
+            }
+            for ep in route["endpoints"]:
+                h = hosts.get(ep["id"])
+                ep["runtime"] = None if h is None else _host_runtime(h)
+    doc["runtime"] = {
+        "processes": merged.get("processes", 1),
+        "applied_version": merged["table_version"],
+        "applied_at": merged["table_applied"],
+        "generated_at": now,
+    }
+    return doc
+
+
+def _host_runtime(h: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "up": h["up"],
+        "healthy": h["healthy"],
+        "health": [name for bit, name in _HEALTH_NAMES if h["health"] & bit],
+        "ejected": bool(h["health"] & 2),
+        "ejected_seconds_left": round(h["ejected_seconds_left"], 3),
+        "ejections": h["ejections"],
+        "draining": h["draining"],
+        "active_connections": h["active"],
+        "connections": h["connections"],
+        "received_bytes": h["bytes_in"],
+        "sent_bytes": h["bytes_out"],
+    }
