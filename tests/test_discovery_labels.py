@@ -1,0 +1,165 @@
+"""mesh.* label parsing: table-driven, exact results and exact error labels."""
+
+from __future__ import annotations
+
+import pytest
+
+from discovery.labels import LabelError, PublishSpec, parse_duration, parse_labels, parse_publish
+from mesh.errors import ConfigError
+from mesh.routing import HealthCheck, ServiceOptions
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("8080:80", (PublishSpec(8080, 80),)),
+        ("8080:80/tcp", (PublishSpec(8080, 80),)),
+        ("8080:80/TCP", (PublishSpec(8080, 80),)),
+        ("8080", (PublishSpec(8080, 8080),)),
+        (" 9090:90 , 8080:80 ", (PublishSpec(8080, 80), PublishSpec(9090, 90))),
+        ("127.0.0.1:8080:80", (PublishSpec(8080, 80, listen_host="127.0.0.1"),)),
+        ("[::1]:8080:80", (PublishSpec(8080, 80, listen_host="::1"),)),
+        ("65535:1", (PublishSpec(65535, 1),)),
+    ],
+)
+def test_publish_valid(value, expected):
+    assert parse_publish(value) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        ("", "expected published:target"),
+        ("8080:80,", "expected published:target"),
+        ("8080:80/udp", "only tcp is supported, got /udp"),
+        ("0:80", "port '0' must be a number 1..65535"),
+        ("8080:70000", "port '70000' must be a number 1..65535"),
+        ("web:80", "port 'web' must be a number"),
+        ("1:2:3:4", "expected published:target in '1:2:3:4'"),
+        ("8080:80,8080:81", "port 8080 is published twice"),
+        (":8080:80", "empty listen address"),
+        ("[::1:8080:80", "expected [address]:published:target"),
+    ],
+)
+def test_publish_invalid(value, fragment):
+    with pytest.raises(LabelError) as ei:
+        parse_publish(value)
+    assert ei.value.label == "mesh.publish"
+    assert fragment in str(ei.value)
+    assert str(ei.value).startswith(f"label mesh.publish={value!r}: ")
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("2s", 2.0), ("500ms", 0.5), ("1.5", 1.5), ("1m", 60.0), ("2h", 7200.0), (" 3 ", 3.0)],
+)
+def test_duration(value, seconds):
+    assert parse_duration("mesh.x", value) == seconds
+
+
+@pytest.mark.parametrize("value", ["", "-1s", "1d", "s", "0", "1.s"])
+def test_duration_invalid(value):
+    with pytest.raises(LabelError) as ei:
+        parse_duration("mesh.health.interval", value)
+    assert ei.value.label == "mesh.health.interval"
+
+
+def test_no_publish_or_disabled_means_not_in_mesh():
+    assert parse_labels({}) is None
+    assert parse_labels({"mesh.balance": "p2c"}) is None
+    assert parse_labels({"mesh.publish": "8080:80", "mesh.enable": "false"}) is None
+    assert parse_labels({"mesh.publish": "8080:80", "mesh.enable": "true"}) is not None
+
+
+def test_defaults():
+    ml = parse_labels({"mesh.publish": "8080:80", "com.docker.compose.service": "web"})
+    assert ml is not None
+    assert ml.publish == (PublishSpec(8080, 80),)
+    assert ml.options == ServiceOptions()
+    assert (ml.service, ml.weight, ml.network, ml.warnings) == (None, 1, None, ())
+
+
+def test_every_option():
+    ml = parse_labels(
+        {
+            "mesh.publish": "8080:80",
+            "mesh.service": "shop.web",
+            "mesh.balance": "least-conn",
+            "mesh.weight": "5",
+            "mesh.network": "front",
+            "mesh.proxy-protocol": "v2",
+            "mesh.connect-timeout": "250ms",
+            "mesh.idle-timeout": "0",
+            "mesh.retries": "0",
+            "mesh.health": "http",
+            "mesh.health.path": "/healthz",
+            "mesh.health.host": "shop.example",
+            "mesh.health.status": "200, 204",
+            "mesh.health.interval": "2s",
+            "mesh.health.timeout": "1s",
+            "mesh.health.rise": "1",
+            "mesh.health.fall": "2",
+        }
+    )
+    assert ml is not None
+    assert (ml.service, ml.weight, ml.network) == ("shop.web", 5, "front")
+    assert ml.options == ServiceOptions(
+        balance="least-conn",
+        proxy_protocol="v2",
+        connect_timeout=0.25,
+        idle_timeout=0.0,
+        retries=0,
+        health_check=HealthCheck(
+            kind="http",
+            path="/healthz",
+            host="shop.example",
+            expect_status=(200, 204),
+            interval=2.0,
+            timeout=1.0,
+            rise=1,
+            fall=2,
+        ),
+    )
+
+
+def test_tcp_health_and_proxy_protocol_none():
+    ml = parse_labels({"mesh.publish": "1", "mesh.health": "TCP", "mesh.proxy-protocol": "none"})
+    assert ml is not None
+    assert ml.options.health_check == HealthCheck(kind="tcp")
+    assert ml.options.proxy_protocol is None
+
+
+def test_unknown_label_is_a_warning_not_an_error():
+    ml = parse_labels({"mesh.publish": "8080:80", "mesh.balancer": "p2c", "mesh.zzz": "1"})
+    assert ml is not None
+    assert ml.warnings == ("unknown label mesh.balancer (ignored)", "unknown label mesh.zzz (ignored)")
+
+
+@pytest.mark.parametrize(
+    ("extra", "label", "fragment"),
+    [
+        ({"mesh.balance": "fastest"}, "mesh.balance", "expected one of round-robin, least-conn, p2c, hash"),
+        ({"mesh.weight": "0"}, "mesh.weight", "expected a whole number 1..1000"),
+        ({"mesh.weight": "heavy"}, "mesh.weight", "expected a whole number 1..1000"),
+        ({"mesh.service": "bad name"}, "mesh.service", "expected a name of letters"),
+        ({"mesh.network": " "}, "mesh.network", "expected a network name"),
+        ({"mesh.proxy-protocol": "v3"}, "mesh.proxy-protocol", "expected v1, v2 or none"),
+        ({"mesh.connect-timeout": "soon"}, "mesh.connect-timeout", "expected a duration"),
+        ({"mesh.retries": "101"}, "mesh.retries", "expected a whole number 0..100"),
+        ({"mesh.enable": "maybe"}, "mesh.enable", "expected true or false"),
+        ({"mesh.health": "icmp"}, "mesh.health", "expected tcp, http or none"),
+        ({"mesh.health.path": "/x"}, "mesh.health.path", "needs mesh.health=tcp or mesh.health=http"),
+        ({"mesh.health": "tcp", "mesh.health.path": "/x"}, "mesh.health.path", "only applies to mesh.health=http"),
+        ({"mesh.health": "http", "mesh.health.path": "x"}, "mesh.health.path", "starting with /"),
+        ({"mesh.health": "http", "mesh.health.status": "ok"}, "mesh.health.status", "HTTP status codes"),
+        ({"mesh.health": "http", "mesh.health.status": "99"}, "mesh.health.status", "HTTP status codes"),
+        ({"mesh.health": "tcp", "mesh.health.rise": "0"}, "mesh.health.rise", "1..100"),
+        ({"mesh.health": "tcp", "mesh.health.interval": "0s"}, "mesh.health.interval", "duration > 0"),
+    ],
+)
+def test_bad_label_names_label(extra, label, fragment):
+    with pytest.raises(LabelError) as ei:
+        parse_labels({"mesh.publish": "8080:80", **extra})
+    assert ei.value.label == label
+    assert fragment in str(ei.value)
+    assert isinstance(ei.value, ConfigError)
