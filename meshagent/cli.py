@@ -1,0 +1,487 @@
+"""The ``mesh`` command: the composition root that wires a table source to the data plane.
+
+    mesh run [--config FILE | --docker [HOST]] [--workers N] [--admin ADDR] [--grace SECONDS] [--max-fds N]
+             [--log-level L] [--log-format text|json] [--access-log] [--node NAME] [--watch-interval S]
+    mesh check --config FILE
+    mesh demo ...
+    mesh --version
+
+Every option of ``run`` and ``check`` can also come from the environment as MESH_<OPTION> (MESH_CONFIG,
+MESH_WORKERS, MESH_ADMIN, MESH_ACCESS_LOG=1, MESH_DOCKER=1 or MESH_DOCKER=unix:///path ...); a flag on the
+command line wins over the environment.
+
+Exit codes: 0 done (including a clean drain after SIGTERM/SIGINT), 2 usage or configuration error (the
+message on stderr names file:line), 1 runtime failure.
+
+Process model: with ``--workers 1`` (default) this process runs the data plane itself.  With N > 1 it owns
+the table source and the admin API and runs N worker processes (meshagent/workers.py).
+
+Signals: SIGTERM / SIGINT stop accepting, drain open connections for up to ``--grace`` seconds, exit 0.
+SIGHUP reloads the config file (the file is also watched; see meshagent/reload.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from mesh import __version__
+from mesh.errors import ConfigError
+from mesh.routing import RoutingTable
+
+__all__ = ["build_parser", "main"]
+
+log = logging.getLogger("meshagent")
+
+ENV_PREFIX = "MESH_"
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+DEFAULT_ADMIN = "127.0.0.1:9901"
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
+class UsageError(Exception):
+    """Bad flags or environment variables: exit 2 with the message."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return v
+
+
+def _seconds(text: str) -> float:
+    from mesh.config import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_seconds(text: str) -> float:
+    v = _seconds(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a duration > 0, got {text!r}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (without environment defaults; ``main`` applies those)."""
+    parser = argparse.ArgumentParser(
+        prog="mesh",
+        description="A userspace ingress routing mesh and load balancer for Docker.",
+        epilog="Every option can also be set as MESH_<OPTION> in the environment (flags win).",
+    )
+    parser.add_argument("--version", action="version", version=f"mesh {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    run = sub.add_parser("run", help="run the routing mesh", description="Run the routing mesh.")
+    src = run.add_mutually_exclusive_group()
+    src.add_argument("--config", metavar="FILE", help="static config file (.yaml, .yml or .toml), reloaded on change")
+    src.add_argument(
+        "--docker",
+        metavar="HOST",
+        nargs="?",
+        const="",
+        default=None,
+        help="discover services from Docker (default engine: $DOCKER_HOST or /var/run/docker.sock)",
+    )
+    run.add_argument("--workers", type=_positive_int, default=1, metavar="N", help="data-plane processes (default 1)")
+    run.add_argument(
+        "--admin",
+        metavar="ADDR",
+        default=DEFAULT_ADMIN,
+        help=f"admin API address, host:port or port (default {DEFAULT_ADMIN}; 'off' to disable)",
+    )
+    run.add_argument(
+        "--grace",
+        type=_seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="on SIGTERM/SIGINT, how long open connections may finish (default 10)",
+    )
+    run.add_argument("--max-fds", type=_positive_int, default=None, metavar="N", help="raise RLIMIT_NOFILE to N")
+    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    run.add_argument("--log-format", choices=("text", "json"), default="text")
+    run.add_argument("--access-log", action="store_true", help="log one line per closed connection")
+    run.add_argument(
+        "--node", metavar="NAME", default=None, help="this node's name (prefer its endpoints; cluster mode)"
+    )
+    run.add_argument(
+        "--watch-interval",
+        type=_positive_seconds,
+        default=1.0,
+        metavar="SECONDS",
+        help="how often the config file is checked for changes (default 1)",
+    )
+
+    check = sub.add_parser("check", help="validate a config file and print its routing table")
+    check.add_argument("--config", metavar="FILE", required=False, help="config file to check")
+
+    demo = sub.add_parser("demo", help="run the demo (see `mesh demo --help`)", add_help=False)
+    demo.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def _apply_env(sub: argparse.ArgumentParser, env: dict[str, str]) -> None:
+    """Turn MESH_<OPTION> variables into defaults of ``sub``, converted and checked like the flag."""
+    for action in sub._actions:
+        long = next((o for o in action.option_strings if o.startswith("--")), None)
+        if long is None or action.dest in ("help",):
+            continue
+        name = ENV_PREFIX + long[2:].upper().replace("-", "_")
+        if name not in env:
+            continue
+        raw = env[name]
+        if isinstance(action, argparse._StoreTrueAction):
+            if raw.strip().lower() not in _TRUE + _FALSE:
+                raise UsageError(f"{name}: expected one of 1, true, yes, on, 0, false, no, off; got {raw!r}")
+            value: Any = raw.strip().lower() in _TRUE
+        elif action.nargs == "?":
+            value = action.const if raw.strip().lower() in _TRUE else raw
+            if raw.strip().lower() in _FALSE:
+                continue
+        else:
+            value = raw
+            if action.type is not None:
+                try:
+                    value = action.type(raw)
+                except (argparse.ArgumentTypeError, ValueError) as exc:
+                    raise UsageError(f"{name}: {exc}") from None
+            if action.choices is not None and value not in action.choices:
+                choices = ", ".join(map(str, action.choices))
+                raise UsageError(f"{name}: expected one of {choices}; got {raw!r}")
+        sub.set_defaults(**{action.dest: value})
+
+
+def parse_args(argv: Sequence[str], env: dict[str, str] | None = None) -> argparse.Namespace:
+    """Parse ``argv`` with MESH_* defaults from ``env``.  Raises ``UsageError`` or ``SystemExit`` (argparse)."""
+    parser = build_parser()
+    env = dict(os.environ if env is None else env)
+    subs = _subparsers(parser)
+    for name in ("run", "check"):
+        _apply_env(subs[name], env)
+    args = parser.parse_args(list(argv))
+    if args.command == "run" and args.config and args.docker is not None:
+        # One came from the environment, the other from a flag (argparse only sees flags): the flag wins.
+        flags = set(argv)
+        if "--docker" in flags or any(a.startswith("--docker=") for a in flags):
+            args.config = None
+        else:
+            args.docker = None
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mesh`` console script and ``python -m meshagent``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["worker"]:
+        return _worker_command(argv[1:])
+    if argv[:1] == ["demo"]:
+        return _demo(argv[1:])
+    try:
+        args = parse_args(argv)
+    except UsageError as exc:
+        print(f"mesh: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except SystemExit as exc:  # argparse: --help, --version, or a usage error (already printed)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    if args.command == "check":
+        return _check(args)
+    if args.command == "run":
+        return _run_command(args)
+    return EXIT_USAGE
+
+
+# -- check / demo ---------------------------------------------------------------------------------------
+
+
+def _check(args: argparse.Namespace) -> int:
+    from mesh.config import load_config
+    from meshagent.reload import summarize
+
+    if not args.config:
+        print("mesh check: --config FILE (or MESH_CONFIG) is required", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        table = load_config(args.config)
+    except ConfigError as exc:
+        print(f"mesh: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    n_routes = sum(1 for _ in table.routes())
+    print(summarize(table))
+    print(f"{args.config}: OK, {len(table.services)} services, {n_routes} listeners, digest {table.digest}")
+    return EXIT_OK
+
+
+def _demo(argv: list[str]) -> int:
+    try:
+        from meshagent import demo
+    except ImportError as exc:
+        print(f"mesh demo is not available in this installation ({exc})", file=sys.stderr)
+        return EXIT_RUNTIME
+    return int(demo.main(argv) or 0)
+
+
+# -- run ------------------------------------------------------------------------------------------------
+
+
+def _run_loop(coro_fn: Callable[[], Any]) -> Any:
+    """Run ``coro_fn()`` on uvloop (the product's loop), falling back to asyncio where uvloop is missing."""
+    try:
+        import uvloop
+
+        factory: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(coro_fn())
+
+
+def _raise_nofile(max_fds: int | None) -> None:
+    try:
+        from mesh.limits import raise_nofile
+    except ImportError:  # INTEGRATION POINT: mesh/limits.py (proxy engineer) not present yet
+        import resource
+
+        _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = hard if max_fds is None else max_fds
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(hard, want)))
+        return
+    raise_nofile(max_fds)
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    from mesh.logs import setup_logging
+
+    setup_logging(args.log_level, args.log_format)
+    admin_addr: tuple[str, int] | None = None
+    if args.admin and args.admin.strip().lower() not in ("off", "none", "no", "false", "0"):
+        from mesh.admin import parse_admin_address
+
+        try:
+            admin_addr = parse_admin_address(args.admin)
+        except ConfigError as exc:
+            print(f"mesh: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+
+    source: Any
+    if args.config:
+        from meshagent.reload import ConfigSource
+
+        source = ConfigSource(args.config, interval=args.watch_interval)
+        try:
+            table = source.load_initial()
+        except ConfigError as exc:
+            print(f"mesh: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        log.info("loaded %s: %d services", args.config, len(table.services))
+    else:
+        try:
+            source = _docker_source(args.docker)
+        except ConfigError as exc:
+            print(f"mesh: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+
+    _raise_nofile(args.max_fds)
+    try:
+        return _run_loop(lambda: _serve(args, source, admin_addr))
+    except ConfigError as exc:  # e.g. the admin address is in use
+        log.error("%s", exc)
+        print(f"mesh: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+class _DockerSource:
+    """Docker discovery (discovery.watcher.Watcher) with the same shape as ConfigSource."""
+
+    def __init__(self, host_arg: str | None) -> None:
+        from discovery.engine import Engine, resolve_docker_host
+
+        self.host = resolve_docker_host(host_arg or None)
+        self.engine = Engine(self.host)
+        self.publish: Callable[[RoutingTable], Any] | None = None  # set before start()
+        self.watcher: Any = None
+
+    async def probe(self, timeout: float = 3.0) -> bool:
+        """True when the engine answers /_ping within ``timeout``."""
+        try:
+            return bool(await asyncio.wait_for(self.engine.ping(), timeout))
+        except (TimeoutError, OSError, Exception):  # any failure means "no engine here"
+            return False
+
+    async def start(self) -> None:
+        from discovery.watcher import Watcher
+
+        async def publish(table: RoutingTable, info: Any = None) -> None:
+            assert self.publish is not None
+            await self.publish(table)
+
+        self.watcher = Watcher(self.engine, publish)
+
+    async def run(self) -> None:
+        try:
+            await self.watcher.run()
+        finally:
+            await self.engine.close()
+
+    def poke(self) -> None:
+        log.info("SIGHUP: the Docker source follows events; nothing to reload")
+
+    def stop(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+
+
+def _docker_source(host_arg: str | None) -> _DockerSource:
+    """The Docker table source; with no --docker (host_arg None) only if a local engine answers."""
+    try:
+        from discovery.engine import EngineError
+    except ImportError as exc:  # pragma: no cover - discovery ships with the agent
+        raise ConfigError(f"Docker discovery is not available ({exc}); pass --config FILE") from exc
+    try:
+        source = _DockerSource(host_arg)
+    except EngineError as exc:
+        raise ConfigError(f"--docker: {exc}") from exc
+    ok = _run_loop(lambda: _probe_and_close(source))
+    if not ok:
+        if host_arg is None:
+            raise ConfigError(
+                f"no --config given and no Docker engine answers at {source.host.url}; "
+                "pass --config FILE or start Docker (or point --docker / DOCKER_HOST at one)"
+            )
+        raise ConfigError(f"--docker: no Docker engine answers at {source.host.url}")
+    return source
+
+
+async def _probe_and_close(source: _DockerSource) -> bool:
+    try:
+        return await source.probe()
+    finally:
+        # the probe ran on its own loop; the session is re-created on the serving loop
+        await source.engine.close()
+
+
+async def _serve(args: argparse.Namespace, source: Any, admin_addr: tuple[str, int] | None) -> int:
+    from mesh.admin import AdminServer, CallbackState, MeshState
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    got: list[str] = []
+
+    def on_stop(sig: signal.Signals) -> None:
+        if not stop.is_set():
+            log.info("%s: stop accepting, draining open connections for up to %.1fs", sig.name, args.grace)
+        got.append(sig.name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_stop, sig)
+    loop.add_signal_handler(signal.SIGHUP, source.poke)
+
+    pool = mesh = None
+    if args.workers > 1:
+        from meshagent.workers import WorkerPool
+
+        worker_args = ["--grace", str(args.grace), "--log-level", args.log_level, "--log-format", args.log_format]
+        if args.node:
+            worker_args += ["--node", args.node]
+        if args.access_log:
+            worker_args.append("--access-log")
+        pool = WorkerPool(args.workers, worker_args)
+        state: Any = CallbackState(lambda: pool.table, pool.ready, pool.stats)
+        publish = pool.publish
+    else:
+        from mesh.runtime import Mesh
+
+        from meshagent.workers import _make_mesh
+
+        mesh = _make_mesh(Mesh, node=args.node, access_log=args.access_log, reuse_port=False)
+        state = MeshState(mesh)
+        publish = mesh.apply
+
+    admin = AdminServer(state, *admin_addr) if admin_addr is not None else None
+    if admin is not None:
+        await admin.start()  # ConfigError (address in use) -> exit 2 before anything else runs
+    rc = EXIT_OK
+    source_task: asyncio.Task[None] | None = None
+    try:
+        if pool is not None:
+            await pool.start()
+        source.publish = publish
+        await source.start()
+        source_task = asyncio.create_task(source.run(), name="table-source")
+        waiters = [asyncio.create_task(stop.wait())]
+        if pool is not None:
+            waiters.append(asyncio.create_task(pool.failed.wait()))
+        done, _ = await asyncio.wait([*waiters, source_task], return_when=asyncio.FIRST_COMPLETED)
+        for w in waiters:
+            w.cancel()
+        if source_task in done and not stop.is_set():
+            exc = source_task.exception()
+            log.error("the table source stopped unexpectedly: %r", exc)
+            rc = EXIT_RUNTIME
+        elif pool is not None and pool.failed.is_set() and not stop.is_set():
+            log.error("a worker keeps crashing; exiting")
+            rc = EXIT_RUNTIME
+    finally:
+        source.stop()
+        if source_task is not None:
+            source_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await source_task
+        if admin is not None:
+            await admin.stop()
+        if pool is not None:
+            await pool.shutdown(args.grace)
+        if mesh is not None:
+            await mesh.shutdown(args.grace)
+    log.info("stopped")
+    return rc
+
+
+# -- worker (internal) ------------------------------------------------------------------------------------
+
+
+def _worker_command(argv: list[str]) -> int:
+    """``python -m meshagent worker --control-fd FD ...``: started by WorkerPool, not by users."""
+    from mesh.logs import setup_logging
+    from meshagent.workers import worker_main
+
+    p = argparse.ArgumentParser(prog="mesh worker", description="internal: one data-plane worker process")
+    p.add_argument("--control-fd", type=int, required=True)
+    p.add_argument("--index", type=int, default=0)
+    p.add_argument("--grace", type=_seconds, default=10.0)
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-format", default="text")
+    p.add_argument("--node", default=None)
+    p.add_argument("--access-log", action="store_true")
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    setup_logging(args.log_level, args.log_format)
+    return _run_loop(
+        lambda: worker_main(args.control_fd, args.index, grace=args.grace, node=args.node, access_log=args.access_log)
+    )

@@ -1,0 +1,363 @@
+"""``--workers N``: one parent owns the table source and the admin API; N worker processes carry the traffic.
+
+Each worker is ``python -m meshagent worker --control-fd FD ...`` running ``mesh.runtime.Mesh(reuse_port=True)``
+on uvloop, so every worker binds every listener with SO_REUSEPORT and the kernel spreads new connections.
+
+Control channel: a unix socketpair per worker (the child's end is passed as FD), carrying JSON objects, one
+per line (UTF-8, "\\n"-terminated), documented in docs/ARCHITECTURE.md ("Worker control channel"):
+
+    parent -> worker  {"type": "table", "table": {...RoutingTable.to_dict()...}}
+                      {"type": "stats", "id": 7}
+                      {"type": "shutdown", "grace": 10.0}
+    worker -> parent  {"type": "hello", "pid": 1234, "index": 0}
+                      {"type": "applied", "version": 3}
+                      {"type": "stats", "id": 7, "snapshot": {...mesh.metrics.snapshot()...}}
+                      {"type": "error", "message": "..."}   (a message it could not handle)
+
+Supervision rules:
+- A worker that exits while the pool is running is restarted after a backoff (0.1 s doubling to 5 s; the
+  backoff resets once a worker has lived 30 s) and is sent the current table at once.
+- More than ``max_restarts`` restarts of one slot within ``restart_window`` seconds is a crash loop: the pool
+  gives up and sets ``failed`` (the CLI then exits 1 so an outer supervisor sees it).
+- ``shutdown(grace)`` sends SIGTERM to every worker (each stops accepting and drains for its grace), waits up
+  to grace + 5 s, then SIGKILLs what is left.  A worker whose control channel closes (the parent died) drains
+  and exits on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+from mesh.routing import RoutingTable
+
+__all__ = ["WorkerPool", "worker_main"]
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE = 64 * 1024 * 1024  # a routing table of many thousands of endpoints still fits
+
+
+def _encode(msg: dict[str, Any]) -> bytes:
+    return json.dumps(msg, separators=(",", ":")).encode() + b"\n"
+
+
+class _Worker:
+    """One slot of the pool and its current process."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.proc: asyncio.subprocess.Process | None = None
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.applied_version: int | None = None
+        self.started_at = 0.0
+        self.restarts: deque[float] = deque()
+        self.starts = 0
+        self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def __repr__(self) -> str:
+        return f"<worker {self.index} pid={self.pid} applied={self.applied_version} starts={self.starts}>"
+
+    async def send(self, msg: dict[str, Any]) -> bool:
+        w = self.writer
+        if w is None or w.is_closing():
+            return False
+        try:
+            w.write(_encode(msg))
+            await w.drain()
+        except (ConnectionError, OSError):
+            return False
+        return True
+
+
+class WorkerPool:
+    """The parent's side: spawn, feed tables, answer stats, restart, drain."""
+
+    def __init__(
+        self,
+        n: int,
+        worker_args: Sequence[str] = (),
+        *,
+        max_restarts: int = 5,
+        restart_window: float = 60.0,
+        backoff_initial: float = 0.1,
+        backoff_max: float = 5.0,
+        python: str = sys.executable,
+    ) -> None:
+        if n < 1:
+            raise ValueError(f"number of workers must be >= 1, got {n}")
+        self.n = n
+        self.worker_args = list(worker_args)
+        self.max_restarts = max_restarts
+        self.restart_window = restart_window
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.python = python
+        self.table: RoutingTable | None = None
+        self.failed = asyncio.Event()
+        self.workers = [_Worker(i) for i in range(n)]
+        self._ids = itertools.count(1)
+        self._stopping = False
+
+    def __repr__(self) -> str:
+        return f"<WorkerPool n={self.n} version={self.table.version if self.table else None} {self.workers}>"
+
+    # -- public -----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start every worker (they get the current table, if any, as soon as they are up)."""
+        for w in self.workers:
+            await self._spawn(w)
+            w.task = asyncio.create_task(self._supervise(w), name=f"worker-{w.index}")
+
+    async def publish(self, table: RoutingTable) -> None:
+        """Make ``table`` current and send it to every running worker (``publish`` of a table source)."""
+        self.table = table
+        msg = {"type": "table", "table": table.to_dict()}
+        await asyncio.gather(*(w.send(msg) for w in self.workers))
+
+    def ready(self) -> bool:
+        """True when every worker has applied the current table."""
+        return self.table is not None and all(w.applied_version == self.table.version for w in self.workers)
+
+    def pids(self) -> list[int | None]:
+        return [w.pid for w in self.workers]
+
+    async def stats(self, timeout: float = 2.0) -> list[dict[str, Any]]:
+        """One stats snapshot per worker that answers within ``timeout`` seconds."""
+
+        async def ask(w: _Worker) -> dict[str, Any] | None:
+            rid = next(self._ids)
+            fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+            w.pending[rid] = fut
+            try:
+                if not await w.send({"type": "stats", "id": rid}):
+                    return None
+                return await asyncio.wait_for(fut, timeout)
+            except TimeoutError:
+                log.warning("worker %d (pid %s) did not answer a stats request within %.1fs", w.index, w.pid, timeout)
+                return None
+            finally:
+                w.pending.pop(rid, None)
+
+        answers = await asyncio.gather(*(ask(w) for w in self.workers))
+        return [a for a in answers if a is not None]
+
+    async def shutdown(self, grace: float) -> None:
+        """Drain every worker: SIGTERM, wait up to grace + 5 s, SIGKILL the rest."""
+        self._stopping = True
+        for w in self.workers:
+            if w.proc is not None and w.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    w.proc.send_signal(signal.SIGTERM)
+        procs = [w.proc for w in self.workers if w.proc is not None]
+        try:
+            await asyncio.wait_for(asyncio.gather(*(p.wait() for p in procs)), grace + 5.0)
+        except TimeoutError:
+            for p in procs:
+                if p.returncode is None:
+                    log.warning("worker pid %d did not exit within the grace period; killing it", p.pid)
+                    with contextlib.suppress(ProcessLookupError):
+                        p.kill()
+            await asyncio.gather(*(p.wait() for p in procs))
+        for w in self.workers:
+            if w.task is not None:
+                w.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await w.task
+
+    # -- internals ---------------------------------------------------------------------------------
+    async def _spawn(self, w: _Worker) -> None:
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            cmd = [
+                self.python,
+                "-m",
+                "meshagent",
+                "worker",
+                "--control-fd",
+                str(child_sock.fileno()),
+                "--index",
+                str(w.index),
+                *self.worker_args,
+            ]
+            w.proc = await asyncio.create_subprocess_exec(
+                *cmd, pass_fds=(child_sock.fileno(),), stdin=asyncio.subprocess.DEVNULL
+            )
+        except BaseException:
+            parent_sock.close()
+            raise
+        finally:
+            child_sock.close()
+        reader, writer = await asyncio.open_unix_connection(sock=parent_sock, limit=MAX_MESSAGE)
+        w.writer = writer
+        w.applied_version = None
+        w.started_at = time.monotonic()
+        w.starts += 1
+        log.info("started worker %d, pid %d", w.index, w.proc.pid)
+        w.reader = reader
+        if self.table is not None:
+            await w.send({"type": "table", "table": self.table.to_dict()})
+
+    async def _read(self, w: _Worker, reader: asyncio.StreamReader) -> None:
+        while True:
+            try:
+                line = await reader.readline()
+            except (ConnectionError, ValueError, OSError) as exc:
+                log.warning("worker %d control channel failed: %s", w.index, exc)
+                return
+            if not line:
+                return
+            try:
+                msg = json.loads(line)
+                kind = msg["type"]
+            except (ValueError, KeyError, TypeError):
+                log.warning("worker %d sent a malformed control message: %r", w.index, line[:200])
+                continue
+            if kind == "applied":
+                w.applied_version = msg.get("version")
+            elif kind == "stats":
+                fut = w.pending.get(msg.get("id"))
+                if fut is not None and not fut.done():
+                    fut.set_result(msg.get("snapshot") or {})
+            elif kind == "hello":
+                log.debug("worker %d says hello from pid %s", w.index, msg.get("pid"))
+            elif kind == "error":
+                log.error("worker %d: %s", w.index, msg.get("message"))
+
+    async def _supervise(self, w: _Worker) -> None:
+        backoff = self.backoff_initial
+        while True:
+            proc = w.proc
+            assert proc is not None and w.reader is not None
+            await self._read(w, w.reader)
+            rc = await proc.wait()
+            if w.writer is not None:
+                w.writer.close()
+            for fut in w.pending.values():
+                if not fut.done():
+                    fut.cancel()
+            if self._stopping:
+                return
+            now = time.monotonic()
+            if now - w.started_at > 30.0:
+                backoff = self.backoff_initial
+            w.restarts.append(now)
+            while w.restarts and now - w.restarts[0] > self.restart_window:
+                w.restarts.popleft()
+            how = f"signal {-rc}" if rc < 0 else f"code {rc}"
+            if len(w.restarts) > self.max_restarts:
+                log.error(
+                    "worker %d (pid %d) exited with %s, its %d restart within %.0fs: giving up",
+                    w.index,
+                    proc.pid,
+                    how,
+                    len(w.restarts),
+                    self.restart_window,
+                )
+                self.failed.set()
+                return
+            log.warning("worker %d (pid %d) exited with %s; restarting in %.1fs", w.index, proc.pid, how, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.backoff_max)
+            if self._stopping:
+                return
+            try:
+                await self._spawn(w)
+            except OSError as exc:
+                log.error("cannot restart worker %d: %s", w.index, exc)
+                self.failed.set()
+                return
+
+
+# -- the worker process ------------------------------------------------------------------------------
+
+
+async def worker_main(control_fd: int, index: int, *, grace: float, node: str | None, access_log: bool = False) -> int:
+    """Body of ``python -m meshagent worker``: apply tables from the parent until told (or signalled) to stop."""
+    from mesh.runtime import Mesh
+
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(fileno=control_fd)
+    reader, writer = await asyncio.open_unix_connection(sock=sock, limit=MAX_MESSAGE)
+    mesh = _make_mesh(Mesh, node=node, access_log=access_log)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    # SIGHUP is the parent's business (reload); a terminal hangup must not kill the workers.
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)
+
+    async def send(msg: dict[str, Any]) -> None:
+        try:
+            writer.write(_encode(msg))
+            await writer.drain()
+        except (ConnectionError, OSError):
+            stop.set()
+
+    log.info("worker %d running, pid %d", index, os.getpid(), extra={"worker": index, "pid": os.getpid()})
+    await send({"type": "hello", "pid": os.getpid(), "index": index})
+
+    async def serve() -> None:
+        from mesh.metrics import snapshot
+
+        while True:
+            line = await reader.readline()
+            if not line:
+                log.warning("worker %d: control channel closed (parent gone); draining", index)
+                break
+            try:
+                msg = json.loads(line)
+                kind = msg["type"]
+                if kind == "table":
+                    table = RoutingTable.from_dict(msg["table"])
+                    await mesh.apply(table)
+                    await send({"type": "applied", "version": table.version})
+                elif kind == "stats":
+                    await send({"type": "stats", "id": msg.get("id"), "snapshot": snapshot(mesh)})
+                elif kind == "shutdown":
+                    break
+                else:
+                    await send({"type": "error", "message": f"unknown message type {kind!r}"})
+            except Exception as exc:  # a bad message must not kill the data plane
+                log.exception("worker %d: cannot handle control message", index)
+                await send({"type": "error", "message": f"{type(exc).__name__}: {exc}"})
+        stop.set()
+
+    server = asyncio.create_task(serve())
+    await stop.wait()
+    server.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await server
+    log.info("worker %d stopping: draining connections for up to %.1fs", index, grace)
+    await mesh.shutdown(grace)
+    writer.close()
+    return 0
+
+
+def _make_mesh(mesh_cls: Any, *, node: str | None, access_log: bool, reuse_port: bool = True) -> Any:
+    """Build a Mesh, passing only the keyword arguments its constructor accepts."""
+    import inspect
+
+    params = inspect.signature(mesh_cls).parameters
+    kw: dict[str, Any] = {"local_node": node or None}
+    if reuse_port:
+        kw["reuse_port"] = True
+    if "access_log" in params:
+        kw["access_log"] = access_log
+    return mesh_cls(**{k: v for k, v in kw.items() if k in params or k == "local_node"})
