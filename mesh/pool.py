@@ -13,7 +13,8 @@ State rules (one ``Pool`` per (service, route); one ``Host`` per ``Endpoint.key`
   ``panic_threshold`` 0 turns panic mode off.
 - Locality ("prefer"): when some local (``via is None``) host is usable, choose
   among the local usable hosts only; otherwise spill to the remote ones.  When a
-  connection has excluded every local host (retries), it spills too.
+  connection has excluded every local host (retries), it spills too.  Panic mode
+  ignores locality.
 - The tuples of live/usable/preferred hosts are recomputed on every health,
   ejection, drain or table change -- never per connection.
 - Outlier detection: ``consecutive_failures`` connect failures in a row eject a
@@ -370,10 +371,13 @@ class Pool:
         """The subset of ``usable`` that choose() balances over (locality).
 
         Today: all local usable hosts if there is one, else every usable host.
+        In panic mode locality is ignored (as Envoy does): ``usable`` then holds
+        unhealthy hosts too, and preferring local ones could send everything to
+        failing local replicas while a healthy remote one exists.
         This is the place for a later policy such as "spill a share to remote
         hosts when the local ones carry more than their share of the load".
         """
-        if self.options.locality != "prefer":
+        if self.options.locality != "prefer" or self._panic:
             return usable
         local = tuple(h for h in usable if h.local)
         if not local or len(local) == len(usable):

@@ -329,6 +329,17 @@ def test_locality_spills_when_the_connection_tried_every_local_host():
     assert pool.choose(None, exclude=pool.hosts) is None
 
 
+def test_locality_is_ignored_in_panic_mode():
+    pool = local_remote_pool()
+    for h in pool.hosts[:3]:  # both local hosts and one remote fail: 1 of 4 healthy, panic
+        pool.set_active_health(h, False)
+    assert pool.panic
+    assert picks(pool, 40) == {"e0": 10, "e1": 10, "e2": 10, "e3": 10}
+    pool.set_active_health(pool.hosts[0], True)  # 2 of 4: panic over, the healthy local host wins
+    assert not pool.panic
+    assert picks(pool, 10) == {"e0": 10}
+
+
 def test_locality_off_uses_every_host():
     pool = local_remote_pool("off")
     assert picks(pool, 40) == {"e0": 10, "e1": 10, "e2": 10, "e3": 10}
