@@ -30,7 +30,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from mesh.errors import ConfigError
-from mesh.metrics import MetricsExporter, make_registry, merge_snapshots, snapshot
+from mesh.metrics import MetricsExporter, failed_by_reason, make_registry, merge_snapshots, snapshot
 from mesh.routing import RoutingTable, format_hostport
 
 __all__ = [
@@ -276,7 +276,8 @@ def table_with_runtime(table: RoutingTable, merged: dict[str, Any], now: float |
                 "accepted": r["accepted"],
                 "retries": r["retries"],
                 "no_endpoint": r["no_endpoint"],
-                "connect_failures": r["failures"],
+                "failed": dict(failed_by_reason(r)),
+                "connect_failures": r["connect_failures"],
                 "healthy_endpoints": sum(1 for h in r["hosts"] if h["up"]),
                 "departed": [
                     {"id": h["id"], "address": h["address"], "runtime": _host_runtime(h)}

@@ -56,6 +56,8 @@ __all__ = [
     "MetricsExporter",
     "SnapshotCollector",
     "StatsReader",
+    "WorkerStats",
+    "failed_by_reason",
     "families",
     "log_access",
     "make_registry",
@@ -67,6 +69,7 @@ __all__ = [
 SNAPSHOT_VERSION = 1
 REMOVED_ENDPOINT = "_removed"
 FAILURE_REASONS = ("no_endpoint", "refused", "timeout", "unreachable", "error", "overflow")
+CONNECT_FAILURE_REASONS = ("refused", "timeout", "unreachable", "error")
 # Seconds from a Docker event to the table that reflects it being applied.
 LAG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 # Docker event actions carry free text after a colon ("exec_start: sh -c ..."); only the verb is a label, and
@@ -142,25 +145,28 @@ def _counters(stats: HostStats) -> dict[str, Any]:
 
 
 class StatsReader:
-    """Turns the live stats of a set of pools into snapshots; keeps the removed-host ledgers between calls.
+    """Turns the live stats of a process's listeners into snapshots; keeps, between calls, the ledgers that
+    make counters monotonic (hosts removed from a pool, listeners removed from the process).
 
-    ``routes()`` yields ``(pool, listening)`` for every route this process serves (``listening`` False when
-    the port could not be bound).  ``info()`` returns process-level values: ``table_version``,
-    ``table_applied`` (wall-clock seconds), ``fd_exhausted`` (may be missing).  ``clock`` must be the
-    pools' clock (``time.monotonic`` unless injected) so ejection expiry can be turned into seconds left.
+    ``listeners()`` yields the ``mesh.listener.Listener`` objects this process serves (each with ``.pool``,
+    ``.listening``, ``.fd_exhausted``).  ``info()`` returns ``table_version`` and ``table_applied``
+    (wall-clock seconds), either may be missing.  ``clock`` must be the pools' clock (``time.monotonic``
+    unless injected) so an ejection's expiry can be turned into seconds left.
     """
 
     def __init__(
         self,
-        routes: Callable[[], Iterable[tuple[Any, bool]]],
+        listeners: Callable[[], Iterable[Any]],
         info: Callable[[], dict[str, Any]] = dict,
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._routes = routes
+        self._listeners_of = listeners
         self._info = info
         self._clock = clock
         self._ledgers: dict[int, _Ledger] = {}
+        self._listeners: dict[int, Any] = {}  # id -> listener seen at the last snapshot (strong refs)
+        self._fd_retired = 0  # fd_exhausted of listeners that are gone
 
     def _ledger(self, pool: Any) -> _Ledger:
         led = self._ledgers.get(id(pool))
@@ -168,14 +174,27 @@ class StatsReader:
             led = self._ledgers[id(pool)] = _Ledger(pool)
         return led
 
+    def watch(self, pool: Any) -> None:
+        """Start tracking ``pool`` now (call when a pool is created) rather than at the next snapshot, so
+        hosts it gains and loses before then are counted too."""
+        self._ledger(pool)
+
     def snapshot(self) -> dict[str, Any]:
         """A JSON-able dict of every counter, histogram and state gauge of this process (see module doc)."""
         now = self._clock()
         routes = []
-        live: set[int] = set()
-        for pool, listening in self._routes():
+        live_pools: set[int] = set()
+        listeners = {id(lst): lst for lst in self._listeners_of()}
+        for lid, gone in self._listeners.items():
+            if lid not in listeners:
+                self._fd_retired += gone.fd_exhausted
+        self._listeners = listeners
+        fd_exhausted = self._fd_retired
+        for listener in listeners.values():
+            fd_exhausted += listener.fd_exhausted
+            pool = listener.pool
             led = self._ledger(pool)
-            live.add(id(pool))
+            live_pools.add(id(pool))
             rs = pool.stats
             hosts = []
             n_current = len(pool.hosts)
@@ -201,17 +220,20 @@ class StatsReader:
                     "service": pool.service,
                     "port": pool.route.port,
                     "listen_host": pool.route.listen_host,
-                    "listening": bool(listening),
+                    "listening": bool(listener.listening),
                     "accepted": rs.accepted,
                     "no_endpoint": rs.no_endpoint,
                     "retries": rs.retries,
                     "overflow": rs.overflow_closed,
-                    "failures": dict(rs.connect_failures),
+                    "connect_failures": dict(rs.connect_failures),
+                    # client connections given up after the last connect attempt, by its reason (needs
+                    # RouteStats.failed; absent until the proxy counts it)
+                    "failed": dict(getattr(rs, "failed", None) or {}),
                     "hosts": hosts,
                     "removed": _counters(led.removed),
                 }
             )
-        for pid in [k for k in self._ledgers if k not in live]:
+        for pid in [k for k in self._ledgers if k not in live_pools]:
             del self._ledgers[pid]  # the port is no longer served: its counters end with it
         info = self._info()
         return {
@@ -220,14 +242,9 @@ class StatsReader:
             "buckets": {"connect_time": list(CONNECT_BUCKETS), "duration": list(DURATION_BUCKETS)},
             "table_version": info.get("table_version"),
             "table_applied": info.get("table_applied"),
-            "fd_exhausted": int(info.get("fd_exhausted") or 0),
+            "fd_exhausted": fd_exhausted,
             "routes": routes,
         }
-
-
-def _mesh_routes(mesh: Any) -> Iterator[tuple[Any, bool]]:
-    for listener in mesh.listeners():
-        yield listener.pool, bool(getattr(listener, "listening", True))
 
 
 def _mesh_info(mesh: Any) -> dict[str, Any]:
@@ -235,7 +252,6 @@ def _mesh_info(mesh: Any) -> dict[str, Any]:
     return {
         "table_version": None if table is None else table.version,
         "table_applied": getattr(mesh, "applied_at", None),
-        "fd_exhausted": getattr(mesh, "fd_exhausted", 0),
     }
 
 
@@ -246,7 +262,7 @@ def reader_for(mesh: Any) -> StatsReader:
     """The (cached) ``StatsReader`` of a ``Mesh``: one per mesh, so removed-host ledgers persist."""
     reader = _readers.get(mesh)
     if reader is None:
-        reader = _readers[mesh] = StatsReader(lambda: _mesh_routes(mesh), lambda: _mesh_info(mesh))
+        reader = _readers[mesh] = StatsReader(lambda: mesh.listeners(), lambda: _mesh_info(mesh))
     return reader
 
 
@@ -316,7 +332,8 @@ def merge_snapshots(snaps: Sequence[dict[str, Any]]) -> dict[str, Any]:
                     "no_endpoint": r["no_endpoint"],
                     "retries": r["retries"],
                     "overflow": r["overflow"],
-                    "failures": dict(r["failures"]),
+                    "connect_failures": dict(r["connect_failures"]),
+                    "failed": dict(r["failed"]),
                     "removed": _copy_counters(r["removed"]),
                 }
                 hosts_of[key] = {}
@@ -326,8 +343,10 @@ def merge_snapshots(snaps: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 into["listening"] = into["listening"] or r["listening"]
                 for k in ("accepted", "no_endpoint", "retries", "overflow"):
                     into[k] += r[k]
-                for reason, n in r["failures"].items():
-                    into["failures"][reason] = into["failures"].get(reason, 0) + n
+                for field in ("connect_failures", "failed"):
+                    counts = into[field]
+                    for reason, n in r[field].items():
+                        counts[reason] = counts.get(reason, 0) + n
                 _add_counters(into["removed"], r["removed"])
             hosts = hosts_of[key]
             for h in r["hosts"]:
@@ -356,7 +375,7 @@ def merge_snapshots(snaps: Sequence[dict[str, Any]]) -> dict[str, Any]:
         applied = max(t for v, t in versions if v == version) or None
     return {
         "v": SNAPSHOT_VERSION,
-        "processes": len(snaps),
+        "processes": sum(1 for s in snaps if not s.get("retired")),
         "buckets": buckets or {"connect_time": list(CONNECT_BUCKETS), "duration": list(DURATION_BUCKETS)},
         "table_version": version,
         "table_applied": applied,
@@ -367,12 +386,24 @@ def merge_snapshots(snaps: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def _up(h: dict[str, Any]) -> bool:
     """Usable for new connections outside panic mode: listed, not draining, healthy and not ejected."""
+    if "up" in h:  # already merged (e.g. the retired-workers snapshot)
+        return h["up"]
     return h["listed"] and not h["draining"] and h["health"] == 0
 
 
 def _healthy(h: dict[str, Any]) -> bool:
     """Passes its active health check (always true without one); ejection is reported separately."""
+    if "healthy" in h:
+        return h["healthy"]
     return not h["health"] & _HEALTH_FAILED_ACTIVE_HC
+
+
+def failed_by_reason(r: dict[str, Any]) -> list[tuple[str, int]]:
+    """Client connections closed without being proxied, by reason (FAILURE_REASONS always present)."""
+    fails = dict(r["failed"])
+    fails["no_endpoint"] = fails.get("no_endpoint", 0) + r["no_endpoint"]
+    fails["overflow"] = fails.get("overflow", 0) + r["overflow"]
+    return [(reason, fails.get(reason, 0)) for reason in sorted(set(FAILURE_REASONS) | fails.keys())]
 
 
 def _cumulative(bounds: list[str], hist: dict[str, Any]) -> list[tuple[str, float]]:
@@ -398,6 +429,11 @@ def families(merged: dict[str, Any]) -> list[Metric]:
         labels=[*sp, "reason"],
     )
     retries = CounterMetricFamily("mesh_retries", "Connect attempts retried on another endpoint.", labels=sp)
+    connect_failed = CounterMetricFamily(
+        "mesh_upstream_connect_failures",
+        "Failed connect attempts to endpoints (each retry counts), by reason.",
+        labels=[*sp, "reason"],
+    )
     healthy_n = GaugeMetricFamily("mesh_healthy_endpoints", "Endpoints up (listed, healthy, not ejected).", labels=sp)
     listed_n = GaugeMetricFamily("mesh_endpoints", "Endpoints listed in the table (draining included).", labels=sp)
     listening = GaugeMetricFamily("mesh_listener_up", "1 when the route's port is bound and accepting.", labels=sp)
@@ -415,18 +451,18 @@ def families(merged: dict[str, Any]) -> list[Metric]:
     ejected = GaugeMetricFamily("mesh_endpoint_ejected", "1 while the endpoint is ejected.", labels=spe)
     connect = HistogramMetricFamily("mesh_upstream_connect_seconds", "Time to connect to the endpoint.", labels=spe)
     duration = HistogramMetricFamily(
-        "mesh_connection_duration_seconds", "Lifetime of proxied connections, from connect to close.", labels=spe
+        "mesh_connection_duration_seconds", "Lifetime of proxied connections, from accept to close.", labels=spe
     )
     for r in merged["routes"]:
         labels = [r["service"], str(r["port"])]
         accepted.add_metric(labels, r["accepted"])
         retries.add_metric(labels, r["retries"])
         listening.add_metric(labels, 1 if r["listening"] else 0)
-        fails = dict(r["failures"])
-        fails["no_endpoint"] = fails.get("no_endpoint", 0) + r["no_endpoint"]
-        fails["overflow"] = fails.get("overflow", 0) + r["overflow"]
-        for reason in sorted(set(FAILURE_REASONS) | fails.keys()):
-            failed.add_metric([*labels, reason], fails.get(reason, 0))
+        for reason, n in failed_by_reason(r):
+            failed.add_metric([*labels, reason], n)
+        cf = r["connect_failures"]
+        for reason in sorted(set(CONNECT_FAILURE_REASONS) | cf.keys()):
+            connect_failed.add_metric([*labels, reason], cf.get(reason, 0))
         n_up = n_listed = 0
         for h in r["hosts"]:
             hl = [*labels, h["id"]]
@@ -464,6 +500,7 @@ def families(merged: dict[str, Any]) -> list[Metric]:
         sent,
         connect,
         duration,
+        connect_failed,
         retries,
         ejections,
         up,
@@ -500,7 +537,11 @@ _HELP = {
     "mesh_received_bytes_total": ("counter", "Bytes received from clients (client -> endpoint), counted at close."),
     "mesh_sent_bytes_total": ("counter", "Bytes sent to clients (endpoint -> client), counted at close."),
     "mesh_upstream_connect_seconds": ("histogram", "Time to connect to the endpoint."),
-    "mesh_connection_duration_seconds": ("histogram", "Lifetime of proxied connections, from connect to close."),
+    "mesh_connection_duration_seconds": ("histogram", "Lifetime of proxied connections, from accept to close."),
+    "mesh_upstream_connect_failures_total": (
+        "counter",
+        "Failed connect attempts to endpoints (each retry counts), by reason.",
+    ),
     "mesh_retries_total": ("counter", "Connect attempts retried on another endpoint."),
     "mesh_ejections_total": ("counter", "Outlier ejections of the endpoint."),
     "mesh_endpoint_up": ("gauge", "1 when the endpoint may get new connections."),
@@ -534,6 +575,7 @@ def render_text(merged: dict[str, Any]) -> str:
     accepted = lines["mesh_connections_accepted_total"]
     failed = lines["mesh_connections_failed_total"]
     retries = lines["mesh_retries_total"]
+    connect_failed = lines["mesh_upstream_connect_failures_total"]
     healthy_n = lines["mesh_healthy_endpoints"]
     listed_n = lines["mesh_endpoints"]
     listening = lines["mesh_listener_up"]
@@ -546,11 +588,13 @@ def render_text(merged: dict[str, Any]) -> str:
         accepted.append(f"mesh_connections_accepted_total{{{rl}}} {r['accepted']}\n")
         retries.append(f"mesh_retries_total{{{rl}}} {r['retries']}\n")
         listening.append(f"mesh_listener_up{{{rl}}} {1 if r['listening'] else 0}\n")
-        fails = dict(r["failures"])
-        fails["no_endpoint"] = fails.get("no_endpoint", 0) + r["no_endpoint"]
-        fails["overflow"] = fails.get("overflow", 0) + r["overflow"]
-        for reason in sorted(set(FAILURE_REASONS) | fails.keys()):
-            failed.append(f'mesh_connections_failed_total{{{rl},reason="{_esc(reason)}"}} {fails.get(reason, 0)}\n')
+        for reason, n in failed_by_reason(r):
+            failed.append(f'mesh_connections_failed_total{{{rl},reason="{_esc(reason)}"}} {n}\n')
+        cf = r["connect_failures"]
+        for reason in sorted(set(CONNECT_FAILURE_REASONS) | cf.keys()):
+            connect_failed.append(
+                f'mesh_upstream_connect_failures_total{{{rl},reason="{_esc(reason)}"}} {cf.get(reason, 0)}\n'
+            )
         n_up = n_listed = 0
         for h in r["hosts"]:
             hl = f'{rl},endpoint="{_esc(h["id"])}"'
@@ -598,6 +642,70 @@ def _render_endpoint_counters(lines, hl, c, ct_bounds, du_bounds) -> None:
             out.append(f'{name}_bucket{{{hl},le="{bound}"}} {acc}\n')
         out.append(f"{name}_count{{{hl}}} {acc}\n")
         out.append(f"{name}_sum{{{hl}}} {float(hist['sum'])!r}\n")
+
+
+class WorkerStats:
+    """The parent's view of its workers' snapshots, kept monotonic across worker restarts.
+
+    ``combine(snapshots, live_pids)`` returns the list to merge for one scrape: the fresh snapshots, the
+    last snapshot of a live worker that did not answer in time (its counters must not vanish for one
+    scrape), and one "retired" snapshot holding the final counters of workers that exited (so a restart
+    does not make the summed counters go down).  Retired state gauges are zeroed: a dead worker has no
+    active connections and no say on endpoint health.  Retired routes no live worker serves are dropped.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[int, dict[str, Any]] = {}
+        self._retired: dict[str, Any] | None = None
+        self._retired_hosts: dict[tuple[str, int], list[dict[str, Any]]] = {}
+
+    def combine(self, snapshots: Sequence[dict[str, Any]], live_pids: Iterable[int | None]) -> list[dict[str, Any]]:
+        live = {p for p in live_pids if p is not None}
+        for snap in snapshots:
+            self._last[snap["pid"]] = snap
+        dead = [pid for pid in self._last if pid not in live]
+        if dead:
+            parts = [self._last.pop(pid) for pid in dead]
+            if self._retired is not None:
+                parts.append(self._retired)
+            self._retired = _retire(merge_snapshots(parts))
+            self._retired_hosts = {(r["service"], r["port"]): r["hosts"] for r in self._retired["routes"]}
+        out = list(self._last.values())
+        if self._retired is not None:
+            out.append(self._retired_view(out))
+        return out
+
+    def _retired_view(self, live: list[dict[str, Any]]) -> dict[str, Any]:
+        # Hosts no live worker knows any more go to the route's "removed" totals, like in a StatsReader.
+        served: dict[tuple[str, int], set[str]] = {}
+        for snap in live:
+            for r in snap["routes"]:
+                served.setdefault((r["service"], r["port"]), set()).update(h["id"] for h in r["hosts"])
+        routes = []
+        for r in self._retired["routes"]:  # type: ignore[index]
+            ids = served.get((r["service"], r["port"]))
+            if ids is None:
+                continue
+            r = dict(r, removed=_copy_counters(r["removed"]), hosts=[])
+            for h in self._retired_hosts[(r["service"], r["port"])]:
+                if h["id"] in ids:
+                    r["hosts"].append(h)
+                else:
+                    _add_counters(r["removed"], h)
+            routes.append(r)
+        return dict(self._retired, routes=routes)
+
+
+def _retire(merged: dict[str, Any]) -> dict[str, Any]:
+    merged["retired"] = True
+    merged["table_version"] = merged["table_applied"] = None
+    merged["pid"] = -1
+    for r in merged["routes"]:
+        r["listening"] = False
+        for h in r["hosts"]:
+            h.update(active=0, health=0, draining=False, listed=False, ejected_seconds_left=0.0, up=False)
+            h["healthy"] = False
+    return merged
 
 
 class SnapshotCollector:

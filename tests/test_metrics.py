@@ -15,12 +15,14 @@ import pytest
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from mesh.listener import Listener
 from mesh.metrics import (
     REMOVED_ENDPOINT,
     SNAPSHOT_VERSION,
     DiscoveryMetrics,
     MetricsExporter,
     StatsReader,
+    WorkerStats,
     families,
     make_registry,
     merge_snapshots,
@@ -56,8 +58,14 @@ def traffic(h, conns: int, bytes_in: int, bytes_out: int, connect: float = 0.000
         h.stats.duration.observe(dur)
 
 
+def listener(pool: Pool) -> Listener:
+    """A real, unstarted Listener (never bound: these tests read counters only)."""
+    return Listener("127.0.0.1", pool.port, pool, service=pool.service)
+
+
 def reader(pools, info=None) -> StatsReader:
-    return StatsReader(lambda: [(p, True) for p in pools], lambda: dict(info or {}), clock=lambda: 100.0)
+    listeners = [listener(p) for p in pools]
+    return StatsReader(lambda: listeners, lambda: dict(info or {}), clock=lambda: 100.0)
 
 
 def scrape(snaps) -> dict[str, dict[tuple, float]]:
@@ -90,18 +98,27 @@ def test_counters_and_gauges_exact():
     e1.active = 2
     pool.set_active_health(e3, False)
     assert e3.health == FAILED_ACTIVE_HC
-    m = scrape([reader([pool], {"table_version": 7, "table_applied": 1700000000.5, "fd_exhausted": 4}).snapshot()])
+    rd = reader([pool], {"table_version": 7, "table_applied": 1700000000.5})
+    rd._listeners_of()[0].fd_exhausted = 4
+    m = scrape([rd.snapshot()])
 
     assert m["mesh_connections_accepted_total"] == {L(service="web", port=80): 9}
     assert m["mesh_retries_total"] == {L(service="web", port=80): 2}
     assert m["mesh_connections_failed_total"] == {
         L(service="web", port=80, reason="no_endpoint"): 1,
-        L(service="web", port=80, reason="refused"): 2,
-        L(service="web", port=80, reason="timeout"): 1,
+        L(service="web", port=80, reason="refused"): 0,  # per connection: needs RouteStats.failed
+        L(service="web", port=80, reason="timeout"): 0,
         L(service="web", port=80, reason="unreachable"): 0,
         L(service="web", port=80, reason="error"): 0,
         L(service="web", port=80, reason="overflow"): 1,
     }
+    assert m["mesh_upstream_connect_failures_total"] == {
+        L(service="web", port=80, reason="refused"): 2,
+        L(service="web", port=80, reason="timeout"): 1,
+        L(service="web", port=80, reason="unreachable"): 0,
+        L(service="web", port=80, reason="error"): 0,
+    }
+    assert m["mesh_listener_up"] == {L(service="web", port=80): 0}  # never started
     assert m["mesh_upstream_connections_total"] == {
         L(service="web", port=80, endpoint="e1"): 3,
         L(service="web", port=80, endpoint="e2"): 2,
@@ -216,15 +233,18 @@ def test_host_added_and_removed_between_scrapes_is_not_lost():
 
 
 def test_route_that_stops_being_served_drops_its_ledger():
-    a, b = make_pool(1, port=80), make_pool(1, port=81)
-    pools = [a, b]
-    rd = StatsReader(lambda: [(p, True) for p in pools])
-    rd.snapshot()
+    a, b = listener(make_pool(1, port=80)), listener(make_pool(1, port=81))
+    a.fd_exhausted, b.fd_exhausted = 2, 3
+    listeners = [a, b]
+    rd = StatsReader(lambda: listeners)
+    assert rd.snapshot()["fd_exhausted"] == 5
     assert len(rd._ledgers) == 2
-    pools.remove(b)
+    b.fd_exhausted = 4  # counted after the last snapshot, before the listener goes away
+    listeners.remove(b)
     snap = rd.snapshot()
     assert [r["port"] for r in snap["routes"]] == [80]
     assert len(rd._ledgers) == 1
+    assert snap["fd_exhausted"] == 6  # the process-wide counter does not go down with the listener
 
 
 def test_snapshot_is_json_and_merge_sums_workers():
@@ -247,8 +267,8 @@ def test_snapshot_is_json_and_merge_sums_workers():
     assert merged["table_version"] == 3 and merged["table_applied"] == 20.0
     m = scrape([s1, s2])
     assert m["mesh_connections_accepted_total"] == {L(service="web", port=80): 12}
-    assert m["mesh_connections_failed_total"][L(service="web", port=80, reason="refused")] == 2
-    assert m["mesh_connections_failed_total"][L(service="web", port=80, reason="unreachable")] == 1
+    assert m["mesh_upstream_connect_failures_total"][L(service="web", port=80, reason="refused")] == 2
+    assert m["mesh_upstream_connect_failures_total"][L(service="web", port=80, reason="unreachable")] == 1
     assert m["mesh_upstream_connections_total"][L(service="web", port=80, endpoint="e1")] == 7
     assert m["mesh_received_bytes_total"][L(service="web", port=80, endpoint="e1")] == 7000
     assert m["mesh_connections_active"][L(service="web", port=80, endpoint="e1")] == 3
@@ -338,7 +358,7 @@ def _samples(text: str) -> dict:
 
 def test_fast_text_renderer_matches_prometheus_client_families():
     pool = make_pool(3, service='we"ird\\svc')
-    rd = reader([pool], {"table_version": 3, "table_applied": 12.25, "fd_exhausted": 1})
+    rd = reader([pool], {"table_version": 3, "table_applied": 12.25})
     rd.snapshot()  # the reader learns the pool's hosts (a running admin server scrapes from the start)
     traffic(host(pool, "e1"), 3, 7, 9, connect=0.2, dur=100.0)
     pool.stats.connect_failed("refused")
@@ -357,8 +377,8 @@ def test_fast_text_renderer_matches_prometheus_client_families():
     ours = render_text(merged)
     theirs = generate_latest(Fams()).decode()
     assert _samples(ours) == _samples(theirs)
-    # 15 route-level and global + 36 counter samples for e1, e2 and _removed + 4 state gauges for e1, e2
-    assert len(_samples(ours)) == 15 + 3 * 36 + 2 * 4
+    # 19 route-level and global + 36 counter samples for e1, e2 and _removed + 4 state gauges for e1, e2
+    assert len(_samples(ours)) == 19 + 3 * 36 + 2 * 4
     # HELP/TYPE lines agree too (same family names and types)
     assert sorted(ln for ln in ours.splitlines() if ln.startswith("# TYPE")) == sorted(
         ln for ln in theirs.splitlines() if ln.startswith("# TYPE")
@@ -407,3 +427,46 @@ def test_grafana_dashboard_is_valid_and_uses_our_metrics():
     for p in dash["panels"]:
         if p.get("type") != "row":
             assert p["datasource"]["uid"] == "${datasource}", p["title"]
+
+
+def test_worker_stats_stay_monotonic_across_restarts_and_silent_workers():
+    def worker_snap(pid: int, conns: dict[str, int], active: int = 0, accepted: int = 0) -> dict:
+        pool = make_pool(3)
+        pool.stats.accepted = accepted
+        for ident, n in conns.items():
+            traffic(host(pool, ident), n, 10, 20)
+        host(pool, "e1").active = active
+        snap = json.loads(json.dumps(reader([pool], {"table_version": 5, "table_applied": 50.0}).snapshot()))
+        snap["pid"] = pid
+        return snap
+
+    ws = WorkerStats()
+    t1 = [worker_snap(101, {"e1": 4, "e3": 1}, active=1, accepted=5), worker_snap(102, {"e1": 2}, accepted=2)]
+    m1 = scrape(ws.combine(t1, [101, 102]))
+    assert m1["mesh_connections_accepted_total"] == {L(service="web", port=80): 7}
+    assert m1["mesh_upstream_connections_total"][L(service="web", port=80, endpoint="e1")] == 6
+    assert m1["mesh_data_plane_processes"] == {(): 2}
+
+    # worker 102 does not answer in time: its last counters still count
+    m2 = scrape(ws.combine([worker_snap(101, {"e1": 5, "e3": 1}, accepted=6)], [101, 102]))
+    assert m2["mesh_connections_accepted_total"] == {L(service="web", port=80): 8}
+    assert m2["mesh_upstream_connections_total"][L(service="web", port=80, endpoint="e1")] == 7
+
+    # worker 101 died and was replaced by 103 (fresh counters); the table no longer lists e3
+    now = [worker_snap(103, {"e1": 1}, accepted=1), worker_snap(102, {"e1": 3}, accepted=3)]
+    for snap in now:
+        snap["routes"][0]["hosts"] = [h for h in snap["routes"][0]["hosts"] if h["id"] != "e3"]
+    m3 = scrape(ws.combine(now, [102, 103]))
+    assert m3["mesh_connections_accepted_total"] == {L(service="web", port=80): 6 + 1 + 3}
+    assert m3["mesh_upstream_connections_total"] == {
+        L(service="web", port=80, endpoint="e1"): 5 + 1 + 3,
+        L(service="web", port=80, endpoint="e2"): 0,
+        L(service="web", port=80, endpoint=REMOVED_ENDPOINT): 1,  # e3's count from the dead worker
+    }
+    assert m3["mesh_connections_active"][L(service="web", port=80, endpoint="e1")] == 0  # the dead had none left
+    assert m3["mesh_endpoint_up"][L(service="web", port=80, endpoint="e1")] == 1
+    assert m3["mesh_data_plane_processes"] == {(): 2}
+    assert m3["mesh_table_version"] == {(): 5}
+    for name in ("mesh_upstream_connections_total", "mesh_received_bytes_total", "mesh_connections_accepted_total"):
+        sums = [sum(m[name].values()) for m in (m1, m2, m3)]
+        assert sums == sorted(sums), (name, sums)
