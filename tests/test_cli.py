@@ -1,0 +1,584 @@
+"""The ``mesh`` command end to end: a real ``python -m meshagent`` process, real echo backends on 127.0.0.1.
+
+Listen ports for the mesh are picked by binding port 0 and closing the socket; a start that races another
+process for the port is retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from meshagent.cli import parse_args
+from tests.util import wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    env["PYTHONPATH"] = str(ROOT)
+    env.update(extra)
+    return env
+
+
+def run_mesh_sync(*argv: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "meshagent", *argv],
+        capture_output=True,
+        text=True,
+        env=env or clean_env(),
+        cwd=ROOT,
+        timeout=timeout,
+    )
+
+
+# -- in-process: argument and environment parsing --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, env, expected",
+    [
+        (["run"], {}, {"config": None, "docker": None, "workers": 1, "grace": 10.0, "admin": "127.0.0.1:9901"}),
+        (
+            ["run"],
+            {
+                "MESH_CONFIG": "a.yaml",
+                "MESH_WORKERS": "3",
+                "MESH_GRACE": "500ms",
+                "MESH_ADMIN": "off",
+                "MESH_ACCESS_LOG": "yes",
+                "MESH_LOG_FORMAT": "json",
+                "MESH_LOG_LEVEL": "debug",
+                "MESH_NODE": "n1",
+                "MESH_MAX_FDS": "4096",
+                "MESH_WATCH_INTERVAL": "2s",
+            },
+            {
+                "config": "a.yaml",
+                "workers": 3,
+                "grace": 0.5,
+                "admin": "off",
+                "access_log": True,
+                "log_format": "json",
+                "log_level": "debug",
+                "node": "n1",
+                "max_fds": 4096,
+                "watch_interval": 2.0,
+            },
+        ),
+        (
+            ["run", "--workers", "2", "--config", "b.yaml"],
+            {"MESH_WORKERS": "3", "MESH_CONFIG": "a.yaml"},
+            {"workers": 2, "config": "b.yaml"},
+        ),
+        (["run"], {"MESH_DOCKER": "1"}, {"docker": "", "config": None}),
+        (["run"], {"MESH_DOCKER": "unix:///run/d.sock"}, {"docker": "unix:///run/d.sock"}),
+        (["run"], {"MESH_DOCKER": "0"}, {"docker": None}),
+        (["run", "--docker"], {"MESH_CONFIG": "a.yaml"}, {"docker": "", "config": None}),
+        (["run", "--config", "b.yaml"], {"MESH_DOCKER": "1"}, {"docker": None, "config": "b.yaml"}),
+        (["run"], {"MESH_ACCESS_LOG": "off"}, {"access_log": False}),
+        (["check"], {"MESH_CONFIG": "c.toml"}, {"config": "c.toml"}),
+    ],
+)
+def test_parse_args_with_environment(argv, env, expected):
+    args = parse_args(argv, env)
+    assert {k: getattr(args, k) for k in expected} == expected
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"MESH_WORKERS": "two"}, "mesh: MESH_WORKERS: expected a whole number >= 1, got 'two'\n"),
+        ({"MESH_WORKERS": "0"}, "mesh: MESH_WORKERS: expected a whole number >= 1, got '0'\n"),
+        (
+            {"MESH_GRACE": "soon"},
+            "mesh: MESH_GRACE: expected a duration like 5, 0.5, '500ms', '5s' or '2m'; got 'soon'\n",
+        ),
+        ({"MESH_LOG_FORMAT": "xml"}, "mesh: MESH_LOG_FORMAT: expected one of text, json; got 'xml'\n"),
+        (
+            {"MESH_ACCESS_LOG": "maybe"},
+            "mesh: MESH_ACCESS_LOG: expected one of 1, true, yes, on, 0, false, no, off; got 'maybe'\n",
+        ),
+    ],
+)
+def test_bad_environment_exits_2(env, message):
+    res = run_mesh_sync("run", env=clean_env(**env))
+    assert (res.returncode, res.stderr, res.stdout) == (2, message, "")
+
+
+def test_version():
+    res = run_mesh_sync("--version")
+    from mesh import __version__
+
+    assert (res.returncode, res.stdout) == (0, f"mesh {__version__}\n")
+
+
+def test_usage_error_exits_2():
+    res = run_mesh_sync("run", "--workers", "zero")
+    assert res.returncode == 2
+    assert "argument --workers: expected a whole number >= 1, got 'zero'" in res.stderr
+
+
+def test_check_good_and_bad(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("services:\n  web:\n    listen: 8080\n    endpoints: ['127.0.0.1:9001']\n")
+    res = run_mesh_sync("check", "--config", str(good))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[0] == "web  0.0.0.0:8080  round-robin  -> 127.0.0.1:9001"
+    assert res.stdout.splitlines()[1].startswith(f"{good}: OK, 1 services, 1 listeners, digest ")
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("services:\n  web:\n    listen: 8080\n    endpoints: ['127.0.0.1:9001']\n    balance: rr\n")
+    res = run_mesh_sync("check", env=clean_env(MESH_CONFIG=str(bad)))
+    assert (res.returncode, res.stdout) == (2, "")
+    assert res.stderr == (
+        f"mesh: {bad}:5: services.web.balance: expected one of round-robin, least-conn, p2c, hash; got 'rr'\n"
+    )
+
+
+def test_bad_file_at_start_exits_2(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[services.web]\nlisten = 8080\nendpoints = ["127.0.0.1:9001"]\nretries = "many"\n')
+    res = run_mesh_sync("run", "--config", str(bad), "--admin", "off")
+    assert res.returncode == 2
+    assert res.stderr.endswith(f"mesh: {bad}:4: services.web.retries: expected a whole number 0..100, got 'many'\n")
+
+
+def test_no_config_and_no_docker_exits_2(tmp_path):
+    res = run_mesh_sync("run", "--admin", "off", env=clean_env(DOCKER_HOST=f"unix://{tmp_path}/no-docker.sock"))
+    assert res.returncode == 2
+    assert res.stderr == (
+        f"mesh: no --config given and no Docker engine answers at unix://{tmp_path}/no-docker.sock; "
+        "pass --config FILE or start Docker (or point --docker / DOCKER_HOST at one)\n"
+    )
+
+
+# -- a real agent process --------------------------------------------------------------------------------
+
+
+class EchoBackend:
+    """Echoes every byte; ``name`` identifies it in tests that care."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self.connections = 0
+
+    async def start(self) -> EchoBackend:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            # close_clients (3.13) is not in 3.11: the handlers end when the mesh closes its side
+
+
+class Agent:
+    """``python -m meshagent run ...`` with its stderr collected line by line."""
+
+    def __init__(self, *argv: str, env: dict[str, str] | None = None) -> None:
+        self.argv = argv
+        self.env = env or clean_env()
+        self.proc: asyncio.subprocess.Process | None = None
+        self.lines: list[str] = []
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self) -> Agent:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "meshagent",
+            "run",
+            *self.argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            env=self.env,
+            cwd=ROOT,
+        )
+        self._reader = asyncio.create_task(self._read())
+        return self
+
+    async def _read(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        while line := await self.proc.stderr.readline():
+            self.lines.append(line.decode(errors="replace").rstrip("\n"))
+
+    @property
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    def logged(self, text: str) -> bool:
+        return any(text in line for line in self.lines)
+
+    async def wait_log(self, text: str, timeout: float = 10.0) -> None:
+        try:
+            await wait_for(lambda: self.logged(text), timeout=timeout, what=f"log line containing {text!r}")
+        except AssertionError:
+            raise AssertionError(f"no log line containing {text!r}; log so far:\n{self.log}") from None
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    async def wait(self, timeout: float) -> int:
+        assert self.proc is not None
+        rc = await asyncio.wait_for(self.proc.wait(), timeout)
+        if self._reader is not None:
+            await self._reader
+        return rc
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+        if self._reader is not None:
+            with contextlib.suppress(Exception):
+                await self._reader
+
+
+async def try_connect(port: int) -> bool:
+    try:
+        _, w = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    w.close()
+    with contextlib.suppress(OSError):
+        await w.wait_closed()
+    return True
+
+
+async def echo_once(port: int, payload: bytes = b"ping\n") -> bytes:
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        w.write(payload)
+        await w.drain()
+        return await asyncio.wait_for(r.readexactly(len(payload)), 5)
+    finally:
+        w.close()
+        with contextlib.suppress(OSError):
+            await w.wait_closed()
+
+
+class Conn:
+    """A client connection through the mesh kept open across reloads and signals."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> Conn:
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        return cls(r, w)
+
+    async def echo(self, payload: bytes) -> bytes:
+        self.writer.write(payload)
+        await self.writer.drain()
+        return await asyncio.wait_for(self.reader.readexactly(len(payload)), 5)
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(OSError):
+            await self.writer.wait_closed()
+
+
+def config_text(services: dict[str, tuple[int, list[int]]]) -> str:
+    out = ["services:"]
+    for name, (port, backends) in services.items():
+        eps = ", ".join(f"'127.0.0.1:{b}'" for b in backends)
+        out += [f"  {name}:", f"    listen: '127.0.0.1:{port}'", f"    endpoints: [{eps}]", "    connect_timeout: 1s"]
+    return "\n".join(out) + "\n"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+async def start_agent(path: Path, services_fn, *extra: str, attempts: int = 3) -> tuple[Agent, dict[str, int]]:
+    """Write a config with freshly picked ports and start an agent; retry if a port was taken meanwhile."""
+    for _ in range(attempts):
+        ports, text = services_fn()
+        write_atomic(path, text)
+        agent = await Agent("--config", str(path), "--admin", "off", *extra).start()
+        try:
+            for port in ports.values():
+                await wait_for(lambda p=port: try_connect(p), timeout=10, what=f"mesh listening on {port}")
+        except AssertionError:
+            taken = agent.logged("in use")
+            await agent.stop()
+            if taken:
+                continue
+            raise AssertionError(f"agent did not start listening; log:\n{agent.log}") from None
+        return agent, ports
+    raise AssertionError("could not find free ports for the agent")
+
+
+@pytest.fixture
+async def backends():
+    bs = [await EchoBackend(f"b{i}").start() for i in range(2)]
+    yield bs
+    for b in bs:
+        await b.close()
+
+
+@pytest.mark.uvloop_only
+async def test_traffic_and_reload_on_file_change(tmp_path, backends):
+    path = tmp_path / "mesh.yaml"
+    b0, b1 = backends
+
+    def initial():
+        p = free_port()
+        return {"a": p}, config_text({"a": (p, [b0.port, b1.port])})
+
+    agent, ports = await start_agent(path, initial, "--watch-interval", "0.05")
+    try:
+        assert await echo_once(ports["a"], b"hello\n") == b"hello\n"
+        kept = await Conn.open(ports["a"])
+        assert await kept.echo(b"before\n") == b"before\n"
+
+        # Replace service a (port A) by service b (port B): B starts listening, A stops accepting, and the
+        # connection opened through A before the reload stays open and keeps echoing.
+        new_port = free_port()
+        write_atomic(path, config_text({"b": (new_port, [b1.port])}))
+        await agent.wait_log("applied table version 2")
+        await wait_for(lambda: try_connect(new_port), timeout=5, what="new listener")
+        assert await echo_once(new_port, b"new\n") == b"new\n"
+        await wait_for(lambda: _refused(ports["a"]), timeout=5, what="removed listener closed")
+        assert await kept.echo(b"after\n") == b"after\n"
+        await kept.close()
+
+        # Same content again (a rewrite with a new mtime): nothing is applied, the version stays 2.
+        write_atomic(path, config_text({"b": (new_port, [b1.port])}))
+        await agent.wait_log("config reload (file changed): no change")
+        assert not agent.logged("applied table version 3")
+
+        agent.signal(signal.SIGTERM)
+        assert await agent.wait(15) == 0
+    finally:
+        await agent.stop()
+
+
+async def _refused(port: int) -> bool:
+    return not await try_connect(port)
+
+
+@pytest.mark.uvloop_only
+async def test_sighup_reload_and_bad_file_keeps_serving(tmp_path, backends):
+    path = tmp_path / "mesh.yaml"
+    b0, _ = backends
+
+    def initial():
+        p = free_port()
+        return {"a": p}, config_text({"a": (p, [b0.port])})
+
+    # A long watch interval: only SIGHUP can trigger these reloads.
+    agent, ports = await start_agent(path, initial, "--watch-interval", "1h")
+    try:
+        bad = config_text({"a": (ports["a"], [b0.port])}) + "    balance: fastest\n"
+        write_atomic(path, bad)
+        agent.signal(signal.SIGHUP)
+        await agent.wait_log(
+            f"config reload (SIGHUP) failed, keeping table version 1: {path}:5: services.a.balance: "
+            "expected one of round-robin, least-conn, p2c, hash; got 'fastest'"
+        )
+        assert await echo_once(ports["a"]) == b"ping\n"
+
+        p2 = free_port()
+        write_atomic(path, config_text({"a": (ports["a"], [b0.port]), "c": (p2, [b0.port])}))
+        agent.signal(signal.SIGHUP)
+        await agent.wait_log("config reload (SIGHUP): applied table version 2 (2 services)")
+        await wait_for(lambda: try_connect(p2), timeout=5, what="listener added by SIGHUP")
+        assert await echo_once(p2) == b"ping\n"
+        assert await echo_once(ports["a"]) == b"ping\n"
+        agent.signal(signal.SIGTERM)
+        assert await agent.wait(15) == 0
+    finally:
+        await agent.stop()
+
+
+@pytest.mark.uvloop_only
+async def test_sigterm_drains_open_connection_then_exits_0(tmp_path, backends):
+    path = tmp_path / "mesh.yaml"
+    b0, _ = backends
+
+    def initial():
+        p = free_port()
+        return {"a": p}, config_text({"a": (p, [b0.port])})
+
+    agent, ports = await start_agent(path, initial, "--grace", "30")
+    try:
+        conn = await Conn.open(ports["a"])
+        assert await conn.echo(b"one\n") == b"one\n"
+        t0 = time.monotonic()
+        agent.signal(signal.SIGTERM)
+        await agent.wait_log("SIGTERM: stop accepting, draining open connections for up to 30.0s")
+        await wait_for(lambda: _refused(ports["a"]), timeout=5, what="listener closed after SIGTERM")
+        assert await conn.echo(b"still here\n") == b"still here\n"
+        assert agent.proc.returncode is None
+        await conn.close()
+        assert await agent.wait(15) == 0
+        assert time.monotonic() - t0 < 15  # it did not wait for the 30 s grace once the connection ended
+    finally:
+        await agent.stop()
+
+
+@pytest.mark.uvloop_only
+async def test_sigterm_cuts_connections_after_grace(tmp_path, backends):
+    path = tmp_path / "mesh.yaml"
+    b0, _ = backends
+
+    def initial():
+        p = free_port()
+        return {"a": p}, config_text({"a": (p, [b0.port])})
+
+    agent, ports = await start_agent(path, initial, "--grace", "0.5")
+    try:
+        conn = await Conn.open(ports["a"])
+        assert await conn.echo(b"one\n") == b"one\n"
+        t0 = time.monotonic()
+        agent.signal(signal.SIGINT)
+        assert await agent.wait(10) == 0
+        elapsed = time.monotonic() - t0
+        assert 0.5 <= elapsed < 8, elapsed
+        # the mesh closed its side: the client sees EOF (or a reset)
+        try:
+            data = await asyncio.wait_for(conn.reader.read(100), 5)
+        except ConnectionError:
+            data = b""
+        assert data == b""
+        await conn.close()
+    finally:
+        await agent.stop()
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    out = set()
+    fd_dir = f"/proc/{pid}/fd"
+    for fd in os.listdir(fd_dir):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"{fd_dir}/{fd}")
+            if target.startswith("socket:["):
+                out.add(int(target[8:-1]))
+    return out
+
+
+def _tcp_sockets(port: int) -> list[tuple[str, int]]:
+    """(state, inode) of every IPv4 TCP socket whose local port is ``port``."""
+    out = []
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            parts = line.split()
+            local_port = int(parts[1].rsplit(":", 1)[1], 16)
+            if local_port == port:
+                out.append((parts[3], int(parts[9])))
+    return out
+
+
+LISTEN, ESTABLISHED = "0A", "01"
+
+
+def _pids_with(port: int, state: str, pids: list[int]) -> set[int]:
+    inodes = {ino for st, ino in _tcp_sockets(port) if st == state}
+    return {pid for pid in pids if _socket_inodes(pid) & inodes}
+
+
+@pytest.mark.uvloop_only
+async def test_workers_share_listeners_and_restart(tmp_path, backends):
+    path = tmp_path / "mesh.yaml"
+    b0, b1 = backends
+
+    def initial():
+        p = free_port()
+        return {"a": p}, config_text({"a": (p, [b0.port, b1.port])})
+
+    agent, ports = await start_agent(path, initial, "--workers", "2", "--log-format", "json")
+    port = ports["a"]
+    try:
+
+        def worker_pids() -> dict[int, int]:
+            pids = {}
+            for line in agent.lines:
+                with contextlib.suppress(ValueError):
+                    rec = json.loads(line)
+                    if rec.get("msg", "").startswith("worker ") and "running, pid" in rec["msg"]:
+                        pids[rec["worker"]] = rec["pid"]
+            return pids
+
+        await wait_for(lambda: len(worker_pids()) == 2, timeout=10, what="two workers")
+        pids = worker_pids()
+        await wait_for(lambda: _pids_with(port, LISTEN, list(pids.values())) == set(pids.values()), timeout=10)
+
+        # Both workers accept: hold many connections open and look at which process owns each one.
+        conns = [await Conn.open(port) for _ in range(32)]
+        for i, c in enumerate(conns):
+            assert await c.echo(b"%d\n" % i) == b"%d\n" % i
+        assert _pids_with(port, ESTABLISHED, list(pids.values())) == set(pids.values())
+        for c in conns:
+            await c.close()
+
+        # A killed worker is restarted, gets the current table and listens again.
+        os.kill(pids[0], signal.SIGKILL)
+        await agent.wait_log(f"worker 0 (pid {pids[0]}) exited with signal 9; restarting")
+        await wait_for(lambda: worker_pids()[0] != pids[0], timeout=10, what="worker 0 restarted")
+        new_pid = worker_pids()[0]
+        await wait_for(
+            lambda: new_pid in _pids_with(port, LISTEN, [new_pid]), timeout=10, what="restarted worker listens"
+        )
+        for _ in range(8):
+            assert await echo_once(port) == b"ping\n"
+
+        # A reload reaches every worker.
+        p2 = free_port()
+        write_atomic(path, config_text({"a": (port, [b0.port, b1.port]), "c": (p2, [b0.port])}))
+        await agent.wait_log("applied table version 2")
+        await wait_for(lambda: _pids_with(p2, LISTEN, [pids[1], new_pid]) == {pids[1], new_pid}, timeout=10)
+
+        agent.signal(signal.SIGTERM)
+        assert await agent.wait(20) == 0
+        for pid in (pids[1], new_pid):
+            assert _gone(pid)
+    finally:
+        await agent.stop()
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (no longer in /proc, or a zombie waiting for its reaper)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
