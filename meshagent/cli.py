@@ -247,29 +247,19 @@ def _demo(argv: list[str]) -> int:
 
 
 def _run_loop(coro_fn: Callable[[], Any]) -> Any:
-    """Run ``coro_fn()`` on uvloop (the product's loop), falling back to asyncio where uvloop is missing."""
-    try:
-        import uvloop
+    """Run ``coro_fn()`` on uvloop (the product's loop; ``mesh.loop`` falls back to asyncio without it)."""
+    from mesh.loop import run
 
-        factory: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        factory = None
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(coro_fn())
+    return run(coro_fn())
 
 
 def _raise_nofile(max_fds: int | None) -> None:
-    try:
-        from mesh.limits import raise_nofile
-    except ImportError:  # INTEGRATION POINT: mesh/limits.py (proxy engineer) not present yet
-        import resource
+    from mesh.limits import raise_nofile
 
-        _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        want = hard if max_fds is None else max_fds
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(hard, want)))
-        return
-    raise_nofile(max_fds)
+    try:
+        log.info("open files limit: %d", raise_nofile(max_fds))
+    except (OSError, ValueError) as exc:
+        log.warning("cannot raise the open-files limit to %s: %s", max_fds, exc)
 
 
 def _run_command(args: argparse.Namespace) -> int:
