@@ -164,6 +164,7 @@ class Pool:
         self._panic = False
         self._next_expiry = _INF
         self._sync_hosts(route)
+        self._balancer.set_universe(self.hosts)
         self._recompute(notify=False)
 
     # -- properties ---------------------------------------------------------------------
@@ -286,6 +287,7 @@ class Pool:
         if options.balance != old_balance:
             self._balancer = make_balancer(options.balance, self._rng)
         self._sync_hosts(route)
+        self._balancer.set_universe(self.hosts)
         self._next_expiry = min((h.ejected_until for h in self.hosts if h.health & EJECTED), default=_INF)
         self._recompute(force=True)
 

@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 
 from mesh.balancer import (
+    IP_HASH_CACHE,
     MAX_SCHEDULE,
     RING_POINTS_PER_WEIGHT,
     HashRing,
@@ -237,7 +238,7 @@ def test_p2c_never_picks_the_heaviest_of_three():
     seen = Counter(b.pick(hosts) for _ in range(3000))
     assert hosts[2] not in seen
     # host 0 wins whenever drawn (2 of 3 pairs), host 1 only against host 2 (1 of 3)
-    assert seen == {hosts[0]: 1966, hosts[1]: 1034}
+    assert seen == {hosts[0]: 1979, hosts[1]: 1021}
 
 
 @pytest.mark.parametrize("weights", [(1, 1, 1, 1), (1, 2, 3), (10, 1)])
@@ -278,6 +279,17 @@ def test_hash_same_client_same_host_and_port_ignored():
         assert all(b.pick(hosts, (ip, p)) is first for p in (1, 2, 65535))
 
 
+def test_hash_ip_cache_is_bounded_and_transparent():
+    hosts = make_hosts(1, 1, 1)
+    b = HashRing(random.Random(1))
+    clients = client_ips(IP_HASH_CACHE + 500)
+    first = [b.pick(hosts, c) for c in clients]
+    assert len(b._ip_hashes) <= IP_HASH_CACHE
+    assert [b.pick(hosts, c) for c in clients] == first
+    uncached = HashRing(random.Random(1))
+    assert [uncached.pick(hosts, c) for c in clients[:50]] == first[:50]
+
+
 def test_hash_is_the_same_in_every_process():
     # the ring depends only on endpoint ids and weights, never on the rng or hash seed
     hosts = make_hosts(1, 2, 3)
@@ -314,6 +326,10 @@ def test_hash_removing_one_host_moves_only_its_clients(removed):
     assert all(after[c] is before[c] for c in clients if before[c] is not hosts[removed])
     # a retry that excludes the host goes exactly where its removal would send the client
     assert all(b.pick(hosts, c, {hosts[removed]}) is after[c] for c in clients)
+    # skipping the host on the big ring is the same as a ring built without it
+    fresh = HashRing(random.Random(2))
+    assert all(fresh.pick(rest, c) is after[c] for c in clients)
+    assert len(fresh._keys) < len(b._keys)
 
 
 def test_hash_weight_increase_only_moves_clients_to_that_host():
@@ -339,4 +355,7 @@ def test_hash_ring_size():
     b = HashRing(random.Random(1))
     b.rebuild(hosts)
     assert len(b._keys) == 3 * RING_POINTS_PER_WEIGHT
-    assert "points=480" in repr(b)
+    assert repr(b) == "<HashRing hosts=2 ring_hosts=2 points=480>"
+    b.set_universe(make_hosts(1, 2, 3, prefix="x"))  # the pool's whole set: hosts outside it force a rebuild
+    b.pick(hosts, ("10.0.0.1", 1))
+    assert len(b._keys) == 3 * RING_POINTS_PER_WEIGHT

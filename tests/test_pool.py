@@ -414,6 +414,21 @@ def test_update_balance_change_keeps_hosts():
     assert pool.balancer is same
 
 
+def test_hash_through_the_pool_moves_only_the_ejected_hosts_clients():
+    clock = Clock()
+    pool = make_pool(n=5, clock=clock, balance="hash", consecutive_failures=1)
+    clients = [(f"172.16.{i // 200}.{i % 200}", 1000 + i) for i in range(500)]
+    before = {c: pool.choose(c) for c in clients}
+    victim = pool.hosts[2]
+    fail(pool, victim, 1)
+    during = {c: pool.choose(c) for c in clients}
+    moved = {c for c in clients if during[c] is not before[c]}
+    assert moved == {c for c in clients if before[c] is victim} and moved
+    assert victim not in during.values()
+    clock.now += 10  # back from ejection: its clients come back to it
+    assert {c: pool.choose(c) for c in clients} == before
+
+
 def test_choose_does_not_rebuild_per_connection():
     pool = make_pool(n=3, balance="hash")
     preferred = pool._preferred
