@@ -237,7 +237,7 @@ class AdminServer:
         snaps = await self.state.snapshots()
         # Rendering thousands of series takes milliseconds: do it off the loop so the data plane keeps
         # moving.  The snapshots are plain dicts, already detached from the live stats.
-        body, content_type = await asyncio.to_thread(self._exporter.render, snaps, request.headers.get("Accept"))
+        body, content_type = await asyncio.to_thread(self._exporter.render, snaps)
         return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def _table(self, request: web.Request) -> web.Response:

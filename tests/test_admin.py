@@ -1,0 +1,320 @@
+"""mesh/admin.py over HTTP: /metrics after known traffic (exact counters), /readyz, /v1/table, /healthz, /,
+a taken admin port, address parsing.
+
+Everything is real: backends and listeners on 127.0.0.1 port 0, the proxy carrying the traffic, the admin
+server scraped with an aiohttp client and the exposition parsed with prometheus_client's parser.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from mesh.admin import AdminServer, CallbackState, parse_admin_address, table_with_runtime
+from mesh.errors import ConfigError
+from mesh.listener import Listener
+from mesh.metrics import DiscoveryMetrics, StatsReader, make_registry, merge_snapshots
+from mesh.pool import Pool
+from mesh.routing import Endpoint, Route, RoutingTable, Service, ServiceOptions
+from tests.backends import Backend, closed_port
+from tests.util import wait_for
+
+
+class Plane:
+    """A small single-process data plane over real Listeners and Pools, applying one table."""
+
+    def __init__(self) -> None:
+        self.table: RoutingTable | None = None
+        self.listeners: list[Listener] = []
+        self.reader = StatsReader(lambda: self.listeners, self.info)
+
+    def info(self) -> dict:
+        return {"table_version": self.table.version if self.table else None, "table_applied": 1700000000.0}
+
+    def apply(self, table: RoutingTable) -> None:
+        for svc, route in table.routes():
+            lst = Listener(route.listen_host, route.port, Pool(svc.name, route, svc.options), service=svc.name)
+            lst.start()
+            self.listeners.append(lst)
+        self.table = table
+
+    def state(self) -> CallbackState:
+        async def snapshots():
+            return [self.reader.snapshot()]
+
+        return CallbackState(lambda: self.table, lambda: self.table is not None, snapshots)
+
+    async def drained(self) -> None:
+        """Every proxied connection closed (their bytes are flushed to the stats at close)."""
+        for lst in self.listeners:
+            await wait_for(lambda lst=lst: len(lst.registry) == 0, what=f"connections of {lst!r} to close")
+
+    async def close(self) -> None:
+        await self.drained()
+        for lst in self.listeners:
+            lst.close()
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def table_for(version: int, ports: dict[str, tuple[int, list[int]]], **opts) -> RoutingTable:
+    """{service: (listen port, [backend ports])} -> a table on 127.0.0.1."""
+    return RoutingTable(
+        version=version,
+        services=tuple(
+            Service(
+                name,
+                (
+                    Route(
+                        port=lp,
+                        listen_host="127.0.0.1",
+                        endpoints=tuple(
+                            Endpoint(id=f"{name}-{i}", address="127.0.0.1", port=bp, node="n1")
+                            for i, bp in enumerate(bports)
+                        ),
+                    ),
+                ),
+                ServiceOptions(**opts),
+            )
+            for name, (lp, bports) in ports.items()
+        ),
+    )
+
+
+async def get(server: AdminServer, path: str) -> tuple[int, str, str]:
+    host, port = server.address
+    async with aiohttp.ClientSession() as s, s.get(f"http://{host}:{port}{path}") as r:
+        return r.status, r.headers.get("Content-Type", ""), await r.text()
+
+
+def parse(text: str) -> dict[str, dict[tuple, float]]:
+    out: dict[str, dict[tuple, float]] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def L(**kw) -> tuple:
+    return tuple(sorted((k, str(v)) for k, v in kw.items()))
+
+
+async def echo(port: int, payload: bytes) -> bytes:
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(payload)
+    await w.drain()
+    got = await asyncio.wait_for(r.readexactly(len(payload)), 5)
+    w.close()
+    await w.wait_closed()
+    return got
+
+
+async def test_metrics_after_known_traffic_exact():
+    b1, b2 = await Backend("a").start(), await Backend("b").start()
+    plane = Plane()
+    lp = free_port()
+    dead = closed_port()
+    # round-robin over two live backends; a third service whose only endpoint refuses
+    plane.apply(table_for(3, {"web": (lp, [b1.port, b2.port]), "down": (free_port(), [dead])}, retries=0))
+    disc = DiscoveryMetrics()
+    disc.event("container", "start")
+    disc.lag(0.2)
+    server = AdminServer(plane.state(), port=0, registry=make_registry(discovery=disc))
+    await server.start()
+    try:
+        payload = bytes(range(256)) * 4  # 1024 bytes each way
+        for _ in range(5):
+            assert await echo(lp, payload) == payload
+        down_port = plane.table.service("down").routes[0].port
+        for _ in range(2):
+            r, w = await asyncio.open_connection("127.0.0.1", down_port)
+            assert await asyncio.wait_for(r.read(), 5) == b""  # closed: the connect was refused
+            w.close()
+        await plane.drained()
+        status, ctype, body = await get(server, "/metrics")
+        assert status == 200 and ctype.startswith("text/plain; version=0.0.4")
+        m = parse(body)
+        web = {"service": "web", "port": lp}
+        assert m["mesh_connections_accepted_total"][L(**web)] == 5
+        per_ep = m["mesh_upstream_connections_total"]
+        assert per_ep[L(**web, endpoint="web-0")] + per_ep[L(**web, endpoint="web-1")] == 5
+        assert {per_ep[L(**web, endpoint="web-0")], per_ep[L(**web, endpoint="web-1")]} == {2, 3}
+        for name in ("mesh_received_bytes_total", "mesh_sent_bytes_total"):
+            assert m[name][L(**web, endpoint="web-0")] == 1024 * per_ep[L(**web, endpoint="web-0")]
+            assert m[name][L(**web, endpoint="web-1")] == 1024 * per_ep[L(**web, endpoint="web-1")]
+        assert sum(v for k, v in m["mesh_upstream_connect_seconds_count"].items() if ("service", "web") in k) == 5
+        assert sum(v for k, v in m["mesh_connection_duration_seconds_count"].items() if ("service", "web") in k) == 5
+        assert m["mesh_connections_active"][L(**web, endpoint="web-0")] == 0
+        assert m["mesh_endpoint_up"][L(**web, endpoint="web-1")] == 1
+        assert m["mesh_healthy_endpoints"][L(**web)] == 2
+        assert m["mesh_listener_up"][L(**web)] == 1
+        down = {"service": "down", "port": down_port}
+        assert m["mesh_connections_accepted_total"][L(**down)] == 2
+        assert m["mesh_upstream_connect_failures_total"][L(**down, reason="refused")] == 2
+        assert m["mesh_upstream_connections_total"][L(**down, endpoint="down-0")] == 0
+        assert m["mesh_connections_failed_total"][L(**web, reason="no_endpoint")] == 0
+        assert m["mesh_table_version"] == {(): 3}
+        assert m["mesh_discovery_events_total"] == {L(type="container", action="start"): 1}
+        assert m["mesh_discovery_lag_seconds_count"] == {(): 1}
+        assert "process_open_fds" in m
+    finally:
+        await server.stop()
+        await plane.close()
+        await b1.close()
+        await b2.close()
+
+
+async def test_readyz_flips_when_the_first_table_is_applied():
+    b = await Backend().start()
+    plane = Plane()
+    server = AdminServer(plane.state(), port=0)
+    await server.start()
+    try:
+        status, _, body = await get(server, "/readyz")
+        assert status == 503 and "no routing table" in body
+        status, _, _ = await get(server, "/v1/table")
+        assert status == 503
+        assert (await get(server, "/healthz"))[0] == 200
+        plane.apply(table_for(1, {"web": (free_port(), [b.port])}))
+        status, _, body = await get(server, "/readyz")
+        assert status == 200 and '"table_version": 1' in body
+    finally:
+        await server.stop()
+        await plane.close()
+        await b.close()
+
+
+async def test_v1_table_matches_the_applied_table_with_runtime():
+    import json
+
+    b = await Backend().start()
+    plane = Plane()
+    lp = free_port()
+    table = table_for(9, {"web": (lp, [b.port, closed_port()])}, balance="least-conn")
+    plane.apply(table)
+    server = AdminServer(plane.state(), port=0)
+    await server.start()
+    try:
+        r, w = await asyncio.open_connection("127.0.0.1", lp)  # one connection held open
+        w.write(b"ping")
+        await asyncio.wait_for(r.readexactly(4), 5)
+        status, ctype, body = await get(server, "/v1/table")
+        assert status == 200 and ctype.startswith("application/json")
+        doc = json.loads(body)
+        runtime = doc.pop("runtime")
+        assert runtime["applied_version"] == 9 and runtime["processes"] == 1
+        ep_rt = {}
+        for svc in doc["services"]:
+            for route in svc["routes"]:
+                route_rt = route.pop("runtime")
+                assert route_rt["listening"] is True and route_rt["accepted"] == 1
+                for ep in route["endpoints"]:
+                    ep_rt[ep["id"]] = ep.pop("runtime")
+        assert doc == table.to_dict()  # what remains is exactly the configured table
+        live = ep_rt["web-0"] if ep_rt["web-0"]["active_connections"] else ep_rt["web-1"]
+        assert live["active_connections"] == 1 and live["up"] is True and live["health"] == []
+        w.close()
+        await w.wait_closed()
+    finally:
+        await server.stop()
+        await plane.close()
+        await b.close()
+
+
+async def test_index_lists_endpoints_and_metrics_can_be_off():
+    plane = Plane()
+    server = AdminServer(plane.state(), port=0, metrics=False)
+    await server.start()
+    try:
+        status, _, body = await get(server, "/")
+        assert status == 200
+        for path in ("/metrics", "/healthz", "/readyz", "/v1/table"):
+            assert f'"{path}"' in body
+        status, _, body = await get(server, "/metrics")
+        assert status == 404 and "--no-metrics" in body
+    finally:
+        await server.stop()
+
+
+async def test_taken_admin_port_is_a_clear_config_error():
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    port = holder.getsockname()[1]
+    try:
+        server = AdminServer(Plane().state(), port=port)
+        with pytest.raises(ConfigError, match=rf"admin address 127\.0\.0\.1:{port} is in use .*--admin"):
+            await server.start()
+        await server.stop()  # nothing to stop: harmless
+    finally:
+        holder.close()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.1:9901", ("127.0.0.1", 9901)),
+        ("9901", ("127.0.0.1", 9901)),
+        (":9901", ("127.0.0.1", 9901)),
+        ("0.0.0.0:9901", ("0.0.0.0", 9901)),
+        ("[::1]:9901", ("::1", 9901)),
+        ("localhost:0", ("localhost", 0)),
+    ],
+)
+def test_parse_admin_address(text, expected):
+    assert parse_admin_address(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("127.0.0.1:http", "port must be a number"),
+        ("127.0.0.1:70000", "port must be a number within 0..65535"),
+        ("::1:9901", "IPv6 as '\\[address\\]:port'"),
+        ("[::1]9901", "expected '\\[address\\]:port'"),
+        ("", "port must be a number"),
+    ],
+)
+def test_parse_admin_address_errors(text, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_admin_address(text)
+
+
+def test_table_with_runtime_marks_unknown_routes_and_departed_hosts():
+    pool = Pool(
+        "web",
+        Route(port=80, endpoints=(Endpoint("a", "10.0.0.1", 80), Endpoint("b", "10.0.0.2", 80))),
+        ServiceOptions(),
+    )
+    listeners = [Listener("127.0.0.1", 80, pool, service="web")]
+    reader = StatsReader(lambda: listeners)
+    reader.snapshot()
+    gone = pool.hosts[1]
+    gone.active = 2
+    pool.update(Route(port=80, endpoints=(Endpoint("a", "10.0.0.1", 80),)), ServiceOptions())
+    table = RoutingTable(
+        version=2,
+        services=(
+            Service("web", (Route(port=80, endpoints=(Endpoint("a", "10.0.0.1", 80),)),)),
+            Service("new", (Route(port=81, endpoints=(Endpoint("c", "10.0.0.3", 80),)),)),
+        ),
+    )
+    doc = table_with_runtime(table, merge_snapshots([reader.snapshot()]), now=5.0)
+    new_route = doc["services"][0]["routes"][0]
+    assert new_route["runtime"] is None and new_route["endpoints"][0]["runtime"] is None
+    web_rt = doc["services"][1]["routes"][0]["runtime"]
+    assert web_rt["listening"] is False
+    assert [(d["id"], d["runtime"]["active_connections"], d["runtime"]["up"]) for d in web_rt["departed"]] == [
+        ("b", 2, False)
+    ]
+    assert doc["runtime"]["generated_at"] == 5.0
