@@ -170,6 +170,118 @@ def test_no_config_and_no_docker_exits_2(tmp_path):
     )
 
 
+# -- the config source (in process) -----------------------------------------------------------------------
+
+
+async def test_config_source_versions_and_bad_reload(tmp_path):
+    from meshagent.reload import ConfigSource
+
+    path = tmp_path / "mesh.yaml"
+    write_atomic(path, config_text({"a": (8080, [9001])}))
+    published = []
+
+    async def publish(table):
+        published.append(table)
+
+    src = ConfigSource(path, publish, interval=3600)
+    first = src.load_initial()
+    await src.start()
+    assert [t.version for t in published] == [1]
+    assert published[0] is first
+
+    # unchanged content: nothing published, version stays
+    assert await src.reload() is False
+    # a bad file keeps the last good table and remembers the error
+    write_atomic(path, "services:\n  a: {listen: 8080, endpoints: [], retries: -1}\n")
+    assert await src.reload() is False
+    assert str(src.last_error) == f"{path}:2: services.a.retries: expected a whole number 0..100, got -1"
+    assert src.table is first
+    # each applied change grows the version by one
+    write_atomic(path, config_text({"a": (8080, [9001, 9002])}))
+    assert await src.reload() is True
+    write_atomic(path, config_text({"b": (8081, [9001])}))
+    assert await src.reload() is True
+    assert [t.version for t in published] == [1, 2, 3]
+    assert [s.name for s in published[-1].services] == ["b"]
+    assert src.last_error is None
+
+
+async def test_config_source_watches_file_and_poke(tmp_path):
+    from meshagent.reload import ConfigSource
+
+    path = tmp_path / "mesh.yaml"
+    write_atomic(path, config_text({"a": (8080, [9001])}))
+    published = []
+
+    async def publish(table):
+        published.append(table)
+
+    src = ConfigSource(path, publish, interval=0.02)
+    src.load_initial()
+    await src.start()
+    task = asyncio.create_task(src.run())
+    try:
+        write_atomic(path, config_text({"a": (8080, [9002])}))
+        await wait_for(lambda: len(published) == 2, what="reload after file change")
+        assert published[1].version == 2
+        reloads = src.reloads
+        src.poke()
+        await wait_for(lambda: src.reloads == reloads + 1, what="reload after poke")
+        assert len(published) == 2  # poke with unchanged content publishes nothing
+    finally:
+        src.stop()
+        await asyncio.wait_for(task, 5)
+
+
+def test_json_logs_have_one_object_per_line():
+    import io
+    import logging
+
+    from mesh.logs import setup_logging
+
+    buf = io.StringIO()
+    root = logging.getLogger()
+    old_level = root.level
+    handler = setup_logging("info", "json", stream=buf)
+    try:
+        logging.getLogger("mesh.test").info("listening on %s", "0.0.0.0:80", extra={"service": "web"})
+        logging.getLogger("mesh.test").debug("not shown")
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+    lines = buf.getvalue().splitlines()
+    assert len(lines) == 1
+    rec = json.loads(lines[0])
+    assert {k: rec[k] for k in ("level", "logger", "msg", "service")} == {
+        "level": "info",
+        "logger": "mesh.test",
+        "msg": "listening on 0.0.0.0:80",
+        "service": "web",
+    }
+    assert rec["ts"].endswith("Z") and len(rec["ts"]) == len("2026-01-01T00:00:00.000Z")
+
+
+def test_text_logs_append_extra_fields():
+    import io
+    import logging
+
+    from mesh.logs import setup_logging
+
+    buf = io.StringIO()
+    root = logging.getLogger()
+    old_level = root.level
+    handler = setup_logging("warning", "text", stream=buf)
+    try:
+        logging.getLogger("mesh.test").warning("port %d in use", 80, extra={"service": "web"})
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+    line = buf.getvalue().rstrip("\n")
+    assert line.endswith(" WARNING mesh.test: port 80 in use service=web")
+    with pytest.raises(ValueError, match="log format must be one of text, json; got 'xml'"):
+        setup_logging("info", "xml")
+
+
 # -- a real agent process --------------------------------------------------------------------------------
 
 
