@@ -30,7 +30,14 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from mesh.errors import ConfigError
-from mesh.metrics import MetricsExporter, failed_by_reason, make_registry, merge_snapshots, snapshot
+from mesh.metrics import (
+    MetricsExporter,
+    WorkerStats,
+    failed_by_reason,
+    make_registry,
+    merge_snapshots,
+    snapshot,
+)
 from mesh.routing import RoutingTable, format_hostport
 
 __all__ = [
@@ -40,6 +47,7 @@ __all__ = [
     "AdminState",
     "CallbackState",
     "MeshState",
+    "WorkerPoolState",
     "parse_admin_address",
 ]
 
@@ -112,6 +120,25 @@ class CallbackState:
 
     async def snapshots(self) -> list[dict[str, Any]]:
         return await self._snapshots()
+
+
+class WorkerPoolState:
+    """``AdminState`` of the parent of ``--workers N`` over its worker pool (``meshagent.workers.WorkerPool``:
+    ``table``, ``ready()``, ``async stats()``, ``pids()``).  Snapshots go through ``WorkerStats`` so the
+    summed counters do not go down when a worker is restarted or misses one stats request."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self._stats = WorkerStats()
+
+    def table(self) -> RoutingTable | None:
+        return self.pool.table
+
+    def ready(self) -> bool:
+        return bool(self.pool.ready())
+
+    async def snapshots(self) -> list[dict[str, Any]]:
+        return self._stats.combine(await self.pool.stats(), self.pool.pids())
 
 
 def parse_admin_address(text: str) -> tuple[str, int]:

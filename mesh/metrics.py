@@ -76,6 +76,8 @@ LAG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.
 # the number of distinct (type, action) pairs is bounded so a noisy engine cannot blow up the series count.
 _MAX_EVENT_LABELS = 200
 
+log = logging.getLogger(__name__)
+
 _HEALTH_FAILED_ACTIVE_HC = 1  # mirrors mesh.pool.FAILED_ACTIVE_HC (kept local: mesh.pool is not needed here)
 _HEALTH_EJECTED = 2
 
@@ -662,6 +664,9 @@ class WorkerStats:
     def combine(self, snapshots: Sequence[dict[str, Any]], live_pids: Iterable[int | None]) -> list[dict[str, Any]]:
         live = {p for p in live_pids if p is not None}
         for snap in snapshots:
+            if not isinstance(snap, dict) or snap.get("v") != SNAPSHOT_VERSION or "pid" not in snap:
+                log.warning("ignoring a malformed stats snapshot from a worker: %.200r", snap)
+                continue
             self._last[snap["pid"]] = snap
         dead = [pid for pid in self._last if pid not in live]
         if dead:

@@ -441,6 +441,7 @@ def test_worker_stats_stay_monotonic_across_restarts_and_silent_workers():
         return snap
 
     ws = WorkerStats()
+    assert ws.combine([{}], [101]) == []  # a worker that answered garbage is skipped (and logged)
     t1 = [worker_snap(101, {"e1": 4, "e3": 1}, active=1, accepted=5), worker_snap(102, {"e1": 2}, accepted=2)]
     m1 = scrape(ws.combine(t1, [101, 102]))
     assert m1["mesh_connections_accepted_total"] == {L(service="web", port=80): 7}
