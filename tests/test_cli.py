@@ -33,7 +33,7 @@ def free_port() -> int:
 
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
-    env["PYTHONPATH"] = str(ROOT)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     env.update(extra)
     return env
 
@@ -523,7 +523,7 @@ async def test_sighup_reload_and_bad_file_keeps_serving(tmp_path, backends):
         write_atomic(path, bad)
         agent.signal(signal.SIGHUP)
         await agent.wait_log(
-            f"config reload (SIGHUP) failed, keeping table version 1: {path}:5: services.a.balance: "
+            f"config reload (SIGHUP) failed, keeping table version 1: {path}:6: services.a.balance: "
             "expected one of round-robin, least-conn, p2c, hash; got 'fastest'"
         )
         assert await echo_once(ports["a"]) == b"ping\n"
