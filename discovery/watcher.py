@@ -128,7 +128,10 @@ class Watcher:
     ``publish(table, info)`` may be a plain function or a coroutine function; it
     is never called concurrently with itself.  ``on_lag(seconds, event_type)`` is
     called after a publish caused by an event, with the time from the Docker event
-    to the return of ``publish`` (the table applied).  ``mode``: "containers"
+    to the return of ``publish`` (the table applied).  ``on_event(type, action)``
+    is called for every Docker event received and ``on_reconnect()`` each time
+    the engine session is re-opened (metrics hooks; ``stats`` has the same counts).
+    ``mode``: "containers"
     (labels on containers, any engine), "swarm" (service labels, manager only) or
     "auto" (containers, plus services when the engine is a swarm manager).
     ``clock`` is monotonic (timers), ``wall`` is unix time (event timestamps).
@@ -149,6 +152,8 @@ class Watcher:
         empty_confirm: float = 3.0,
         drain_ttl: float = 600.0,
         on_lag: Callable[[float, str], None] | None = None,
+        on_event: Callable[[str, str], None] | None = None,
+        on_reconnect: Callable[[], None] | None = None,
         first_version: int = 1,
         lag_history: int = 1000,
         clock: Callable[[], float] = time.monotonic,
@@ -177,6 +182,8 @@ class Watcher:
         self.empty_confirm = empty_confirm
         self.drain_ttl = drain_ttl
         self.on_lag = on_lag
+        self.on_event = on_event
+        self.on_reconnect = on_reconnect
         self._clock = clock
         self._wall = wall
 
@@ -247,6 +254,8 @@ class Watcher:
             if self._stopping:
                 break
             self.stats.reconnects += 1
+            if self.on_reconnect is not None:
+                self.on_reconnect()
             if synced:
                 backoff = self.backoff_initial
             try:
@@ -356,6 +365,8 @@ class Watcher:
         base = action.split(":", 1)[0]
         key = (typ, base)
         self.stats.events[key] = self.stats.events.get(key, 0) + 1
+        if self.on_event is not None:
+            self.on_event(typ, base)
         actor = event.get("Actor") or {}
         attrs = actor.get("Attributes") or {}
         obj_id = str(actor.get("ID") or event.get("id") or "")
