@@ -263,7 +263,7 @@ class Node:
             "--containerd-plugins-namespace", f"{self.lab.name}n{self.index}-plugins",
             "--label", f"mtest.node={self.index}",
         ]  # fmt: skip
-        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the daemon
+        log = open(self.log_path, "ab")
         try:
             # nsenter --net (not "ip netns exec": that remounts /sys and hides the cgroup
             # mounts from dockerd); unshare --uts gives the node its own hostname
