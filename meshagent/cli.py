@@ -304,37 +304,34 @@ def _run_command(args: argparse.Namespace) -> int:
 
 
 class _DockerSource:
-    """Docker discovery (discovery.watcher.Watcher) with the same shape as ConfigSource."""
+    """Docker discovery (``discovery.watch``) with the same shape as ``ConfigSource``."""
 
-    def __init__(self, host_arg: str | None) -> None:
-        from discovery.engine import Engine, resolve_docker_host
-
-        self.host = resolve_docker_host(host_arg or None)
-        self.engine = Engine(self.host)
+    def __init__(self, host_arg: str | None, url: str) -> None:
+        self.host_arg = host_arg
+        self.url = url
         self.publish: Callable[[RoutingTable], Any] | None = None  # set before start()
         self.watcher: Any = None
-
-    async def probe(self, timeout: float = 3.0) -> bool:
-        """True when the engine answers /_ping within ``timeout``."""
-        try:
-            return bool(await asyncio.wait_for(self.engine.ping(), timeout))
-        except (TimeoutError, OSError, Exception):  # any failure means "no engine here"
-            return False
+        self.metrics: Any = None  # mesh.metrics.DiscoveryMetrics, set by the composition root
 
     async def start(self) -> None:
-        from discovery.watcher import Watcher
+        """Nothing to do: the first table comes from the watcher's first listing in ``run()``."""
 
-        async def publish(table: RoutingTable, info: Any = None) -> None:
-            assert self.publish is not None
-            await self.publish(table)
+    async def _on_table(self, table: RoutingTable, info: Any = None) -> None:
+        assert self.publish is not None
+        await self.publish(table)
 
-        self.watcher = Watcher(self.engine, publish)
+    def _on_lag(self, seconds: float, event_type: str) -> None:
+        if self.metrics is not None:
+            self.metrics.lag(seconds)
+
+    def _on_watcher(self, watcher: Any) -> None:
+        self.watcher = watcher
 
     async def run(self) -> None:
-        try:
-            await self.watcher.run()
-        finally:
-            await self.engine.close()
+        from discovery import watch
+
+        log.info("following the Docker engine at %s", self.url)
+        await watch(self.host_arg or None, self._on_table, on_watcher=self._on_watcher, on_lag=self._on_lag)
 
     def poke(self) -> None:
         log.info("SIGHUP: the Docker source follows events; nothing to reload")
@@ -345,36 +342,26 @@ class _DockerSource:
 
 
 def _docker_source(host_arg: str | None) -> _DockerSource:
-    """The Docker table source; with no --docker (host_arg None) only if a local engine answers."""
+    """The Docker table source; with no --docker (``host_arg`` None) only if a local engine answers."""
+    from discovery import HostError, probe, resolve_docker_host
+
     try:
-        from discovery.engine import EngineError
-    except ImportError as exc:  # pragma: no cover - discovery ships with the agent
-        raise ConfigError(f"Docker discovery is not available ({exc}); pass --config FILE") from exc
-    try:
-        source = _DockerSource(host_arg)
-    except EngineError as exc:
+        url = resolve_docker_host(host_arg or None).url
+    except HostError as exc:
         raise ConfigError(f"--docker: {exc}") from exc
-    ok = _run_loop(lambda: _probe_and_close(source))
-    if not ok:
+    if _run_loop(lambda: probe(host_arg or None, timeout=3.0)) is None:
         if host_arg is None:
             raise ConfigError(
-                f"no --config given and no Docker engine answers at {source.host.url}; "
+                f"no --config given and no Docker engine answers at {url}; "
                 "pass --config FILE or start Docker (or point --docker / DOCKER_HOST at one)"
             )
-        raise ConfigError(f"--docker: no Docker engine answers at {source.host.url}")
-    return source
-
-
-async def _probe_and_close(source: _DockerSource) -> bool:
-    try:
-        return await source.probe()
-    finally:
-        # the probe ran on its own loop; the session is re-created on the serving loop
-        await source.engine.close()
+        raise ConfigError(f"--docker: no Docker engine answers at {url}")
+    return _DockerSource(host_arg, url)
 
 
 async def _serve(args: argparse.Namespace, source: Any, admin_addr: tuple[str, int] | None) -> int:
-    from mesh.admin import AdminServer, CallbackState, MeshState
+    from mesh.admin import AdminServer, MeshState, WorkerPoolState
+    from mesh.metrics import DiscoveryMetrics, make_registry
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -400,7 +387,7 @@ async def _serve(args: argparse.Namespace, source: Any, admin_addr: tuple[str, i
         if args.access_log:
             worker_args.append("--access-log")
         pool = WorkerPool(args.workers, worker_args)
-        state: Any = CallbackState(lambda: pool.table, pool.ready, pool.stats)
+        state: Any = WorkerPoolState(pool)
         publish = pool.publish
     else:
         from mesh.runtime import Mesh
@@ -411,7 +398,11 @@ async def _serve(args: argparse.Namespace, source: Any, admin_addr: tuple[str, i
         state = MeshState(mesh)
         publish = mesh.apply
 
-    admin = AdminServer(state, *admin_addr) if admin_addr is not None else None
+    registry = None
+    if isinstance(source, _DockerSource):
+        source.metrics = DiscoveryMetrics()
+        registry = make_registry(discovery=source.metrics)
+    admin = AdminServer(state, *admin_addr, registry=registry) if admin_addr is not None else None
     if admin is not None:
         await admin.start()  # ConfigError (address in use) -> exit 2 before anything else runs
     rc = EXIT_OK
