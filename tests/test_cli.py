@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from meshagent.cli import parse_args
+from tests.dockerlab import IMAGE, docker_lab  # noqa: F401  (fixture)
 from tests.util import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -694,3 +695,54 @@ def _gone(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+async def http_get(port: int, path: str = "/") -> bytes:
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        w.write(f"GET {path} HTTP/1.0\r\nHost: test\r\n\r\n".encode())
+        await w.drain()
+        return await asyncio.wait_for(r.read(), 10)
+    finally:
+        w.close()
+        with contextlib.suppress(OSError):
+            await w.wait_closed()
+
+
+@pytest.mark.docker
+@pytest.mark.uvloop_only
+async def test_docker_engine_is_used_without_config(docker_lab):  # noqa: F811 (pytest fixture)
+    """No --config and no --docker: the engine named by DOCKER_HOST answers, so the agent follows it."""
+    node = await asyncio.to_thread(docker_lab.node, 1)
+    port = free_port()
+    cid = await asyncio.to_thread(
+        node.docker,
+        "run",
+        "-d",
+        "--label",
+        f"mesh.publish={port}:8080",
+        IMAGE,
+        "httpd",
+        "-f",
+        "-p",
+        "8080",
+        "-h",
+        "/www",
+    )
+    agent = await Agent("--admin", "off", env=clean_env(DOCKER_HOST=node.host)).start()
+    try:
+        await agent.wait_log(f"following the Docker engine at {node.host}")
+        await wait_for(lambda: try_connect(port), timeout=20, what="listener from Docker labels")
+        reply = b""
+
+        async def served() -> bool:
+            nonlocal reply
+            reply = await http_get(port)
+            return reply.startswith(b"HTTP/1.") and b"hello from meshtest/busybox" in reply
+
+        await wait_for(served, timeout=20, what="HTTP through the mesh to the container")
+        agent.signal(signal.SIGTERM)
+        assert await agent.wait(20) == 0
+    finally:
+        await agent.stop()
+        await asyncio.to_thread(node.docker, "rm", "-f", cid, check=False)
