@@ -12,7 +12,8 @@ per line (UTF-8, "\\n"-terminated), documented in docs/ARCHITECTURE.md ("Worker 
     worker -> parent  {"type": "hello", "pid": 1234, "index": 0}
                       {"type": "applied", "version": 3}
                       {"type": "stats", "id": 7, "snapshot": {...mesh.metrics.snapshot()...}}
-                      {"type": "error", "message": "..."}   (a message it could not handle)
+                      {"type": "error", "message": "...", "id": 7}   (a message it could not handle;
+                                                                   "id" when the request had one)
 
 Supervision rules:
 - A worker that exits while the pool is running is restarted after a backoff (0.1 s doubling to 5 s; the
@@ -65,7 +66,7 @@ class _Worker:
         self.started_at = 0.0
         self.restarts: deque[float] = deque()
         self.starts = 0
-        self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.pending: dict[int, asyncio.Future[dict[str, Any] | None]] = {}
         self.task: asyncio.Task[None] | None = None
 
     @property
@@ -144,7 +145,7 @@ class WorkerPool:
 
         async def ask(w: _Worker) -> dict[str, Any] | None:
             rid = next(self._ids)
-            fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+            fut: asyncio.Future[dict[str, Any] | None] = asyncio.get_running_loop().create_future()
             w.pending[rid] = fut
             try:
                 if not await w.send({"type": "stats", "id": rid}):
@@ -240,6 +241,9 @@ class WorkerPool:
                 log.debug("worker %d says hello from pid %s", w.index, msg.get("pid"))
             elif kind == "error":
                 log.error("worker %d: %s", w.index, msg.get("message"))
+                fut = w.pending.get(msg.get("id"))
+                if fut is not None and not fut.done():
+                    fut.set_result(None)  # the request failed: do not wait for the timeout
 
     async def _supervise(self, w: _Worker) -> None:
         backoff = self.backoff_initial
@@ -321,6 +325,7 @@ async def worker_main(control_fd: int, index: int, *, grace: float, node: str | 
             if not line:
                 log.warning("worker %d: control channel closed (parent gone); draining", index)
                 break
+            msg: Any = None
             try:
                 msg = json.loads(line)
                 kind = msg["type"]
@@ -336,7 +341,10 @@ async def worker_main(control_fd: int, index: int, *, grace: float, node: str | 
                     await send({"type": "error", "message": f"unknown message type {kind!r}"})
             except Exception as exc:  # a bad message must not kill the data plane
                 log.exception("worker %d: cannot handle control message", index)
-                await send({"type": "error", "message": f"{type(exc).__name__}: {exc}"})
+                reply: dict[str, Any] = {"type": "error", "message": f"{type(exc).__name__}: {exc}"}
+                if isinstance(msg, dict) and "id" in msg:
+                    reply["id"] = msg["id"]
+                await send(reply)
         stop.set()
 
     server = asyncio.create_task(serve())

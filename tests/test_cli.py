@@ -746,3 +746,67 @@ async def test_docker_engine_is_used_without_config(docker_lab):  # noqa: F811 (
     finally:
         await agent.stop()
         await asyncio.to_thread(node.docker, "rm", "-f", cid, check=False)
+
+
+def test_demo_dispatch():
+    res = run_mesh_sync("demo", "--help")
+    try:
+        import meshagent.demo  # noqa: F401
+    except ImportError:
+        assert res.returncode == 1
+        assert res.stderr.startswith("mesh demo is not available in this installation")
+    else:
+        assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.uvloop_only
+async def test_admin_address_in_use_exits_2(tmp_path):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    path = tmp_path / "mesh.yaml"
+    write_atomic(path, config_text({"a": (free_port(), [9])}))
+    try:
+        agent = await Agent("--config", str(path), "--admin", f"127.0.0.1:{port}").start()
+        assert await agent.wait(20) == 2
+        assert agent.lines[-1] == (
+            f"mesh: admin address 127.0.0.1:{port} is in use (another mesh agent?); choose another with --admin ADDR"
+        )
+    finally:
+        taken.close()
+
+
+async def test_worker_pool_gives_up_on_a_crash_loop():
+    from meshagent.workers import WorkerPool
+
+    # /bin/false stands in for the interpreter: every "worker" exits with code 1 at once.
+    pool = WorkerPool(1, max_restarts=2, restart_window=60, backoff_initial=0.01, python="/bin/false")
+    await pool.start()
+    try:
+        await asyncio.wait_for(pool.failed.wait(), 10)
+        assert pool.workers[0].starts == 3  # the first start and two restarts
+        assert not pool.ready()
+    finally:
+        await pool.shutdown(1.0)
+
+
+@pytest.mark.uvloop_only
+async def test_worker_pool_tables_and_stats(tmp_path, backends):
+    from mesh.config import parse_config
+    from meshagent.workers import WorkerPool
+
+    port = free_port()
+    table = parse_config(config_text({"a": (port, [backends[0].port])}), version=4)
+    pool = WorkerPool(2, ["--grace", "1", "--log-level", "warning"])
+    await pool.start()
+    try:
+        await pool.publish(table)
+        await wait_for(pool.ready, timeout=20, what="both workers applied the table")
+        assert await echo_once(port) == b"ping\n"
+        snaps = await pool.stats()
+        assert len(snaps) == 2
+        assert {s.get("pid") for s in snaps} == set(pool.pids())
+    finally:
+        await pool.shutdown(5.0)
+    assert all(w.proc.returncode == 0 for w in pool.workers)
