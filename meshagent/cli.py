@@ -301,6 +301,9 @@ def _run_command(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         print(f"mesh: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception:
+        log.exception("mesh run failed")
+        return EXIT_RUNTIME
 
 
 class _DockerSource:

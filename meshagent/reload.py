@@ -122,7 +122,10 @@ class ConfigSource:
             stamp = _stamp(self.path)
             if forced or stamp != self._stamp:
                 self._stamp = stamp
-                await self.reload("SIGHUP" if forced else "file changed")
+                try:
+                    await self.reload("SIGHUP" if forced else "file changed")
+                except Exception:  # the data plane failed to apply: keep watching, the next change may fix it
+                    log.exception("config reload failed while applying the table", extra={"config": self.path})
 
     async def reload(self, reason: str = "reload") -> bool:
         """Read the file again; publish if it is valid and differs.  Returns True when a table was published."""

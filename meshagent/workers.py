@@ -211,7 +211,7 @@ class WorkerPool:
         w.applied_version = None
         w.started_at = time.monotonic()
         w.starts += 1
-        log.info("started worker %d, pid %d", w.index, w.proc.pid)
+        log.info("started worker %d, pid %d", w.index, w.proc.pid, extra={"worker": w.index, "pid": w.proc.pid})
         w.reader = reader
         if self.table is not None:
             await w.send({"type": "table", "table": self.table.to_dict()})

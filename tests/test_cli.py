@@ -810,3 +810,23 @@ async def test_worker_pool_tables_and_stats(tmp_path, backends):
     finally:
         await pool.shutdown(5.0)
     assert all(w.proc.returncode == 0 for w in pool.workers)
+
+
+@pytest.mark.uvloop_only
+async def test_workers_exit_when_the_parent_dies(tmp_path, backends):
+    path = tmp_path / "mesh.yaml"
+
+    def initial():
+        p = free_port()
+        return {"a": p}, config_text({"a": (p, [backends[0].port])})
+
+    agent, _ = await start_agent(path, initial, "--workers", "2", "--grace", "1")
+    try:
+        await wait_for(lambda: sum("running, pid" in ln for ln in agent.lines) == 2, timeout=10, what="workers")
+        pids = [int(ln.rsplit("pid ", 1)[1].split()[0]) for ln in agent.lines if "running, pid" in ln]
+        agent.proc.kill()  # no chance to forward anything: the workers see their control channel close
+        await agent.wait(10)
+        await wait_for(lambda: all(_gone(p) for p in pids), timeout=10, what="orphaned workers exit")
+        assert any("control channel closed (parent gone); draining" in ln for ln in agent.lines)
+    finally:
+        await agent.stop()
