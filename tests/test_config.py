@@ -400,6 +400,17 @@ BAD = [
         "2: services.web.balance: expected one of round-robin, least-conn, p2c, hash; got 'x'",
     ),
     (
+        "array-of-tables.toml",
+        '[services.web]\nlisten = 80\n\n[[services.web.endpoints]]\naddress = "h"\nport = 1\n\n'
+        '[[services.web.endpoints]]\naddress = "h"\nweight = 2\nport = 0\n',
+        "11: services.web.endpoints[1].port: expected a whole number 1..65535, got 0",
+    ),
+    (
+        "dotted-key.toml",
+        "[services]\nweb.listen = 80\nweb.endpoints = []\nweb.health_check.rise = 0\n",
+        "4: services.web.health_check.rise: expected a whole number 1..1000, got 0",
+    ),
+    (
         "service-name.yaml",
         "services:\n  1: {listen: 80, endpoints: []}\n",
         "2: services: service name must be a non-empty string, got 1",
