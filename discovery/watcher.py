@@ -366,7 +366,10 @@ class Watcher:
         key = (typ, base)
         self.stats.events[key] = self.stats.events.get(key, 0) + 1
         if self.on_event is not None:
-            self.on_event(typ, base)
+            try:
+                self.on_event(typ, base)
+            except Exception:
+                log.exception("on_event hook failed")
         actor = event.get("Actor") or {}
         attrs = actor.get("Attributes") or {}
         obj_id = str(actor.get("ID") or event.get("id") or "")
@@ -378,6 +381,9 @@ class Watcher:
             svc_id = attrs.get(SWARM_SERVICE_ID)
             is_task_of_mesh = bool(svc_id) and svc_id in self._services
             if not (obj_id in self._containers or "mesh.publish" in attrs or is_task_of_mesh):
+                return
+            if base == "create":
+                # a created container is not routed yet; its start event follows
                 return
             task_id = attrs.get(SWARM_TASK_ID)
             if base in DRAIN_ACTIONS and not (base == "kill" and str(attrs.get("signal", "")) in NON_FATAL_SIGNALS):
