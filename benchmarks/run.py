@@ -153,25 +153,6 @@ def ensure_installed(peers: list[str], want_plot: bool, allow_install: bool, log
         importlib.invalidate_caches()
 
 
-def docker_available() -> str | None:
-    """None when a Docker engine answers, else why not."""
-    if shutil.which("docker") is None:
-        return "no docker client installed"
-    try:
-        r = subprocess.run(
-            ["docker", "info", "--format", "{{.ServerVersion}}"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        return "docker info timed out"
-    if r.returncode != 0 or not r.stdout.strip():
-        return "no Docker engine answers (docker info failed); start dockerd to measure convergence"
-    return None
-
-
 # -- the suite ------------------------------------------------------------------------------------------------
 
 
@@ -320,11 +301,38 @@ class Suite:
                 )
 
     def run_convergence(self, wl: Workload) -> None:
-        why = docker_available()
-        if why is None:
-            why = "not implemented yet in this harness (needs the discovery engineer's tests/dockerlab.py)"
-        self.skipped[wl.name] = why
-        self.log(f"skipping {wl.name}: {why}")
+        from benchmarks.convergence import lab_unavailable, measure_convergence
+
+        why = lab_unavailable()
+        if why is None and self.peer("mesh-1") is None:
+            why = "the mesh is not runnable"
+        if why is not None:
+            self.skipped[wl.name] = f"no Docker engine can be started here: {why}"
+            self.log(f"skipping {wl.name}: {self.skipped[wl.name]}")
+            return
+        samples = 5 if self.args.quick else 20
+        try:
+            res = measure_convergence(samples, self.log, self.workdir)
+        except BenchError as exc:
+            self.skipped[wl.name] = str(exc)
+            self.log(f"skipping {wl.name}: {exc}")
+            return
+        import statistics
+
+        for direction, vals in res.items():
+            ordered = sorted(vals)
+            p99 = ordered[min(len(ordered) - 1, max(0, round(0.99 * len(ordered)) - 1))]
+            self.runs.append(
+                {
+                    "workload": f"{wl.name}-{direction}",
+                    "peer": "mesh-1",
+                    "rep": 0,
+                    "p50_ms": round(statistics.median(vals), 2),
+                    "p99_ms": round(p99, 2),
+                    "max_ms": round(max(vals), 2),
+                    "samples": len(vals),
+                }
+            )
 
 
 def _pin_layout(text: str) -> tuple[str | None, str | None, str | None]:
