@@ -461,3 +461,70 @@ async def test_swarm_update_force_under_load(node2, docker_lab):
             interval=0.5,
             what="network removed",
         )
+
+
+# -- the compose showcase -------------------------------------------------------------------------
+
+COMPOSE_FILE = os.path.join(os.path.dirname(__file__), "..", "compose", "compose-scale.yaml")
+
+
+def _compose_cli() -> list[str] | None:
+    """``docker-compose`` (v1, Debian) or ``docker compose`` (v2 plugin); installs v1 via apt when neither exists."""
+    import shutil
+    import subprocess
+
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    if subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30).returncode == 0:
+        return ["docker", "compose"]
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=300, check=False)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "docker-compose"],
+                       env=env, capture_output=True, timeout=600, check=False)  # fmt: skip
+        if shutil.which("docker-compose"):
+            return ["docker-compose"]
+    return None
+
+
+async def test_compose_showcase_scale_five_behind_one_port(node1, docker_lab):
+    compose = await asyncio.to_thread(_compose_cli)
+    if compose is None:
+        pytest.skip("neither docker-compose nor the docker compose plugin is available")
+    port = free_port()
+    env = {
+        **os.environ,
+        "DOCKER_HOST": node1.host,
+        "WEB_IMAGE": docker_lab.image_id,
+        "MESH_LISTEN": "127.0.0.1",
+        "MESH_PORT": str(port),
+    }
+    base = [*compose, "-f", COMPOSE_FILE, "-p", "showcase"]
+
+    async def run(*args: str) -> None:
+        proc = await asyncio.create_subprocess_exec(
+            *base, *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), 180)
+        assert proc.returncode == 0, out.decode(errors="replace")
+
+    def replicas() -> set[str]:
+        out = node1.docker("ps", "-q", "--no-trunc", "--filter", "label=com.docker.compose.project=showcase")
+        return set(out.split())
+
+    try:
+        await run("up", "-d", "--scale", "web=5")
+        async with running_mesh(node1) as h:
+            # joins as the replicas turn healthy (Docker HEALTHCHECK every 2 s)
+            await wait_for(lambda: len(h.endpoints(port)) == 5, timeout=30, interval=0.1, what="five healthy")
+            assert set(h.endpoints(port)) == await asyncio.to_thread(replicas)
+            assert h.table.service("showcase-web") is not None
+            seen = {await http_get(port) for _ in range(40)}
+            assert seen == {c[:12] for c in h.endpoints(port)}
+            await run("up", "-d", "--scale", "web=2")
+            await wait_for(lambda: len(h.endpoints(port)) == 2, timeout=30, interval=0.1, what="two left")
+            assert set(h.endpoints(port)) == await asyncio.to_thread(replicas)
+            assert len({await http_get(port) for _ in range(20)}) == 2
+            h.print_lags("compose --scale web=5 -> 2")
+    finally:
+        await run("down", "-t", "1")
