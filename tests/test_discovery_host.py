@@ -96,3 +96,61 @@ def test_tls_garbage_files(tmp_path):
         (tmp_path / n).write_text("not a pem\n")
     with pytest.raises(HostError, match="cannot load TLS files"):
         resolve_docker_host("tcp://h", {"DOCKER_TLS_VERIFY": "1", "DOCKER_CERT_PATH": str(tmp_path)})
+
+
+async def _tls_engine_server(certs, require_client_cert: bool):
+    from aiohttp import web
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        if request.path == "/_ping":
+            return web.Response(text="OK")
+        if request.path == "/version":
+            return web.json_response({"ApiVersion": "1.41"})
+        return web.json_response({"Name": "tls-engine", "Swarm": {}})
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(certs / "server.pem", certs / "server-key.pem")
+    if require_client_cert:
+        ctx.load_verify_locations(certs / "ca.pem")
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    app = web.Application()
+    app.router.add_route("GET", "/{tail:.*}", handle)
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
+    await site.start()
+    port = runner.addresses[0][1]
+    return runner, port
+
+
+async def test_engine_over_tls_with_client_certificate(certs, tmp_path):
+    from discovery.engine import Engine, EngineUnavailable
+
+    runner, port = await _tls_engine_server(certs, require_client_cert=True)
+    try:
+        env = {"DOCKER_TLS_VERIFY": "1", "DOCKER_CERT_PATH": str(certs)}
+        async with Engine(resolve_docker_host(f"tcp://localhost:{port}", env)) as e:
+            assert await e.ping() is True
+            assert (await e.info())["Name"] == "tls-engine"
+        # without a client certificate the server refuses the handshake
+        (tmp_path / "ca.pem").write_bytes((certs / "ca.pem").read_bytes())
+        with pytest.raises(HostError):
+            resolve_docker_host(
+                f"tcp://localhost:{port}", {"DOCKER_TLS_VERIFY": "1", "DOCKER_CERT_PATH": str(tmp_path)}
+            )
+        # plain TCP to a TLS port fails as "unavailable", not with an aiohttp exception
+        async with Engine(resolve_docker_host(f"tcp://localhost:{port}", {}), timeout=2) as e:
+            with pytest.raises(EngineUnavailable):
+                await e.ping()
+        # verification on: a server certificate from another CA is rejected
+        other = tmp_path / "other"
+        other.mkdir()
+        for n in ("cert.pem", "key.pem"):
+            (other / n).write_bytes((certs / n).read_bytes())
+        (other / "ca.pem").write_bytes((certs / "server.pem").read_bytes())  # not the CA
+        async with Engine(resolve_docker_host(f"tcp://localhost:{port}",
+                                              {"DOCKER_TLS_VERIFY": "1", "DOCKER_CERT_PATH": str(other)})) as e:  # fmt: skip
+            with pytest.raises(EngineUnavailable):
+                await e.ping()
+    finally:
+        await runner.cleanup()
