@@ -760,9 +760,14 @@ class DiscoveryMetrics:
         """The event stream was re-opened (after an error, an end of stream or a dockerd restart)."""
         self.reconnects += 1
 
-    def lag(self, seconds: float) -> None:
-        """Seconds from a Docker event's time to the table that reflects it being applied."""
+    def lag(self, seconds: float, event_type: str | None = None) -> None:
+        """Seconds from a Docker event's time to the table that reflects it being applied (``event_type``
+        is accepted for the watcher's ``on_lag(seconds, type)`` hook and not used as a label)."""
         self.lag_hist.observe(max(0.0, seconds))
+
+    def hooks(self) -> dict[str, Callable[..., None]]:
+        """Keyword arguments for ``discovery.watcher.Watcher``: ``Watcher(engine, publish, **dm.hooks())``."""
+        return {"on_event": self.event, "on_reconnect": self.reconnect, "on_lag": self.lag}
 
     def collect(self) -> Iterator[Metric]:
         ev = CounterMetricFamily("mesh_discovery_events", "Docker events seen.", labels=["type", "action"])

@@ -308,8 +308,11 @@ def test_discovery_metrics():
         d.event(t, a)
     d.event("service", "update")
     d.reconnect()
-    for s in (0.02, 0.3, 0.3, 120.0, -1.0):
+    hooks = d.hooks()  # what the composition root hands to discovery.watcher.Watcher
+    assert set(hooks) == {"on_event", "on_reconnect", "on_lag"}
+    for s in (0.02, 0.3, 0.3, 120.0):
         d.lag(s)
+    hooks["on_lag"](-1.0, "container")
     body = MetricsExporter(make_registry(discovery=d, process=False)).render([])[0].decode()
     m = {}
     for fam in text_string_to_metric_families(body):
@@ -471,3 +474,12 @@ def test_worker_stats_stay_monotonic_across_restarts_and_silent_workers():
     for name in ("mesh_upstream_connections_total", "mesh_received_bytes_total", "mesh_connections_accepted_total"):
         sums = [sum(m[name].values()) for m in (m1, m2, m3)]
         assert sums == sorted(sums), (name, sums)
+
+
+def test_discovery_hooks_match_the_watcher():
+    import inspect
+
+    from discovery.watcher import Watcher
+
+    params = inspect.signature(Watcher).parameters
+    assert set(DiscoveryMetrics().hooks()) <= set(params)
