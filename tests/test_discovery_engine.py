@@ -162,7 +162,6 @@ async def running_mesh(node: dockerlab.Node, **watcher_options) -> AsyncIterator
         await plane.apply(table)
         h.published.append((table, info))
 
-    watcher_options.setdefault("backoff_max", 0.5)
     watcher = Watcher(engine, publish, **watcher_options)
     h = Harness(watcher=watcher, plane=plane)
     task = asyncio.create_task(watcher.run())
