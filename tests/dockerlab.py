@@ -372,11 +372,13 @@ def cleanup_stale_labs() -> list[str]:
     for m in re.finditer(r"^\d+: mt(\d+)br[:@]", links, re.M):
         names.add(f"{PREFIX}{m.group(1)}")
     removed = []
+    guard_was_ours = False
     for name in sorted(names):
         pid = int(name[len(PREFIX) :])
         if _pid_alive(pid):
             continue
         removed.append(name)
+        guard_was_ours = guard_was_ours or (RUN_BASE / str(pid) / "added-guard").exists()
         for netns_line in _run("ip", "netns", "list", check=False).stdout.decode().splitlines():
             ns = netns_line.split()[0] if netns_line.strip() else ""
             m = re.match(rf"^{name}n(\d+)$", ns)
@@ -398,6 +400,8 @@ def cleanup_stale_labs() -> list[str]:
             _umount_below(base)
             shutil.rmtree(base, ignore_errors=True)
         _remove_bridge(f"mt{pid}br")
+    if guard_was_ours and not guard_route_needed():
+        _quiet("ip", "route", "del", "unreachable", GUARD)
     return removed
 
 
@@ -501,10 +505,12 @@ class DockerLab:
             _run("ip", "link", "add", self.bridge, "type", "bridge")
         _run("ip", "addr", "replace", f"{LINK_PREFIX}.1/24", "dev", self.bridge)
         _run("ip", "link", "set", self.bridge, "up")
-        routes = _run("ip", "route", "show").stdout.decode()
-        if not re.search(rf"^unreachable {re.escape(GUARD)}\b", routes, re.M):
+        if not guard_route_present():
             _run("ip", "route", "add", "unreachable", GUARD)
             self._added_guard = True
+            # so that the cleanup of a killed run knows the guard was ours
+            self.run_root.mkdir(parents=True, exist_ok=True)
+            (self.run_root / "added-guard").touch()
         # with br_netfilter, frames bridged between node veths pass the root FORWARD chain
         if not _quiet("iptables", "-C", "FORWARD", "-i", self.bridge, "-o", self.bridge, "-j", "ACCEPT"):
             _quiet("iptables", "-I", "FORWARD", "1", "-i", self.bridge, "-o", self.bridge, "-j", "ACCEPT")
@@ -600,14 +606,21 @@ class DockerLab:
         for base in (self.run_root, self.var_root):
             _umount_below(base)
             shutil.rmtree(base, ignore_errors=True)
-        if self._added_guard and not self._other_labs_present():
+        if self._added_guard and not guard_route_needed():
             _quiet("ip", "route", "del", "unreachable", GUARD)
         with contextlib.suppress(Exception):
             atexit.unregister(self.close)
 
-    def _other_labs_present(self) -> bool:
-        links = _run("ip", "-o", "link", "show", check=False).stdout.decode()
-        return bool(re.search(r"^\d+: (swlab0|mt\d+br)[:@]", links, re.M))
+
+def guard_route_present() -> bool:
+    routes = _run("ip", "route", "show", check=False).stdout.decode()
+    return bool(re.search(rf"^unreachable {re.escape(GUARD)}\b", routes, re.M))
+
+
+def guard_route_needed() -> bool:
+    """True while a lab bridge (ours or the swarm-lab's) still exists."""
+    links = _run("ip", "-o", "link", "show", check=False).stdout.decode()
+    return bool(re.search(r"^\d+: (swlab0|mt\d+br)[:@]", links, re.M))
 
 
 def leftovers(name: str) -> list[str]:
