@@ -839,8 +839,8 @@ def log_access(
 ) -> None:
     """One line per closed connection on the ``mesh.access`` logger (off unless the CLI enables it).
 
-    Call only when enabled (``logging.getLogger(ACCESS_LOGGER).isEnabledFor(logging.INFO)`` checked once per
-    connection close, never per chunk).  Fields (also passed as ``extra`` for the JSON formatter): service,
+    The proxy calls it once per closed connection, and only when the access log was asked for
+    (``--access-log``; a flag checked at close, never per chunk).  Fields (also passed as ``extra`` for the JSON formatter): service,
     port, endpoint (id, or "-" when none was chosen), client ("ip:port"), received_bytes (from the client),
     sent_bytes (to the client), duration_seconds, reason (why it closed: "client_closed",
     "upstream_closed", "idle_timeout", "no_endpoint", "refused", "timeout", "unreachable", "error",
@@ -848,16 +848,9 @@ def log_access(
     """
     client_s = f"{client[0]}:{client[1]}" if client else "-"
     ep = endpoint or "-"
+    # The message stays short: both formatters of mesh/logs.py print the fields (text: key=value, JSON: keys).
     _access.info(
-        "%s:%d %s -> %s received=%d sent=%d duration=%.3fs reason=%s",
-        service,
-        port,
-        client_s,
-        ep,
-        received,
-        sent,
-        duration,
-        reason,
+        "connection closed",
         extra={
             "service": service,
             "port": port,
