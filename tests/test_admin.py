@@ -318,3 +318,44 @@ def test_table_with_runtime_marks_unknown_routes_and_departed_hosts():
         ("b", 2, False)
     ]
     assert doc["runtime"]["generated_at"] == 5.0
+
+
+def _cli_env() -> dict:
+    import os
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_cli_exits_2_with_a_clear_message_when_the_admin_port_is_taken(tmp_path, workers):
+    import subprocess
+    import sys
+
+    if workers == 1:
+        pytest.importorskip("mesh.runtime", reason="the CLI's single-process path needs mesh/runtime.py")
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    port = holder.getsockname()[1]
+    cfg = tmp_path / "mesh.yaml"
+    cfg.write_text(
+        f"services:\n  web:\n    listen: 127.0.0.1:{free_port()}\n    endpoints: ['127.0.0.1:{closed_port()}']\n"
+    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "meshagent", "run", "--config", str(cfg), "--admin", f"127.0.0.1:{port}"]
+            + (["--workers", str(workers)] if workers > 1 else []),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=_cli_env(),
+        )
+    finally:
+        holder.close()
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert f"admin address 127.0.0.1:{port} is in use" in proc.stderr
+    assert "Traceback" not in proc.stderr
