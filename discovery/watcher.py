@@ -660,6 +660,7 @@ class Watcher:
                 log.exception("publishing routing table version %d failed; will retry", table.version)
                 self._full = True
                 self._dirty_since = self._dirty_since or self._clock()
+                self._retry_at = self._clock() + self.backoff_max
                 return False
             self.table = table
             self._version += 1

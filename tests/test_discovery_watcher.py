@@ -598,3 +598,47 @@ async def test_worker_engine_routes_containers_only(fake, run_watcher):
     assert (w.swarm_manager, w.local_node) == (False, "node-2")
     assert pub.endpoints() == {"1": "running"}
     assert fake.count("/services") == 0
+
+
+async def test_publish_failure_is_retried(fake, caplog):
+    fake.add(web_container(1))
+    calls: list[int] = []
+
+    def publish(table: RoutingTable, info: PublishInfo) -> None:
+        calls.append(table.version)
+        if len(calls) == 1:
+            raise RuntimeError("data plane hiccup")
+
+    engine = Engine(resolve_docker_host(fake.sock, {}))
+    w = Watcher(engine, publish, backoff_max=0.05)
+    task = asyncio.create_task(w.run())
+    try:
+        await wait_for(lambda: w.ready.is_set(), what="published after a retry")
+        assert calls == [1, 1]  # the failed version is not used up
+        assert w.table is not None and w.table.version == 1
+        assert "publishing routing table version 1 failed; will retry" in caplog.text
+    finally:
+        w.stop()
+        await asyncio.wait_for(task, 5)
+        await engine.close()
+
+
+async def test_swarm_mode_ignores_containers(fake, run_watcher):
+    fake.swarm = {"LocalNodeState": "active", "NodeID": "node-1", "ControlAvailable": True}
+    fake.add(web_container(1))
+    fake.services["s1"] = _service("s1", "api", 1, {"mesh.publish": "9000:80"})
+    fake.tasks = [_task("t1", "s1", "running")]
+    fake.gwbridge = _gw("t1")
+    _, pub = await run_watcher(mode="swarm")
+    assert [s.name for s in pub.last.services] == ["api"]
+    _, pub2 = await run_watcher(mode="containers")
+    assert [s.name for s in pub2.last.services] == ["p-web"]
+    assert fake.count("/services") == 1  # only the swarm-mode watcher asked
+
+
+def test_watcher_rejects_bad_options():
+    engine = Engine(resolve_docker_host("/nonexistent.sock", {}))
+    with pytest.raises(ValueError, match="mode must be one of auto, containers, swarm"):
+        Watcher(engine, print, mode="all")
+    with pytest.raises(ValueError, match="coalesce must be > 0"):
+        Watcher(engine, print, coalesce=0)
