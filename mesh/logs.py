@@ -19,6 +19,7 @@ __all__ = ["LEVELS", "JsonFormatter", "TextFormatter", "setup_logging"]
 
 LEVELS = ("debug", "info", "warning", "error", "critical")
 FORMATS = ("text", "json")
+ACCESS_LOGGER = "mesh.access"  # same name as mesh.metrics.ACCESS_LOGGER (kept here to avoid the import)
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=``.
 _STANDARD = set(vars(logging.LogRecord("x", logging.INFO, "x", 0, "x", None, None))) | {"message", "asctime"}
@@ -63,8 +64,13 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(obj, default=str, separators=(",", ":"))
 
 
-def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None = None) -> logging.Handler:
+def setup_logging(
+    level: str = "info", fmt: str = "text", stream: TextIO | None = None, *, access_log: bool = False
+) -> logging.Handler:
     """Configure the root logger: ``level`` one of LEVELS, ``fmt`` "text" or "json"; output to stderr.
+
+    ``access_log``: let the ``mesh.access`` logger (one line per closed connection) through at INFO
+    whatever ``level`` is; without it that logger is held at WARNING, so it is off.
 
     Replaces handlers installed by an earlier call, so it can be called again (e.g. in a worker).
     Returns the installed handler.  Raises ``ValueError`` naming a bad level or format.
@@ -84,4 +90,5 @@ def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None 
     root.setLevel(level.upper())
     # aiohttp's access logger is per request; the admin API is not the hot path but keep it quiet by default.
     logging.getLogger("aiohttp.access").setLevel(max(root.level, logging.WARNING))
+    logging.getLogger(ACCESS_LOGGER).setLevel(logging.INFO if access_log else logging.WARNING)
     return handler

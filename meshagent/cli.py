@@ -265,7 +265,7 @@ def _raise_nofile(max_fds: int | None) -> None:
 def _run_command(args: argparse.Namespace) -> int:
     from mesh.logs import setup_logging
 
-    setup_logging(args.log_level, args.log_format)
+    setup_logging(args.log_level, args.log_format, access_log=args.access_log)
     admin_addr: tuple[str, int] | None = None
     if args.admin and args.admin.strip().lower() not in ("off", "none", "no", "false", "0"):
         from mesh.admin import parse_admin_address
@@ -465,7 +465,7 @@ def _worker_command(argv: list[str]) -> int:
         args = p.parse_args(argv)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    setup_logging(args.log_level, args.log_format)
+    setup_logging(args.log_level, args.log_format, access_log=args.access_log)
     return _run_loop(
         lambda: worker_main(args.control_fd, args.index, grace=args.grace, node=args.node, access_log=args.access_log)
     )

@@ -830,3 +830,24 @@ async def test_workers_exit_when_the_parent_dies(tmp_path, backends):
         assert any("control channel closed (parent gone); draining" in ln for ln in agent.lines)
     finally:
         await agent.stop()
+
+
+@pytest.mark.parametrize("access_log, shown", [(True, 1), (False, 0)])
+def test_access_log_switch(access_log, shown):
+    import io
+    import logging
+
+    from mesh.logs import setup_logging
+
+    buf = io.StringIO()
+    root = logging.getLogger()
+    old_level = root.level
+    handler = setup_logging("warning", "text", stream=buf, access_log=access_log)
+    try:
+        logging.getLogger("mesh.access").info("connection closed", extra={"service": "web"})
+        logging.getLogger("mesh.proxy").info("not shown at warning level")
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+        logging.getLogger("mesh.access").setLevel(logging.NOTSET)
+    assert len(buf.getvalue().splitlines()) == shown
