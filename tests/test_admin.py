@@ -359,3 +359,116 @@ def test_cli_exits_2_with_a_clear_message_when_the_admin_port_is_taken(tmp_path,
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
     assert f"admin address 127.0.0.1:{port} is in use" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+class Agent:
+    """``mesh run`` as a subprocess with its admin API on an ephemeral port (read from its log)."""
+
+    def __init__(self, tmp_path, config: str, *args: str) -> None:
+        self.cfg = tmp_path / "mesh.yaml"
+        self.cfg.write_text(config)
+        self.log = tmp_path / "agent.log"
+        self.args = args
+        self.proc: asyncio.subprocess.Process | None = None
+        self.admin: tuple[str, int] | None = None
+        self._log_file = open(self.log, "wb")  # the agent's stderr; closed in stop()
+
+    async def start(self) -> Agent:
+        import re
+        import sys
+
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "meshagent",
+            "run",
+            "--config",
+            str(self.cfg),
+            "--admin",
+            "127.0.0.1:0",
+            *self.args,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=self._log_file,
+            env=_cli_env(),
+        )
+
+        def listening() -> bool:
+            m = re.search(r"admin API listening on http://127\.0\.0\.1:(\d+)/", self.log.read_text())
+            if m:
+                self.admin = ("127.0.0.1", int(m.group(1)))
+            assert self.proc.returncode is None, self.log.read_text()[-3000:]
+            return m is not None
+
+        await wait_for(listening, timeout=20, what="the agent's admin API")
+        return self
+
+    async def get(self, path: str) -> tuple[int, str]:
+        async with aiohttp.ClientSession() as s, s.get(f"http://{self.admin[0]}:{self.admin[1]}{path}") as r:
+            return r.status, await r.text()
+
+    async def stop(self) -> int:
+        if self.proc.returncode is None:
+            self.proc.terminate()
+        try:
+            rc = await asyncio.wait_for(self.proc.wait(), 30)
+        finally:
+            if self.proc.returncode is None:
+                self.proc.kill()
+                await self.proc.wait()
+            self._log_file.close()
+        return rc
+
+
+@pytest.mark.uvloop_only
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_agent_metrics_after_known_traffic(tmp_path, workers):
+    pytest.importorskip("mesh.runtime", reason="the agent needs mesh/runtime.py")
+    b = await Backend().start()
+    lp = free_port()
+    agent = Agent(
+        tmp_path,
+        f"services:\n  web:\n    listen: 127.0.0.1:{lp}\n    endpoints: ['127.0.0.1:{b.port}']\n",
+        *(["--workers", str(workers)] if workers > 1 else []),
+    )
+    await agent.start()
+    try:
+
+        async def ready() -> bool:
+            return (await agent.get("/readyz"))[0] == 200
+
+        await wait_for(ready, timeout=20, what="/readyz 200")
+        payload = bytes(range(250)) * 4  # 1000 bytes each way
+        for _ in range(6):
+            assert await echo(lp, payload) == payload
+        web = {"service": "web", "port": lp, "endpoint": f"127.0.0.1:{b.port}"}
+        last: dict = {}
+
+        async def flushed() -> bool:
+            status, body = await agent.get("/metrics")
+            assert status == 200
+            last.update(parse(body))
+            return last["mesh_connection_duration_seconds_count"].get(L(**web)) == 6
+
+        await wait_for(flushed, timeout=10, what="6 closed connections in /metrics")
+        m = last
+        assert m["mesh_connections_accepted_total"] == {L(service="web", port=lp): 6}
+        assert m["mesh_upstream_connections_total"] == {L(**web): 6}
+        assert m["mesh_received_bytes_total"] == {L(**web): 6000}
+        assert m["mesh_sent_bytes_total"] == {L(**web): 6000}
+        assert m["mesh_connections_active"] == {L(**web): 0}
+        assert m["mesh_upstream_connect_seconds_count"] == {L(**web): 6}
+        assert m["mesh_endpoint_up"] == {L(**web): 1}
+        assert m["mesh_listener_up"] == {L(service="web", port=lp): 1}
+        assert m["mesh_data_plane_processes"] == {(): workers}
+        status, body = await agent.get("/v1/table")
+        assert status == 200
+        import json
+
+        doc = json.loads(body)
+        ep = doc["services"][0]["routes"][0]["endpoints"][0]
+        assert (ep["port"], ep["runtime"]["connections"], ep["runtime"]["sent_bytes"]) == (b.port, 6, 6000)
+        assert doc["runtime"]["processes"] == workers
+    finally:
+        rc = await agent.stop()
+        await b.close()
+    assert rc == 0, agent.log.read_text()[-3000:]
