@@ -242,6 +242,18 @@ def format_report(doc: dict[str, Any]) -> str:
                 cells.append(f"{m['p50_ms']['median']:.2f}/{m['p99_ms']['median']:.2f}" if "p99_ms" in m else "-")
             lines.append(row(cells))
         lines.append("")
+        lines.append("proxy CPU per request (microseconds, median; lower = cheaper) and proxy CPU used (cores)")
+        lines.append(row(["workload", *cols]))
+        for wl in tp:
+            cells = [wl]
+            for p in cols:
+                m = summary[wl].get(p, {})
+                if p == "direct" or "proxy_us_per_req" not in m:
+                    cells.append("-")
+                else:
+                    cells.append(f"{m['proxy_us_per_req']['median']:.1f}us/{m['proxy_cpu']['median']:.2f}")
+            lines.append(row(cells))
+        lines.append("")
     rat = doc.get("ratios", {})
     for subj in doc["settings"].get("subjects", []):
         others = [p for p in cols if p != subj]
