@@ -153,6 +153,8 @@ class _Client(asyncio.Protocol):
             t.errors += 1
         if self.count < self.per_conn and time.monotonic() < self.deadline:
             self._send()
+        else:
+            self.transport.close()  # the replica may keep it open (the last request said keep-alive)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.done.done():
@@ -418,21 +420,21 @@ def _summary(out: TextIO, tally: _Tally, wall: float, table: Any) -> None:
     total = tally.total
     out.write(f"\n{total} requests in {wall:.1f}s = {total / wall:.0f} requests/s, {tally.errors} errors\n\n")
     served = _served_by_mesh(table)
-    out.write(f"{'replica':<12}{'requests':>10}{'share':>8}{'connections':>13}{'  mesh counted':>15}\n")
+    mesh_col = f"{'mesh counted':>14}" if served else ""
+    out.write(f"{'replica':<12}{'requests':>10}{'share':>8}{'connections':>13}{mesh_col}\n")
     for name, n in tally.requests.items():
         share = n / total * 100 if total else 0.0
-        mesh_n = served.get(name)
-        out.write(
-            f"{name:<12}{n:>10}{share:>7.1f}%{tally.connections[name]:>13}"
-            f"{'' if mesh_n is None else mesh_n:>15}  {'#' * round(share / 2)}\n"
-        )
+        mesh_n = f"{served.get(name, '-'):>14}" if served else ""
+        bar = "#" * round(share / 2)
+        out.write(f"{name:<12}{n:>10}{share:>7.1f}%{tally.connections[name]:>13}{mesh_n}  {bar}\n")
     if tally.latencies:
         lat = sorted(tally.latencies)
         p = {q: _percentile(lat, q) * 1000 for q in (50, 90, 99)}
         out.write(
             f"\nlatency: p50 {p[50]:.2f} ms   p90 {p[90]:.2f} ms   p99 {p[99]:.2f} ms   max {lat[-1] * 1000:.2f} ms\n"
         )
-    out.write('("mesh counted": connections per endpoint from the mesh\'s admin API, /v1/table)\n')
+    if served:
+        out.write("(connections: as the clients saw them; mesh counted: as the mesh's admin API reports them)\n")
     out.flush()
 
 
