@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import signal
@@ -24,6 +25,12 @@ from tests.dockerlab import IMAGE, docker_lab  # noqa: F401  (fixture)
 from tests.util import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# The data plane (mesh/runtime.py) is written by another engineer in parallel: the end-to-end tests that
+# carry traffic run as soon as it is importable.
+needs_runtime = pytest.mark.skipif(
+    importlib.util.find_spec("mesh.runtime") is None, reason="needs mesh/runtime.py (the data plane)"
+)
 
 
 def free_port() -> int:
@@ -467,6 +474,7 @@ async def backends():
         await b.close()
 
 
+@needs_runtime
 @pytest.mark.uvloop_only
 async def test_traffic_and_reload_on_file_change(tmp_path, backends):
     path = tmp_path / "mesh.yaml"
@@ -508,6 +516,7 @@ async def _refused(port: int) -> bool:
     return not await try_connect(port)
 
 
+@needs_runtime
 @pytest.mark.uvloop_only
 async def test_sighup_reload_and_bad_file_keeps_serving(tmp_path, backends):
     path = tmp_path / "mesh.yaml"
@@ -542,6 +551,7 @@ async def test_sighup_reload_and_bad_file_keeps_serving(tmp_path, backends):
         await agent.stop()
 
 
+@needs_runtime
 @pytest.mark.uvloop_only
 async def test_sigterm_drains_open_connection_then_exits_0(tmp_path, backends):
     path = tmp_path / "mesh.yaml"
@@ -568,6 +578,7 @@ async def test_sigterm_drains_open_connection_then_exits_0(tmp_path, backends):
         await agent.stop()
 
 
+@needs_runtime
 @pytest.mark.uvloop_only
 async def test_sigterm_cuts_connections_after_grace(tmp_path, backends):
     path = tmp_path / "mesh.yaml"
@@ -629,6 +640,7 @@ def _pids_with(port: int, state: str, pids: list[int]) -> set[int]:
     return {pid for pid in pids if _socket_inodes(pid) & inodes}
 
 
+@needs_runtime
 @pytest.mark.uvloop_only
 async def test_workers_share_listeners_and_restart(tmp_path, backends):
     path = tmp_path / "mesh.yaml"
@@ -709,6 +721,7 @@ async def http_get(port: int, path: str = "/") -> bytes:
             await w.wait_closed()
 
 
+@needs_runtime
 @pytest.mark.docker
 @pytest.mark.uvloop_only
 async def test_docker_engine_is_used_without_config(docker_lab):  # noqa: F811 (pytest fixture)
@@ -759,6 +772,7 @@ def test_demo_dispatch():
         assert res.returncode == 0, res.stderr
 
 
+@needs_runtime
 @pytest.mark.uvloop_only
 async def test_admin_address_in_use_exits_2(tmp_path):
     taken = socket.socket()
@@ -791,6 +805,7 @@ async def test_worker_pool_gives_up_on_a_crash_loop():
         await pool.shutdown(1.0)
 
 
+@needs_runtime
 @pytest.mark.uvloop_only
 async def test_worker_pool_tables_and_stats(tmp_path, backends):
     from mesh.config import parse_config
@@ -812,6 +827,7 @@ async def test_worker_pool_tables_and_stats(tmp_path, backends):
     assert all(w.proc.returncode == 0 for w in pool.workers)
 
 
+@needs_runtime
 @pytest.mark.uvloop_only
 async def test_workers_exit_when_the_parent_dies(tmp_path, backends):
     path = tmp_path / "mesh.yaml"
