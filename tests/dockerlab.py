@@ -246,8 +246,7 @@ class Node:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.var_dir / "data").mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        cfg = {"deprecated-key-path": str(self.var_dir / "key.json"), "live-restore": self.live_restore}
-        (self.var_dir / "daemon.json").write_text(json.dumps(cfg))
+        self._write_config()
         pools = [a for s in self.subnets[1:] for a in ("--default-address-pool", f"base={s},size=24")]
         args = [
             "--config-file", str(self.var_dir / "daemon.json"),
@@ -320,6 +319,27 @@ class Node:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(5)
             self.proc = None
+
+    def _write_config(self) -> None:
+        cfg = {"deprecated-key-path": str(self.var_dir / "key.json"), "live-restore": self.live_restore}
+        (self.var_dir / "daemon.json").write_text(json.dumps(cfg))
+
+    def set_live_restore(self, enabled: bool, timeout: float = 15) -> None:
+        """Switch live-restore on a running node (dockerd reloads it on SIGHUP; no restart)."""
+        if enabled == self.live_restore:
+            return
+        pid = self.pid()
+        if pid is None:
+            raise LabError(f"node{self.index}: dockerd is not running")
+        self.live_restore = enabled
+        self._write_config()
+        os.kill(pid, signal.SIGHUP)
+        want = "true" if enabled else "false"
+        deadline = time.monotonic() + timeout
+        while self.docker("info", "--format", "{{.LiveRestoreEnabled}}", check=False) != want:
+            if time.monotonic() > deadline:
+                raise LabError(f"node{self.index}: live-restore did not become {want} (a swarm node cannot have it)")
+            time.sleep(0.1)
 
     def restart(self) -> None:
         """Stop dockerd gracefully and start it again (with live-restore the containers keep running)."""
@@ -547,20 +567,27 @@ class DockerLab:
             _run("ip", "route", "replace", s, "via", n.addr, "dev", self.bridge)
 
     # -- nodes ------------------------------------------------------------------------
-    def node(self, i: int = 1, *, live_restore: bool = False) -> Node:
-        """Node i, started (network, dockerd, test image) on first use."""
+    def node(self, i: int = 1, *, live_restore: bool | None = None) -> Node:
+        """Node i, started (network, dockerd, test image) on first use.
+
+        ``live_restore``: containers survive a dockerd restart (not possible on a swarm
+        node); None keeps the node's current setting (off for a new node).  A running
+        node is switched with a config reload, not a restart.
+        """
         with self._lock:
             if self._closed:
                 raise LabError("the lab is closed")
             n = self.nodes.get(i)
             if n is None:
-                n = self._make_node(i, live_restore)
+                n = self._make_node(i, bool(live_restore))
                 self.nodes[i] = n
                 self._setup_node_net(n)
                 n.start()
                 self._load_image(n)
             elif not n.alive():
                 n.start()
+            if live_restore is not None:
+                n.set_live_restore(live_restore)
             return n
 
     def _load_image(self, n: Node) -> None:
@@ -635,14 +662,33 @@ def leftovers(name: str) -> list[str]:
     return out
 
 
+_shared: DockerLab | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_lab() -> DockerLab:
+    """The one DockerLab of this process (node names derive from the pid, so there can be only one)."""
+    global _shared
+    with _shared_lock:
+        if _shared is None or _shared._closed:
+            _shared = DockerLab()
+        return _shared
+
+
 @pytest.fixture(scope="session")
 def docker_lab():
-    """The session's DockerLab (skips the test when no engine lab can run here)."""
+    """The session's DockerLab (skips the test when no engine lab can run here).
+
+    Test modules that import this fixture each get a fixture definition of their
+    own, but all of them share one lab (``shared_lab()``); it is closed at the end
+    of the session (and at exit)."""
     reason = lab_unavailable_reason()
     if reason:
         pytest.skip(reason)
-    lab = DockerLab()
     try:
-        yield lab
-    finally:
-        lab.close()
+        lab = shared_lab()
+    except LabError as exc:
+        pytest.fail(f"the Docker lab could not start: {exc}")
+    yield lab
+    # every importing module's fixture finalizes at session end; the first one closes
+    lab.close()
