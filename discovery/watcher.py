@@ -239,30 +239,52 @@ class Watcher:
     async def run(self) -> None:
         """Follow the engine until ``stop()`` or cancellation; reconnects on its own."""
         backoff = self.backoff_initial
-        while not self._stopping:
-            synced = False
-            try:
-                synced = await self._session()
-            except EngineUnavailable as exc:
-                log.warning("docker engine %s unavailable: %s; serving the last table", self.engine.host.url, exc)
-            except EngineError as exc:
-                log.warning("docker engine %s: %s", self.engine.host.url, exc)
-            finally:
-                self.connected.clear()
-                if self._drain_task is not None:
-                    self._drain_task.cancel()
-            if self._stopping:
-                break
-            self.stats.reconnects += 1
-            if self.on_reconnect is not None:
-                self.on_reconnect()
-            if synced:
-                backoff = self.backoff_initial
-            try:
-                await asyncio.wait_for(self._stop_event.wait(), backoff)
-            except TimeoutError:
-                pass
-            backoff = min(backoff * 2, self.backoff_max)
+        last_error = ""
+        try:
+            while not self._stopping:
+                synced = False
+                try:
+                    synced = await self._session()
+                except EngineError as exc:
+                    # the same failure every second while the engine is away: log it once
+                    msg = str(exc)
+                    level = logging.DEBUG if msg == last_error else logging.WARNING
+                    last_error = msg
+                    if isinstance(exc, EngineUnavailable):
+                        log.log(
+                            level, "docker engine %s unavailable: %s; serving the last table", self.engine.host.url, exc
+                        )
+                    else:
+                        log.log(level, "docker engine %s: %s", self.engine.host.url, exc)
+                finally:
+                    self.connected.clear()
+                if self._stopping:
+                    break
+                self.stats.reconnects += 1
+                if self.on_reconnect is not None:
+                    try:
+                        self.on_reconnect()
+                    except Exception:
+                        log.exception("on_reconnect hook failed")
+                if synced:
+                    backoff = self.backoff_initial
+                    last_error = ""
+                try:
+                    await asyncio.wait_for(self._stop_event.wait(), backoff)
+                except TimeoutError:
+                    pass
+                backoff = min(backoff * 2, self.backoff_max)
+        finally:
+            # a drain publish in flight is not cut off halfway through the data plane's apply
+            drain = self._drain_task
+            if drain is not None and not drain.done():
+                try:
+                    await asyncio.wait_for(asyncio.shield(drain), 5.0)
+                except TimeoutError:
+                    drain.cancel()
+                except asyncio.CancelledError:
+                    drain.cancel()
+                    raise
 
     # -- session ------------------------------------------------------------------
     async def _session(self) -> bool:

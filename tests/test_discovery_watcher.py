@@ -642,3 +642,27 @@ def test_watcher_rejects_bad_options():
         Watcher(engine, print, mode="all")
     with pytest.raises(ValueError, match="coalesce must be > 0"):
         Watcher(engine, print, coalesce=0)
+
+
+async def test_repeated_engine_failure_is_logged_once(fake, run_watcher, caplog):
+    fake.add(web_container(1))
+    w, pub = await run_watcher(backoff_initial=0.01, backoff_max=0.02)
+    fake.fail["/events"] = 403
+    fake.cut_streams()
+    await wait_for(lambda: w.stats.reconnects >= 5, what="several failed reconnects")
+    lines = [r for r in caplog.records if "HTTP 403" in r.getMessage() and r.levelno == logging.WARNING]
+    assert len(lines) == 1
+    assert "GET /events: HTTP 403: injected failure" in lines[0].getMessage()
+    assert pub.last.version == 1  # still serving the last table
+    del fake.fail["/events"]
+    await wait_for(lambda: w.connected.is_set(), what="reconnected")
+
+
+async def test_network_connect_event_reinspects_container(fake, run_watcher):
+    c = fake.add(web_container(1))
+    _, pub = await run_watcher()
+    assert pub.last.services[0].routes[0].endpoints[0].address == "198.18.201.2"
+    c.network, c.ip = "front", "198.18.202.7"
+    fake.emit("network", "connect", "net-front", container=c.id, name="front", type="bridge")
+    await wait_for(lambda: pub.last.services[0].routes[0].endpoints[0].address == "198.18.202.7", what="new address")
+    assert pub.tables[-1][1].event_type == "network/connect"
