@@ -1,0 +1,490 @@
+"""The agent-to-agent tunnel: header encoding/decoding (pure) and the server over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+import struct
+
+import pytest
+
+from cluster.tunnel import (
+    MAX_HEADER_BODY,
+    LocalTarget,
+    TunnelRefused,
+    TunnelServer,
+    parse_tunnel_header,
+    proxy_header,
+    tunnel_header,
+)
+from mesh import proxyproto
+from mesh.proxyproto import PP2_TYPE_MESH_TARGET, V2_SIGNATURE
+from tests.util import wait_for
+
+CLIENT = ("203.0.113.7", 40000)
+SMALL_BUF = 64 * 1024
+BIG = bytes(range(256)) * (8 * 4096)  # 8 MiB: more than every buffer on the way can hold
+PUBLISHED = ("10.0.0.1", 8080)
+
+# ---------------------------------------------------------------------------------------------
+# Pure: encoding
+
+
+def test_tunnel_header_golden_bytes_ipv4() -> None:
+    assert PP2_TYPE_MESH_TARGET == 0xE0  # documented wire value; never change it
+    got = tunnel_header(CLIENT, PUBLISHED, "task1")
+    want = (
+        b"\r\n\r\n\x00\r\nQUIT\n"  # signature
+        b"\x21"  # version 2, command PROXY
+        b"\x11"  # TCP over IPv4
+        b"\x00\x14"  # 12 address bytes + 3 TLV header + 5 value = 20
+        b"\xcb\x00\x71\x07"  # 203.0.113.7
+        b"\x0a\x00\x00\x01"  # 10.0.0.1
+        b"\x9c\x40"  # 40000
+        b"\x1f\x90"  # 8080
+        b"\xe0\x00\x05task1"  # TLV 0xE0 target "task1"
+    )
+    assert got == want
+
+
+@pytest.mark.parametrize(
+    ("client", "dst", "want_src", "want_dst", "fam"),
+    [
+        (CLIENT, PUBLISHED, CLIENT, PUBLISHED, 0x11),
+        (("2001:db8::1", 1), ("2001:db8::2", 2), ("2001:db8::1", 1), ("2001:db8::2", 2), 0x21),
+        # A dual-stack listener reports v4 clients mapped; both v4 in the end -> TCP4.
+        (("::ffff:192.0.2.1", 5), ("192.0.2.2", 6), ("192.0.2.1", 5), ("192.0.2.2", 6), 0x11),
+        # A real mix is sent as TCP6 with the v4 side mapped.
+        (("192.0.2.1", 5), ("2001:db8::2", 6), ("::ffff:192.0.2.1", 5), ("2001:db8::2", 6), 0x21),
+    ],
+)
+def test_tunnel_header_round_trip(client, dst, want_src, want_dst, fam: int) -> None:
+    raw = tunnel_header(client, dst, "xyz-ü")
+    assert raw[13] == fam
+    header, consumed = parse_tunnel_header(raw + b"payload")
+    assert consumed == len(raw)
+    assert header.source == want_src
+    assert header.destination == want_dst
+    assert header.target == "xyz-ü"
+
+
+def test_parse_is_incremental_every_prefix_needs_more() -> None:
+    raw = tunnel_header(CLIENT, PUBLISHED, "t" * 40)
+    for i in range(len(raw)):
+        assert parse_tunnel_header(raw[:i]) is None, i
+    assert parse_tunnel_header(raw)[1] == len(raw)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((CLIENT, PUBLISHED, ""), "target id"),
+        ((CLIENT, PUBLISHED, "x" * 256), "target id"),
+        ((CLIENT, PUBLISHED, "a\nb"), "target id"),
+        ((("not-an-ip", 1), PUBLISHED, "t"), "client_addr"),
+        ((CLIENT, ("10.0.0.1", 70000), "t"), "dst_addr"),
+    ],
+)
+def test_tunnel_header_rejects_bad_arguments(args, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        tunnel_header(*args)
+
+
+def test_proxy_header_for_the_replica_carries_the_original_client_and_no_tlv() -> None:
+    assert proxy_header("v1", CLIENT, PUBLISHED) == b"PROXY TCP4 203.0.113.7 10.0.0.1 40000 8080\r\n"
+    v2 = proxy_header("v2", CLIENT, PUBLISHED)
+    header, n = proxyproto.decode(v2)
+    assert n == len(v2) == 16 + 12
+    assert (header.src, header.dst, header.tlvs) == (CLIENT, PUBLISHED, ())
+    with pytest.raises(ValueError, match="v1' or 'v2"):
+        proxy_header("v3", CLIENT, PUBLISHED)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure: strict decoding, table-driven
+
+GOOD = tunnel_header(CLIENT, PUBLISHED, "task1")
+ADDR4 = GOOD[16:28]
+
+
+def _v2(ver_cmd: int = 0x21, fam: int = 0x11, body: bytes = ADDR4 + b"\xe0\x00\x05task1", length: int | None = None):
+    return V2_SIGNATURE + bytes((ver_cmd, fam)) + struct.pack("!H", len(body) if length is None else length) + body
+
+
+MALFORMED = [
+    ("HTTP request", b"GET / HTTP/1.1\r\n", "signature"),
+    ("first byte wrong is refused at once", b"X", "signature"),
+    ("PROXY v1 text header", b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n", "signature"),
+    ("signature off by one byte", V2_SIGNATURE[:11] + b"X", "signature"),
+    ("version 1 in the binary header", _v2(ver_cmd=0x11), "version"),
+    ("LOCAL command", _v2(ver_cmd=0x20), "version"),
+    ("version byte seen before the rest arrives", V2_SIGNATURE + b"\x31", "version"),
+    ("UDP over IPv4", _v2(fam=0x12), "family"),
+    ("UNIX stream", _v2(fam=0x31), "family"),
+    ("UNSPEC", _v2(fam=0x00, body=b""), "family"),
+    ("length leaves no room for a TLV", _v2(body=ADDR4), "length"),
+    ("length too short for IPv6", _v2(fam=0x21, body=ADDR4 + b"\xe0\x00\x05task1"), "length"),
+    ("length above the bound", _v2(length=MAX_HEADER_BODY + 1), "length"),
+    ("length field 0xffff", _v2(length=0xFFFF), "length"),
+    ("TLV area ends mid TLV header", _v2(body=ADDR4 + b"\xe0\x00\x05task1\x04\x00"), "tlv"),
+    ("TLV value runs past the header", _v2(body=ADDR4 + b"\xe0\x00\x09task1"), "tlv"),
+    # The dialer's data arrived inside the declared header length: parsed as TLVs, it cannot fit.
+    ("data before the header completes", _v2(length=len(ADDR4) + 8 + 10) + b"0123456789", "tlv"),
+    ("two target TLVs", _v2(body=ADDR4 + b"\xe0\x00\x01a\xe0\x00\x01b"), "tlv"),
+    ("no target TLV", _v2(body=ADDR4 + b"\x04\x00\x02xx"), "target"),
+    ("empty target", _v2(body=ADDR4 + b"\xe0\x00\x00"), "target"),
+    ("target not UTF-8", _v2(body=ADDR4 + b"\xe0\x00\x02\xff\xfe"), "target"),
+    ("target with a control character", _v2(body=ADDR4 + b"\xe0\x00\x03a\x00b"), "target"),
+    ("target longer than 255 bytes", _v2(body=ADDR4 + b"\xe0\x01\x00" + b"a" * 256), "target"),
+]
+
+
+@pytest.mark.parametrize(("raw", "reason"), [c[1:] for c in MALFORMED], ids=[c[0] for c in MALFORMED])
+def test_parse_refuses_malformed_with_reason(raw: bytes, reason: str) -> None:
+    with pytest.raises(TunnelRefused) as info:
+        parse_tunnel_header(raw)
+    assert info.value.reason == reason
+
+
+def test_parse_ignores_other_tlvs() -> None:
+    raw = _v2(body=ADDR4 + b"\x04\x00\x02xx" + b"\xe0\x00\x05task1" + b"\xe5\x00\x00")
+    header, n = parse_tunnel_header(raw + b"rest")
+    assert (header.target, n) == ("task1", len(raw))
+
+
+# ---------------------------------------------------------------------------------------------
+# Server over real sockets
+
+
+class Backend:
+    """A replica: records what it receives, echoes it back, follows EOF with EOF."""
+
+    def __init__(self, echo: bool = True) -> None:
+        self.echo = echo
+        self.received = bytearray()
+        self.connections = 0
+        self.eof = asyncio.Event()
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self.reader_go = asyncio.Event()  # cleared by a test that wants a replica that does not read
+        self.reader_go.set()
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self, rcvbuf: int | None = None) -> Backend:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # inherited by accepted sockets
+        sock.bind(("127.0.0.1", 0))
+        self.server = await asyncio.start_server(self._serve, sock=sock)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.writers.append(writer)
+        await self.reader_go.wait()
+        try:
+            while data := await reader.read(65536):
+                self.received += data
+                if self.echo:
+                    writer.write(data)
+                    await writer.drain()
+            self.eof.set()
+            writer.write_eof()
+            await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            await _close(writer)
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        for w in self.writers:
+            w.close()
+        self.server.close()
+        await self.server.wait_closed()
+
+
+async def _tunnel(targets: dict[str, LocalTarget], allowed=("127.0.0.1",), **kw) -> TunnelServer:
+    srv = TunnelServer(targets.get, set(allowed), "127.0.0.1", 0, **kw)
+    await srv.start()
+    return srv
+
+
+async def _dial(srv: TunnelServer, local: str = "127.0.0.1", rcvbuf: int | None = None):
+    if rcvbuf is None:
+        return await asyncio.open_connection("127.0.0.1", srv.port, local_addr=(local, 0))
+    # A fixed small receive buffer turns off autotuning (tcp_rmem max is 32 MiB here),
+    # so a dialer that does not read pushes back after a few kB.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_BUF)
+    sock.bind((local, 0))
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", srv.port))
+    return await asyncio.open_connection(sock=sock)
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    try:
+        await writer.wait_closed()
+    except OSError:
+        pass
+
+
+async def _closed_by_server(reader: asyncio.StreamReader) -> bool:
+    """True when the server closed or reset the connection without sending a byte."""
+    try:
+        data = await asyncio.wait_for(reader.read(1), 5)
+    except ConnectionResetError:
+        return True
+    return data == b""
+
+
+async def _roundtrip_ok(srv: TunnelServer, target: str = "task1") -> None:
+    reader, writer = await _dial(srv)
+    writer.write(tunnel_header(CLIENT, PUBLISHED, target) + b"still serving")
+    assert await asyncio.wait_for(reader.readexactly(13), 5) == b"still serving"
+    await _close(writer)
+
+
+async def test_forwards_both_ways_and_passes_half_close_on() -> None:
+    backend = await Backend().start()
+    srv = await _tunnel({"task1": LocalTarget("127.0.0.1", backend.port)})
+    try:
+        reader, writer = await _dial(srv)
+        # Header and first data in one segment, as a dialer sends them.
+        writer.write(tunnel_header(CLIENT, PUBLISHED, "task1") + b"ping")
+        assert await asyncio.wait_for(reader.readexactly(4), 5) == b"ping"
+        writer.write(b"second")
+        assert await asyncio.wait_for(reader.readexactly(6), 5) == b"second"
+        writer.write_eof()
+        await asyncio.wait_for(backend.eof.wait(), 5)
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # the backend's EOF came back
+        await _close(writer)
+        await wait_for(lambda: srv.connections() == 0, what="tunnel connection closed")
+        assert bytes(backend.received) == b"pingsecond"  # no header leaked to the replica
+        assert srv.stats.forwarded == 1
+        assert srv.stats.refused == {}
+        assert (srv.stats.bytes_in, srv.stats.bytes_out, srv.stats.active) == (10, 10, 0)
+    finally:
+        await srv.stop()
+        await backend.stop()
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+async def test_replica_gets_proxy_header_with_the_original_client(version: str) -> None:
+    backend = await Backend(echo=False).start()
+    srv = await _tunnel({"task1": LocalTarget("127.0.0.1", backend.port, version)})
+    try:
+        _reader, writer = await _dial(srv)
+        writer.write(tunnel_header(CLIENT, PUBLISHED, "task1") + b"hello")
+        writer.write_eof()
+        await asyncio.wait_for(backend.eof.wait(), 5)
+        header, n = proxyproto.decode(bytes(backend.received))
+        assert header.version == int(version[1])
+        assert (header.src, header.dst, header.tlvs) == (CLIENT, PUBLISHED, ())
+        assert bytes(backend.received[n:]) == b"hello"
+        await _close(writer)
+    finally:
+        await srv.stop()
+        await backend.stop()
+
+
+async def test_refuses_peer_that_is_not_a_cluster_node_then_admits_it_when_allowed() -> None:
+    backend = await Backend().start()
+    allowed = {"127.0.0.1"}
+    srv = TunnelServer({"task1": LocalTarget("127.0.0.1", backend.port)}.get, allowed, "127.0.0.1", 0)
+    await srv.start()
+    try:
+        reader, writer = await _dial(srv, local="127.0.0.2")
+        writer.write(tunnel_header(CLIENT, PUBLISHED, "task1") + b"x")
+        assert await _closed_by_server(reader)
+        await _close(writer)
+        assert srv.stats.refused == {"peer": 1}
+        assert backend.connections == 0
+        await _roundtrip_ok(srv)
+        # The node list changed: 127.0.0.2 is now a cluster node.
+        allowed.add("127.0.0.2")
+        reader, writer = await _dial(srv, local="127.0.0.2")
+        writer.write(tunnel_header(CLIENT, PUBLISHED, "task1") + b"ok")
+        assert await asyncio.wait_for(reader.readexactly(2), 5) == b"ok"
+        await _close(writer)
+        # A predicate works as well.
+        srv.allowed_peers = lambda ip: ip == "127.0.0.1"
+        reader, writer = await _dial(srv, local="127.0.0.2")
+        assert await _closed_by_server(reader)
+        await _close(writer)
+        assert srv.stats.refused == {"peer": 2}
+    finally:
+        await srv.stop()
+        await backend.stop()
+
+
+SOCKET_CASES = [
+    ("garbage", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "signature"),
+    ("v1 header", b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n", "signature"),
+    ("LOCAL command", _v2(ver_cmd=0x20), "version"),
+    ("data before the header completes", _v2(length=len(ADDR4) + 8 + 10) + b"0123456789", "tlv"),
+    ("no target", _v2(body=ADDR4 + b"\x04\x00\x02xx"), "target"),
+    ("unknown target", tunnel_header(CLIENT, PUBLISHED, "not-local") + b"data", "unknown_target"),
+]
+
+
+@pytest.mark.parametrize(("raw", "reason"), [c[1:] for c in SOCKET_CASES], ids=[c[0] for c in SOCKET_CASES])
+async def test_refuses_bad_headers_and_keeps_serving(raw: bytes, reason: str) -> None:
+    backend = await Backend().start()
+    srv = await _tunnel({"task1": LocalTarget("127.0.0.1", backend.port)})
+    try:
+        reader, writer = await _dial(srv)
+        writer.write(raw)
+        assert await _closed_by_server(reader)
+        await _close(writer)
+        assert srv.stats.refused == {reason: 1}
+        assert backend.connections == 0
+        await _roundtrip_ok(srv)
+        assert srv.stats.forwarded == 1
+    finally:
+        await srv.stop()
+        await backend.stop()
+
+
+async def test_truncated_header_times_out() -> None:
+    backend = await Backend().start()
+    srv = await _tunnel({"task1": LocalTarget("127.0.0.1", backend.port)}, header_timeout=0.2)
+    try:
+        reader, writer = await _dial(srv)
+        writer.write(GOOD[:20])
+        assert await _closed_by_server(reader)
+        await _close(writer)
+        assert srv.stats.refused == {"timeout": 1}
+        # A header that completes in time is not affected by the timer.
+        reader, writer = await _dial(srv)
+        writer.write(GOOD[:20])
+        await wait_for(lambda: srv.stats.accepted == 2, what="second connection accepted")
+        writer.write(GOOD[20:] + b"late")
+        assert await asyncio.wait_for(reader.readexactly(4), 5) == b"late"
+        await _close(writer)
+        assert srv.stats.refused == {"timeout": 1}
+    finally:
+        await srv.stop()
+        await backend.stop()
+
+
+async def test_peer_closing_mid_header_counts_incomplete() -> None:
+    srv = await _tunnel({})
+    try:
+        reader, writer = await _dial(srv)
+        writer.write(GOOD[:10])
+        writer.write_eof()
+        assert await _closed_by_server(reader)
+        await _close(writer)
+        await wait_for(lambda: srv.stats.refused == {"incomplete": 1}, what="incomplete counted")
+        assert srv.connections() == 0
+    finally:
+        await srv.stop()
+
+
+async def test_endpoint_that_refuses_is_counted_and_the_dialer_is_reset() -> None:
+    # Bound but not listening: connects are refused, and nobody else can take the port meanwhile.
+    dead = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    dead.bind(("127.0.0.1", 0))
+    srv = await _tunnel({"task1": LocalTarget("127.0.0.1", dead.getsockname()[1])})
+    try:
+        reader, writer = await _dial(srv)
+        writer.write(GOOD + b"x")
+        assert await _closed_by_server(reader)
+        await _close(writer)
+        assert srv.stats.refused == {"connect": 1}
+        assert srv.stats.forwarded == 0
+    finally:
+        await srv.stop()
+        dead.close()
+
+
+async def test_backpressure_towards_a_slow_replica_and_integrity() -> None:
+    """The replica reads nothing at first: the tunnel must stop reading from the dialer
+    instead of buffering everything, then deliver every byte in order once it reads."""
+    backend = Backend(echo=False)
+    backend.reader_go.clear()
+    await backend.start(rcvbuf=SMALL_BUF)
+    srv = await _tunnel({"task1": LocalTarget("127.0.0.1", backend.port)})
+    payload = BIG
+    try:
+        _reader, writer = await _dial(srv)
+        writer.write(GOOD)
+        writer.write(payload)  # lands in the dialer's buffer; no drain, so we are not blocked
+        await wait_for(lambda: srv.stats.forwarded == 1, what="spliced")
+        [conn] = list(srv._conns)
+        await wait_for(lambda: not conn.transport.is_reading(), what="tunnel paused reading from the dialer")
+        buffered = conn.upstream.transport.get_write_buffer_size()
+        assert buffered < 1024 * 1024, buffered
+        backend.reader_go.set()
+        writer.write_eof()
+        await asyncio.wait_for(backend.eof.wait(), 10)
+        assert hashlib.sha256(backend.received).digest() == hashlib.sha256(payload).digest()
+        await _close(writer)
+    finally:
+        await srv.stop()
+        await backend.stop()
+
+
+async def test_backpressure_towards_a_slow_dialer() -> None:
+    """The dialer reads nothing: the tunnel must stop reading from the replica."""
+    payload = BIG
+    done = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.write(payload)
+            writer.write_eof()
+            await writer.drain()
+            await reader.read()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+            done.set()
+
+    replica = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = replica.sockets[0].getsockname()[1]
+    srv = await _tunnel({"task1": LocalTarget("127.0.0.1", port)})
+    try:
+        reader, writer = await _dial(srv, rcvbuf=SMALL_BUF)
+        writer.write(GOOD)
+        await wait_for(lambda: srv.stats.forwarded == 1, what="spliced")
+        [conn] = list(srv._conns)
+        await wait_for(lambda: not conn.upstream.transport.is_reading(), what="tunnel paused reading the replica")
+        assert conn.transport.get_write_buffer_size() < 1024 * 1024
+        got = await asyncio.wait_for(reader.read(), 10)
+        assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+        await _close(writer)
+        await asyncio.wait_for(done.wait(), 5)  # the dialer's close reached the replica
+    finally:
+        await srv.stop()
+        replica.close()
+        await replica.wait_closed()
+
+
+async def test_stop_aborts_open_connections_and_stops_accepting() -> None:
+    backend = await Backend().start()
+    srv = await _tunnel({"task1": LocalTarget("127.0.0.1", backend.port)})
+    reader, writer = await _dial(srv)
+    writer.write(GOOD + b"a")
+    assert await asyncio.wait_for(reader.readexactly(1), 5) == b"a"
+    port = srv.port
+    await srv.stop(grace=0.05)
+    assert await _closed_by_server(reader)
+    await _close(writer)
+    assert srv.connections() == 0
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", port)
+    await backend.stop()
+
+
+def test_constructor_rejects_bad_timeouts() -> None:
+    with pytest.raises(ValueError, match="header_timeout"):
+        TunnelServer(dict().get, set(), header_timeout=0)
+    with pytest.raises(ValueError, match="connect_timeout"):
+        TunnelServer(dict().get, set(), connect_timeout=-1)
