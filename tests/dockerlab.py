@@ -615,6 +615,31 @@ class DockerLab:
             )  # fmt: skip
         return n.docker("info", "--format", "{{.Swarm.NodeID}}")
 
+    def swarm_join(self, i: int, manager: int, *, as_manager: bool = False) -> str:
+        """Node i joins the swarm of node ``manager`` (a worker unless ``as_manager``); returns its node id."""
+        m, n = self.nodes[manager], self.node(i)
+        if n.docker("info", "--format", "{{.Swarm.LocalNodeState}}") != "active":
+            token = m.docker("swarm", "join-token", "-q", "manager" if as_manager else "worker")
+            n.docker(
+                "swarm", "join", "--token", token, "--advertise-addr", n.addr, "--listen-addr", f"{n.addr}:2377",
+                f"{m.addr}:2377", timeout=120,
+            )  # fmt: skip
+        node_id = n.docker("info", "--format", "{{.Swarm.NodeID}}")
+        deadline = time.monotonic() + 60
+        while m.docker("node", "inspect", "--format", "{{.Status.State}}", node_id, check=False) != "ready":
+            if time.monotonic() > deadline:
+                raise LabError(f"node{i} did not become ready in the swarm of node{manager}")
+            time.sleep(0.2)
+        return node_id
+
+    def swarm_leave(self, i: int, manager: int) -> None:
+        """Node i leaves its swarm and is removed from the manager's node list."""
+        n, m = self.nodes[i], self.nodes[manager]
+        node_id = n.docker("info", "--format", "{{.Swarm.NodeID}}", check=False)
+        n.docker("swarm", "leave", "--force", check=False, timeout=60)
+        if node_id:
+            m.docker("node", "rm", "--force", node_id, check=False, timeout=60)
+
     # -- teardown ---------------------------------------------------------------------
     def close(self) -> None:
         """Remove everything this lab created.  Safe to call twice, and from atexit / signals."""

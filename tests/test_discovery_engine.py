@@ -527,3 +527,32 @@ async def test_compose_showcase_scale_five_behind_one_port(node1, docker_lab):
             h.print_lags("compose --scale web=5 -> 2")
     finally:
         await run("down", "-t", "1")
+
+
+async def test_swarm_agent_routes_only_to_its_own_nodes_tasks(node2, docker_lab):
+    """Two-node swarm (node 3 joins node 2): a global service has a task on each node; the agent on
+    the manager routes to the manager's task only (cross-node forwarding is the cluster issue)."""
+    port = free_port()
+    worker_id = await asyncio.to_thread(docker_lab.swarm_join, 3, 2)
+    try:
+        manager_id = await sh(node2, "info", "--format", "{{.Swarm.NodeID}}")
+        await sh(
+            node2, "service", "create", "--detach", "--name", "sglobal", "--mode", "global",
+            "--label", f"mesh.publish=127.0.0.1:{port}:80", "--no-resolve-image", docker_lab.image_id, *HTTPD,
+            timeout=120,
+        )  # fmt: skip
+
+        async def both_running() -> bool:
+            out = await sh(node2, "service", "ps", "--format", "{{.Node}} {{.CurrentState}}", "sglobal")
+            return sum(line.split()[1:2] == ["Running"] for line in out.splitlines()) == 2
+
+        await wait_for(both_running, timeout=60, interval=0.3, what="a task on each node")
+        async with running_mesh(node2) as h:
+            await wait_for(lambda: len(h.endpoints(port)) == 1, timeout=30, what="the local task")
+            (route,) = h.table.service("sglobal").routes
+            assert [e.node for e in route.endpoints] == [manager_id]
+            assert h.watcher.local_node == manager_id != worker_id
+            assert (await http_get(port)) != ""
+    finally:
+        await sh(node2, "service", "rm", "sglobal", timeout=60)
+        await asyncio.to_thread(docker_lab.swarm_leave, 3, 2)
