@@ -441,6 +441,17 @@ def _remove_bridge(bridge: str) -> None:
     _quiet("ip", "link", "del", bridge)
 
 
+def _prune_logs(max_age: float = 86400.0) -> None:
+    """dockerd logs of earlier runs are kept for a day (for post-mortems), then removed."""
+    if not LOG_DIR.is_dir():
+        return
+    now = time.time()
+    for f in LOG_DIR.glob(f"{PREFIX}*.log"):
+        with contextlib.suppress(OSError):
+            if now - f.stat().st_mtime > max_age:
+                f.unlink()
+
+
 def _busybox_rootfs_tar() -> Path:
     """A registry-free image rootfs: static busybox + applet links + /www/index.html (cached)."""
     bb = shutil.which("busybox")
@@ -495,6 +506,7 @@ class DockerLab:
         self._image_archive = self.run_root / "image.tar"
         self.image_id: str | None = None
         self.stale_removed = cleanup_stale_labs()
+        _prune_logs()
         atexit.register(self.close)
         self._install_signal_handlers()
         try:
