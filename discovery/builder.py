@@ -275,9 +275,9 @@ def build_table(
                 )
                 continue
             routes.append(Route(port=port, listen_host=host, endpoints=tuple(endpoints)))
+            claimed.append((host, port, cand.name))
         if not routes:
             continue
         names[cand.name] = cand
-        claimed.extend((r.listen_host, r.port, cand.name) for r in routes)
         built.append(Service(name=cand.name, routes=tuple(routes), options=cand.options))
     return RoutingTable(version=version, services=tuple(built)), tuple(sorted(set(problems)))

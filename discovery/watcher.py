@@ -44,7 +44,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from mesh.routing import RoutingTable
+from mesh.routing import RoutingTable, TableError
 
 from .builder import Problem, build_table
 from .engine import Engine, EngineAPIError, EngineError, EngineUnavailable, NotFound, NotSwarmManager
@@ -218,6 +218,7 @@ class Watcher:
         self._wake = asyncio.Event()
         self._publish_lock = asyncio.Lock()
         self._drain_task: asyncio.Task[None] | None = None
+        self._drain_requests: list[_Pending] = []
         self._stopping = False
         self._stop_event = asyncio.Event()
 
@@ -444,15 +445,17 @@ class Watcher:
         self._converge[service_id] = self._clock() + self.converge_timeout
 
     def _schedule_drain(self, when: float, etype: str) -> None:
+        self._drain_requests.append(_Pending(when, etype))
         if self._drain_task is None or self._drain_task.done():
-            self._drain_task = asyncio.get_running_loop().create_task(self._drain(when, etype))
+            self._drain_task = asyncio.get_running_loop().create_task(self._drain())
 
-    async def _drain(self, when: float, etype: str) -> None:
-        try:
-            if await self._build_and_publish("drain", _Pending(when, etype)):
+    async def _drain(self) -> None:
+        # kills that arrive while a drain is being applied are drained right after it
+        while self._drain_requests:
+            requests, self._drain_requests = self._drain_requests, []
+            first = min(requests, key=lambda p: p.time)
+            if await self._build_and_publish("drain", first):
                 self.stats.drains += 1
-        except EngineError as exc:  # pragma: no cover - nothing here talks to the engine
-            log.warning("drain publish failed: %s", exc)
 
     # -- listings -----------------------------------------------------------------
     async def _sync(self, reason: str | None) -> None:
@@ -641,15 +644,19 @@ class Watcher:
     # -- publishing ---------------------------------------------------------------
     async def _build_and_publish(self, reason: str, pending: _Pending | None, *, full_listing: bool = False) -> bool:
         async with self._publish_lock:
-            table, problems = build_table(
-                self._containers.values(),
-                services=self._services.values(),
-                tasks=[t for ts in self._tasks.values() for t in ts],
-                gwbridge=self._gwbridge,
-                local_node=self.local_node,
-                killed=self._killed.keys(),
-                version=self._version,
-            )
+            try:
+                table, problems = build_table(
+                    self._containers.values(),
+                    services=self._services.values(),
+                    tasks=[t for ts in self._tasks.values() for t in ts],
+                    gwbridge=self._gwbridge,
+                    local_node=self.local_node,
+                    killed=self._killed.keys(),
+                    version=self._version,
+                )
+            except TableError as exc:  # a builder bug must not stop the watcher: keep the last table
+                log.error("cannot build a routing table from the docker listing: %s; keeping the last one", exc)
+                return False
             self._log_problems(problems)
             current = self.table
             if current is not None and table.same_content(current):

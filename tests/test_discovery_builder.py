@@ -436,3 +436,15 @@ def test_swarm_health_label_and_name_collision_with_container_service():
 
 def test_empty_input_gives_empty_table():
     assert build_table() == (RoutingTable(version=0, services=()), ())
+
+
+def test_overlapping_ports_within_one_service():
+    cs = [
+        ctr("a", {"mesh.publish": "127.0.0.1:8080:80", "mesh.service": "s"}, created=1.0),
+        ctr("b", {"mesh.publish": "8080:80", "mesh.service": "s"}, created=2.0, ip="198.18.201.3"),
+    ]
+    table, problems = build_table(cs, local_node="n1")
+    assert [(r.listen_host, r.port) for r in table.services[0].routes] == [("0.0.0.0", 8080)]
+    assert [str(p) for p in problems] == [
+        "service s (containers): port 127.0.0.1:8080 is already published by service 's' - skipped"
+    ]

@@ -666,3 +666,37 @@ async def test_network_connect_event_reinspects_container(fake, run_watcher):
     fake.emit("network", "connect", "net-front", container=c.id, name="front", type="bridge")
     await wait_for(lambda: pub.last.services[0].routes[0].endpoints[0].address == "198.18.202.7", what="new address")
     assert pub.tables[-1][1].event_type == "network/connect"
+
+
+async def test_kills_during_a_slow_apply_are_drained_right_after_it(fake):
+    for i in (1, 2, 3):
+        fake.add(web_container(i))
+    applied: list[tuple[dict[str, str], str]] = []
+    gate = asyncio.Event()
+
+    async def publish(table: RoutingTable, info: PublishInfo) -> None:
+        if info.reason == "drain" and not gate.is_set():
+            await gate.wait()  # the data plane is slow to apply the first drain
+        eps = {e.id.lstrip("0"): e.state for _, r in table.routes() for e in r.endpoints}
+        applied.append((eps, info.reason))
+
+    engine = Engine(resolve_docker_host(fake.sock, {}))
+    w = Watcher(engine, publish, coalesce=5.0)  # no listing gets in the way
+    task = asyncio.create_task(w.run())
+    try:
+        await wait_for(lambda: w.connected.is_set(), what="connected")
+        fake.emit("container", "kill", f"{1:064x}", signal="15")
+        await wait_for(lambda: w._drain_task is not None and not w._drain_task.done(), what="first drain applying")
+        fake.emit("container", "kill", f"{2:064x}", signal="15")
+        await wait_for(lambda: len(w._drain_requests) == 1, what="second kill queued")
+        gate.set()
+        await wait_for(lambda: len(applied) == 3, what="two drains")
+        assert applied[1:] == [
+            ({"1": "draining", "2": "running", "3": "running"}, "drain"),
+            ({"1": "draining", "2": "draining", "3": "running"}, "drain"),
+        ]
+        assert w.stats.drains == 2
+    finally:
+        w.stop()
+        await asyncio.wait_for(task, 5)
+        await engine.close()
