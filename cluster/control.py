@@ -330,7 +330,12 @@ class ControlClient:
             delay = backoff_delay(self._failures, self._rng, self.backoff_base, self.backoff_cap)
             if delay:
                 await asyncio.sleep(delay)
-            managers = list(self._managers())
+            try:
+                managers = list(self._managers())
+            except Exception:
+                # A provider that reads the engine may fail; that must not end the subscription.
+                log.exception("control: listing managers failed")
+                managers = []
             if not managers:
                 self._failure(None, "no managers known")
                 continue

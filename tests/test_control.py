@@ -9,6 +9,7 @@ import random
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from cluster.control import ControlClient, ControlServer, backoff_delay
 from cluster.state import ClusterState, NodeInfo, localize
@@ -467,18 +468,14 @@ async def test_no_manager_answers_keeps_last_state_then_recovers() -> None:
         await srv.stop()
 
 
-async def test_manager_provider_is_asked_each_attempt_and_bad_state_fails_over() -> None:
+async def test_manager_provider_is_asked_each_attempt_and_bad_state_fails_over(caplog) -> None:
     srv = await _server(S2)
     managers: list[tuple[str, int]] = []
     applied: list[ClusterState] = []
 
     # A "manager" that answers 200 with garbage: the client must not apply it and must move on.
-    async def bad(request):
-        from aiohttp import web
-
+    async def bad(request: web.Request) -> web.Response:
         return web.json_response({"digest": "zzz", "table": {"services": [{"name": ""}]}, "nodes": {}})
-
-    from aiohttp import web
 
     app = web.Application()
     app.router.add_get("/v1/cluster", bad)
@@ -488,14 +485,25 @@ async def test_manager_provider_is_asked_each_attempt_and_bad_state_fails_over()
     await site.start()
     bad_port = site._server.sockets[0].getsockname()[1]
 
-    cli = _client(lambda: managers, applied)
+    calls = 0
+
+    def provider() -> list[tuple[str, int]]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise OSError("engine socket is away")
+        return managers
+
+    cli = _client(provider, applied)
     await cli.start()
     try:
-        await wait_for(lambda: cli.stats.failures >= 1, what="no managers yet")
+        await wait_for(lambda: cli.stats.failures >= 2, what="provider failed, then no managers yet")
         managers.extend([("127.0.0.1", bad_port), srv.address])
         await wait_for(lambda: len(applied) == 1, what="state from the good manager")
         assert applied == [S2]
         assert cli.manager == srv.address
+        assert "listing managers failed" in caplog.text
+        assert "malformed routing table" in caplog.text  # the bad manager's answer, logged and skipped
     finally:
         await cli.stop()
         await srv.stop()
