@@ -46,7 +46,7 @@ import socket
 import struct
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from mesh import proxyproto
 from mesh.errors import ProtocolError
@@ -64,6 +64,7 @@ __all__ = [
     "TunnelRefused",
     "TunnelServer",
     "TunnelStats",
+    "host_tunnel_header",
     "parse_tunnel_header",
     "proxy_header",
     "tunnel_header",
@@ -150,6 +151,16 @@ def tunnel_header(client_addr: tuple[str, int], dst_addr: tuple[str, int], targe
         if not ok:
             raise ValueError(f"tunnel header {what} must be (ip, port 0-65535), got {addr!r}")
     return proxyproto.encode_v2(client_addr, dst_addr, ((PP2_TYPE_MESH_TARGET, target),))
+
+
+def host_tunnel_header(host: Any, client: tuple | None, local: tuple | None) -> bytes:
+    """``tunnel_header`` in the shape ``mesh.proxy`` calls for a host with ``via`` set
+    (``Listener(tunnel_header=...)`` / ``Mesh(tunnel_header=...)``): the target is the
+    endpoint id (the task id), which is what the receiving agent resolves.  Duck-typed
+    on ``host.endpoint.id`` so that this package does not import the data plane."""
+    if client is None or local is None:
+        raise ValueError(f"tunnel header for {host!r} needs the client and local addresses, got {client!r}, {local!r}")
+    return tunnel_header(client, local, host.endpoint.id)
 
 
 def proxy_header(version: str, src: tuple[str, int], dst: tuple[str, int]) -> bytes:

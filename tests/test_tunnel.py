@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import socket
 import struct
+from types import SimpleNamespace
 
 import pytest
 
@@ -14,12 +15,14 @@ from cluster.tunnel import (
     LocalTarget,
     TunnelRefused,
     TunnelServer,
+    host_tunnel_header,
     parse_tunnel_header,
     proxy_header,
     tunnel_header,
 )
 from mesh import proxyproto
 from mesh.proxyproto import PP2_TYPE_MESH_TARGET, V2_SIGNATURE
+from mesh.routing import Endpoint
 from tests.util import wait_for
 
 CLIENT = ("203.0.113.7", 40000)
@@ -89,6 +92,15 @@ def test_parse_is_incremental_every_prefix_needs_more() -> None:
 def test_tunnel_header_rejects_bad_arguments(args, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         tunnel_header(*args)
+
+
+def test_host_tunnel_header_names_the_endpoint_id() -> None:
+    """The adapter the data plane calls for a host with ``via``: target = task id, not the address."""
+    host = SimpleNamespace(endpoint=Endpoint("task9", "10.255.0.9", 80, node="n2", via="10.0.0.2:7481"))
+    raw = host_tunnel_header(host, CLIENT, PUBLISHED)
+    assert raw == tunnel_header(CLIENT, PUBLISHED, "task9")
+    with pytest.raises(ValueError, match="needs the client and local addresses"):
+        host_tunnel_header(host, None, PUBLISHED)
 
 
 def test_proxy_header_for_the_replica_carries_the_original_client_and_no_tlv() -> None:
