@@ -9,10 +9,12 @@ pure ``localize()``.
 Localisation rules (see docs/cluster.md):
 - An endpoint whose node is not in the node map, is not ``ready``, or is
   ``drain`` leaves the table (Swarm ``pause`` keeps running tasks, so it stays).
-- An endpoint on this node becomes direct (``via=None``) with the address and
-  port the local engine reports for that task; a task the local engine does not
+- An endpoint on this node becomes direct (``via=None``) with the address the
+  local engine reports for that task (the port stays the route's target port,
+  since one task may publish several); a task the local engine does not
   (yet) know is left out, because only the local engine knows whether it is
-  still alive and where it can be reached.
+  still alive and where it can be reached; a local task the local engine saw
+  killed is ``draining`` at once, before any manager noticed.
 - An endpoint on another node keeps its id, address and port (they are only a
   stable identity there) and gets ``via`` = that node's "addr:tunnel"; a node
   that announces no tunnel port has no agent to forward to, so its endpoints
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -160,11 +162,20 @@ class ClusterState:
         return f"<ClusterState v{self.version} digest={self.digest} nodes={len(self.nodes)} services={len(self.table.services)}>"
 
 
-def localize(state: ClusterState, self_node_id: str, local_addresses: Mapping[str, tuple[str, int]]) -> RoutingTable:
+def localize(
+    state: ClusterState,
+    self_node_id: str,
+    local_addresses: Mapping[str, str],
+    draining: Collection[str] = (),
+) -> RoutingTable:
     """The table this node's data plane applies (rules in the module docstring).
 
-    ``local_addresses`` maps task id -> (address, port) of the tasks running on this
-    node as the local engine reports them.  Pure: same inputs, same table.
+    ``local_addresses`` maps task id -> the address at which the local engine
+    reports that task reachable from this node (docker_gwbridge or bridge).  The
+    port stays each route's endpoint port: a task that publishes several ports is
+    one address and several routes.  ``draining``: local task ids that got a kill
+    or stop event and must get no new connections before the manager has noticed.
+    Pure: same inputs, same table.
     """
     nodes = state.node_map()
     services = []
@@ -177,10 +188,11 @@ def localize(state: ClusterState, self_node_id: str, local_addresses: Mapping[st
                 if node is None or not node.usable:
                     continue
                 if ep.node == self_node_id:
-                    local = local_addresses.get(ep.id)
-                    if local is None:
+                    address = local_addresses.get(ep.id)
+                    if address is None:
                         continue
-                    endpoints.append(replace(ep, address=local[0], port=local[1], via=None))
+                    st = "draining" if ep.id in draining else ep.state
+                    endpoints.append(replace(ep, address=address, via=None, state=st))
                 else:
                     via = node.tunnel_addr
                     if via is None:

@@ -99,7 +99,7 @@ def test_cluster_state_rejects_non_json() -> None:
 # localize: table-driven
 
 E = Endpoint
-LOCAL = {"a1": ("172.17.0.9", 8000)}
+LOCAL = {"a1": "172.17.0.9"}
 
 LOCALIZE_CASES = [
     # (name, endpoints in the cluster table, self node, local addresses, expected endpoints)
@@ -108,7 +108,7 @@ LOCALIZE_CASES = [
         [E("a1", "10.255.0.9", 80, node="n1")],
         "n1",
         LOCAL,
-        [E("a1", "172.17.0.9", 8000, node="n1")],
+        [E("a1", "172.17.0.9", 80, node="n1")],
     ),
     ("local task unknown to the engine is left out", [E("a2", "10.255.0.9", 80, node="n1")], "n1", LOCAL, []),
     (
@@ -143,7 +143,7 @@ LOCALIZE_CASES = [
         "n1",
         LOCAL,
         [
-            E("a1", "172.17.0.9", 8000, node="n1", state="draining"),
+            E("a1", "172.17.0.9", 80, node="n1", state="draining"),
             E("b1", "x", 80, node="n2", state="draining", via="10.0.0.2:7481"),
         ],
     ),
@@ -151,14 +151,14 @@ LOCALIZE_CASES = [
         "seen from n2 the same table flips: n1's task is remote, n2's local one unknown there",
         [E("a1", "10.255.0.9", 80, node="n1"), E("b1", "10.255.0.3", 80, node="n2")],
         "n2",
-        {"b1": ("172.17.0.4", 80)},
+        {"b1": "172.17.0.4"},
         [E("a1", "10.255.0.9", 80, node="n1", via="10.0.0.1:7481"), E("b1", "172.17.0.4", 80, node="n2")],
     ),
     (
         "a drained self node drops its own tasks too",
         [E("d1", "10.255.0.5", 80, node="n4")],
         "n4",
-        {"d1": ("172.17.0.5", 80)},
+        {"d1": "172.17.0.5"},
         [],
     ),
 ]
@@ -178,6 +178,38 @@ def test_localize(endpoints: list[Endpoint], self_node: str, local: dict, expect
     [route] = svc.routes
     assert route.port == 8080
     assert list(route.endpoints) == expected
+
+
+def test_localize_task_with_two_ports_keeps_each_routes_port() -> None:
+    # one task publishes 80 and 443: the local engine gives one address, each route keeps its target port
+    table = RoutingTable(
+        version=4,
+        services=(
+            Service(
+                "web",
+                (
+                    Route(8080, (E("a1", "10.255.0.9", 80, node="n1"),)),
+                    Route(8443, (E("a1", "10.255.0.9", 443, node="n1"),)),
+                ),
+            ),
+        ),
+    )
+    out = localize(ClusterState(table=table, nodes=NODES), "n1", {"a1": "172.17.0.9"})
+    [svc] = out.services
+    assert [r.endpoints for r in svc.routes] == [
+        (E("a1", "172.17.0.9", 80, node="n1"),),
+        (E("a1", "172.17.0.9", 443, node="n1"),),
+    ]
+
+
+def test_localize_drains_locally_killed_tasks_only_on_this_node() -> None:
+    st = _state(6, E("a1", "10.255.0.9", 80, node="n1"), E("b1", "10.255.0.3", 80, node="n2"))
+    # "b1" in draining is ignored: only the engine of n2 may drain it before the manager does
+    out = localize(st, "n1", {"a1": "172.17.0.9"}, draining={"a1", "b1"})
+    assert out.services[0].routes[0].endpoints == (
+        E("a1", "172.17.0.9", 80, node="n1", state="draining"),
+        E("b1", "10.255.0.3", 80, node="n2", via="10.0.0.2:7481"),
+    )
 
 
 def test_localize_keeps_empty_routes_and_other_services() -> None:
