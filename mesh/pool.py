@@ -262,7 +262,8 @@ class Pool:
             host.health |= FAILED_ACTIVE_HC
         if self._by_key.get(host.key) is not host:
             return
-        log.warning(
+        log.log(
+            logging.INFO if healthy else logging.WARNING,
             "service %s port %d: endpoint %s (%s) is now %s by health check%s",
             self.service,
             self.port,
@@ -331,7 +332,7 @@ class Pool:
                 if host.ejected_until <= now:
                     host.health &= ~EJECTED
                     changed = True
-                    log.warning(
+                    log.info(
                         "service %s port %d: endpoint %s (%s) back from ejection",
                         self.service,
                         self.port,
@@ -358,7 +359,7 @@ class Pool:
                 len(live),
             )
         elif self._panic and not panic:
-            log.warning("service %s port %d: panic mode over", self.service, self.port)
+            log.info("service %s port %d: panic mode over", self.service, self.port)
         usable = live if panic else healthy
         changed = force or usable != self._usable or panic != self._panic
         self._live = live

@@ -102,7 +102,7 @@ def test_ejection_expires_lazily_at_the_next_choose(caplog):
     clock = Clock()
     pool = make_pool(n=2, clock=clock, consecutive_failures=1)
     a = pool.hosts[0]
-    with caplog.at_level(logging.WARNING, logger="mesh.pool"):
+    with caplog.at_level(logging.INFO, logger="mesh.pool"):
         fail(pool, a, 1)
         clock.now += 9.999
         assert picks(pool, 10) == {"e1": 10}
@@ -117,6 +117,7 @@ def test_ejection_expires_lazily_at_the_next_choose(caplog):
         "(ejection #1)",
         "service web port 8080: endpoint e0 (10.0.0.1:8000) back from ejection",
     ]
+    assert [r.levelname for r in caplog.records] == ["WARNING", "INFO"]
 
 
 def test_next_expiry_is_the_earliest():
@@ -203,7 +204,7 @@ def test_active_health_flips_once(caplog):
     changes = []
     pool.on_change.append(lambda p: changes.append(len(p.usable)))
     h = pool.hosts[1]
-    with caplog.at_level(logging.WARNING, logger="mesh.pool"):
+    with caplog.at_level(logging.INFO, logger="mesh.pool"):
         pool.set_active_health(h, False, "3 failures in a row")
         pool.set_active_health(h, False)
         assert h.health == FAILED_ACTIVE_HC
@@ -257,6 +258,21 @@ def test_panic_mode(n, unhealthy, threshold, panic, usable):
     else:
         assert got == {None: 40}
     assert ("PANIC" in repr(pool)) is panic
+
+
+def test_panic_is_logged_once_each_way(caplog):
+    pool = make_pool(n=4)
+    with caplog.at_level(logging.INFO, logger="mesh.pool"):
+        for h in pool.hosts[:3]:
+            pool.set_active_health(h, False)
+        pool.set_active_health(pool.hosts[3], False)  # still panic: no second panic line
+        pool.set_active_health(pool.hosts[0], True)
+        pool.set_active_health(pool.hosts[1], True)
+    panic_lines = [r.getMessage() for r in caplog.records if "panic" in r.getMessage()]
+    assert panic_lines == [
+        "service web port 8080: panic mode, only 1 of 4 endpoints healthy; balancing over all of them",
+        "service web port 8080: panic mode over",
+    ]
 
 
 def test_panic_ignores_draining_hosts():
