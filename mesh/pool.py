@@ -204,10 +204,11 @@ class Pool:
             self._expire_due()
         host = self._balancer.pick(self._preferred, client, exclude)
         if host is None and exclude and self._preferred is not self._usable:
-            # Every preferred (local) host was tried: spill to the rest.
+            # Every preferred (local) host was tried: spill to the least loaded of the
+            # rest.  A scan, but only on a retry after all local hosts failed.
             for h in self._usable:
-                if h not in exclude:
-                    return h
+                if h not in exclude and (host is None or h.active * host.weight < host.active * h.weight):
+                    host = h
         return host
 
     def report_success(self, host: Host) -> None:

@@ -341,7 +341,9 @@ def test_locality_spills_when_the_connection_tried_every_local_host():
     pool = local_remote_pool()
     e0, e1, e2, e3 = pool.hosts
     assert pool.choose(None, exclude=(e0, e1)) is e2
-    assert pool.choose(None, exclude=(e0, e1, e2)) is e3
+    e2.active = 1  # the least loaded remote host gets the retry
+    assert pool.choose(None, exclude=(e0, e1)) is e3
+    assert pool.choose(None, exclude=(e0, e1, e3)) is e2
     assert pool.choose(None, exclude=pool.hosts) is None
 
 
