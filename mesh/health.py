@@ -148,7 +148,11 @@ class HealthChecker:
         interval = self.check.interval
         while True:
             started = loop.time()
-            await self.run_round()
+            try:
+                await self.run_round()
+            except Exception:
+                # A bug must not silently end health checking for good: log, try next round.
+                log.exception("health check round of service %s port %d failed", self.pool.service, self.pool.port)
             delay = started + interval - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -174,6 +178,8 @@ class HealthChecker:
                 await probe(host.address, host.port, check)
             except ProbeFailed as exc:
                 self._record(host, False, str(exc))
+            except Exception as exc:  # e.g. a malformed address: a failure, not the end of the checker
+                self._record(host, False, f"{type(exc).__name__}: {exc}")
             else:
                 self._record(host, True, "")
 

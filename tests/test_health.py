@@ -323,3 +323,21 @@ async def test_jitter_delays_each_probe():
             assert rng.calls[:2] == [(0, 0.15), (0, 0.15)]
         finally:
             await checker.stop()
+
+
+async def test_unexpected_probe_error_counts_as_a_failure(monkeypatch, caplog):
+    import mesh.health
+
+    async def broken(address, port, check):
+        raise ValueError("odd address")
+
+    monkeypatch.setattr(mesh.health, "probe", broken)
+    pool = make_pool([closed_port()])
+    checker = HealthChecker(pool, hc(fall=1), rng=random.Random(1))
+    checker.start()
+    try:
+        await wait_for(lambda: pool.hosts[0].health == FAILED_ACTIVE_HC, what="failure recorded")
+        await wait_for(lambda: checker.rounds >= 2, what="the checker keeps going")
+    finally:
+        await checker.stop()
+    assert "is now unhealthy by health check: 1 failures in a row, last: ValueError: odd address" in caplog.text
