@@ -155,12 +155,14 @@ def tunnel_header(client_addr: tuple[str, int], dst_addr: tuple[str, int], targe
 
 def host_tunnel_header(host: Any, client: tuple | None, local: tuple | None) -> bytes:
     """``tunnel_header`` in the shape ``mesh.proxy`` calls for a host with ``via`` set
-    (``Listener(tunnel_header=...)`` / ``Mesh(tunnel_header=...)``): the target is the
-    endpoint id (the task id), which is what the receiving agent resolves.  Duck-typed
-    on ``host.endpoint.id`` so that this package does not import the data plane."""
+    (``Listener(tunnel_header=...)`` / ``Mesh(tunnel_header=...)``): the target is
+    "<endpoint id>:<endpoint port>" (task id and target port: one task may publish
+    several ports), which is what the receiving agent resolves.  Duck-typed on
+    ``host.endpoint`` so that this package does not import the data plane."""
     if client is None or local is None:
         raise ValueError(f"tunnel header for {host!r} needs the client and local addresses, got {client!r}, {local!r}")
-    return tunnel_header(client, local, host.endpoint.id)
+    ep = host.endpoint
+    return tunnel_header(client, local, f"{ep.id}:{ep.port}")
 
 
 def proxy_header(version: str, src: tuple[str, int], dst: tuple[str, int]) -> bytes:

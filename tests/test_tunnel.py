@@ -95,10 +95,10 @@ def test_tunnel_header_rejects_bad_arguments(args, message: str) -> None:
 
 
 def test_host_tunnel_header_names_the_endpoint_id() -> None:
-    """The adapter the data plane calls for a host with ``via``: target = task id, not the address."""
+    """The adapter the data plane calls for a host with ``via``: target = task id and target port, not the address."""
     host = SimpleNamespace(endpoint=Endpoint("task9", "10.255.0.9", 80, node="n2", via="10.0.0.2:7481"))
     raw = host_tunnel_header(host, CLIENT, PUBLISHED)
-    assert raw == tunnel_header(CLIENT, PUBLISHED, "task9")
+    assert raw == tunnel_header(CLIENT, PUBLISHED, "task9:80")
     with pytest.raises(ValueError, match="needs the client and local addresses"):
         host_tunnel_header(host, None, PUBLISHED)
 

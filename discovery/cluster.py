@@ -1,0 +1,211 @@
+"""Manager side of cluster mode: swarm services, tasks and nodes -> ``cluster.state.ClusterState``.
+
+Only managers can list services, tasks and nodes, so the agent on a manager
+builds the one cluster state that every agent localises (``cluster.state.localize``).
+
+- ``build_cluster_state`` is pure: it reuses ``build_table`` (label parsing,
+  conflicts, draining rules) in its "every node" form and adds the node map.
+  An endpoint is a running task on ANY node: ``id`` = task id, ``node`` = its
+  node id, ``port`` = the target port; ``address`` is only a stable placeholder
+  (the task's first network attachment address, else ``0.0.0.0``), because each
+  node finds the reachable address of its own tasks from its own engine and
+  reaches other nodes' tasks through their tunnels.
+- ``ClusterWatcher`` is the discovery ``Watcher`` (events, coalescing, re-list
+  until tasks converge, backstop, reconnect, drain of local kills) in swarm mode
+  with three additions: tasks of every node are routed, the nodes are listed
+  (on every full listing and on each ``node`` event), and a change of the nodes
+  alone publishes a new state too.
+
+The subclass hooks into a few of ``Watcher``'s internals (``_on_event``,
+``_full_listing``, ``_get_gwbridge``, ``_build_and_publish``); docs/cluster.md
+lists the public hooks that would replace them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
+from typing import Any
+
+from cluster.state import NODE_AVAILABILITIES, NODE_STATES, ClusterState, NodeInfo
+
+from .builder import Problem, build_table
+from .engine import Engine
+from .records import NodeRecord, RecordError, ServiceRecord, TaskRecord
+from .watcher import PublishInfo, Watcher
+
+__all__ = ["ClusterWatcher", "build_cluster_state", "node_infos"]
+
+log = logging.getLogger(__name__)
+
+PLACEHOLDER_ADDRESS = "0.0.0.0"
+OnState = Callable[[ClusterState], Awaitable[None] | None]
+
+
+class _TaskAddresses:
+    """Duck-types the ``gwbridge`` NetworkRecord that ``build_table`` asks for a task's
+    address: every task (by container id) gets its placeholder address."""
+
+    __slots__ = ("_by_container",)
+
+    def __init__(self, tasks: Iterable[TaskRecord]) -> None:
+        self._by_container = {
+            t.container_id: (t.addresses[0][1] if t.addresses and t.addresses[0][1] else PLACEHOLDER_ADDRESS)
+            for t in tasks
+            if t.container_id
+        }
+
+    def address_of(self, container_id: str) -> str | None:
+        return self._by_container.get(container_id)
+
+
+def _node_addr(raw: Mapping[str, Any], rec: NodeRecord) -> str:
+    # A manager may report Status.Addr 0.0.0.0 (moby#37417-style setups); its
+    # ManagerStatus.Addr "ip:2377" then names the address it really advertises.
+    addr = rec.addr
+    if not addr or addr == "0.0.0.0":
+        mgr = str((raw.get("ManagerStatus") or {}).get("Addr") or "")
+        addr = mgr.rsplit(":", 1)[0].strip("[]") if mgr else addr
+    return addr
+
+
+def node_infos(raw_nodes: Iterable[Mapping[str, Any]], tunnel_port: int | None) -> tuple[NodeInfo, ...]:
+    """NodeInfo for each node of GET /nodes.  A node without a usable address is
+    left out (nobody could dial its tunnel).  Unknown state/availability words from
+    a newer engine become "unknown" / "active" with a log line."""
+    out = []
+    for raw in raw_nodes:
+        try:
+            rec = NodeRecord.from_api(raw)
+        except RecordError as exc:
+            log.warning("swarm node skipped: %s", exc)
+            continue
+        addr = _node_addr(raw, rec)
+        if not addr or addr == "0.0.0.0":
+            log.warning("swarm node %s (%s) has no address; its tasks are not routed", rec.id, rec.hostname)
+            continue
+        state = rec.state if rec.state in NODE_STATES else "unknown"
+        availability = rec.availability if rec.availability in NODE_AVAILABILITIES else "active"
+        if (state, availability) != (rec.state, rec.availability):
+            log.info("swarm node %s: state %r / availability %r read as %s/%s", rec.id, rec.state,
+                     rec.availability, state, availability)  # fmt: skip
+        out.append(NodeInfo(id=rec.id, addr=addr, state=state, availability=availability, tunnel=tunnel_port))
+    return tuple(out)
+
+
+def build_cluster_state(
+    services: Iterable[ServiceRecord],
+    tasks: Iterable[TaskRecord],
+    nodes: Iterable[NodeInfo],
+    *,
+    killed: Collection[str] = (),
+    version: int = 0,
+) -> tuple[ClusterState, tuple[Problem, ...]]:
+    """The cluster state from swarm records (pure).  ``killed``: task/container ids
+    with a kill/stop event (from the manager's own engine): they are ``draining``.
+    Returns (state, problems) like ``build_table``."""
+    tasks = tuple(tasks)
+    table, problems = build_table(
+        services=services, tasks=tasks, gwbridge=_TaskAddresses(tasks), local_node="", killed=killed, version=version
+    )  # type: ignore[arg-type]
+    return ClusterState(table=table, nodes=tuple(nodes)), problems
+
+
+class _NodeEvents:
+    """The engine, with ``node`` events added to the watcher's event subscription."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def events(self, filters: Mapping[str, Any] | None = None, *args: Any, **kwargs: Any) -> Any:
+        f = {k: list(v) for k, v in (filters or {}).items()}
+        if "type" in f and "node" not in f["type"]:
+            f["type"].append("node")
+        if "event" in f:
+            f["event"] = sorted({*f["event"], "create", "update", "remove"})
+        return self._engine.events(f, *args, **kwargs)
+
+
+class ClusterWatcher(Watcher):
+    """Follows a manager's engine and calls ``on_state(ClusterState)`` whenever the
+    cluster state's content (routes, tasks of every node, nodes) changes.
+
+    ``tunnel_port``: the agents' tunnel port (a cluster-wide setting), written to
+    every node.  Other keyword arguments go to ``Watcher`` (coalesce, backstop,
+    converge_interval, ...).  ``state`` is the last published state.
+    """
+
+    def __init__(self, engine: Engine, on_state: OnState, *, tunnel_port: int | None, **options: Any) -> None:
+        options.setdefault("mode", "swarm")
+        if options["mode"] != "swarm":
+            raise ValueError(f"ClusterWatcher mode must be 'swarm', got {options['mode']!r}")
+        super().__init__(_NodeEvents(engine), self._on_table, **options)  # type: ignore[arg-type]
+        self.tunnel_port = tunnel_port
+        self.on_state = on_state
+        self.node_id = ""  # this manager's own node id
+        self.nodes: tuple[NodeInfo, ...] = ()
+        self.state: ClusterState | None = None
+        self._nodes_dirty = False
+        self.state_publishes = 0
+
+    # -- Watcher hooks --------------------------------------------------------------
+    def _apply_info(self, info: Mapping[str, Any]) -> None:
+        super()._apply_info(info)
+        # the cluster table routes tasks of every node: no local-node filter
+        self.node_id, self.local_node = self.local_node, ""
+
+    def _on_event(self, event: Mapping[str, Any]) -> None:
+        if str(event.get("Type") or "") == "node":
+            self._nodes_dirty = True
+            # a dirty gwbridge makes the watcher sync; our _get_gwbridge re-lists the nodes
+            self._dirty_gwbridge = True
+            nano = event.get("timeNano")
+            when = nano / 1e9 if isinstance(nano, int) else float(event.get("time") or self._wall())
+            action = str(event.get("Action") or "")
+            key = ("node", action)
+            self.stats.events[key] = self.stats.events.get(key, 0) + 1
+            self._mark(when, f"node/{action}")
+            return
+        super()._on_event(event)
+
+    async def _full_listing(self) -> None:
+        await super()._full_listing()
+        await self._list_nodes()
+
+    async def _get_gwbridge(self) -> Any:
+        if self._nodes_dirty:
+            await self._list_nodes()
+        return None
+
+    async def _list_nodes(self) -> None:
+        self._nodes_dirty = False
+        self.nodes = node_infos(await self.engine.nodes(), self.tunnel_port)
+
+    async def _build_and_publish(self, reason: str, pending: Any, *, full_listing: bool = False) -> bool:
+        self._gwbridge = _TaskAddresses(t for ts in self._tasks.values() for t in ts)  # type: ignore[assignment]
+        published = await super()._build_and_publish(reason, pending, full_listing=full_listing)
+        if not published and self.table is not None and self.state is not None and self.state.nodes != self.nodes:
+            # the routes did not change but the nodes did (a node went down, was drained, came back)
+            await self._emit(self.table)
+        return published
+
+    # -- publishing -----------------------------------------------------------------
+    async def _on_table(self, table: Any, info: PublishInfo) -> None:
+        await self._emit(table)
+
+    async def _emit(self, table: Any) -> None:
+        state = ClusterState(table=table, nodes=self.nodes)
+        if self.state is not None and state.digest == self.state.digest:
+            return
+        res = self.on_state(state)
+        if inspect.isawaitable(res):
+            await res
+        self.state = state
+        self.state_publishes += 1
+        usable = sum(n.usable for n in state.nodes)
+        log.info("cluster state %s (table v%d): %d nodes (%d usable)", state.digest, state.version,
+                 len(state.nodes), usable)  # fmt: skip

@@ -1,0 +1,538 @@
+"""Cluster mode agent: one per swarm node (``python -m meshagent.cluster run ...``).
+
+Wiring (docs/cluster.md, "The agent")::
+
+    local engine ──/info──▶ role, own node id, Swarm.RemoteManagers
+       │ container events ──▶ LocalTasks: task id -> reachable address, locally killed tasks
+       │
+    manager:  ClusterWatcher (discovery.cluster) ──ClusterState──▶ ControlServer (serves every agent)
+                                                       └──────────▶ this agent (no HTTP hop)
+    worker:   ControlClient (long-poll any manager, fail over) ──ClusterState──▶ this agent
+       │
+    agent: localize(state, node, LocalTasks) ──RoutingTable──▶ mesh.runtime.Mesh.apply
+           TunnelServer: resolve(task) in the CURRENT localized table (local, running endpoints
+           of mesh services only); allowed peers = the cluster nodes' addresses
+
+Rules:
+- The cluster state and the local tasks are two inputs; a change of either
+  re-localises.  Applies are serialised and coalesced (latest wins); a table with
+  the same content as the applied one is not applied again.
+- A local kill/stop/die drains that task at once (``LocalTasks.draining``)
+  without waiting for a manager; the next listing drops it.
+- While no manager answers, the last state stays applied (ControlClient rules);
+  local events still refresh the local endpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from cluster.control import DEFAULT_CONTROL_PORT, ControlClient, ControlServer
+from cluster.state import ClusterState, localize
+from cluster.token import read_token
+from cluster.tunnel import DEFAULT_TUNNEL_PORT, LocalTarget, TunnelServer, host_tunnel_header
+from discovery.engine import Engine, EngineError, NotFound, resolve_docker_host
+from discovery.records import SWARM_TASK_ID, ContainerRecord, NetworkRecord, RecordError
+from discovery.watcher import DRAIN_ACTIONS, GWBRIDGE, NON_FATAL_SIGNALS, UNDRAIN_ACTIONS
+from mesh.errors import ConfigError
+from mesh.routing import RoutingTable, format_hostport, parse_hostport
+
+__all__ = ["ClusterAgent", "LocalTasks", "main", "run_cluster_agent", "task_address"]
+
+log = logging.getLogger(__name__)
+
+
+def task_address(c: ContainerRecord, gwbridge: NetworkRecord | None) -> str | None:
+    """Where this node reaches a local task container: its docker_gwbridge address
+    (a task on an overlay network), else its default bridge address (a task with no
+    network).  Overlay addresses are not reachable from the host namespace."""
+    if gwbridge is not None:
+        addr = gwbridge.address_of(c.id)
+        if addr:
+            return addr
+    return c.address_on("bridge")
+
+
+class LocalTasks:
+    """The swarm task containers running on this node, from its own engine.
+
+    ``addresses``: task id -> reachable address (running, not unhealthy);
+    ``draining``: task ids that got a fatal kill/stop/die event and still show up.
+    ``on_change()`` is called (sync) after either changed.  Follows events, re-lists
+    ``coalesce`` seconds after a burst and every ``backstop`` seconds, reconnects
+    with capped backoff; while the engine is away the last view stays.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        on_change: Callable[[], None],
+        *,
+        coalesce: float = 0.05,
+        backstop: float = 30.0,
+        backoff_max: float = 1.0,
+    ) -> None:
+        self.engine = engine
+        self.on_change = on_change
+        self.coalesce = coalesce
+        self.backstop = backstop
+        self.backoff_max = backoff_max
+        self.addresses: dict[str, str] = {}
+        self.draining: set[str] = set()
+        self.ready = asyncio.Event()
+        self.listings = 0
+        self._dirty = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"<LocalTasks {len(self.addresses)} tasks draining={sorted(self.draining)}>"
+
+    async def run(self) -> None:
+        backoff = 0.05
+        while True:
+            try:
+                await self._session()
+            except (EngineError, RecordError, OSError) as exc:
+                log.warning("local engine: %s; keeping %d local tasks", exc, len(self.addresses))
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.backoff_max)
+
+    async def _session(self) -> None:
+        filters = {
+            "type": ["container", "network"],
+            "event": sorted({*DRAIN_ACTIONS, *UNDRAIN_ACTIONS, "health_status", "connect", "disconnect"}),
+        }
+        async with self.engine.events(filters) as stream:
+            reader = asyncio.create_task(self._read(stream))
+            try:
+                await self._list()
+                while not reader.done():
+                    try:
+                        await asyncio.wait_for(self._dirty.wait(), self.backstop)
+                    except TimeoutError:
+                        pass
+                    if reader.done():
+                        break
+                    await asyncio.sleep(self.coalesce)
+                    self._dirty.clear()
+                    await self._list()
+                reader.result()
+            finally:
+                reader.cancel()
+                try:
+                    await reader
+                except (asyncio.CancelledError, Exception):
+                    pass
+
+    async def _read(self, stream) -> None:
+        async for event in stream:
+            self._on_event(event)
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        typ = event.get("Type")
+        attrs = (event.get("Actor") or {}).get("Attributes") or {}
+        action = str(event.get("Action") or "").split(":", 1)[0]
+        if typ == "network":
+            if attrs.get("name") in (GWBRIDGE, "bridge"):
+                self._dirty.set()
+            return
+        task_id = attrs.get(SWARM_TASK_ID)
+        if not task_id:
+            return
+        if action in DRAIN_ACTIONS and not (action == "kill" and str(attrs.get("signal", "")) in NON_FATAL_SIGNALS):
+            if task_id in self.addresses and task_id not in self.draining:
+                self.draining.add(task_id)
+                log.info("local task %s: %s -> draining at once", task_id, action)
+                self.on_change()
+        elif action in UNDRAIN_ACTIONS and task_id in self.draining:
+            self.draining.discard(task_id)
+            self.on_change()
+        self._dirty.set()
+
+    async def _list(self) -> None:
+        raw = await self.engine.containers({"label": [SWARM_TASK_ID]})
+        try:
+            gwbridge = NetworkRecord.from_api(await self.engine.network(GWBRIDGE))
+        except NotFound:
+            gwbridge = None
+        addresses = {}
+        for d in raw:
+            c = ContainerRecord.from_summary(d)
+            tid = c.swarm_task_id
+            if not tid or c.state != "running" or c.health == "unhealthy":
+                continue
+            addr = task_address(c, gwbridge)
+            if addr:
+                addresses[tid] = addr
+        self.listings += 1
+        draining = self.draining & set(addresses)
+        changed = addresses != self.addresses or draining != self.draining
+        self.addresses, self.draining = addresses, draining
+        self.ready.set()
+        if changed:
+            self.on_change()
+
+
+def _manager_addresses(info: dict[str, Any], control_port: int) -> list[tuple[str, int]]:
+    out = []
+    for m in (info.get("Swarm") or {}).get("RemoteManagers") or ():
+        addr = str((m or {}).get("Addr") or "")
+        if not addr:
+            continue
+        try:
+            host, _ = parse_hostport(addr)
+        except ValueError:
+            continue
+        out.append((host, control_port))
+    return sorted(set(out))
+
+
+class ClusterAgent:
+    """The cluster-mode agent of one node (see the module docstring).
+
+    ``docker_host``: the local engine ("unix:///var/run/docker.sock", ...).
+    ``bind``: address for the control and tunnel servers (all interfaces by default).
+    ``status``: (host, port) of a small JSON status endpoint, or None.
+    ``mesh_factory(local_node, tunnel_header)`` builds the data plane (tests may pass
+    their own); by default ``mesh.runtime.Mesh``.
+    """
+
+    def __init__(
+        self,
+        docker_host: str | None,
+        token: str,
+        *,
+        control_port: int = DEFAULT_CONTROL_PORT,
+        tunnel_port: int = DEFAULT_TUNNEL_PORT,
+        advertise: str | None = None,
+        bind: str = "0.0.0.0",
+        status: tuple[str, int] | None = None,
+        control_wait: float = 20.0,
+        mesh_factory: Callable[..., Any] | None = None,
+    ) -> None:
+        self.host = resolve_docker_host(docker_host, os.environ)
+        self.token = token
+        self.control_port = control_port
+        self.tunnel_port = tunnel_port
+        self.advertise = advertise
+        self.bind = bind
+        self.status_addr = status
+        self.control_wait = control_wait
+        self._mesh_factory = mesh_factory
+        self.engine = Engine(self.host)
+        self.node_id = ""
+        self.manager = False
+        self.managers: list[tuple[str, int]] = []
+        self.state: ClusterState | None = None
+        self.table: RoutingTable | None = None  # last applied (localized)
+        self.applied_at = 0.0
+        self.applies = 0
+        self.mesh: Any = None
+        self.local = LocalTasks(self.engine, self._changed)
+        self.tunnel = TunnelServer(self._resolve, self._peer_allowed, host=bind, port=tunnel_port)
+        self.control_server: ControlServer | None = None
+        self.control_client: ControlClient | None = None
+        self.watcher: Any = None
+        self._peers: frozenset[str] = frozenset()
+        self._targets: dict[str, LocalTarget] = {}
+        self._version = 0
+        self._dirty = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._status_runner: web.AppRunner | None = None
+
+    def __repr__(self) -> str:
+        role = "manager" if self.manager else "worker"
+        digest = self.state.digest if self.state else None
+        return f"<ClusterAgent node={self.node_id} {role} state={digest} table={self.table and self.table.version}>"
+
+    # -- lifecycle ------------------------------------------------------------------
+    async def start(self, info_timeout: float = 60.0) -> None:
+        """Read the engine's role, bind the tunnel/control/status ports, start following."""
+        info = await self._first_info(info_timeout)
+        swarm = info.get("Swarm") or {}
+        if swarm.get("LocalNodeState") != "active" or not swarm.get("NodeID"):
+            raise ConfigError(f"the docker engine at {self.host.url} is not part of an active swarm")
+        self.node_id = str(swarm["NodeID"])
+        self.manager = bool(swarm.get("ControlAvailable"))
+        self.advertise = self.advertise or str(swarm.get("NodeAddr") or "") or None
+        self.managers = _manager_addresses(info, self.control_port)
+        self.mesh = self._make_mesh()
+        await self.tunnel.start()
+        if self.manager:
+            from discovery.cluster import ClusterWatcher
+
+            self.control_server = ControlServer(self.token, self.bind, self.control_port)
+            await self.control_server.start()
+            self.watcher = ClusterWatcher(self.engine, self._manager_state, tunnel_port=self.tunnel_port)
+            self._spawn(self.watcher.run(), "cluster-watcher")
+        else:
+            self.control_client = ControlClient(
+                lambda: self.managers, self.token, self._on_state, wait=self.control_wait
+            )
+            await self.control_client.start()
+        self._spawn(self.local.run(), "local-tasks")
+        self._spawn(self._apply_loop(), "cluster-apply")
+        self._spawn(self._info_loop(), "engine-info")
+        if self.status_addr is not None:
+            await self._start_status(*self.status_addr)
+        log.info(
+            "cluster agent on node %s (%s, advertise %s): tunnel %s, control %s, managers %s",
+            self.node_id, "manager" if self.manager else "worker", self.advertise,
+            format_hostport(self.bind, self.tunnel.port),
+            format_hostport(self.bind, self.control_server.port) if self.control_server else "-",
+            ", ".join(format_hostport(*m) for m in self.managers) or "-",
+        )  # fmt: skip
+
+    async def stop(self, grace: float = 5.0) -> None:
+        if self.control_server is not None:
+            await self.control_server.stop()
+        if self.control_client is not None:
+            await self.control_client.stop()
+        if self.watcher is not None:
+            self.watcher.stop()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self._status_runner is not None:
+            await self._status_runner.cleanup()
+            self._status_runner = None
+        await self.tunnel.stop(grace)
+        if self.mesh is not None:
+            await self.mesh.shutdown(grace)
+        await self.engine.close()
+
+    def _spawn(self, coro, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        task.add_done_callback(self._task_done)
+        self._tasks.append(task)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("cluster agent: %s stopped: %r", task.get_name(), task.exception())
+
+    def _make_mesh(self) -> Any:
+        if self._mesh_factory is not None:
+            return self._mesh_factory(local_node=self.node_id, tunnel_header=host_tunnel_header)
+        from mesh.runtime import Mesh
+
+        params = inspect.signature(Mesh).parameters
+        if "tunnel_header" not in params:
+            raise ConfigError("mesh.runtime.Mesh has no tunnel_header parameter: cluster mode cannot dial tunnels")
+        return Mesh(local_node=self.node_id, tunnel_header=host_tunnel_header)
+
+    async def _first_info(self, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return await self.engine.info()
+            except EngineError as exc:
+                if time.monotonic() > deadline:
+                    raise ConfigError(f"no docker engine answers at {self.host.url}: {exc}") from exc
+                log.warning("docker engine %s: %s; retrying", self.host.url, exc)
+                await asyncio.sleep(1.0)
+
+    async def _info_loop(self, interval: float = 5.0) -> None:
+        """Follow Swarm.RemoteManagers (a worker's failover list) and notice role changes."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                info = await self.engine.info()
+            except EngineError:
+                continue  # the local engine is away: keep the last list
+            managers = _manager_addresses(info, self.control_port)
+            if managers and managers != self.managers:
+                log.info("managers now %s", ", ".join(format_hostport(*m) for m in managers))
+                self.managers = managers
+            if bool((info.get("Swarm") or {}).get("ControlAvailable")) != self.manager:
+                log.warning("this node's swarm role changed; restart the agent to switch roles")
+
+    # -- state in -------------------------------------------------------------------
+    def _manager_state(self, state: ClusterState) -> None:
+        assert self.control_server is not None
+        self.control_server.publish(state)
+        self._on_state(state)
+
+    def _on_state(self, state: ClusterState) -> None:
+        self.state = state
+        self._peers = frozenset({n.addr for n in state.nodes} | ({self.advertise} if self.advertise else set()))
+        self._changed()
+
+    def _changed(self) -> None:
+        self._dirty.set()
+
+    async def _apply_loop(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            if self.state is None or not self.local.ready.is_set():
+                continue  # nothing to localise yet (the first state or listing sets _dirty again)
+            table = localize(self.state, self.node_id, self.local.addresses, self.local.draining)
+            if self.table is not None and table.same_content(self.table):
+                continue
+            self._version += 1
+            table = RoutingTable(version=self._version, services=table.services)
+            try:
+                await self.mesh.apply(table)
+            except Exception:
+                log.exception("applying table version %d failed; keeping the previous one", table.version)
+                continue
+            self.table = table
+            self._targets = _local_targets(table)
+            self.applied_at = time.time()
+            self.applies += 1
+            log.info("table v%d applied (cluster state %s): %s", table.version, self.state.digest,
+                     ", ".join(f"{s.name}:{r.port}->{sum(e.via is None for e in r.endpoints)} local/"
+                               f"{len(r.endpoints)}" for s, r in table.routes()) or "no services")  # fmt: skip
+
+    # -- tunnel ---------------------------------------------------------------------
+    def _peer_allowed(self, ip: str) -> bool:
+        return ip in self._peers
+
+    def _resolve(self, target: str) -> LocalTarget | None:
+        return self._targets.get(target)
+
+    # -- status ---------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        """What the status endpoint serves (JSON-able)."""
+        t = self.tunnel.stats
+        out: dict[str, Any] = {
+            "node": self.node_id,
+            "role": "manager" if self.manager else "worker",
+            "advertise": self.advertise,
+            "managers": [format_hostport(*m) for m in self.managers],
+            "state": None if self.state is None else {"digest": self.state.digest, "version": self.state.version},
+            "table": None if self.table is None else self.table.to_dict(),
+            "applied_at": self.applied_at,
+            "applies": self.applies,
+            "local_tasks": dict(sorted(self.local.addresses.items())),
+            "draining": sorted(self.local.draining),
+            "tunnel": {
+                "accepted": t.accepted,
+                "forwarded": t.forwarded,
+                "active": t.active,
+                "bytes_in": t.bytes_in,
+                "bytes_out": t.bytes_out,
+                "refused": dict(t.refused),
+            },
+        }
+        if self.control_client is not None:
+            s = self.control_client.stats
+            out["control_client"] = {
+                "manager": format_hostport(*self.control_client.manager) if self.control_client.manager else None,
+                "polls": s.polls, "applied": s.applied, "failures": s.failures,
+                "unauthorized": s.unauthorized, "failovers": s.failovers,
+            }  # fmt: skip
+        if self.control_server is not None:
+            s = self.control_server.stats
+            out["control_server"] = {"requests": s.requests, "changed": s.changed, "unchanged": s.unchanged,
+                                     "unauthorized": s.unauthorized, "bad_requests": s.bad_requests}  # fmt: skip
+        return out
+
+    async def _start_status(self, host: str, port: int) -> None:
+        async def handle(request: web.Request) -> web.Response:
+            return web.json_response(self.status())
+
+        app = web.Application()
+        app.router.add_get("/v1/cluster/status", handle)
+        self._status_runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._status_runner.setup()
+        await web.TCPSite(self._status_runner, host, port).start()
+        log.info("status on http://%s/v1/cluster/status", format_hostport(host, port))
+
+
+def _local_targets(table: RoutingTable) -> dict[str, LocalTarget]:
+    """Tunnel targets this node accepts: its own running endpoints of mesh services,
+    by "task id" and by "task id:target port" (a task may publish several ports)."""
+    out: dict[str, LocalTarget] = {}
+    for svc, route in table.routes():
+        for ep in route.endpoints:
+            if ep.via is not None or ep.state != "running":
+                continue
+            target = LocalTarget(ep.address, ep.port, svc.options.proxy_protocol)
+            out.setdefault(ep.id, target)
+            out[f"{ep.id}:{ep.port}"] = target
+    return out
+
+
+# -- command line -----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mesh run --cluster", description="the cluster-mode mesh agent of one swarm node")
+    p.add_argument("--docker", default=None, metavar="HOST", help="the local engine (default: DOCKER_HOST / socket)")
+    p.add_argument("--token-file", required=True, metavar="FILE", help="shared cluster token (a Docker secret)")
+    p.add_argument("--control-port", type=int, default=DEFAULT_CONTROL_PORT, help="manager control port (7480)")
+    p.add_argument("--tunnel-port", type=int, default=DEFAULT_TUNNEL_PORT, help="tunnel port of every agent (7481)")
+    p.add_argument("--advertise", default=None, metavar="ADDR", help="this node's address (default: Swarm.NodeAddr)")
+    p.add_argument("--bind", default="0.0.0.0", metavar="ADDR", help="address of the control and tunnel servers")
+    p.add_argument("--status", default=None, metavar="HOST:PORT", help="serve GET /v1/cluster/status there")
+    p.add_argument("--control-wait", type=float, default=20.0, help="long-poll wait in seconds (20)")
+    p.add_argument("--grace", type=float, default=5.0, help="seconds open connections get on shutdown (5)")
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+async def run_cluster_agent(args: argparse.Namespace) -> int:
+    """Run the agent until SIGTERM/SIGINT.  Returns an exit code (2: bad configuration)."""
+    for name, port in (("--control-port", args.control_port), ("--tunnel-port", args.tunnel_port)):
+        if not 0 < port < 65536:
+            raise ConfigError(f"{name} must be 1-65535, got {port}")
+    token = read_token(args.token_file)
+    status = parse_hostport(args.status) if args.status else None
+    agent = ClusterAgent(
+        args.docker,
+        token,
+        control_port=args.control_port,
+        tunnel_port=args.tunnel_port,
+        advertise=args.advertise,
+        bind=args.bind,
+        status=status,
+        control_wait=args.control_wait,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await agent.start()
+        await stop.wait()
+    finally:
+        await agent.stop(args.grace)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "run":
+        argv = argv[1:]
+    argv = [a for a in argv if a != "--cluster"]
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from mesh.loop import run
+
+    try:
+        return run(run_cluster_agent(args))
+    except ConfigError as exc:
+        print(f"mesh: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a port that cannot be bound
+        print(f"mesh: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
