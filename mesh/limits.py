@@ -1,0 +1,64 @@
+"""Process resource limits.
+
+A proxy holds two descriptors per connection, so the default soft
+RLIMIT_NOFILE (often 1024) caps it at ~500 connections.  ``raise_nofile`` lifts
+the soft limit to the hard limit, and beyond it when a larger ``max_fds`` is
+asked for and the process may raise its hard limit (root, up to
+``/proc/sys/fs/nr_open``).
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+
+__all__ = ["nofile", "raise_nofile"]
+
+log = logging.getLogger(__name__)
+
+_NR_OPEN = "/proc/sys/fs/nr_open"
+
+
+def nofile() -> tuple[int, int]:
+    """The current (soft, hard) RLIMIT_NOFILE."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def _nr_open() -> int | None:
+    try:
+        with open(_NR_OPEN) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def raise_nofile(max_fds: int | None = None) -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit, or to ``max_fds`` if given and larger
+    (raising the hard limit too where permitted).  Never lowers a limit.
+
+    Returns the soft limit now in force.  Raises ValueError for a bad ``max_fds``.
+    """
+    if max_fds is not None and (not isinstance(max_fds, int) or max_fds < 1):
+        raise ValueError(f"max_fds must be a positive integer, got {max_fds!r}")
+    soft, hard = nofile()
+    inf = resource.RLIM_INFINITY
+    want = hard if max_fds is None else max(max_fds, soft)
+    if max_fds is not None and hard != inf and max_fds > hard:
+        cap = _nr_open()
+        target = min(max_fds, cap) if cap else max_fds
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, target))
+            return target
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the fd limit to %d (hard limit %d): %s; using %d", max_fds, hard, exc, hard)
+            want = hard
+    if hard != inf:
+        want = min(want, hard)
+    if want > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the soft fd limit from %d to %d: %s", soft, want, exc)
+            return soft
+        return want
+    return soft

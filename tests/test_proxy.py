@@ -1,0 +1,594 @@
+"""The proxy and listener against real backends on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import random
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from mesh import limits
+from mesh.listener import Listener
+from mesh.pool import EJECTED, Pool
+from mesh.proxy import PRECONNECT_LIMIT, PRECONNECT_PAUSE, WRITE_HIGH, ProxyConnection
+from mesh.routing import Endpoint, Route, ServiceOptions
+from tests import backends
+from tests.backends import CHUNK, Backend, Blackhole, closed_port, pattern
+from tests.util import wait_for
+
+_LISTENERS: list[Listener] = []
+
+
+@pytest.fixture(autouse=True)
+async def _cleanup():
+    """After a failed test: abort what it left open, so the loop can close and the next test runs."""
+    yield
+    while _LISTENERS:
+        lst = _LISTENERS.pop()
+        lst.close()
+        lst.registry.abort_all()
+    while backends.LIVE:
+        await backends.LIVE[-1].close()
+
+
+def make_pool(ports, *, states=None, name="svc", **opts) -> Pool:
+    eps = tuple(
+        Endpoint(id=f"e{i}", address="127.0.0.1", port=p, state=(states or {}).get(i, "running"))
+        for i, p in enumerate(ports)
+    )
+    return Pool(
+        name, Route(port=1, endpoints=eps, listen_host="127.0.0.1"), ServiceOptions(**opts), rng=random.Random(7)
+    )
+
+
+def start_listener(pool: Pool) -> Listener:
+    lst = Listener("127.0.0.1", 0, pool, service=pool.service)
+    lst.start()
+    _LISTENERS.append(lst)
+    return lst
+
+
+async def finish(lst: Listener, *backends: Backend) -> None:
+    """Every connection closed, every host's active count back to 0, then tear down."""
+    await wait_for(lambda: len(lst.registry) == 0, what=f"connections of {lst!r} to close: {list(lst.registry)}")
+    for h in lst.pool.hosts:
+        assert h.active == 0, h
+    lst.close()
+    for b in backends:
+        await b.close()
+
+
+async def echo_once(port: int, payload: bytes = b"hello") -> bytes:
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(payload)
+    await w.drain()
+    w.write_eof()
+    data = await asyncio.wait_for(r.read(), 5)
+    w.close()
+    await w.wait_closed()
+    return data
+
+
+async def test_echo_through_proxy_counts_bytes_and_releases_host():
+    b = await Backend("a").start()
+    pool = make_pool([b.port])
+    lst = start_listener(pool)
+    assert await echo_once(lst.port, b"x" * 1000) == b"x" * 1000
+    await finish(lst, b)
+    host = pool.hosts[0]
+    assert (host.stats.connections, host.stats.bytes_in, host.stats.bytes_out) == (1, 1000, 1000)
+    assert host.stats.duration.count == 1 and host.stats.connect_time.count == 1
+    assert pool.stats.accepted == 1 and pool.stats.no_endpoint == 0
+
+
+async def test_round_robin_over_three_backends():
+    bs = [await Backend(n, "ident").start() for n in ("a", "b", "c")]
+    pool = make_pool([b.port for b in bs])
+    lst = start_listener(pool)
+    seen = []
+    for _ in range(9):
+        r, w = await asyncio.open_connection("127.0.0.1", lst.port)
+        seen.append((await asyncio.wait_for(r.readline(), 5)).decode().strip())
+        w.close()
+        await w.wait_closed()
+    assert sorted(seen) == ["a"] * 3 + ["b"] * 3 + ["c"] * 3
+    # Round robin: every window of three consecutive picks holds each backend once.
+    assert all(len(set(seen[i : i + 3])) == 3 for i in range(0, 9, 3))
+    await finish(lst, *bs)
+
+
+async def test_retry_on_refused_endpoint_then_eject():
+    a, b = await Backend("a").start(), await Backend("b").start()
+    dead = closed_port()
+    pool = make_pool([a.port, dead, b.port], retries=2, consecutive_failures=3, max_ejection_percent=50)
+    lst = start_listener(pool)
+    for i in range(12):
+        assert await echo_once(lst.port, b"ping%d" % i) == b"ping%d" % i
+    dead_host = next(h for h in pool.hosts if h.port == dead)
+    failures = pool.stats.connect_failures.get("refused", 0)
+    assert failures == 3  # three failures in a row eject it; then it is never chosen again
+    assert pool.stats.retries == 3
+    assert dead_host.health & EJECTED and dead_host.stats.ejections == 1 and dead_host.stats.connections == 0
+    assert a.connections + b.connections == 12
+    await finish(lst, a, b)
+
+
+async def test_connect_timeout_then_retry_elsewhere():
+    hole = Blackhole()
+    hole.fill()
+    b = await Backend("b").start()
+    try:
+        pool = make_pool([hole.port], connect_timeout=0.3, retries=0)
+        lst = start_listener(pool)
+        t0 = time.monotonic()
+        assert await echo_once(lst.port) == b""  # closed after the timeout, nothing else to try
+        assert 0.25 <= time.monotonic() - t0 < 2.0
+        assert pool.stats.connect_failures == {"timeout": 1}
+        await finish(lst)
+
+        pool = make_pool([hole.port, b.port], connect_timeout=0.3, retries=1, balance="round-robin")
+        lst = start_listener(pool)
+        for _ in range(2):  # one of the two starts on the black hole
+            assert await echo_once(lst.port) == b"hello"
+        assert pool.stats.connect_failures == {"timeout": 1} and pool.stats.retries == 1
+        await finish(lst, b)
+    finally:
+        hole.close()
+
+
+@pytest.mark.parametrize("case", ["empty", "all-draining"])
+async def test_no_endpoint_closes_client_at_once(case):
+    b = await Backend("b").start()
+    pool = make_pool([] if case == "empty" else [b.port], states={0: "draining"})
+    lst = start_listener(pool)
+    r, w = await asyncio.open_connection("127.0.0.1", lst.port)
+    t0 = time.monotonic()
+    assert await asyncio.wait_for(r.read(), 2) == b""
+    assert time.monotonic() - t0 < 0.5
+    w.close()
+    await w.wait_closed()
+    assert pool.stats.no_endpoint == 1 and b.connections == 0
+    await finish(lst, b)
+
+
+async def test_half_close_client_first():
+    b = await Backend("a", "echo").start()
+    lst = start_listener(make_pool([b.port]))
+    r, w = await asyncio.open_connection("127.0.0.1", lst.port)
+    w.write(b"abc")
+    w.write_eof()  # client is done sending; must still receive everything
+    assert await asyncio.wait_for(r.read(), 5) == b"abc"
+    assert b.eofs == 1
+    w.close()
+    await w.wait_closed()
+    await finish(lst, b)
+
+
+async def test_half_close_backend_first():
+    b = await Backend("a", "push", push_bytes=10_000).start()
+    lst = start_listener(make_pool([b.port]))
+    r, w = await asyncio.open_connection("127.0.0.1", lst.port)
+    assert await asyncio.wait_for(r.read(), 5) == pattern(10_000)  # then EOF from the backend
+    # The other direction is still open: the backend receives what we send after its EOF.
+    w.write(b"late bytes")
+    await w.drain()
+    await wait_for(lambda: b.bytes_received == 10, what="backend to receive bytes after its own EOF")
+    w.write_eof()
+    await finish(lst, b)
+    w.close()
+    await w.wait_closed()
+
+
+async def test_idle_timeout_closes_idle_pair_but_not_active_one():
+    b = await Backend("a").start()
+    pool = make_pool([b.port], idle_timeout=0.4)
+    lst = start_listener(pool)
+    # Active: a byte every 0.1 s for 1 s (2.5 x the timeout) keeps it open.
+    r, w = await asyncio.open_connection("127.0.0.1", lst.port)
+    for i in range(10):
+        w.write(bytes([65 + i]))
+        assert await asyncio.wait_for(r.readexactly(1), 2) == bytes([65 + i])
+        await asyncio.sleep(0.1)  # pacing, not synchronisation
+    # Idle: closed after 1..1.25 x idle_timeout (plus scheduling slack).
+    t0 = time.monotonic()
+    try:
+        assert await asyncio.wait_for(r.read(), 3) == b""
+    except ConnectionResetError:
+        pass
+    assert 0.35 <= time.monotonic() - t0 < 1.2
+    w.close()
+    await finish(lst, b)
+
+
+async def test_rst_from_backend_closes_client():
+    b = await Backend("a", "rst").start()
+    lst = start_listener(make_pool([b.port]))
+    r, w = await asyncio.open_connection("127.0.0.1", lst.port)
+    w.write(b"boom")
+    try:
+        assert await asyncio.wait_for(r.read(), 3) == b""
+    except ConnectionResetError:
+        pass
+    w.close()
+    await finish(lst, b)
+
+
+async def test_client_reset_closes_backend():
+    b = await Backend("a").start()
+    lst = start_listener(make_pool([b.port]))
+    s = socket.create_connection(("127.0.0.1", lst.port))
+    s.sendall(b"x")
+    await wait_for(lambda: b.bytes_received == 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    s.close()  # RST
+    await wait_for(lambda: b.open == 0, what="backend side to close after client RST")
+    await finish(lst, b)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+async def test_proxy_protocol_header_carries_client_address(version):
+    b = await Backend("a", "proxyhdr").start()
+    lst = start_listener(make_pool([b.port], proxy_protocol=version))
+    r, w = await asyncio.open_connection("127.0.0.1", lst.port)
+    client = w.get_extra_info("sockname")
+    w.write(b"early bytes")  # sent before the upstream is connected: buffered, then after the header
+    assert await asyncio.wait_for(r.readexactly(11), 5) == b"early bytes"
+    w.close()
+    await w.wait_closed()
+    (hdr,) = b.headers
+    assert hdr.version == int(version[1]) and hdr.command == "PROXY"
+    assert hdr.src == ("127.0.0.1", client[1])
+    assert hdr.dst == ("127.0.0.1", lst.port)
+    await finish(lst, b)
+
+
+async def test_preconnect_buffer_is_bounded_then_overflow_closes():
+    """While the connect hangs, the proxy buffers at most ~PRECONNECT_PAUSE and stops reading the client;
+    bytes delivered despite the pause (uvloop may do that) beyond PRECONNECT_LIMIT close the connection."""
+    hole = Blackhole()
+    hole.fill()
+    try:
+        pool = make_pool([hole.port], connect_timeout=10.0, retries=0)
+        lst = start_listener(pool)
+        s = socket.create_connection(("127.0.0.1", lst.port))
+        s.setblocking(False)
+        await wait_for(lambda: len(lst.registry) == 1)
+        conn = _proxy_conn(lst)
+        sent = 0
+        block = b"z" * 65536
+        deadline = time.monotonic() + 5
+        # Write until the kernel buffers are full too (bounded by time and by 64 MiB).
+        blocked = 0
+        while blocked < 20 and time.monotonic() < deadline and sent < 64 * 1024 * 1024:
+            try:
+                sent += s.send(block)
+                blocked = 0
+            except BlockingIOError:
+                blocked += 1
+                await asyncio.sleep(0.01)
+        assert conn._client_paused == 1 and conn.state == "connecting"
+        assert PRECONNECT_PAUSE < len(conn._buf) <= PRECONNECT_PAUSE + CHUNK < sent
+        assert pool.stats.overflow_closed == 0
+        # Data that arrives although reading is paused (uvloop 0.23 right after accept) is bounded too.
+        conn.data_received(b"y" * PRECONNECT_LIMIT)
+        assert pool.stats.overflow_closed == 1
+        await finish(lst)
+        s.close()
+        assert pool.stats.connect_failures == {}  # the connect was cancelled, not failed
+    finally:
+        hole.close()
+
+
+# -- heavy: uvloop only -------------------------------------------------------------------------------
+
+
+class _Reader(asyncio.Protocol):
+    """Client that hashes what it reads; ``reading`` can be switched off to apply backpressure."""
+
+    def __init__(self):
+        self.t = None
+        self.h = hashlib.blake2b()
+        self.n = 0
+        self.eof = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, t):
+        self.t = t
+
+    def data_received(self, data):
+        self.h.update(data)
+        self.n += len(data)
+
+    def eof_received(self):
+        if not self.eof.done():
+            self.eof.set_result(self.n)
+
+    def connection_lost(self, exc):
+        if not self.eof.done():
+            self.eof.set_result(self.n)
+
+
+def _proxy_conn(lst: Listener) -> ProxyConnection:
+    (conn,) = list(lst.registry)
+    return conn
+
+
+async def _sample_buffers(conn: ProxyConnection, stop: asyncio.Event, out: list[int]) -> None:
+    """Record the largest write buffer the proxy holds on either side, every 5 ms."""
+    while not stop.is_set():
+        sizes = [conn.transport.get_write_buffer_size()]
+        if conn.up_transport is not None:
+            sizes.append(conn.up_transport.get_write_buffer_size())
+        out.append(max(sizes))
+        await asyncio.sleep(0.005)
+
+
+BOUND = WRITE_HIGH + 2 * CHUNK  # high water mark plus what one read can add before pausing
+
+
+@pytest.mark.uvloop_only
+@pytest.mark.slow
+async def test_backpressure_slow_client_1gib_from_backend_stays_bounded():
+    total = 1 << 30
+    b = await Backend("push", "push", push_bytes=total).start()
+    lst = start_listener(make_pool([b.port]))
+    loop = asyncio.get_running_loop()
+    _, reader = await loop.create_connection(_Reader, "127.0.0.1", lst.port)
+    reader.t.pause_reading()  # a client that stops reading
+    await wait_for(lambda: len(lst.registry) == 1 and _proxy_conn(lst)._up_paused, what="proxy to pause upstream")
+    conn = _proxy_conn(lst)
+    await wait_for(lambda: b.max_write_buffer > 0, what="backend to feel backpressure")
+    assert conn.transport.get_write_buffer_size() <= BOUND
+    stop, samples = asyncio.Event(), []
+    sampler = loop.create_task(_sample_buffers(conn, stop, samples))
+    reader.t.resume_reading()
+    t0 = time.monotonic()
+    n = await asyncio.wait_for(reader.eof, 120)
+    elapsed = time.monotonic() - t0
+    stop.set()
+    await sampler
+    assert n == total
+    assert max(samples) <= BOUND, max(samples)
+    print(f"\n1 GiB backend->client through the proxy (one loop, all three parties): {total / elapsed / 1e6:.0f} MB/s")
+    reader.t.close()
+    await finish(lst, b)
+
+
+@pytest.mark.uvloop_only
+@pytest.mark.slow
+async def test_backpressure_slow_backend_and_1gib_byte_identical():
+    """Client -> backend: the backend stops reading for a while (the proxy must pause the client),
+    then 1 GiB arrives byte-identical (hash on both ends)."""
+    total = 1 << 30
+    recv_hash = hashlib.blake2b()
+    b = await Backend("sink", "sink", hasher=recv_hash).start()
+    lst = start_listener(make_pool([b.port]))
+    loop = asyncio.get_running_loop()
+    block = pattern(CHUNK)
+    sent_hash = hashlib.blake2b()
+
+    class Writer(asyncio.Protocol):
+        def __init__(self):
+            self.can_write = asyncio.Event()
+            self.can_write.set()
+
+        def connection_made(self, t):
+            self.t = t
+            t.set_write_buffer_limits(high=CHUNK)
+
+        def pause_writing(self):
+            self.can_write.clear()
+
+        def resume_writing(self):
+            self.can_write.set()
+
+    tr, w = await loop.create_connection(Writer, "127.0.0.1", lst.port)
+    sent = 0
+    # Phase 1: the backend does not read; the client must be stopped by the proxy.
+    while w.can_write.is_set() and sent < 64 * 1024 * 1024:
+        tr.write(block)
+        sent_hash.update(block)
+        sent += len(block)
+        await asyncio.sleep(0)
+    conn = _proxy_conn(lst)
+    assert w.can_write.is_set() is False, f"client never felt backpressure after {sent} bytes"
+    await wait_for(lambda: conn._client_paused, what="proxy to pause reading the client")
+    assert conn.up_transport.get_write_buffer_size() <= BOUND
+    stop, samples = asyncio.Event(), []
+    sampler = loop.create_task(_sample_buffers(conn, stop, samples))
+    # Phase 2: the backend reads; the client pushes the rest.
+    b.transports[0].resume_reading()
+    t0 = time.monotonic()
+    while sent < total:
+        await w.can_write.wait()
+        n = min(CHUNK, total - sent)
+        data = block if n == CHUNK else block[:n]
+        tr.write(data)
+        sent_hash.update(data)
+        sent += n
+    tr.write_eof()
+    await wait_for(lambda: b.bytes_received == total, timeout=120, interval=0.05, what="backend to receive 1 GiB")
+    elapsed = time.monotonic() - t0
+    stop.set()
+    await sampler
+    assert recv_hash.hexdigest() == sent_hash.hexdigest()
+    assert max(samples) <= BOUND, max(samples)
+    print(f"\n1 GiB client->backend through the proxy (one loop, all three parties): {total / elapsed / 1e6:.0f} MB/s")
+    tr.close()
+    await finish(lst, b)
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+ECHO_SERVER_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, sys, uvloop
+
+    class Echo(asyncio.Protocol):
+        def connection_made(self, t):
+            self.t = t
+        def data_received(self, data):
+            self.t.write(data)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        srv = await loop.create_server(Echo, "127.0.0.1", 0, backlog=4096)
+        print(srv.sockets[0].getsockname()[1], flush=True)
+        await loop.run_in_executor(None, sys.stdin.readline)
+
+    uvloop.run(main())
+    """
+)
+
+
+@pytest.mark.uvloop_only
+@pytest.mark.slow
+async def test_5000_concurrent_connections_no_fd_leak():
+    # 5000 pairs take 15000 fds here (client, proxy client side, proxy upstream side); the
+    # backend runs in a subprocess so the 20000 fd limit of this machine is enough.
+    limits.raise_nofile()
+    n = 5000
+    backend = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", ECHO_SERVER_SCRIPT, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        bport = int(await asyncio.wait_for(backend.stdout.readline(), 10))
+        await _many_connections(n, bport)
+    finally:
+        backend.stdin.close()
+        await asyncio.wait_for(backend.wait(), 10)
+
+
+async def _many_connections(n: int, bport: int) -> None:
+    pool = make_pool([bport])
+    lst = start_listener(pool)
+    before = _open_fds()
+    loop = asyncio.get_running_loop()
+
+    class Client(asyncio.Protocol):
+        def __init__(self):
+            self.got = loop.create_future()
+
+        def connection_made(self, t):
+            self.t = t
+            t.write(b"hi")
+
+        def data_received(self, data):
+            if not self.got.done():
+                self.got.set_result(data)
+
+        def connection_lost(self, exc):
+            if not self.got.done():
+                self.got.set_exception(ConnectionError(f"lost before echo: {exc!r}"))
+
+    clients = []
+    try:
+        for _ in range(0, n, 500):  # open in batches so the 4096 backlog never overflows
+            clients += await asyncio.gather(
+                *(loop.create_connection(Client, "127.0.0.1", lst.port) for _ in range(500))
+            )
+        got = await asyncio.wait_for(asyncio.gather(*(p.got for _, p in clients)), 60)
+        assert got == [b"hi"] * n
+        assert len(lst.registry) == n and pool.hosts[0].active == n
+        assert _open_fds() >= before + 3 * n
+    finally:
+        for t, _ in clients:
+            t.close()
+        clients.clear()
+    await wait_for(lambda: len(lst.registry) == 0, timeout=30, what="5000 connections to close")
+    await wait_for(lambda: _open_fds() <= before, timeout=10, what=f"fds back to {before}, now {_open_fds()}")
+    assert pool.hosts[0].stats.connections == n and pool.hosts[0].active == 0
+    await finish(lst)
+
+
+EMFILE_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, os, resource, socket, sys, time, random
+    import uvloop
+    from mesh.listener import Listener
+    from mesh.pool import Pool
+    from mesh.routing import Endpoint, Route, ServiceOptions
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        backend = await loop.create_server(asyncio.Protocol, "127.0.0.1", 0)
+        bport = backend.sockets[0].getsockname()[1]
+        pool = Pool("svc", Route(port=1, endpoints=(Endpoint("e", "127.0.0.1", bport),)), ServiceOptions())
+        lst = Listener("127.0.0.1", 0, pool, service="svc")
+        lst.start()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        hog = []
+        try:
+            while True:
+                hog.append(socket.socket())
+        except OSError:
+            pass
+        print("PORT", lst.port, flush=True)
+        sys.stdin.readline()  # the parent connected its clients
+        cpu0 = time.process_time()
+        t0 = time.monotonic()
+        while lst.fd_exhausted < 3 and time.monotonic() - t0 < 5:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)  # measure CPU over a second of exhaustion
+        cpu = time.process_time() - cpu0
+        print("EXHAUSTED", lst.fd_exhausted, "CPU", round(cpu, 3), flush=True)
+        for s in hog:
+            s.close()
+        t0 = time.monotonic()
+        while pool.stats.accepted < 3 and time.monotonic() - t0 < 5:
+            await asyncio.sleep(0.05)
+        print("ACCEPTED", pool.stats.accepted, flush=True)
+        sys.stdin.readline()
+
+    (uvloop.run if sys.argv[1] == "uvloop" else asyncio.run)(main())
+    """
+)
+
+
+@pytest.mark.parametrize("loop_name", ["uvloop", "asyncio"])
+def test_fd_exhaustion_counted_logged_no_busy_loop_then_recovers(loop_name):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", EMFILE_SCRIPT, loop_name],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=root,
+    )
+    clients = []
+    try:
+        port = int(proc.stdout.readline().split()[1])
+        for _ in range(3):
+            clients.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        words = proc.stdout.readline().split()
+        assert words[0] == "EXHAUSTED", words
+        exhausted, cpu = int(words[1]), float(words[3])
+        assert exhausted >= 3  # counted, and retried (paused, not given up)
+        assert cpu < 0.3, f"accept loop spun: {cpu}s CPU in ~1 s of fd exhaustion"
+        words = proc.stdout.readline().split()
+        assert words == ["ACCEPTED", "3"], words  # the waiting clients are served once fds are free
+        for c in clients:
+            c.settimeout(5)
+            c.sendall(b"x")  # the connection is alive (proxied to the backend)
+        proc.stdin.write("done\n")
+        proc.stdin.flush()
+        _, err = proc.communicate(timeout=10)
+        assert err.count("accept failed") == 1, err  # logged once per interval, not per failure
+        assert "service svc listener 127.0.0.1:" in err
+    finally:
+        for c in clients:
+            c.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
