@@ -1,0 +1,178 @@
+"""Cluster mode, pure parts: the manager's cluster state from swarm records, node parsing,
+the agent's local addresses and tunnel targets.  Table-driven, exact assertions."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.state import ClusterState, NodeInfo, localize
+from cluster.tunnel import LocalTarget
+from discovery.cluster import build_cluster_state, node_infos
+from discovery.records import ContainerRecord, NetworkAddress, NetworkRecord, ServiceRecord, TaskRecord, frozen_labels
+from mesh.routing import Endpoint, Route, RoutingTable, Service, ServiceOptions
+from meshagent.cluster import _local_targets, _manager_addresses, task_address
+
+WEB = ServiceRecord(
+    id="svcweb", name="web", labels=frozen_labels({"mesh.publish": "8080:80,8443:443"}), replicas=4, created=1.0
+)
+DB = ServiceRecord(
+    id="svcdb", name="db", labels=frozen_labels({"mesh.publish": "5432", "mesh.proxy-protocol": "v1"}), created=2.0
+)
+PLAIN = ServiceRecord(id="svcplain", name="plain", labels=frozen_labels({"other": "x"}), created=3.0)
+
+
+def T(tid: str, svc: str, node: str, state: str = "running", desired: str = "running", addrs=()) -> TaskRecord:
+    return TaskRecord(
+        id=tid, service_id=svc, node_id=node, state=state, desired_state=desired, container_id=f"c-{tid}",
+        addresses=tuple(addrs),
+    )  # fmt: skip
+
+
+NODES = (NodeInfo("n1", "10.0.0.1", tunnel=7481), NodeInfo("n2", "10.0.0.2", tunnel=7481))
+
+
+def test_cluster_state_routes_running_tasks_of_every_node() -> None:
+    tasks = [
+        T("t1", "svcweb", "n1", addrs=[("meshnet", "198.19.1.5")]),
+        T("t2", "svcweb", "n2"),
+        T("t3", "svcweb", "n2", state="starting"),  # not running yet: left out
+        T("t4", "svcweb", "n1", desired="shutdown"),  # being replaced: draining
+        T("t5", "svcweb", "n2", state="shutdown", desired="shutdown"),  # gone
+        T("d1", "svcdb", "n2"),
+        T("p1", "svcplain", "n1"),
+    ]
+    state, problems = build_cluster_state([WEB, DB, PLAIN], tasks, NODES, killed={"c-t2"}, version=7)
+    assert problems == ()
+    assert state.version == 7
+    assert state.nodes == NODES
+    db, web = state.table.services
+    assert web.name == "web"
+    assert [r.port for r in web.routes] == [8080, 8443]
+    assert web.routes[0].endpoints == (
+        Endpoint("t1", "198.19.1.5", 80, node="n1"),
+        Endpoint("t2", "0.0.0.0", 80, node="n2", state="draining"),
+        Endpoint("t4", "0.0.0.0", 80, node="n1", state="draining"),
+    )
+    assert [e.port for e in web.routes[1].endpoints] == [443, 443, 443]
+    assert (db.name, db.options.proxy_protocol) == ("db", "v1")
+    assert db.routes[0].endpoints == (Endpoint("d1", "0.0.0.0", 5432, node="n2"),)
+
+
+def test_cluster_state_is_equal_across_managers_and_reports_bad_labels() -> None:
+    bad = ServiceRecord(id="svcbad", name="bad", labels=frozen_labels({"mesh.publish": "99999"}))
+    a, pa = build_cluster_state([WEB, bad], [T("t1", "svcweb", "n1")], NODES, version=1)
+    b, pb = build_cluster_state([bad, WEB], [T("t1", "svcweb", "n1")], reversed(NODES), version=9)
+    assert a.digest == b.digest and a.version != b.version
+    assert [p.subject for p in pa] == ["service bad"] and "mesh.publish" in pa[0].message
+    assert pa == pb
+
+
+def _node(nid: str, addr: str, state: str = "ready", avail: str = "active", mgr: str | None = None) -> dict:
+    raw = {
+        "ID": nid,
+        "Description": {"Hostname": f"host-{nid}"},
+        "Spec": {"Role": "manager" if mgr else "worker", "Availability": avail},
+        "Status": {"State": state, "Addr": addr},
+    }
+    if mgr:
+        raw["ManagerStatus"] = {"Leader": True, "Reachability": "reachable", "Addr": mgr}
+    return raw
+
+
+NODE_CASES = [
+    ("worker as reported", [_node("n2", "10.0.0.2")], 7481, [NodeInfo("n2", "10.0.0.2", tunnel=7481)]),
+    (
+        "a manager reporting 0.0.0.0 uses its ManagerStatus address",
+        [_node("n1", "0.0.0.0", mgr="10.0.0.1:2377")],
+        7481,
+        [NodeInfo("n1", "10.0.0.1", tunnel=7481)],
+    ),
+    ("a node without any address is left out", [_node("n3", "")], 7481, []),
+    (
+        "down and drained stay listed",
+        [_node("n4", "10.0.0.4", "down", "drain")],
+        9000,
+        [NodeInfo("n4", "10.0.0.4", "down", "drain", 9000)],
+    ),
+    (
+        "words of a newer engine are read safely",
+        [_node("n5", "10.0.0.5", "rebooting", "")],
+        None,
+        [NodeInfo("n5", "10.0.0.5", "unknown", "active", None)],
+    ),
+    ("a node without ID is skipped", [{"Status": {"Addr": "10.0.0.6"}}], 7481, []),
+]
+
+
+@pytest.mark.parametrize(("raw", "port", "expected"), [c[1:] for c in NODE_CASES], ids=[c[0] for c in NODE_CASES])
+def test_node_infos(raw: list[dict], port: int | None, expected: list[NodeInfo]) -> None:
+    assert list(node_infos(raw, port)) == expected
+
+
+def _container(cid: str, nets: dict[str, str], state: str = "running") -> ContainerRecord:
+    return ContainerRecord(
+        id=cid,
+        name=cid,
+        labels=frozen_labels({"com.docker.swarm.task.id": f"task-{cid}"}),
+        state=state,
+        networks=tuple(NetworkAddress(n, f"id-{n}", ip) for n, ip in sorted(nets.items())),
+    )
+
+
+GW = NetworkRecord(id="gw", name="docker_gwbridge", containers=(("c1", "172.18.0.3"),))
+
+ADDRESS_CASES = [
+    ("overlay task: its docker_gwbridge address", _container("c1", {"meshnet": "198.19.1.5"}), GW, "172.18.0.3"),
+    ("task without a network: its bridge address", _container("c2", {"bridge": "172.17.0.4"}), GW, "172.17.0.4"),
+    ("overlay task not yet on gwbridge: no address", _container("c3", {"meshnet": "198.19.1.6"}), GW, None),
+    ("no gwbridge network at all", _container("c4", {"bridge": "172.17.0.9"}), None, "172.17.0.9"),
+]
+
+
+@pytest.mark.parametrize(("c", "gw", "expected"), [c[1:] for c in ADDRESS_CASES], ids=[c[0] for c in ADDRESS_CASES])
+def test_task_address(c: ContainerRecord, gw: NetworkRecord | None, expected: str | None) -> None:
+    assert task_address(c, gw) == expected
+
+
+def test_local_targets_are_local_running_endpoints_by_task_and_by_task_port() -> None:
+    state = ClusterState(
+        table=RoutingTable(
+            version=3,
+            services=(
+                Service("db", (Route(5432, (Endpoint("d1", "x", 5432, node="n1"),)),), ServiceOptions(proxy_protocol="v2")),
+                Service(
+                    "web",
+                    (
+                        Route(8080, (Endpoint("w1", "x", 80, node="n1"), Endpoint("w2", "x", 80, node="n2"),
+                                     Endpoint("w3", "x", 80, node="n1"))),
+                        Route(8443, (Endpoint("w1", "x", 443, node="n1"),)),
+                    ),
+                ),
+            ),
+        ),
+        nodes=NODES,
+    )  # fmt: skip
+    table = localize(state, "n1", {"d1": "172.17.0.2", "w1": "172.17.0.3", "w3": "172.17.0.4"}, draining={"w3"})
+    assert _local_targets(table) == {
+        "d1": LocalTarget("172.17.0.2", 5432, "v2"),
+        "d1:5432": LocalTarget("172.17.0.2", 5432, "v2"),
+        "w1": LocalTarget("172.17.0.3", 80, None),
+        "w1:80": LocalTarget("172.17.0.3", 80, None),
+        "w1:443": LocalTarget("172.17.0.3", 443, None),
+    }  # w2 is remote, w3 is draining: neither is a tunnel target here
+
+
+def test_manager_addresses_from_info() -> None:
+    info = {
+        "Swarm": {
+            "RemoteManagers": [
+                {"NodeID": "a", "Addr": "10.0.0.2:2377"},
+                {"NodeID": "b", "Addr": "10.0.0.1:2377"},
+                {"NodeID": "c", "Addr": "[fd00::3]:2377"},
+                {"NodeID": "d", "Addr": "garbage"},
+                {"NodeID": "e"},
+            ]
+        }
+    }
+    assert _manager_addresses(info, 7480) == [("10.0.0.1", 7480), ("10.0.0.2", 7480), ("fd00::3", 7480)]
+    assert _manager_addresses({}, 7480) == []
