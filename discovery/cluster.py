@@ -26,9 +26,11 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from cluster.state import NODE_AVAILABILITIES, NODE_STATES, ClusterState, NodeInfo
+from mesh.routing import RoutingTable
 
 from .builder import Problem, build_table
 from .engine import Engine
@@ -40,6 +42,7 @@ __all__ = ["ClusterWatcher", "build_cluster_state", "node_infos"]
 log = logging.getLogger(__name__)
 
 PLACEHOLDER_ADDRESS = "0.0.0.0"
+LOCALITY_LABEL = "mesh.locality"
 OnState = Callable[[ClusterState], Awaitable[None] | None]
 
 
@@ -105,11 +108,42 @@ def build_cluster_state(
     """The cluster state from swarm records (pure).  ``killed``: task/container ids
     with a kill/stop event (from the manager's own engine): they are ``draining``.
     Returns (state, problems) like ``build_table``."""
-    tasks = tuple(tasks)
+    tasks, services = tuple(tasks), tuple(services)
     table, problems = build_table(
         services=services, tasks=tasks, gwbridge=_TaskAddresses(tasks), local_node="", killed=killed, version=version
     )  # type: ignore[arg-type]
-    return ClusterState(table=table, nodes=tuple(nodes)), problems
+    table, more = _apply_locality(table, services)
+    return ClusterState(table=table, nodes=tuple(nodes)), tuple(sorted({*problems, *more}))
+
+
+def _apply_locality(table: RoutingTable, services: Iterable[ServiceRecord]) -> tuple[RoutingTable, list[Problem]]:
+    """``mesh.locality=prefer|off`` (cluster mode only, so discovery.labels does not know it
+    yet and reports it as an unknown label; docs/cluster.md asks for it to move there)."""
+    wanted: dict[str, str] = {}
+    problems = []
+    for s in services:
+        value = s.label(LOCALITY_LABEL)
+        if value is None:
+            continue
+        value = value.strip().lower()
+        if value not in ("prefer", "off"):
+            problems.append(
+                Problem(
+                    f"service {s.name}",
+                    f"label {LOCALITY_LABEL}={value!r}: expected prefer or off; using prefer",
+                    LOCALITY_LABEL,
+                    skipped=False,
+                )
+            )
+            continue
+        wanted[s.label("mesh.service") or s.name] = value
+    if not wanted:
+        return table, problems
+    out = tuple(
+        replace(svc, options=replace(svc.options, locality=wanted[svc.name])) if svc.name in wanted else svc
+        for svc in table.services
+    )
+    return RoutingTable(version=table.version, services=out), problems
 
 
 class _NodeEvents:

@@ -7,6 +7,7 @@ import pytest
 
 from cluster.state import ClusterState, NodeInfo, localize
 from cluster.tunnel import LocalTarget
+from discovery.builder import Problem
 from discovery.cluster import build_cluster_state, node_infos
 from discovery.records import ContainerRecord, NetworkAddress, NetworkRecord, ServiceRecord, TaskRecord, frozen_labels
 from mesh.routing import Endpoint, Route, RoutingTable, Service, ServiceOptions
@@ -176,3 +177,22 @@ def test_manager_addresses_from_info() -> None:
     }
     assert _manager_addresses(info, 7480) == [("10.0.0.1", 7480), ("10.0.0.2", 7480), ("fd00::3", 7480)]
     assert _manager_addresses({}, 7480) == []
+
+
+@pytest.mark.parametrize(
+    ("value", "locality", "problem"),
+    [("off", "off", None), ("Prefer", "prefer", None), ("nearest", "prefer", "expected prefer or off")],
+)
+def test_mesh_locality_label(value: str, locality: str, problem: str | None) -> None:
+    svc = ServiceRecord(
+        id="s", name="web", labels=frozen_labels({"mesh.publish": "8080:80", "mesh.locality": value}), created=1.0
+    )
+    state, problems = build_cluster_state([svc], [T("t1", "s", "n1")], NODES)
+    assert state.table.services[0].options.locality == locality
+    # discovery.labels does not know the label yet: it warns "unknown" (not skipped) until it moves there
+    unknown = Problem("service web", "unknown label mesh.locality (ignored)", None, skipped=False)
+    if problem is None:
+        assert problems == (unknown,)
+    else:
+        bad = Problem("service web", f"label mesh.locality={value!r}: {problem}; using prefer", "mesh.locality", False)
+        assert problems == (bad, unknown)
