@@ -359,13 +359,5 @@ async def worker_main(control_fd: int, index: int, *, grace: float, node: str | 
 
 
 def _make_mesh(mesh_cls: Any, *, node: str | None, access_log: bool, reuse_port: bool = True) -> Any:
-    """Build a Mesh, passing only the keyword arguments its constructor accepts."""
-    import inspect
-
-    params = inspect.signature(mesh_cls).parameters
-    kw: dict[str, Any] = {"local_node": node or None}
-    if reuse_port:
-        kw["reuse_port"] = True
-    if "access_log" in params:
-        kw["access_log"] = access_log
-    return mesh_cls(**{k: v for k, v in kw.items() if k in params or k == "local_node"})
+    """The data plane of this process (``mesh_cls`` is ``mesh.runtime.Mesh``; injected to keep imports lazy)."""
+    return mesh_cls(local_node=node or None, reuse_port=reuse_port, access_log=access_log)
