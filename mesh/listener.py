@@ -88,6 +88,7 @@ class Listener:
         reuse_port: bool = False,
         backlog: int = BACKLOG,
         tunnel_header: TunnelHeader = default_tunnel_header,
+        access_log: bool = False,
     ) -> None:
         self.host = host
         self.port = port
@@ -97,6 +98,7 @@ class Listener:
         self.reuse_port = reuse_port
         self.backlog = backlog
         self.tunnel_header = tunnel_header
+        self.access_log = access_log  # one mesh.access line per closed connection
         self.accepted = 0
         self.fd_exhausted = 0  # accepts that failed for lack of descriptors/memory
         self.accept_errors = 0  # other accept errors

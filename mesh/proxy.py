@@ -199,7 +199,8 @@ class ProxyConnection(asyncio.Protocol):
     """The client side of one proxied connection, and its state (see the module docstring).
 
     ``listener`` provides ``pool`` (a ``mesh.pool.Pool``), ``registry`` (a
-    ``ConnectionRegistry``), ``tunnel_header`` and a ``service`` name.
+    ``ConnectionRegistry``), ``tunnel_header``, ``access_log`` (bool), ``service``
+    and ``port``.
     """
 
     __slots__ = (
@@ -223,6 +224,7 @@ class ProxyConnection(asyncio.Protocol):
         "nbytes",
         "options",
         "pool",
+        "reason",
         "started",
         "transport",
         "up",
@@ -241,6 +243,7 @@ class ProxyConnection(asyncio.Protocol):
         self.local: tuple | None = None
         self.nbytes = 0  # client -> endpoint
         self.started = 0.0
+        self.reason: str | None = None  # why it closed, first cause wins (access log)
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._buf: bytearray | None = None
         self._client_eof = False
@@ -273,6 +276,7 @@ class ProxyConnection(asyncio.Protocol):
         host = pool.choose(self.client)
         if host is None:
             stats.no_endpoint += 1
+            self.reason = "no_endpoint"
             transport.close()
             return
         host.active += 1
@@ -313,11 +317,11 @@ class ProxyConnection(asyncio.Protocol):
                     log.debug("%r: connect to %r failed: %s (%r)", self, host, reason, exc)
                     tried.append(host)
                     if self._client_lost or len(tried) > opts.retries:
-                        self._close_client()
+                        self._close_client(reason)
                         return
                     host = pool.choose(self.client, tried)
                     if host is None:
-                        self._close_client()
+                        self._close_client(reason)
                         return
                     stats.retries += 1
                     host.active += 1
@@ -383,7 +387,7 @@ class ProxyConnection(asyncio.Protocol):
         if len(buf) > PRECONNECT_PAUSE:
             if len(buf) > PRECONNECT_LIMIT:
                 self.pool.stats.overflow_closed += 1
-                self.abort()
+                self.abort("overflow")
                 return
             self._pause_client_reading(True, 1)
 
@@ -410,6 +414,8 @@ class ProxyConnection(asyncio.Protocol):
             up.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.reason is None:
+            self.reason = "client_closed"
         self._client_lost = True
         self._client_eof = True
         self._buf = None
@@ -432,6 +438,8 @@ class ProxyConnection(asyncio.Protocol):
     def _upstream_lost(self, up: UpstreamProtocol, exc: Exception | None) -> None:
         if self.up is not up:
             return
+        if self.reason is None:
+            self.reason = "upstream_closed"
         self._up_eof = True
         if not self._client_lost:
             self.transport.close()
@@ -467,13 +475,17 @@ class ProxyConnection(asyncio.Protocol):
         if self.up_transport is not None:
             self.up_transport.close()
 
-    def _close_client(self) -> None:
+    def _close_client(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
         self._buf = None
         if not self._client_lost:
             self.transport.close()
 
-    def abort(self) -> None:
+    def abort(self, reason: str = "shutdown") -> None:
         """Abort both sides now (RST where possible); the connection then finishes as usual."""
+        if self.reason is None:
+            self.reason = reason
         self._buf = None
         task = self._connect_task
         if task is not None:
@@ -495,7 +507,7 @@ class ProxyConnection(asyncio.Protocol):
             self._idle_quiet += 1
             if self._idle_quiet >= IDLE_CHECKS:
                 log.debug("%r: idle for %.1fs, closing", self, self.options.idle_timeout)
-                self.abort()
+                self.abort("idle_timeout")
                 return
         loop = self._loop
         self._idle_handle = loop.call_at(loop.time() + self.options.idle_timeout / IDLE_CHECKS, self._idle_check)
@@ -509,13 +521,29 @@ class ProxyConnection(asyncio.Protocol):
             self._idle_handle.cancel()
             self._idle_handle = None
         host = self.host
+        duration = time.monotonic() - self.started
+        sent = self.up.nbytes if self.up is not None else 0
         if host is not None:
             host.active -= 1
             st = host.stats
             st.bytes_in += self.nbytes
-            st.bytes_out += self.up.nbytes
-            st.duration.observe(time.monotonic() - self.started)
-        self.listener.registry.remove(self)
+            st.bytes_out += sent
+            st.duration.observe(duration)
+        listener = self.listener
+        listener.registry.remove(self)
+        if listener.access_log:
+            from mesh.metrics import log_access
+
+            log_access(
+                listener.service,
+                listener.port,
+                host.endpoint.id if host is not None else None,
+                self.client,
+                self.nbytes,
+                sent,
+                duration,
+                self.reason or "client_closed",
+            )
 
     # -- introspection -----------------------------------------------------------------------------
     @property

@@ -1,0 +1,259 @@
+"""Mesh.apply() as a diff, draining, shutdown and bind failures, with real sockets on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+
+import pytest
+
+from mesh.pool import EJECTED, FAILED_ACTIVE_HC
+from mesh.routing import Endpoint, HealthCheck, Route, RoutingTable, Service, ServiceOptions
+from mesh.runtime import Mesh
+from tests import backends
+from tests.backends import Backend, closed_port
+from tests.util import wait_for
+
+_MESHES: list[Mesh] = []
+
+
+@pytest.fixture(autouse=True)
+async def _cleanup():
+    yield
+    while _MESHES:
+        await _MESHES.pop().shutdown(0)
+    while backends.LIVE:
+        await backends.LIVE[-1].close()
+
+
+def new_mesh(**kw) -> Mesh:
+    m = Mesh(**kw)
+    _MESHES.append(m)
+    return m
+
+
+def free_port() -> int:
+    return closed_port()
+
+
+def svc(name, port, *ports, states=None, **opts) -> Service:
+    eps = tuple(
+        Endpoint(id=f"{name}-{i}", address="127.0.0.1", port=p, state=(states or {}).get(i, "running"))
+        for i, p in enumerate(ports)
+    )
+    return Service(name, (Route(port=port, endpoints=eps, listen_host="127.0.0.1"),), ServiceOptions(**opts))
+
+
+class Client:
+    """A client connection through the mesh (streams are fine on the test side)."""
+
+    def __init__(self, r, w):
+        self.r, self.w = r, w
+
+    @classmethod
+    async def open(cls, port: int) -> Client:
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        return cls(r, w)
+
+    async def echo(self, data: bytes) -> bytes:
+        self.w.write(data)
+        await self.w.drain()
+        return await asyncio.wait_for(self.r.readexactly(len(data)), 5)
+
+    async def line(self) -> str:
+        return (await asyncio.wait_for(self.r.readline(), 5)).decode().strip()
+
+    async def close(self) -> None:
+        self.w.close()
+        try:
+            await self.w.wait_closed()
+        except ConnectionError:
+            pass
+
+
+def refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+async def test_listener_added_and_removed_while_a_connection_stays_open():
+    a, b = await Backend("a").start(), await Backend("b").start()
+    pa, pb = free_port(), free_port()
+    mesh = new_mesh()
+    await mesh.apply(RoutingTable(1, (svc("A", pa, a.port),)))
+    assert mesh.ready() and [(lst.service, lst.port) for lst in mesh.listeners()] == [("A", pa)]
+    c = await Client.open(pa)
+    assert await c.echo(b"one") == b"one"
+
+    await mesh.apply(RoutingTable(2, (svc("B", pb, b.port),)))
+    assert [(lst.service, lst.port) for lst in mesh.listeners()] == [("B", pb)]
+    assert refused(pa)  # stopped accepting at once
+    assert await c.echo(b"two") == b"two"  # ... while the open connection continues
+    c2 = await Client.open(pb)
+    assert await c2.echo(b"new") == b"new"
+    assert mesh.connections() == 2
+    await c.close()
+    await c2.close()
+    await wait_for(lambda: mesh.connections() == 0)
+    assert mesh.table.version == 2
+
+
+async def test_pool_state_survives_a_table_with_the_same_endpoints():
+    a = await Backend("a").start()
+    dead = closed_port()
+    port = free_port()
+    mesh = new_mesh()
+    t1 = RoutingTable(1, (svc("A", port, a.port, dead, consecutive_failures=1, max_ejection_percent=50),))
+    await mesh.apply(t1)
+    lst = mesh.listener("127.0.0.1", port)
+    pool = lst.pool
+    dead_host = next(h for h in pool.hosts if h.port == dead)
+    c = await Client.open(port)  # may hit the dead one first, then retries onto a
+    assert await c.echo(b"x") == b"x"
+    pool.report_failure(dead_host)  # make sure it is ejected whichever host the client got
+    assert dead_host.health & EJECTED
+    live_host = next(h for h in pool.hosts if h.port == a.port)
+    assert live_host.active == 1
+
+    await mesh.apply(t1.with_version(2))
+    assert mesh.listener("127.0.0.1", port) is lst and lst.pool is pool
+    assert next(h for h in pool.hosts if h.port == dead) is dead_host and dead_host.health & EJECTED
+    assert live_host.active == 1 and live_host.stats.connections == 1
+    assert await c.echo(b"y") == b"y"
+    await c.close()
+    await wait_for(lambda: live_host.active == 0)
+
+
+async def test_changed_options_apply_to_new_connections_only():
+    e = await Backend("e").start()
+    port = free_port()
+    mesh = new_mesh()
+    await mesh.apply(RoutingTable(1, (svc("A", port, e.port, idle_timeout=0),)))
+    pool = mesh.listener("127.0.0.1", port).pool
+    old = await Client.open(port)
+    assert await old.echo(b"old") == b"old"
+    await mesh.apply(RoutingTable(2, (svc("A", port, e.port, idle_timeout=0.3),)))
+    assert mesh.listener("127.0.0.1", port).pool is pool and pool.options.idle_timeout == 0.3
+    new = await Client.open(port)
+    assert await new.echo(b"new") == b"new"
+    t0 = time.monotonic()
+    assert await asyncio.wait_for(new.r.read(), 3) == b""  # the new connection has the idle timeout
+    assert 0.25 <= time.monotonic() - t0 < 1.5
+    assert await old.echo(b"still") == b"still"  # the old one kept "no idle timeout"
+    assert pool.hosts[0].stats.connections == 2
+    await old.close()
+    await new.close()
+
+
+async def test_draining_endpoint_gets_no_new_connections_but_keeps_its_open_one():
+    a, b = await Backend("a", "ident").start(), await Backend("b", "ident").start()
+    port = free_port()
+    mesh = new_mesh()
+    await mesh.apply(RoutingTable(1, (svc("A", port, a.port, b.port),)))
+    c = await Client.open(port)
+    first = await c.line()
+    drain_index = 0 if first == "a" else 1
+    await mesh.apply(RoutingTable(2, (svc("A", port, a.port, b.port, states={drain_index: "draining"}),)))
+    others = []
+    for _ in range(4):
+        c2 = await Client.open(port)
+        others.append(await c2.line())
+        await c2.close()
+    assert others == ["b" if first == "a" else "a"] * 4
+    assert await c.echo(b"still here") == b"still here"
+    host = next(h for h in mesh.listener("127.0.0.1", port).pool.hosts if h.id.endswith(str(drain_index)))
+    assert host.draining and host.active == 1
+    await c.close()
+    await wait_for(lambda: host.active == 0)
+
+
+async def test_shutdown_waits_for_connections_that_finish_within_grace():
+    a = await Backend("a").start()
+    port = free_port()
+    mesh = new_mesh()
+    await mesh.apply(RoutingTable(1, (svc("A", port, a.port),)))
+    c = await Client.open(port)
+    assert await c.echo(b"x") == b"x"
+
+    async def finish_soon():
+        await asyncio.sleep(0.2)  # the client's own pace, not synchronisation
+        await c.close()
+
+    closer = asyncio.get_running_loop().create_task(finish_soon())
+    t0 = time.monotonic()
+    await mesh.shutdown(5.0)
+    elapsed = time.monotonic() - t0
+    await closer
+    assert 0.15 <= elapsed < 2.0, elapsed  # returned when the connection ended, well before the grace
+    assert mesh.connections() == 0 and mesh.listeners() == [] and refused(port)
+    assert a.bytes_received == 1
+
+
+async def test_shutdown_aborts_connections_still_open_after_grace():
+    a = await Backend("a").start()
+    port = free_port()
+    mesh = new_mesh()
+    await mesh.apply(RoutingTable(1, (svc("A", port, a.port),)))
+    c = await Client.open(port)
+    assert await c.echo(b"x") == b"x"
+    t0 = time.monotonic()
+    await mesh.shutdown(0.3)
+    assert 0.25 <= time.monotonic() - t0 < 2.0
+    assert mesh.connections() == 0
+    try:
+        assert await asyncio.wait_for(c.r.read(), 2) == b""
+    except ConnectionResetError:
+        pass
+    await wait_for(lambda: a.open == 0, what="backend side closed by the abort")
+    await c.close()
+
+
+async def test_port_taken_is_skipped_with_a_log_and_others_serve(caplog):
+    a, b = await Backend("a").start(), await Backend("b").start()
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    pt, pb = taken.getsockname()[1], free_port()
+    mesh = new_mesh()
+    table = RoutingTable(1, (svc("blocked", pt, a.port), svc("fine", pb, b.port)))
+    with caplog.at_level(logging.ERROR, logger="mesh.runtime"):
+        await mesh.apply(table)
+    msgs = [r.getMessage() for r in caplog.records if r.name == "mesh.runtime"]
+    assert any(
+        f"service blocked port {pt}" in m and f"cannot bind 127.0.0.1:{pt}: Address already in use" in m for m in msgs
+    ), msgs
+    assert not mesh.ready() and list(mesh.failed) == [("127.0.0.1", pt)]
+    c = await Client.open(pb)
+    assert await c.echo(b"ok") == b"ok"
+    await c.close()
+    # Once the port is free, the next apply binds it.
+    taken.close()
+    await mesh.apply(table.with_version(2))
+    assert mesh.ready() and sorted(lst.service for lst in mesh.listeners()) == ["blocked", "fine"]
+    c = await Client.open(pt)
+    assert await c.echo(b"now") == b"now"
+    await c.close()
+
+
+async def test_health_checker_follows_the_options():
+    a = await Backend("a").start()
+    dead = closed_port()
+    port = free_port()
+    hc = HealthCheck(kind="tcp", interval=0.05, timeout=0.5, rise=1, fall=1, jitter=0)
+    mesh = new_mesh()
+    await mesh.apply(RoutingTable(1, (svc("A", port, a.port, dead, health_check=hc, panic_threshold=0),)))
+    pool = mesh.listener("127.0.0.1", port).pool
+    dead_host = next(h for h in pool.hosts if h.port == dead)
+    await wait_for(lambda: dead_host.health & FAILED_ACTIVE_HC, what="health check to fail the dead endpoint")
+    for _ in range(3):
+        c = await Client.open(port)
+        assert await c.echo(b"x") == b"x"  # never tried the failed one: no connect failures
+        await c.close()
+    assert pool.stats.connect_failures == {}
+    await mesh.apply(RoutingTable(2, (svc("A", port, a.port, dead, panic_threshold=0),)))
+    assert not dead_host.health & FAILED_ACTIVE_HC  # check removed: its verdict no longer holds
