@@ -161,10 +161,12 @@ class StatsReader:
         listeners: Callable[[], Iterable[Any]],
         info: Callable[[], dict[str, Any]] = dict,
         *,
+        unbound: Callable[[], Iterable[tuple[str, str, int]]] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._listeners_of = listeners
         self._info = info
+        self._unbound = unbound
         self._clock = clock
         self._ledgers: dict[int, _Ledger] = {}
         self._listeners: dict[int, Any] = {}  # id -> listener seen at the last snapshot (strong refs)
@@ -235,6 +237,9 @@ class StatsReader:
                     "removed": _counters(led.removed),
                 }
             )
+        if self._unbound is not None:
+            for service, listen_host, port in self._unbound():
+                routes.append(_unbound_route(service, listen_host, port))
         for pid in [k for k in self._ledgers if k not in live_pools]:
             del self._ledgers[pid]  # the port is no longer served: its counters end with it
         info = self._info()
@@ -247,6 +252,31 @@ class StatsReader:
             "fd_exhausted": fd_exhausted,
             "routes": routes,
         }
+
+
+def _unbound_route(service: str, listen_host: str, port: int) -> dict[str, Any]:
+    """A route of the table whose port could not be bound: exported with ``mesh_listener_up`` 0."""
+    return {
+        "service": service,
+        "port": port,
+        "listen_host": listen_host,
+        "listening": False,
+        "accepted": 0,
+        "no_endpoint": 0,
+        "retries": 0,
+        "overflow": 0,
+        "connect_failures": {},
+        "failed": {},
+        "hosts": [],
+        "removed": _counters(HostStats()),
+    }
+
+
+def _mesh_unbound(mesh: Any) -> list[tuple[str, str, int]]:
+    table, failed = mesh.table, getattr(mesh, "failed", None)
+    if table is None or not failed:
+        return []
+    return [(svc.name, r.listen_host, r.port) for svc, r in table.routes() if (r.listen_host, r.port) in failed]
 
 
 def _mesh_info(mesh: Any) -> dict[str, Any]:
@@ -264,7 +294,21 @@ def reader_for(mesh: Any) -> StatsReader:
     """The (cached) ``StatsReader`` of a ``Mesh``: one per mesh, so removed-host ledgers persist."""
     reader = _readers.get(mesh)
     if reader is None:
-        reader = _readers[mesh] = StatsReader(lambda: mesh.listeners(), lambda: _mesh_info(mesh))
+        ref = weakref.ref(mesh)  # the cached reader must not keep its mesh alive
+
+        def listeners() -> list[Any]:
+            m = ref()
+            return [] if m is None else m.listeners()
+
+        def info() -> dict[str, Any]:
+            m = ref()
+            return {} if m is None else _mesh_info(m)
+
+        def unbound() -> list[tuple[str, str, int]]:
+            m = ref()
+            return [] if m is None else _mesh_unbound(m)
+
+        reader = _readers[mesh] = StatsReader(listeners, info, unbound=unbound)
     return reader
 
 

@@ -14,49 +14,40 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mesh.admin import AdminServer, CallbackState, parse_admin_address, table_with_runtime
+from mesh.admin import AdminServer, MeshState, parse_admin_address, table_with_runtime
 from mesh.errors import ConfigError
 from mesh.listener import Listener
-from mesh.metrics import DiscoveryMetrics, StatsReader, make_registry, merge_snapshots
+from mesh.metrics import REMOVED_ENDPOINT, DiscoveryMetrics, StatsReader, make_registry, merge_snapshots
 from mesh.pool import Pool
 from mesh.routing import Endpoint, Route, RoutingTable, Service, ServiceOptions
+from mesh.runtime import Mesh
 from tests.backends import Backend, closed_port
 from tests.util import wait_for
 
 
 class Plane:
-    """A small single-process data plane over real Listeners and Pools, applying one table."""
+    """The real single-process data plane (``mesh.runtime.Mesh``) and its admin state."""
 
     def __init__(self) -> None:
-        self.table: RoutingTable | None = None
-        self.listeners: list[Listener] = []
-        self.reader = StatsReader(lambda: self.listeners, self.info)
+        self.mesh = Mesh()
 
-    def info(self) -> dict:
-        return {"table_version": self.table.version if self.table else None, "table_applied": 1700000000.0}
+    @property
+    def table(self) -> RoutingTable | None:
+        return self.mesh.table
 
-    def apply(self, table: RoutingTable) -> None:
-        for svc, route in table.routes():
-            lst = Listener(route.listen_host, route.port, Pool(svc.name, route, svc.options), service=svc.name)
-            lst.start()
-            self.listeners.append(lst)
-        self.table = table
+    async def apply(self, table: RoutingTable) -> None:
+        await self.mesh.apply(table)
 
-    def state(self) -> CallbackState:
-        async def snapshots():
-            return [self.reader.snapshot()]
-
-        return CallbackState(lambda: self.table, lambda: self.table is not None, snapshots)
+    def state(self) -> MeshState:
+        return MeshState(self.mesh)
 
     async def drained(self) -> None:
         """Every proxied connection closed (their bytes are flushed to the stats at close)."""
-        for lst in self.listeners:
-            await wait_for(lambda lst=lst: len(lst.registry) == 0, what=f"connections of {lst!r} to close")
+        await wait_for(lambda: self.mesh.connections() == 0, what=f"connections of {self.mesh!r} to close")
 
     async def close(self) -> None:
         await self.drained()
-        for lst in self.listeners:
-            lst.close()
+        await self.mesh.shutdown(1.0)
 
 
 def free_port() -> int:
@@ -125,7 +116,7 @@ async def test_metrics_after_known_traffic_exact():
     lp = free_port()
     dead = closed_port()
     # round-robin over two live backends; a third service whose only endpoint refuses
-    plane.apply(table_for(3, {"web": (lp, [b1.port, b2.port]), "down": (free_port(), [dead])}, retries=0))
+    await plane.apply(table_for(3, {"web": (lp, [b1.port, b2.port]), "down": (free_port(), [dead])}, retries=0))
     disc = DiscoveryMetrics()
     disc.event("container", "start")
     disc.lag(0.2)
@@ -185,7 +176,7 @@ async def test_readyz_flips_when_the_first_table_is_applied():
         status, _, _ = await get(server, "/v1/table")
         assert status == 503
         assert (await get(server, "/healthz"))[0] == 200
-        plane.apply(table_for(1, {"web": (free_port(), [b.port])}))
+        await plane.apply(table_for(1, {"web": (free_port(), [b.port])}))
         status, _, body = await get(server, "/readyz")
         assert status == 200 and '"table_version": 1' in body
     finally:
@@ -201,7 +192,7 @@ async def test_v1_table_matches_the_applied_table_with_runtime():
     plane = Plane()
     lp = free_port()
     table = table_for(9, {"web": (lp, [b.port, closed_port()])}, balance="least-conn")
-    plane.apply(table)
+    await plane.apply(table)
     server = AdminServer(plane.state(), port=0)
     await server.start()
     try:
@@ -472,3 +463,82 @@ async def test_agent_metrics_after_known_traffic(tmp_path, workers):
         rc = await agent.stop()
         await b.close()
     assert rc == 0, agent.log.read_text()[-3000:]
+
+
+async def test_unbound_port_shows_in_metrics_and_readyz():
+    b = await Backend().start()
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    taken = holder.getsockname()[1]
+    plane = Plane()
+    lp = free_port()
+    await plane.apply(table_for(1, {"web": (lp, [b.port]), "blocked": (taken, [b.port])}))
+    server = AdminServer(plane.state(), port=0)
+    await server.start()
+    try:
+        status, _, body = await get(server, "/readyz")
+        assert status == 503 and "listeners are not up" in body
+        m = parse((await get(server, "/metrics"))[2])
+        assert m["mesh_listener_up"] == {L(service="web", port=lp): 1, L(service="blocked", port=taken): 0}
+        assert m["mesh_connections_accepted_total"][L(service="blocked", port=taken)] == 0
+    finally:
+        holder.close()
+        await server.stop()
+        await plane.close()
+        await b.close()
+
+
+async def test_endpoint_leaving_the_table_keeps_route_totals_monotonic():
+    b1, b2 = await Backend("a").start(), await Backend("b").start()
+    plane = Plane()
+    lp = free_port()
+    await plane.apply(table_for(1, {"web": (lp, [b1.port, b2.port])}))
+    server = AdminServer(plane.state(), port=0)
+    await server.start()
+    web = {"service": "web", "port": lp}
+    try:
+        m0 = parse((await get(server, "/metrics"))[2])
+        assert m0["mesh_upstream_connections_total"] == {L(**web, endpoint="web-0"): 0, L(**web, endpoint="web-1"): 0}
+        for _ in range(4):
+            await echo(lp, b"x" * 100)
+        # hold one connection open to each endpoint, then drop web-1 from the table
+        held = []
+        for _ in range(2):
+            r, w = await asyncio.open_connection("127.0.0.1", lp)
+            w.write(b"hold")
+            await asyncio.wait_for(r.readexactly(4), 5)
+            held.append(w)
+        await wait_for(lambda: plane.mesh.connections() == 2, what="only the two held connections open")
+        await plane.apply(table_for(2, {"web": (lp, [b1.port])}))
+        m1 = parse((await get(server, "/metrics"))[2])
+        assert m1["mesh_table_version"] == {(): 2}
+        # web-1 left the table but still carries a connection: still exported, not up
+        assert m1["mesh_connections_active"] == {L(**web, endpoint="web-0"): 1, L(**web, endpoint="web-1"): 1}
+        assert m1["mesh_endpoint_up"][L(**web, endpoint="web-1")] == 0
+        assert m1["mesh_endpoints"] == {L(**web): 1}
+        doc = __import__("json").loads((await get(server, "/v1/table"))[2])
+        departed = doc["services"][0]["routes"][0]["runtime"]["departed"]
+        assert [(d["id"], d["runtime"]["active_connections"]) for d in departed] == [("web-1", 1)]
+        for w in held:
+            w.close()
+            await w.wait_closed()
+        await plane.drained()
+        m2 = parse((await get(server, "/metrics"))[2])
+        assert m2["mesh_upstream_connections_total"] == {
+            L(**web, endpoint="web-0"): 3,
+            L(**web, endpoint=REMOVED_ENDPOINT): 3,  # web-1's 2 echoes + 1 held connection, folded
+        }
+        assert m2["mesh_received_bytes_total"] == {
+            L(**web, endpoint="web-0"): 204,
+            L(**web, endpoint=REMOVED_ENDPOINT): 204,
+        }
+        assert L(**web, endpoint="web-1") not in m2["mesh_connections_active"]
+        for name in ("mesh_upstream_connections_total", "mesh_received_bytes_total", "mesh_sent_bytes_total"):
+            sums = [sum(v for k, v in m[name].items() if ("service", "web") in k) for m in (m0, m1, m2)]
+            assert sums == sorted(sums) and sums[-1] > 0, (name, sums)
+    finally:
+        await server.stop()
+        await plane.close()
+        await b1.close()
+        await b2.close()
