@@ -561,9 +561,10 @@ async def test_sigterm_drains_open_connection_then_exits_0(tmp_path, backends):
         p = free_port()
         return {"a": p}, config_text({"a": (p, [b0.port])})
 
-    agent, ports = await start_agent(path, initial, "--grace", "30")
+    agent, ports = await start_agent(path, initial, "--grace", "30", "--access-log")
     try:
         conn = await Conn.open(ports["a"])
+        client = f"127.0.0.1:{conn.writer.get_extra_info('sockname')[1]}"
         assert await conn.echo(b"one\n") == b"one\n"
         t0 = time.monotonic()
         agent.signal(signal.SIGTERM)
@@ -574,6 +575,11 @@ async def test_sigterm_drains_open_connection_then_exits_0(tmp_path, backends):
         await conn.close()
         assert await agent.wait(15) == 0
         assert time.monotonic() - t0 < 15  # it did not wait for the 30 s grace once the connection ended
+        # --access-log: one line for the connection, written when it closed
+        access = [ln for ln in agent.lines if "mesh.access: connection closed" in ln and f"client={client}" in ln]
+        assert len(access) == 1, agent.log
+        assert f"service=a port={ports['a']} " in access[0]
+        assert "received_bytes=15 sent_bytes=15 " in access[0]
     finally:
         await agent.stop()
 
