@@ -542,3 +542,56 @@ async def test_endpoint_leaving_the_table_keeps_route_totals_monotonic():
         await plane.close()
         await b1.close()
         await b2.close()
+
+
+@pytest.mark.uvloop_only
+async def test_worker_pool_metrics_survive_a_worker_restart(monkeypatch):
+    """The parent's /metrics over real worker processes: sums of all workers, and no counter goes down
+    when a worker is killed and restarted (its last counters are kept)."""
+    import os
+    import signal
+
+    from mesh.admin import WorkerPoolState
+    from meshagent.workers import WorkerPool
+
+    monkeypatch.setenv("PYTHONPATH", _cli_env()["PYTHONPATH"])
+    b = await Backend().start()
+    lp = free_port()
+    pool = WorkerPool(2, ["--grace", "1", "--log-level", "warning"], backoff_initial=0.05)
+    await pool.start()
+    server = AdminServer(WorkerPoolState(pool), port=0)
+    web = {"service": "web", "port": lp, "endpoint": "web-0"}
+    try:
+        await pool.publish(table_for(1, {"web": (lp, [b.port])}))
+        await wait_for(pool.ready, timeout=20, what="both workers applied the table")
+        await server.start()
+        for _ in range(20):  # SO_REUSEPORT spreads these over both workers
+            await echo(lp, b"y" * 50)
+        last: dict = {}
+
+        async def counted(n: int) -> bool:
+            last.clear()
+            last.update(parse((await get(server, "/metrics"))[2]))
+            return last["mesh_connection_duration_seconds_count"].get(L(**web)) == n
+
+        await wait_for(lambda: counted(20), timeout=10, what="20 closed connections in /metrics")
+        assert last["mesh_data_plane_processes"] == {(): 2}
+        assert last["mesh_received_bytes_total"] == {L(**web): 1000}
+        before = pool.pids()
+        os.kill(before[0], signal.SIGKILL)
+        await wait_for(
+            lambda: pool.pids()[0] not in (None, before[0]) and pool.ready(), timeout=20, what="worker 0 restarted"
+        )
+        await wait_for(lambda: counted(20), timeout=10, what="the same 20 connections after the restart")
+        assert last["mesh_received_bytes_total"] == {L(**web): 1000}
+        assert last["mesh_upstream_connections_total"] == {L(**web): 20}
+        assert last["mesh_connections_accepted_total"] == {L(service="web", port=lp): 20}
+        assert last["mesh_data_plane_processes"] == {(): 2}
+        for _ in range(4):
+            await echo(lp, b"y" * 50)
+        await wait_for(lambda: counted(24), timeout=10, what="24 closed connections")
+        assert last["mesh_received_bytes_total"] == {L(**web): 1200}
+    finally:
+        await server.stop()
+        await pool.shutdown(2.0)
+        await b.close()
