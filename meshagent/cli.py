@@ -394,7 +394,6 @@ async def _serve(args: argparse.Namespace, source: Any, admin_addr: tuple[str, i
         publish = pool.publish
     else:
         from mesh.runtime import Mesh
-
         from meshagent.workers import _make_mesh
 
         mesh = _make_mesh(Mesh, node=args.node, access_log=args.access_log, reuse_port=False)
@@ -448,6 +447,19 @@ async def _serve(args: argparse.Namespace, source: Any, admin_addr: tuple[str, i
 # -- worker (internal) ------------------------------------------------------------------------------------
 
 
+class _WorkerTag(logging.Filter):
+    """Adds ``worker=<index>`` to every record of a worker process, so interleaved logs stay readable."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "worker"):
+            record.worker = self.index
+        return True
+
+
 def _worker_command(argv: list[str]) -> int:
     """``python -m meshagent worker --control-fd FD ...``: started by WorkerPool, not by users."""
     from mesh.logs import setup_logging
@@ -465,7 +477,8 @@ def _worker_command(argv: list[str]) -> int:
         args = p.parse_args(argv)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    setup_logging(args.log_level, args.log_format, access_log=args.access_log)
+    handler = setup_logging(args.log_level, args.log_format, access_log=args.access_log)
+    handler.addFilter(_WorkerTag(args.index))
     return _run_loop(
         lambda: worker_main(args.control_fd, args.index, grace=args.grace, node=args.node, access_log=args.access_log)
     )
