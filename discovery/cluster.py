@@ -185,6 +185,7 @@ class ClusterWatcher(Watcher):
         self.state: ClusterState | None = None
         self._nodes_dirty = False
         self.state_publishes = 0
+        self._locality_problems: set[Problem] = set()
 
     # -- Watcher hooks --------------------------------------------------------------
     def _apply_info(self, info: Mapping[str, Any]) -> None:
@@ -222,8 +223,9 @@ class ClusterWatcher(Watcher):
     async def _build_and_publish(self, reason: str, pending: Any, *, full_listing: bool = False) -> bool:
         self._gwbridge = _TaskAddresses(t for ts in self._tasks.values() for t in ts)  # type: ignore[assignment]
         published = await super()._build_and_publish(reason, pending, full_listing=full_listing)
-        if not published and self.table is not None and self.state is not None and self.state.nodes != self.nodes:
-            # the routes did not change but the nodes did (a node went down, was drained, came back)
+        if not published and self.table is not None and self.state is not None:
+            # the routes did not change, but the nodes or a cluster-only label may have
+            # (a node went down or was drained; mesh.locality): _emit publishes only a new digest
             await self._emit(self.table)
         return published
 
@@ -231,7 +233,11 @@ class ClusterWatcher(Watcher):
     async def _on_table(self, table: Any, info: PublishInfo) -> None:
         await self._emit(table)
 
-    async def _emit(self, table: Any) -> None:
+    async def _emit(self, table: RoutingTable) -> None:
+        table, problems = _apply_locality(table, self._services.values())
+        for p in set(problems) - self._locality_problems:
+            log.warning("docker discovery: %s", p)
+        self._locality_problems = set(problems)
         state = ClusterState(table=table, nodes=self.nodes)
         if self.state is not None and state.digest == self.state.digest:
             return
