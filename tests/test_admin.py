@@ -595,3 +595,26 @@ async def test_worker_pool_metrics_survive_a_worker_restart(monkeypatch):
         await server.stop()
         await pool.shutdown(2.0)
         await b.close()
+
+
+async def test_metrics_gzip_when_asked():
+    import gzip
+
+    plane = Plane()
+    await plane.apply(table_for(4, {"web": (free_port(), [closed_port()])}))
+    server = AdminServer(plane.state(), port=0)
+    await server.start()
+    try:
+        host, port = server.address
+        async with aiohttp.ClientSession(auto_decompress=False) as s:
+            async with s.get(f"http://{host}:{port}/metrics", headers={"Accept-Encoding": "gzip"}) as r:
+                assert r.headers["Content-Encoding"] == "gzip"
+                body = gzip.decompress(await r.read()).decode()
+            async with s.get(f"http://{host}:{port}/metrics", headers={"Accept-Encoding": "identity"}) as r:
+                assert "Content-Encoding" not in r.headers
+                plain = (await r.read()).decode()
+        assert parse(body)["mesh_table_version"] == {(): 4}
+        assert parse(plain)["mesh_table_version"] == {(): 4}
+    finally:
+        await server.stop()
+        await plane.close()
