@@ -58,7 +58,11 @@ def git_commit() -> tuple[str, bool]:
         ).stdout
     except (OSError, subprocess.TimeoutExpired):
         pass
-    dirty = any(line and not line.startswith("??") for line in status.splitlines())
+    # Modified tracked files, or new Python files in the product (a module not committed yet is still measured).
+    dirty = any(
+        line and (not line.startswith("??") or (line.endswith(".py") and not line[3:].startswith("benchmarks/")))
+        for line in status.splitlines()
+    )
     return commit, dirty
 
 
