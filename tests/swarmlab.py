@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -43,6 +44,7 @@ from tests.dockerlab import LOG_DIR, DockerLab, Node
 ROOT = Path(__file__).resolve().parent.parent
 MANAGER = 2
 WORKERS = (1, 3)
+ALL_NODES = (1, 2, 3)
 STATUS_PORT = 9911
 TUNNEL_PORT = 7481
 CONTROL_PORT = 7480
@@ -54,6 +56,23 @@ ECHO = ["nc", "-ll", "-p", "80", "-e", "sh", "-c", 'read l; echo "$(hostname) $l
 
 class SwarmLabError(RuntimeError):
     pass
+
+
+def other_labs(own_pid: int) -> list[int]:
+    """Pids of other live DockerLabs on this machine.  Every lab uses 198.18.200.0/24 on
+    its own bridge, so while another one runs, traffic to the nodes may take its bridge."""
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, check=False).stdout.decode()
+    pids = {int(m.group(1)) for m in re.finditer(r"^\d+: mt(\d+)br[:@]", links, re.M)}
+    return sorted(p for p in pids if p != own_pid and os.path.exists(f"/proc/{p}"))
+
+
+def wait_for_other_labs(own_pid: int, timeout: float = 600) -> None:
+    """Wait (bounded) until no other DockerLab runs; raise SwarmLabError naming them."""
+    deadline = time.monotonic() + timeout
+    while others := other_labs(own_pid):
+        if time.monotonic() > deadline:
+            raise SwarmLabError(f"other Docker labs (pids {others}) still use 198.18.200.0/24 after {timeout}s")
+        time.sleep(1.0)
 
 
 @dataclass
@@ -156,6 +175,12 @@ class LoadLoop:
                 self.result.by_target[index] += 1
                 self.result.replicas[host] += 1
 
+    def wait(self) -> LoadResult:
+        """Until the loop ends on its own (count or time bound reached)."""
+        for t in self._workers:
+            t.join(timeout=self.max_seconds + self.timeout + 5)
+        return self.stop()
+
     def stop(self) -> LoadResult:
         self._stop.set()
         for t in self._workers:
@@ -184,6 +209,7 @@ class SwarmLab:
         return self.nodes[MANAGER]
 
     def setup(self) -> SwarmLab:
+        wait_for_other_labs(self.lab.pid)
         self.nodes[MANAGER] = self.lab.node(MANAGER)
         self.node_ids[MANAGER] = self.lab.swarm_init(MANAGER)
         for i in WORKERS:
