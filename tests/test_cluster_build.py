@@ -196,3 +196,37 @@ def test_mesh_locality_label(value: str, locality: str, problem: str | None) -> 
     else:
         bad = Problem("service web", f"label mesh.locality={value!r}: {problem}; using prefer", "mesh.locality", False)
         assert problems == (bad, unknown)
+
+
+def _event(action: str, task: str | None = "t1", **attrs: str) -> dict:
+    a = dict(attrs)
+    if task:
+        a["com.docker.swarm.task.id"] = task
+    return {"Type": "container", "Action": action, "Actor": {"ID": "c1", "Attributes": a}}
+
+
+LOCAL_EVENT_CASES = [
+    # (name, events, draining after, on_change calls)
+    ("kill 15 drains at once", [_event("kill", signal="15")], {"t1"}, 1),
+    ("die drains at once", [_event("die", exitCode="137")], {"t1"}, 1),
+    ("a reload signal does not drain", [_event("kill", signal="SIGHUP")], set(), 0),
+    ("a container that is not a task is ignored", [_event("kill", task=None, signal="9")], set(), 0),
+    ("an unknown task is not drained (not routed here)", [_event("kill", task="t9", signal="9")], set(), 0),
+    ("kill, then start again: routed again", [_event("kill", signal="15"), _event("start")], set(), 2),
+    ("kill then die: one change", [_event("kill", signal="15"), _event("die")], {"t1"}, 1),
+]
+
+
+@pytest.mark.parametrize(
+    ("events", "draining", "changes"), [c[1:] for c in LOCAL_EVENT_CASES], ids=[c[0] for c in LOCAL_EVENT_CASES]
+)
+def test_local_tasks_drain_on_fatal_events(events: list[dict], draining: set[str], changes: int) -> None:
+    from meshagent.cluster import LocalTasks
+
+    calls = []
+    lt = LocalTasks(None, lambda: calls.append(1))  # type: ignore[arg-type]
+    lt.addresses = {"t1": "172.17.0.2"}
+    for e in events:
+        lt._on_event(e)
+    assert lt.draining == draining
+    assert len(calls) == changes
