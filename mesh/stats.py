@@ -54,18 +54,24 @@ class Histogram:
 class RouteStats:
     """Per listener (service + port).  Lives as long as the port is served."""
 
-    __slots__ = ("accepted", "connect_failures", "no_endpoint", "overflow_closed", "retries")
+    __slots__ = ("accepted", "connect_failures", "failed", "no_endpoint", "overflow_closed", "retries")
 
     def __init__(self) -> None:
         self.accepted = 0
         self.no_endpoint = 0
         self.retries = 0
         self.overflow_closed = 0
-        # reason -> count; reasons: "refused", "timeout", "unreachable", "error"
+        # Every failed connect attempt, retried or not: reason -> count
+        # ("refused", "timeout", "unreachable", "error").
         self.connect_failures: dict[str, int] = {}
+        # Client connections given up on after the last attempt failed: reason -> count.
+        self.failed: dict[str, int] = {}
 
     def connect_failed(self, reason: str) -> None:
         self.connect_failures[reason] = self.connect_failures.get(reason, 0) + 1
+
+    def connection_failed(self, reason: str) -> None:
+        self.failed[reason] = self.failed.get(reason, 0) + 1
 
     def __repr__(self) -> str:
         return (
