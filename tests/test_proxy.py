@@ -592,3 +592,63 @@ def test_fd_exhaustion_counted_logged_no_busy_loop_then_recovers(loop_name):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+LIMITS_SCRIPT = textwrap.dedent(
+    """
+    import resource, sys
+    from mesh.limits import nofile, raise_nofile
+    soft, hard = nofile()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    print(raise_nofile(), nofile()[0] == hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    print(raise_nofile(300), nofile()[0] == hard)  # below the hard limit: still up to the hard limit
+    try:
+        raise_nofile(0)
+    except ValueError as exc:
+        print("ValueError", exc)
+    # Beyond the hard limit: granted with CAP_SYS_RESOURCE, else the hard limit with a warning.
+    got = raise_nofile(hard + 1000)
+    print(got in (hard, hard + 1000), nofile()[0] == got)
+    """
+)
+
+
+def test_raise_nofile_in_a_subprocess():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [sys.executable, "-c", LIMITS_SCRIPT], capture_output=True, text=True, cwd=root, timeout=30, check=True
+    ).stdout.splitlines()
+    hard = limits.nofile()[1]
+    assert out == [
+        f"{hard} True",
+        f"{hard} True",
+        "ValueError max_fds must be a positive integer, got 0",
+        "True True",
+    ]
+
+
+LOOP_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, logging, sys
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    if sys.argv[1] == "no-uvloop":
+        sys.modules["uvloop"] = None  # import fails as if it were not installed
+    from mesh.loop import run
+
+    async def main():
+        return type(asyncio.get_running_loop()).__module__.split(".")[0]
+
+    print(run(main()), run(main()))
+    """
+)
+
+
+@pytest.mark.parametrize(("mode", "loop_module", "warnings"), [("uvloop", "uvloop", 0), ("no-uvloop", "asyncio", 1)])
+def test_loop_run_uses_uvloop_or_falls_back_with_one_warning(mode, loop_module, warnings):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", LOOP_SCRIPT, mode], capture_output=True, text=True, cwd=root, timeout=30, check=True
+    )
+    assert proc.stdout.split() == [loop_module, loop_module]
+    assert proc.stderr.count("uvloop is not available") == warnings, proc.stderr
