@@ -278,6 +278,20 @@ def _nodelay(transport: asyncio.BaseTransport) -> None:
             pass
 
 
+_LINGER_ZERO = struct.pack("ii", 1, 0)
+
+
+def _linger_zero(transport: asyncio.BaseTransport | None) -> None:
+    """Make the coming close a reset (RST) even when every byte was read: a refused
+    dialer must see "reset before any response byte", not an orderly close."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+        except OSError:
+            pass
+
+
 class _Downstream(asyncio.Protocol):
     """The tunnel connection from the dialing agent."""
 
@@ -332,6 +346,7 @@ class _Downstream(asyncio.Protocol):
         srv = self._server
         srv.stats.refuse(reason)
         log.debug("tunnel: refused %s (%s): %s", self.peer or "?", reason, detail)
+        _linger_zero(self.transport)
         self._close(abort=True)
 
     def data_received(self, data: bytes) -> None:

@@ -25,8 +25,9 @@ from tests.swarmlab import (
     LoadLoop,
     SwarmLab,
     parse_answer,
-    request,
+    wait_for_other_labs,
 )
+from tests.swarmlab import request as ask
 
 pytestmark = [pytest.mark.docker, pytest.mark.lab, pytest.mark.timeout(600)]
 
@@ -36,8 +37,10 @@ ALL = (1, 2, 3)
 
 
 @pytest.fixture(scope="module")
-def swarm(docker_lab):  # noqa: F811
-    sl = SwarmLab(docker_lab)
+def swarm(request):
+    # another process's lab uses the same 198.18.200.0/24: wait before ours adds its bridge
+    wait_for_other_labs(os.getpid())
+    sl = SwarmLab(request.getfixturevalue("docker_lab"))
     try:
         sl.setup()
         # Swarm notices a dead node after a few missed heartbeats (5 s each by default)
@@ -60,7 +63,7 @@ def _targets(sl: SwarmLab, nodes=ALL, port: int = WEB_PORT) -> list[tuple[int, s
 
 
 def _answers(sl: SwarmLab, i: int, n: int, port: int = WEB_PORT) -> list[tuple[str, list[str]]]:
-    return [parse_answer(request(sl.nodes[i].addr, port)) for _ in range(n)]
+    return [parse_answer(ask(sl.nodes[i].addr, port)) for _ in range(n)]
 
 
 def _set_label(sl: SwarmLab, service: str, key: str, value: str, want) -> None:

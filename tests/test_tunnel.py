@@ -362,6 +362,29 @@ async def test_refuses_bad_headers_and_keeps_serving(raw: bytes, reason: str) ->
         await backend.stop()
 
 
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (tunnel_header(CLIENT, PUBLISHED, "not-local"), "unknown_target"),
+        (b"GET / HTTP/1.0\r\n\r\n", "signature"),
+    ],
+    ids=["whole header, nothing after it", "garbage read in full"],
+)
+async def test_a_refusal_is_a_reset_even_when_every_byte_was_read(raw: bytes, reason: str) -> None:
+    # Without SO_LINGER 0 a socket whose bytes were all read closes with FIN, and the
+    # dialer cannot tell a refusal from a replica that answered nothing.
+    srv = await _tunnel({})
+    try:
+        reader, writer = await _dial(srv)
+        writer.write(raw)
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(reader.read(1), 5)
+        await _close(writer)
+        assert srv.stats.refused == {reason: 1}
+    finally:
+        await srv.stop()
+
+
 async def test_truncated_header_times_out() -> None:
     backend = await Backend().start()
     srv = await _tunnel({"task1": LocalTarget("127.0.0.1", backend.port)}, header_timeout=0.2)
