@@ -10,8 +10,8 @@ Wiring (docs/cluster.md, "The agent")::
     worker:   ControlClient (long-poll any manager, fail over) ──ClusterState──▶ this agent
        │
     agent: localize(state, node, LocalTasks) ──RoutingTable──▶ mesh.runtime.Mesh.apply
-           TunnelServer: resolve(task) in the CURRENT localized table (local, running endpoints
-           of mesh services only); allowed peers = the cluster nodes' addresses
+           TunnelServer: resolve(task) in the CURRENT localized table (local endpoints of mesh
+           services only, draining ones included); allowed peers = the cluster nodes' addresses
 
 Rules:
 - The cluster state and the local tasks are two inputs; a change of either
@@ -452,12 +452,16 @@ class ClusterAgent:
 
 
 def _local_targets(table: RoutingTable) -> dict[str, LocalTarget]:
-    """Tunnel targets this node accepts: its own running endpoints of mesh services,
-    by "task id" and by "task id:target port" (a task may publish several ports)."""
+    """Tunnel targets this node accepts: its own endpoints of mesh services, by "task id"
+    and by "task id:target port" (a task may publish several ports).
+
+    Draining ones are included: another node may have chosen the task a moment before
+    it learnt of the drain, and the replica still serves during its stop grace period;
+    a dead one has already left the table (the local listing drops it)."""
     out: dict[str, LocalTarget] = {}
     for svc, route in table.routes():
         for ep in route.endpoints:
-            if ep.via is not None or ep.state != "running":
+            if ep.via is not None:
                 continue
             target = LocalTarget(ep.address, ep.port, svc.options.proxy_protocol)
             out.setdefault(ep.id, target)

@@ -135,7 +135,7 @@ def test_task_address(c: ContainerRecord, gw: NetworkRecord | None, expected: st
     assert task_address(c, gw) == expected
 
 
-def test_local_targets_are_local_running_endpoints_by_task_and_by_task_port() -> None:
+def test_local_targets_are_local_endpoints_by_task_and_by_task_port() -> None:
     state = ClusterState(
         table=RoutingTable(
             version=3,
@@ -160,7 +160,9 @@ def test_local_targets_are_local_running_endpoints_by_task_and_by_task_port() ->
         "w1": LocalTarget("172.17.0.3", 80, None),
         "w1:80": LocalTarget("172.17.0.3", 80, None),
         "w1:443": LocalTarget("172.17.0.3", 443, None),
-    }  # w2 is remote, w3 is draining: neither is a tunnel target here
+        "w3": LocalTarget("172.17.0.4", 80, None),
+        "w3:80": LocalTarget("172.17.0.4", 80, None),
+    }  # w2 is remote: not a tunnel target here; w3 is draining but still alive: it is
 
 
 def test_manager_addresses_from_info() -> None:
