@@ -197,6 +197,7 @@ class StatsReader:
         for listener in listeners.values():
             fd_exhausted += listener.fd_exhausted
             pool = listener.pool
+            pool_now = pool.clock() if hasattr(pool, "clock") else now
             led = self._ledger(pool)
             live_pools.add(id(pool))
             rs = pool.stats
@@ -204,7 +205,7 @@ class StatsReader:
             n_current = len(pool.hosts)
             for i, h in enumerate(led.sync()):
                 ep = h.endpoint
-                ejected_left = h.ejected_until - now if h.health & _HEALTH_EJECTED else 0.0
+                ejected_left = h.ejected_until - pool_now if h.health & _HEALTH_EJECTED else 0.0
                 row = {
                     "id": ep.id,
                     "address": ep.hostport,
@@ -309,6 +310,9 @@ def reader_for(mesh: Any) -> StatsReader:
             return [] if m is None else _mesh_unbound(m)
 
         reader = _readers[mesh] = StatsReader(listeners, info, unbound=unbound)
+        hooks = getattr(mesh, "on_pool", None)
+        if hooks is not None:
+            hooks.append(reader.watch)
     return reader
 
 

@@ -169,6 +169,11 @@ class Pool:
 
     # -- properties ---------------------------------------------------------------------
     @property
+    def clock(self) -> Callable[[], float]:
+        """The clock ejection times are measured on (``time.monotonic`` unless injected)."""
+        return self._clock
+
+    @property
     def port(self) -> int:
         return self.route.port
 

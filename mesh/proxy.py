@@ -316,11 +316,11 @@ class ProxyConnection(asyncio.Protocol):
                     pool.report_failure(host)
                     log.debug("%r: connect to %r failed: %s (%r)", self, host, reason, exc)
                     tried.append(host)
-                    if self._client_lost or len(tried) > opts.retries:
+                    if self._client_lost:
                         self._close_client(reason)
                         return
-                    host = pool.choose(self.client, tried)
-                    if host is None:
+                    if len(tried) > opts.retries or (host := pool.choose(self.client, tried)) is None:
+                        stats.connection_failed(reason)
                         self._close_client(reason)
                         return
                     stats.retries += 1

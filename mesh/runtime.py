@@ -30,8 +30,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
 
 from mesh.health import HealthChecker
 from mesh.listener import Listener
@@ -54,13 +53,14 @@ class Mesh:
         *,
         local_node: str | None = None,
         rng: random.Random | None = None,
-        metrics: Any = None,
         reuse_port: bool = False,
         tunnel_header: TunnelHeader = default_tunnel_header,
         access_log: bool = False,
     ) -> None:
         self.local_node = local_node
-        self.metrics = metrics
+        # Called with each new Pool right after it is created (the metrics reader tracks pools from birth,
+        # so an endpoint that comes and goes before the first scrape is still counted).
+        self.on_pool: list[Callable[[Pool], None]] = []
         self.reuse_port = reuse_port
         self.tunnel_header = tunnel_header
         self.access_log = access_log
@@ -130,6 +130,8 @@ class Mesh:
 
     def _add(self, key: Key, svc: Service, route: Route) -> str | None:
         pool = Pool(svc.name, route, svc.options, rng=self._rng, local_node=self.local_node)
+        for hook in self.on_pool:
+            hook(pool)
         lst = Listener(
             key[0],
             key[1],

@@ -114,7 +114,7 @@ async def test_retry_on_refused_endpoint_then_eject():
     dead_host = next(h for h in pool.hosts if h.port == dead)
     failures = pool.stats.connect_failures.get("refused", 0)
     assert failures == 3  # three failures in a row eject it; then it is never chosen again
-    assert pool.stats.retries == 3
+    assert pool.stats.retries == 3 and pool.stats.failed == {}
     assert dead_host.health & EJECTED and dead_host.stats.ejections == 1 and dead_host.stats.connections == 0
     assert a.connections + b.connections == 12
     await finish(lst, a, b)
@@ -131,6 +131,7 @@ async def test_connect_timeout_then_retry_elsewhere():
         assert await echo_once(lst.port) == b""  # closed after the timeout, nothing else to try
         assert 0.25 <= time.monotonic() - t0 < 2.0
         assert pool.stats.connect_failures == {"timeout": 1}
+        assert pool.stats.failed == {"timeout": 1}  # given up: the client got nothing
         await finish(lst)
 
         pool = make_pool([hole.port, b.port], connect_timeout=0.3, retries=1, balance="round-robin")
@@ -138,6 +139,7 @@ async def test_connect_timeout_then_retry_elsewhere():
         for _ in range(2):  # one of the two starts on the black hole
             assert await echo_once(lst.port) == b"hello"
         assert pool.stats.connect_failures == {"timeout": 1} and pool.stats.retries == 1
+        assert pool.stats.failed == {}  # the retry saved it
         await finish(lst, b)
     finally:
         hole.close()
