@@ -321,7 +321,11 @@ async def worker_main(control_fd: int, index: int, *, grace: float, node: str | 
         from mesh.metrics import snapshot
 
         while True:
-            line = await reader.readline()
+            try:
+                line = await reader.readline()
+            except (ConnectionError, OSError, ValueError) as exc:  # reset, or a line over MAX_MESSAGE
+                line = b""
+                log.warning("worker %d: control channel failed: %s", index, exc)
             if not line:
                 log.warning("worker %d: control channel closed (parent gone); draining", index)
                 break
@@ -348,6 +352,8 @@ async def worker_main(control_fd: int, index: int, *, grace: float, node: str | 
         stop.set()
 
     server = asyncio.create_task(serve())
+    # Whatever way serve() ends (even an unexpected exception), the worker must drain and exit, never linger.
+    server.add_done_callback(lambda _t: stop.set())
     await stop.wait()
     server.cancel()
     with contextlib.suppress(asyncio.CancelledError):

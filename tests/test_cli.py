@@ -376,7 +376,11 @@ class Agent:
         assert self.proc is not None
         rc = await asyncio.wait_for(self.proc.wait(), timeout)
         if self._reader is not None:
-            await self._reader
+            # stderr ends when every holder is gone: with --workers, the workers too
+            try:
+                await asyncio.wait_for(asyncio.shield(self._reader), timeout)
+            except TimeoutError:
+                raise AssertionError(f"stderr still open {timeout}s after exit; log:\n{self.log}") from None
         return rc
 
     async def stop(self) -> None:
@@ -849,7 +853,7 @@ async def test_workers_exit_when_the_parent_dies(tmp_path, backends):
         agent.proc.kill()  # no chance to forward anything: the workers see their control channel close
         await agent.wait(10)
         await wait_for(lambda: all(_gone(p) for p in pids), timeout=10, what="orphaned workers exit")
-        assert any("control channel closed (parent gone); draining" in ln for ln in agent.lines)
+        assert sum("control channel closed (parent gone); draining" in ln for ln in agent.lines) == 2, agent.log
     finally:
         await agent.stop()
 
