@@ -488,21 +488,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def run_cluster_agent(args: argparse.Namespace) -> int:
-    """Run the agent until SIGTERM/SIGINT.  Returns an exit code (2: bad configuration)."""
-    for name, port in (("--control-port", args.control_port), ("--tunnel-port", args.tunnel_port)):
+    """Run the agent until SIGTERM/SIGINT; returns the exit code.  Raises ``ConfigError``
+    for bad settings (the caller exits 2).
+
+    ``args`` needs ``token_file``; ``docker``, ``control_port``, ``tunnel_port``,
+    ``advertise``, ``bind``, ``status``, ``control_wait`` and ``grace`` default as in
+    ``build_parser()`` when missing, so ``mesh run --cluster`` can pass its own namespace.
+    """
+    defaults = vars(build_parser().parse_args(["--token-file", "-"]))
+    opts = argparse.Namespace(**{**defaults, **{k: v for k, v in vars(args).items() if v is not None}})
+    for name, port in (("--control-port", opts.control_port), ("--tunnel-port", opts.tunnel_port)):
         if not 0 < port < 65536:
             raise ConfigError(f"{name} must be 1-65535, got {port}")
-    token = read_token(args.token_file)
-    status = parse_hostport(args.status) if args.status else None
+    if not opts.control_wait > 0:
+        raise ConfigError(f"--control-wait must be > 0, got {opts.control_wait}")
+    token = read_token(opts.token_file)
+    try:
+        status = parse_hostport(opts.status) if opts.status else None
+    except ValueError as exc:
+        raise ConfigError(f"--status: {exc}") from exc
     agent = ClusterAgent(
-        args.docker,
+        opts.docker,
         token,
-        control_port=args.control_port,
-        tunnel_port=args.tunnel_port,
-        advertise=args.advertise,
-        bind=args.bind,
+        control_port=opts.control_port,
+        tunnel_port=opts.tunnel_port,
+        advertise=opts.advertise,
+        bind=opts.bind,
         status=status,
-        control_wait=args.control_wait,
+        control_wait=opts.control_wait,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -512,7 +525,7 @@ async def run_cluster_agent(args: argparse.Namespace) -> int:
         await agent.start()
         await stop.wait()
     finally:
-        await agent.stop(args.grace)
+        await agent.stop(opts.grace)
     return 0
 
 
