@@ -39,6 +39,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests import dockerlab
 from tests.dockerlab import LOG_DIR, DockerLab, Node
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -290,6 +291,36 @@ class SwarmLab:
                 logs = "\n".join(f"--- agent {i}\n{a.log_tail(1500)}" for i, a in self.agents.items())
                 raise SwarmLabError(f"timed out after {timeout}s waiting for {what}\n{logs}")
             time.sleep(interval)
+
+    # -- node failures ----------------------------------------------------------------
+    def kill_dockerd(self, i: int) -> None:
+        """SIGKILL node i's dockerd only: its containers, containerd and agent keep running (a crash)."""
+        n = self.nodes[i]
+        pid = n.pid()
+        if pid is None:
+            raise SwarmLabError(f"node {i}: dockerd is not running")
+        os.kill(pid, signal.SIGKILL)
+        if n.proc is not None and n.proc.pid == pid:
+            n.proc.wait(10)
+            n.proc = None
+
+    def revive(self, i: int, timeout: float = 60) -> None:
+        """Bring a killed node back: its orphaned containers and containerd go (as after a
+        reboot), dockerd starts with its swarm state and the node is ready again."""
+        n = self.nodes[i]
+        n.stop(fast=True)  # kills the orphaned containers
+        for pid in dockerlab._pids_mentioning(str(n.run_dir / "exec")):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            n.pidfile.unlink()
+        n.start()
+        node_id = self.node_ids[i]
+        self.wait(
+            lambda: self.manager.docker("node", "inspect", "--format", "{{.Status.State}}", node_id, check=False)
+            == "ready",
+            timeout, f"node {i} to be ready in the swarm again",
+        )  # fmt: skip
 
     # -- services ---------------------------------------------------------------------
     def create_service(self, name: str, replicas: int, labels: dict[str, str], *, cmd: list[str] = ECHO,
