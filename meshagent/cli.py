@@ -1,7 +1,8 @@
 """The ``mesh`` command: the composition root that wires a table source to the data plane.
 
     mesh run [--config FILE | --docker [HOST]] [--workers N] [--admin ADDR] [--grace SECONDS] [--max-fds N]
-             [--log-level L] [--log-format text|json] [--access-log] [--node NAME] [--watch-interval S]
+             [--log-level L] [--log-format text|json] [--access-log] [--no-metrics] [--node NAME]
+             [--watch-interval S]
     mesh check --config FILE
     mesh demo ...
     mesh --version
@@ -117,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     run.add_argument("--log-format", choices=("text", "json"), default="text")
     run.add_argument("--access-log", action="store_true", help="log one line per closed connection")
+    run.add_argument("--no-metrics", action="store_true", help="serve no /metrics (the admin API's other paths stay)")
     run.add_argument(
         "--node", metavar="NAME", default=None, help="this node's name (prefer its endpoints; cluster mode)"
     )
@@ -323,10 +325,6 @@ class _DockerSource:
         assert self.publish is not None
         await self.publish(table)
 
-    def _on_lag(self, seconds: float, event_type: str) -> None:
-        if self.metrics is not None:
-            self.metrics.lag(seconds)
-
     def _on_watcher(self, watcher: Any) -> None:
         self.watcher = watcher
 
@@ -334,7 +332,8 @@ class _DockerSource:
         from discovery import watch
 
         log.info("following the Docker engine at %s", self.url)
-        await watch(self.host_arg or None, self._on_table, on_watcher=self._on_watcher, on_lag=self._on_lag)
+        hooks = self.metrics.hooks() if self.metrics is not None else {}
+        await watch(self.host_arg or None, self._on_table, on_watcher=self._on_watcher, **hooks)
 
     def poke(self) -> None:
         log.info("SIGHUP: the Docker source follows events; nothing to reload")
@@ -404,7 +403,11 @@ async def _serve(args: argparse.Namespace, source: Any, admin_addr: tuple[str, i
     if isinstance(source, _DockerSource):
         source.metrics = DiscoveryMetrics()
         registry = make_registry(discovery=source.metrics)
-    admin = AdminServer(state, *admin_addr, registry=registry) if admin_addr is not None else None
+    admin = (
+        AdminServer(state, *admin_addr, registry=registry, metrics=not args.no_metrics)
+        if admin_addr is not None
+        else None
+    )
     if admin is not None:
         await admin.start()  # ConfigError (address in use) -> exit 2 before anything else runs
     rc = EXIT_OK

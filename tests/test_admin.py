@@ -618,3 +618,41 @@ async def test_metrics_gzip_when_asked():
     finally:
         await server.stop()
         await plane.close()
+
+
+@pytest.mark.uvloop_only
+async def test_agent_no_metrics_flag_and_failed_connections_by_reason(tmp_path):
+    """--no-metrics removes /metrics only; without it, a connection whose every connect is refused is counted
+    once under mesh_connections_failed_total{reason="refused"} and each attempt under the connect failures."""
+    lp = free_port()
+    config = (
+        f"services:\n  web:\n    listen: 127.0.0.1:{lp}\n    retries: 1\n    consecutive_failures: 100\n"
+        f"    endpoints: ['127.0.0.1:{closed_port()}', '127.0.0.1:{closed_port()}']\n"
+    )
+    off = await Agent(tmp_path, config, "--no-metrics").start()
+    try:
+        assert (await off.get("/metrics"))[0] == 404
+        assert (await off.get("/healthz"))[0] == 200
+    finally:
+        assert await off.stop() == 0
+    on_dir = tmp_path / "on"
+    on_dir.mkdir()
+    agent = await Agent(on_dir, config).start()
+    try:
+        await wait_for(lambda: _ready(agent), timeout=20, what="/readyz 200")
+        r, w = await asyncio.open_connection("127.0.0.1", lp)
+        assert await asyncio.wait_for(r.read(), 10) == b""  # both endpoints refuse: the client is closed
+        w.close()
+        await w.wait_closed()
+        status, body = await agent.get("/metrics")
+        assert status == 200
+        m = parse(body)
+        assert m["mesh_connections_failed_total"][L(service="web", port=lp, reason="refused")] == 1
+        assert m["mesh_upstream_connect_failures_total"][L(service="web", port=lp, reason="refused")] == 2
+        assert m["mesh_retries_total"] == {L(service="web", port=lp): 1}
+    finally:
+        assert await agent.stop() == 0
+
+
+async def _ready(agent: Agent) -> bool:
+    return (await agent.get("/readyz"))[0] == 200
