@@ -132,7 +132,8 @@ def test_scale_and_update_force_under_load_on_every_node(swarm: SwarmLab) -> Non
             steps.append(f"{action} {replicas}: {time.monotonic() - t0:.1f}s, {load.requests()} requests so far")
     finally:
         res = load.stop()
-    print(f"\nscale/update under load: {res}\n  " + "\n  ".join(steps))
+    refused = {i: (swarm.status(i) or {}).get("tunnel", {}).get("refused") for i in ALL}
+    print(f"\nscale/update under load: {res}\n  " + "\n  ".join(steps) + f"\n  tunnel refusals by node: {refused}")
     assert res.ok > 500, res
     assert all(res.by_target[i] > 100 for i in ALL), res
     # target 0; a connection that races a SIGKILL of its replica may still fail
