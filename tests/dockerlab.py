@@ -19,8 +19,11 @@ socket and reaches containers at their 198.18.x.x addresses through the node
 lab has a default route, so nothing can leave the machine.
 
 Everything is removed by ``close()``: at the end of the session, at interpreter
-exit (atexit), on SIGTERM/SIGINT, and leftovers of an earlier run that was
-killed are removed when the next lab starts (any mtest<pid> whose pid is gone).
+exit (atexit), on SIGTERM, and leftovers of an earlier run that was killed are
+removed when the next lab starts (any mtest<pid> whose pid is gone).  All labs
+use the same addresses, so a lab holds the machine-wide lock /run/mtest.lock
+while it is open: test sessions running at the same time on one machine take
+turns instead of stealing each other's routes.
 
 Fixtures (import into a test module, or list this module in pytest_plugins):
 ``docker_lab`` (session) -> DockerLab.  Node setup is parametrised by the node
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -38,6 +42,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tarfile
 import tempfile
 import threading
@@ -57,6 +62,9 @@ GUARD = "198.18.0.0/15"
 SWARM_POOL = "198.19.128.0/17"
 IMAGE = "meshtest/busybox:latest"
 MAX_NODES = 3
+# every lab uses the same addresses: labs of concurrent test sessions on one machine take turns
+LOCK_FILE = Path("/run/mtest.lock")
+LOCK_TIMEOUT = float(os.environ.get("MTEST_LOCK_TIMEOUT", "1200"))
 
 
 class LabError(RuntimeError):
@@ -500,20 +508,77 @@ class DockerLab:
         self.run_root = RUN_BASE / str(self.pid)
         self.var_root = VAR_BASE / str(self.pid)
         self.nodes: dict[int, Node] = {}
-        self._added_guard = False
-        self._closed = False
-        self._lock = threading.Lock()
-        self._image_archive = self.run_root / "image.tar"
         self.image_id: str | None = None
-        self.stale_removed = cleanup_stale_labs()
-        _prune_logs()
-        atexit.register(self.close)
+        self.stale_removed: list[str] = []
+        self._added_guard = False
+        self._open = False
+        self._host_lock_fd: int | None = None
+        # reentrant: close() may run from the SIGTERM handler while the main thread is inside node()
+        self._lock = threading.RLock()
+        self._image_archive = self.run_root / "image.tar"
         self._install_signal_handlers()
-        try:
-            self._setup_bridge()
-        except BaseException:
-            self.close()
-            raise
+        self.open()
+
+    @property
+    def _closed(self) -> bool:
+        return not self._open
+
+    def open(self) -> None:
+        """Take the machine-wide lab lock, remove leftovers of killed runs, set up the bridge.
+
+        Called by the constructor, and by ``node()`` after a ``close()`` (the lab can be
+        re-opened; its nodes then start afresh).  Every lab uses the same addresses, so
+        labs of concurrent test sessions on one machine take turns (``LOCK_TIMEOUT``)."""
+        with self._lock:
+            if self._open:
+                return
+            self._acquire_host_lock()
+            self._open = True
+            atexit.register(self.close)
+            try:
+                self.stale_removed = cleanup_stale_labs()
+                _prune_logs()
+                self.nodes = {}
+                self.image_id = None
+                self._added_guard = False
+                self._setup_bridge()
+            except BaseException:
+                self.close()
+                raise
+
+    def _acquire_host_lock(self) -> None:
+        RUN_BASE.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + LOCK_TIMEOUT
+        announced = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not announced:
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                    print(
+                        f"dockerlab: waiting for the Docker lab of pid {holder} (another test session)", file=sys.stderr
+                    )
+                    announced = True
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise LabError(
+                        f"another test session holds {LOCK_FILE} for more than {LOCK_TIMEOUT:.0f}s"
+                    ) from None
+                time.sleep(0.5)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{self.pid}\n".encode(), 0)
+        self._host_lock_fd = fd
+
+    def _release_host_lock(self) -> None:
+        fd, self._host_lock_fd = self._host_lock_fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
     def __repr__(self) -> str:
         return f"<DockerLab {self.name} nodes={sorted(self.nodes)}>"
@@ -587,8 +652,7 @@ class DockerLab:
         node is switched with a config reload, not a restart.
         """
         with self._lock:
-            if self._closed:
-                raise LabError("the lab is closed")
+            self.open()
             n = self.nodes.get(i)
             if n is None:
                 n = self._make_node(i, bool(live_restore))
@@ -655,9 +719,18 @@ class DockerLab:
     # -- teardown ---------------------------------------------------------------------
     def close(self) -> None:
         """Remove everything this lab created.  Safe to call twice, and from atexit / signals."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._lock:
+            if not self._open:
+                return
+            self._open = False
+            try:
+                self._teardown()
+            finally:
+                self._release_host_lock()
+                with contextlib.suppress(Exception):
+                    atexit.unregister(self.close)
+
+    def _teardown(self) -> None:
         for n in list(self.nodes.values()):
             try:
                 if n.alive() and n.docker("info", "--format", "{{.Swarm.LocalNodeState}}", check=False) == "active":
@@ -672,8 +745,7 @@ class DockerLab:
             shutil.rmtree(base, ignore_errors=True)
         if self._added_guard and not guard_route_needed():
             _quiet("ip", "route", "del", "unreachable", GUARD)
-        with contextlib.suppress(Exception):
-            atexit.unregister(self.close)
+        self.nodes = {}
 
 
 def guard_route_present() -> bool:
@@ -707,9 +779,19 @@ def shared_lab() -> DockerLab:
     """The one DockerLab of this process (node names derive from the pid, so there can be only one)."""
     global _shared
     with _shared_lock:
-        if _shared is None or _shared._closed:
+        if _shared is None:
             _shared = DockerLab()
+        else:
+            _shared.open()
         return _shared
+
+
+def close_shared_lab() -> None:
+    """Tear down this process's lab now (it re-opens on the next ``node()``), e.g. to let a child
+    process run a lab of its own."""
+    with _shared_lock:
+        if _shared is not None:
+            _shared.close()
 
 
 @pytest.fixture(scope="session")

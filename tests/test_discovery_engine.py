@@ -25,6 +25,7 @@ import pytest
 from discovery.engine import Engine, resolve_docker_host
 from discovery.watcher import PublishInfo, Watcher
 from mesh.routing import RoutingTable
+from mesh.runtime import Mesh
 from tests import dockerlab
 from tests.util import wait_for
 
@@ -80,52 +81,10 @@ async def sh(node: dockerlab.Node, *args: str, timeout: float = 60) -> str:
     return await asyncio.to_thread(node.docker, *args, timeout=timeout)
 
 
-class _MiniPlane:
-    """Stand-in for mesh.runtime.Mesh until it lands: one Listener + Pool per route, updated in place."""
-
-    def __init__(self) -> None:
-        from mesh.listener import Listener  # noqa: F401 - fail early if the data plane is missing
-
-        self.table: RoutingTable | None = None
-        self._routes: dict = {}
-
-    async def apply(self, table: RoutingTable) -> None:
-        from mesh.listener import Listener
-        from mesh.pool import Pool
-
-        want = {(r.listen_host, r.port): (s, r) for s, r in table.routes()}
-        for key in list(self._routes):
-            if key not in want:
-                listener, _ = self._routes.pop(key)
-                listener.close()
-        for key, (s, r) in want.items():
-            if key in self._routes:
-                self._routes[key][1].update(r, s.options)
-            else:
-                pool = Pool(s.name, r, s.options)
-                listener = Listener(r.listen_host, r.port, pool, service=s.name)
-                listener.start()
-                self._routes[key] = (listener, pool)
-        self.table = table
-
-    async def shutdown(self, grace: float) -> None:
-        for listener, _ in self._routes.values():
-            listener.close()
-        self._routes.clear()
-
-
-def make_plane():
-    try:
-        from mesh.runtime import Mesh
-    except ImportError:
-        return _MiniPlane()
-    return Mesh()
-
-
 @dataclass
 class Harness:
     watcher: Watcher
-    plane: object
+    plane: Mesh
     published: list[tuple[RoutingTable, PublishInfo]] = field(default_factory=list)
 
     @property
@@ -140,6 +99,14 @@ class Harness:
                 return {e.id: e.state for e in r.endpoints}
         return {}
 
+    def dump(self) -> None:
+        """The data plane's view, for a failing test's output."""
+        print(f"    table {self.table and self.table.to_json()}")
+        for listener in self.plane.listeners():
+            print(f"    {listener!r}")
+            for host in listener.pool.hosts:
+                print(f"        {host!r} {host.stats!r}")
+
     def print_lags(self, title: str) -> None:
         lags = [(info.event_type, info.reason, time.time()) for _, info in self.published if info.event_time]
         samples = list(self.watcher.lag_samples)
@@ -153,8 +120,8 @@ class Harness:
 
 @contextlib.asynccontextmanager
 async def running_mesh(node: dockerlab.Node, **watcher_options) -> AsyncIterator[Harness]:
-    """A Watcher on ``node`` publishing into a data plane in this process."""
-    plane = make_plane()
+    """A Watcher on ``node`` publishing into the data plane (mesh.runtime.Mesh) in this process."""
+    plane = Mesh()
     engine = Engine(resolve_docker_host(node.host, {}))
     h: Harness
 
@@ -447,6 +414,8 @@ async def test_swarm_update_force_under_load(node2, docker_lab):
             )
             for t, err in res.failed[:10]:
                 print(f"    failed at {t:.3f}: {err}")
+            if res.failed:
+                h.dump()
             h.print_lags("swarm update --force")
             assert res.ok > 50
             assert res.failed == []

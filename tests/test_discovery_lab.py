@@ -59,19 +59,46 @@ def _needs_lab():
     reason = dockerlab.lab_unavailable_reason()
     if reason:
         pytest.skip(reason)
+    # the children run labs of their own: this process's lab (if any) steps aside
+    dockerlab.close_shared_lab()
 
 
 def test_sigterm_tears_the_lab_down():
+    guard_before = dockerlab.guard_route_present()
     proc, name, dockerd = _start_child()
     assert dockerlab.leftovers(name) != []
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=60)
     assert _gone(dockerd)
     assert dockerlab.leftovers(name) == []
-    assert not dockerlab.guard_route_present() or dockerlab.guard_route_needed()
+    # the guard route goes away with the lab that added it (one that was there before stays)
+    assert dockerlab.guard_route_present() == (guard_before or dockerlab.guard_route_needed())
+
+
+def test_a_second_lab_waits_for_the_first():
+    proc, name, _ = _start_child()
+    try:
+        t0 = time.monotonic()
+        waiter = subprocess.Popen(
+            [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+             "from tests.dockerlab import DockerLab\nlab = DockerLab(); print('got it', flush=True); lab.close()"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        time.sleep(1.5)
+        assert waiter.poll() is None  # still waiting for the first lab
+        proc.send_signal(signal.SIGTERM)
+        out, err = waiter.communicate(timeout=60)
+        assert out.strip() == "got it"
+        assert "waiting for the Docker lab of pid" in err
+        assert time.monotonic() - t0 >= 1.5
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)
+    assert dockerlab.leftovers(name) == []
 
 
 def test_sigkill_leftovers_are_removed_by_the_next_lab():
+    guard_before = dockerlab.guard_route_present()
     proc, name, dockerd = _start_child()
     proc.kill()
     proc.communicate(timeout=10)
@@ -82,4 +109,5 @@ def test_sigkill_leftovers_are_removed_by_the_next_lab():
     assert name in removed
     assert _gone(dockerd)
     assert dockerlab.leftovers(name) == []
-    assert not dockerlab.guard_route_present() or dockerlab.guard_route_needed()
+    # the guard route goes away with the lab that added it (one that was there before stays)
+    assert dockerlab.guard_route_present() == (guard_before or dockerlab.guard_route_needed())
