@@ -494,6 +494,9 @@ def _busybox_rootfs_tar() -> Path:
     return tar_path
 
 
+_open_labs: set[DockerLab] = set()
+
+
 class DockerLab:
     """Test engines in network namespaces.  ``node(i)`` starts node i on first use."""
 
@@ -547,6 +550,10 @@ class DockerLab:
                 raise
 
     def _acquire_host_lock(self) -> None:
+        others = [lab for lab in _open_labs if lab is not self]
+        if others:
+            # flock would make this process wait for itself
+            raise LabError("this process already has a Docker lab open: use tests.dockerlab.shared_lab()")
         RUN_BASE.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         deadline = time.monotonic() + LOCK_TIMEOUT
@@ -571,8 +578,10 @@ class DockerLab:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{self.pid}\n".encode(), 0)
         self._host_lock_fd = fd
+        _open_labs.add(self)
 
     def _release_host_lock(self) -> None:
+        _open_labs.discard(self)
         fd, self._host_lock_fd = self._host_lock_fd, None
         if fd is not None:
             with contextlib.suppress(OSError):
