@@ -67,7 +67,7 @@ def _task_times(sl: Any, service: str) -> dict[str, tuple[str, float]]:
     if not ids:
         return {}
     return {t["ID"]: (t["Status"]["State"], _parse_time(t["Status"].get("Timestamp"))) for t in
-            sl.manager.docker_json("inspect", *ids)}  # fmt: skip
+            sl.inspect(ids)}  # fmt: skip
 
 
 def convergence(sl: Any, rounds: int) -> dict[str, Any]:

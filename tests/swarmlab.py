@@ -332,6 +332,11 @@ class SwarmLab:
         self.manager.docker(*args, *extra, self.lab.image_id, *cmd, timeout=120)
         self.services.append(name)
 
+    def inspect(self, ids: list[str]) -> list[dict]:
+        """``docker inspect`` of ``ids`` on the manager; objects removed meanwhile are left out."""
+        out = self.manager.docker("inspect", *ids, check=False)
+        return json.loads(out) if out.startswith("[") else []
+
     def running_tasks(self, service: str) -> dict[str, tuple[str, str]]:
         """task id -> (node id, container short id = the replica's hostname) of running tasks."""
         ids = self.manager.docker(
@@ -340,7 +345,7 @@ class SwarmLab:
         if not ids:
             return {}
         out = {}
-        for t in self.manager.docker_json("inspect", *ids):
+        for t in self.inspect(ids):
             st = t.get("Status") or {}
             cid = (st.get("ContainerStatus") or {}).get("ContainerID") or ""
             if st.get("State") == "running" and cid:
