@@ -9,6 +9,8 @@ Convergence, per ``docker service scale`` step and per node:
 - ``swarm``: from the moment the last changed task reached its new state in swarm (the task's
   ``Status.Timestamp``, the manager's clock = this machine's) to that same apply: the mesh's own lag, without
   Swarm's scheduling and container start-up.
+On a scale-down the agents drain the removed replicas as soon as the manager lists them with desired state
+"shutdown", before their containers stop, so both numbers are then measured to that (draining) apply.
 Polling the status every ~20 ms bounds nothing (the agent stamps the apply itself), but a step whose apply is
 seen only after the next step started would be mis-attributed, so each step waits until every node converged.
 
