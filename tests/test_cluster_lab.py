@@ -235,6 +235,17 @@ def test_workers_keep_their_table_while_the_manager_agent_is_down(swarm: SwarmLa
         assert res.failed == 0 and res.ok > 50, res
         for i in WORKERS:
             assert swarm.endpoints(i, WEB) == before[i]
+        # a local replica that dies is drained by its own node at once, with no manager agent to tell it
+        node1_ids = {e["id"] for e in before[1] if e["via"] is None}
+        victim, (_, cid) = next((t, v) for t, v in swarm.running_tasks(WEB).items() if t in node1_ids)
+        swarm.nodes[1].docker("kill", cid)
+        drained = swarm.wait(
+            lambda: victim not in {e["id"] for e in swarm.endpoints(1, WEB) or () if e["state"] == "running"},
+            5, "node 1 to drain its killed replica",
+        )  # fmt: skip
+        res = LoadLoop(_targets(swarm, (1,)), threads=2, max_requests=200, max_seconds=20).start().wait()
+        print(f"node 1 drained its killed replica {drained:.2f}s after docker kill, with no manager agent; then {res}")
+        assert res.failed == 0 and res.ok == 200, res
     finally:
         swarm.start_agent(MANAGER)
     took = swarm.wait(
