@@ -312,7 +312,11 @@ def write_json(doc: dict[str, Any], path: Path) -> None:
 
 
 def plot(doc: dict[str, Any], path: Path) -> str | None:
-    """Write a PNG; return None, or the reason there is no plot (matplotlib missing, nothing to draw)."""
+    """Write a PNG; return None, or the reason there is no plot (matplotlib missing, nothing to draw).
+
+    Panels: requests/s relative to direct (min..max bars), proxy CPU per request, p99 latency, idle bytes per
+    connection.  Each peer keeps its colour in every panel.
+    """
     try:
         import matplotlib
 
@@ -321,70 +325,87 @@ def plot(doc: dict[str, Any], path: Path) -> str | None:
     except ImportError:
         return "matplotlib is not installed (pip install matplotlib): no PNG"
     summary = doc["summary"]
-    peers = [p for p in doc["settings"]["peers"] if p != "direct"]
+    allp = [p for p in doc["settings"]["peers"] if any(p in summary[wl] for wl in summary)]
+    proxies = [p for p in allp if p != "direct"]
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    color = {p: palette[i % len(palette)] for i, p in enumerate(proxies)}
+    color["direct"] = "black"
     tp = [wl for wl in summary if "direct" in summary[wl] and any("rps" in m for m in summary[wl].values())]
     idle = [wl for wl in summary if wl.startswith("idle-")]
     if not tp and not idle:
         return "nothing to plot"
-    panels = (1 if tp else 0) + (1 if tp else 0) + (1 if idle else 0)
-    fig, axes = plt.subplots(panels, 1, figsize=(max(8, 1.2 * len(tp) + 3), 4.2 * panels), squeeze=False)
-    ax_i = 0
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    width = 0.8 / max(1, len(peers))
-    if tp:
-        ax = axes[ax_i][0]
-        ax_i += 1
+    panels = (3 if tp else 0) + (1 if idle else 0)
+    fig, axes = plt.subplots(panels, 1, figsize=(max(9, 1.2 * len(tp) + 3), 4.0 * panels), squeeze=False)
+    ax_iter = iter(axes[:, 0])
+
+    def grouped(ax, peers: list[str], metric: str, scale=None, bars: bool = False) -> None:
+        width = 0.8 / max(1, len(peers))
         for i, p in enumerate(peers):
             xs, ys, lo, hi = [], [], [], []
             for j, wl in enumerate(tp):
-                m = summary[wl].get(p, {}).get("rps")
-                base = summary[wl]["direct"]["rps"]["median"]
+                m = summary[wl].get(p, {}).get(metric)
+                base = scale(wl) if scale else 1.0
                 if not m or not base:
                     continue
                 xs.append(j + (i - (len(peers) - 1) / 2) * width)
-                ys.append(m["median"] / base)
+                ys.append(max(m["median"] / base, 1e-3))
                 lo.append((m["median"] - m["min"]) / base)
                 hi.append((m["max"] - m["median"]) / base)
-            ax.bar(xs, ys, width, yerr=[lo, hi], label=p, color=colors[i % len(colors)], capsize=2)
+            ax.bar(xs, ys, width, yerr=[lo, hi] if bars else None, label=p, color=color[p], capsize=2)
+        ax.set_xticks(range(len(tp)), tp, rotation=30, ha="right")
+        ax.legend(fontsize=8, ncol=4)
+
+    if tp:
+        ax = next(ax_iter)
+        grouped(ax, proxies, "rps", scale=lambda wl: summary[wl]["direct"]["rps"]["median"], bars=True)
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-        ax.set_xticks(range(len(tp)), tp, rotation=30, ha="right")
         ax.set_ylabel("requests/s relative to direct")
-        ax.set_title(f"Throughput (median, min..max of {doc['settings']['repeat']} repeats) — commit {doc['commit']}")
-        ax.legend(fontsize=8, ncol=4)
-        ax = axes[ax_i][0]
-        ax_i += 1
-        allp = ["direct", *peers]
-        w2 = 0.8 / len(allp)
-        for i, p in enumerate(allp):
-            xs, ys = [], []
-            for j, wl in enumerate(tp):
-                m = summary[wl].get(p, {}).get("p99_ms")
-                if m:
-                    xs.append(j + (i - (len(allp) - 1) / 2) * w2)
-                    ys.append(max(m["median"], 1e-3))
-            ax.bar(xs, ys, w2, label=p, color=colors[i % len(colors)] if p != "direct" else "black")
+        ax.set_title(
+            f"{doc['commit']} {doc['date']}: median and min..max of {doc['settings']['repeat']} interleaved repeats"
+        )
+        ax = next(ax_iter)
+        grouped(ax, proxies, "proxy_us_per_req", bars=True)
         ax.set_yscale("log")
-        ax.set_xticks(range(len(tp)), tp, rotation=30, ha="right")
+        ax.set_ylabel("proxy CPU per request (us, log)")
+        ax = next(ax_iter)
+        grouped(ax, allp, "p99_ms")
+        ax.set_yscale("log")
         ax.set_ylabel("p99 latency (ms, log)")
-        ax.legend(fontsize=8, ncol=4)
     if idle:
-        ax = axes[ax_i][0]
-        names, vals = [], []
+        ax = next(ax_iter)
+        names, vals, cols = [], [], []
         for wl in idle:
             for p, m in summary[wl].items():
                 if "bytes_per_conn" in m:
-                    names.append(f"{p}\n{wl}")
+                    names.append(f"{p}\n{wl} ({m['connections']['median']:.0f})")
                     vals.append(m["bytes_per_conn"]["median"])
-        ax.bar(range(len(vals)), vals, color=colors[: len(vals)])
+                    cols.append(color.get(p, "grey"))
+        ax.bar(range(len(vals)), vals, color=cols)
         ax.axhline(4096, color="red", lw=0.8, ls="--", label="target 4 KB")
         ax.set_xticks(range(len(vals)), names, fontsize=8)
         ax.set_ylabel("RSS bytes per idle proxied connection")
         ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
     return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.report RESULT.json [--png]``: print a stored result again (and redraw its PNG)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=main.__doc__)
+    p.add_argument("result", type=Path)
+    p.add_argument("--png", action="store_true", help="redraw RESULT.png next to the JSON")
+    args = p.parse_args(argv)
+    doc = json.loads(args.result.read_text())
+    print(format_report(doc))
+    if args.png:
+        why = plot(doc, args.result.with_suffix(".png"))
+        print(f"plot: {why}" if why else f"plot: {args.result.with_suffix('.png')}")
+    return 0
 
 
 # -- compare --------------------------------------------------------------------------------------------------
@@ -447,3 +468,7 @@ def compare(
                 if tag == "REGRESSION":
                     regressions.append(line.strip())
     return lines, regressions
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
