@@ -12,13 +12,17 @@ builds the one cluster state that every agent localises (``cluster.state.localiz
   reaches other nodes' tasks through their tunnels.
 - ``ClusterWatcher`` is the discovery ``Watcher`` (events, coalescing, re-list
   until tasks converge, backstop, reconnect, drain of local kills) in swarm mode
-  with three additions: tasks of every node are routed, the nodes are listed
-  (on every full listing and on each ``node`` event), and a change of the nodes
-  alone publishes a new state too.
+  with four additions: tasks of every node are routed, the nodes are listed
+  (on every full listing and on each ``node`` event), a change of the nodes
+  alone publishes a new state too, and the tasks of the mesh services are
+  re-listed every ``task_poll`` seconds (Swarm has no task events, and a task on
+  another node has no container event on this manager: a rolling update moves
+  from slot to slot without a service event).
 
-The subclass hooks into a few of ``Watcher``'s internals (``_on_event``,
-``_full_listing``, ``_get_gwbridge``, ``_build_and_publish``); docs/cluster.md
-lists the public hooks that would replace them.
+The subclass hooks into a few of ``Watcher``'s internals (``_apply_info``,
+``_on_event``, ``_next_due``, ``_full_listing``, ``_get_gwbridge``,
+``_build_and_publish``, ``_mark``); docs/cluster.md lists the public hooks that
+would replace them.
 """
 
 from __future__ import annotations
@@ -173,11 +177,17 @@ class ClusterWatcher(Watcher):
     converge_interval, ...).  ``state`` is the last published state.
     """
 
-    def __init__(self, engine: Engine, on_state: OnState, *, tunnel_port: int | None, **options: Any) -> None:
+    def __init__(
+        self, engine: Engine, on_state: OnState, *, tunnel_port: int | None, task_poll: float = 1.0, **options: Any
+    ) -> None:
         options.setdefault("mode", "swarm")
         if options["mode"] != "swarm":
             raise ValueError(f"ClusterWatcher mode must be 'swarm', got {options['mode']!r}")
+        if not task_poll > 0:
+            raise ValueError(f"task_poll must be > 0, got {task_poll!r}")
         super().__init__(_NodeEvents(engine), self._on_table, **options)  # type: ignore[arg-type]
+        self.task_poll = task_poll
+        self._next_poll = 0.0
         self.tunnel_port = tunnel_port
         self.on_state = on_state
         self.node_id = ""  # this manager's own node id
@@ -188,6 +198,19 @@ class ClusterWatcher(Watcher):
         self._locality_problems: set[Problem] = set()
 
     # -- Watcher hooks --------------------------------------------------------------
+    def _next_due(self) -> float:
+        # Swarm has no task events, and a task on another node has no container event
+        # here either: between service events (a rolling update moves on slot by slot
+        # without one) the tasks of every mesh service are re-listed every task_poll.
+        now = self._clock()
+        if now >= self._next_poll:
+            self._next_poll = now + self.task_poll
+            if self._services:
+                self._dirty_services.update(self._services)
+                if self._dirty_since is None:
+                    self._dirty_since = now
+        return min(super()._next_due(), self._next_poll)
+
     def _apply_info(self, info: Mapping[str, Any]) -> None:
         super()._apply_info(info)
         # the cluster table routes tasks of every node: no local-node filter

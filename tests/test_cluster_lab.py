@@ -278,7 +278,9 @@ def test_killing_a_nodes_dockerd_keeps_the_others_serving(swarm: SwarmLab) -> No
         )  # fmt: skip
     finally:
         res = load.stop()
-        print(f"\nnode 3 dockerd killed: its replicas left the choice after {took}s; load on nodes 1, 2: {res}")
+        refused = {i: (swarm.status(i) or {}).get("tunnel", {}).get("refused") for i in ALL}
+        print(f"\nnode 3 dockerd killed: its replicas left the choice after {took}s; load on nodes 1, 2: {res}; "
+              f"tunnel refusals by node: {refused}")  # fmt: skip
         # bring node 3 back for whoever uses the lab next
         swarm.stop_agent(dead)
         swarm.revive(dead)
