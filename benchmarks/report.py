@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -424,7 +425,8 @@ def last_committed_result(results_dir: Path, exclude: Path | None = None) -> Pat
         ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return None
-    files = sorted(REPO / f for f in out.split() if f.endswith(".json"))
+    # Only this harness's results (<date>_<time>_<commit>.json): other tools may keep files here too.
+    files = sorted(REPO / f for f in out.split() if re.fullmatch(r"\d{4}-\d\d-\d\d_\d{6}_[\w-]+\.json", Path(f).name))
     if exclude is not None:
         files = [f for f in files if f.resolve() != exclude.resolve()]
     return files[-1] if files else None
