@@ -90,6 +90,7 @@ class LocalTasks:
         self.backoff_max = backoff_max
         self.addresses: dict[str, str] = {}
         self.draining: set[str] = set()
+        self.gone: dict[str, float] = {}  # task id -> monotonic time it left the listing (diagnostics, bounded)
         self.ready = asyncio.Event()
         self.listings = 0
         self._dirty = asyncio.Event()
@@ -175,6 +176,12 @@ class LocalTasks:
             if addr:
                 addresses[tid] = addr
         self.listings += 1
+        now = time.monotonic()
+        for tid in self.addresses.keys() - addresses.keys():
+            self.gone[tid] = now
+        if len(self.gone) > 256:
+            for tid, _ in sorted(self.gone.items(), key=lambda kv: kv[1])[: len(self.gone) - 256]:
+                del self.gone[tid]
         draining = self.draining & set(addresses)
         changed = addresses != self.addresses or draining != self.draining
         self.addresses, self.draining = addresses, draining
@@ -276,8 +283,10 @@ class ClusterAgent:
             self.watcher = ClusterWatcher(self.engine, self._manager_state, tunnel_port=self.tunnel_port)
             self._spawn(self.watcher.run(), "cluster-watcher")
         else:
+            # backoff capped at 2 s (not the client's 10 s): a returning manager is picked up
+            # quickly, and one request per worker every 2 s is nothing for a manager
             self.control_client = ControlClient(
-                lambda: self.managers, self.token, self._on_state, wait=self.control_wait
+                lambda: self.managers, self.token, self._on_state, wait=self.control_wait, backoff_cap=2.0
             )
             await self.control_client.start()
         self._spawn(self.local.run(), "local-tasks")
@@ -400,7 +409,20 @@ class ClusterAgent:
         return ip in self._peers
 
     def _resolve(self, target: str) -> LocalTarget | None:
-        return self._targets.get(target)
+        found = self._targets.get(target)
+        if found is None:
+            task = target.rsplit(":", 1)[0]
+            gone = self.local.gone.get(task)
+            known = (
+                any(e.id == task for _, r in self.state.table.routes() for e in r.endpoints) if self.state else False
+            )
+            log.info(
+                "tunnel: target %s is not a local endpoint here (%s; in the cluster state: %s)",
+                target,
+                f"its container went away {time.monotonic() - gone:.2f}s ago" if gone else "never seen running here",
+                known,
+            )
+        return found
 
     # -- status ---------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
