@@ -215,6 +215,7 @@ class MeshPeer(Peer):
         super().__init__(workdir, cpus)
         self.workers = workers
         self.metrics = metrics
+        self.admin_url: str | None = None  # the admin API (GET /metrics) of the running instance
         self.name = f"mesh-{workers}" + ("" if metrics else "-nometrics")
         self.label = f"this mesh, {workers} worker{'s' if workers > 1 else ''}" + ("" if metrics else ", metrics off")
 
@@ -250,7 +251,9 @@ services:
         cfg = d / "mesh.yaml"
         cfg.write_text(self.config_text(port, target))
         argv = [sys.executable, "-m", "meshagent", "run", "--config", str(cfg), "--workers", str(self.workers)]
-        argv += ["--max-fds", str(nofile_limit()), "--log-level", "warning", *admin_args()]
+        admin = admin_args()
+        self.admin_url = f"http://{admin[1]}" if admin else None
+        argv += ["--max-fds", str(nofile_limit()), "--log-level", "warning", *admin]
         if not self.metrics:
             argv += metrics_off_flag() or []
         self.proc = Proc(self.name, argv, d / "stderr.log", cpus=self.cpus, env=python_env())

@@ -195,6 +195,13 @@ def check_targets(summary: dict[str, Any], subject: str = "mesh-1") -> list[dict
         if wl.startswith("metrics-"):
             on, off = med(wl, "mesh-1", "rps"), med(wl, "mesh-1-nometrics", "rps")
             add(f"metrics cost (1 - on/off req/s), {wl}", 1 - on / off if on and off else None, 0.05, "<=")
+            scraped = med(wl, "mesh-1+scrape", "rps")
+            add(
+                f"scrape cost, /metrics twice a second (1 - scraped/unscraped req/s), {wl}",
+                1 - scraped / on if on and scraped else None,
+                0.05,
+                "<=",
+            )
     return out
 
 

@@ -22,6 +22,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -259,12 +260,26 @@ class Suite:
                 self.load(addr, wl, 1)
 
     def run_throughput(self, wl: Workload, names: list[str]) -> None:
+        """Interleaved repeats.  A name "<peer>+scrape" is that peer while a scraper GETs its /metrics twice a
+        second (ten times Prometheus' usual 1/15 s: the scrape cost made visible)."""
         for rep in range(self.args.repeat):
             for name in names:
-                addr = self.ensure_running(name)
+                base, _, scrape = name.partition("+")
+                addr = self.ensure_running(base)
                 if addr is None:
                     continue
-                r = self.load(addr, wl, self.args.duration, name)
+                url = getattr(self.peers[base], "admin_url", None) if scrape else None
+                if scrape and url is None:
+                    self.skipped.setdefault(name, f"{base} has no admin API to scrape")
+                    continue
+                scraper = Scraper(f"{url}/metrics", 0.5) if url else None
+                try:
+                    r = self.load(addr, wl, self.args.duration, base)
+                finally:
+                    if scraper is not None:
+                        scraper.stop()
+                if scraper is not None:
+                    r["scrapes"], r["scrape_errors"] = scraper.count, scraper.errors
                 r.update(workload=wl.name, peer=name, rep=rep)
                 self.runs.append(r)
                 self.log(
@@ -340,6 +355,34 @@ class Suite:
             )
 
 
+class Scraper:
+    """GET ``url`` every ``interval`` seconds in a thread until ``stop()`` (bounded by the load run)."""
+
+    def __init__(self, url: str, interval: float) -> None:
+        import threading
+
+        self.url, self.interval = url, interval
+        self.count = self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="scraper", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import urllib.request
+
+        while not self._stop.wait(self.interval):
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as resp:
+                    resp.read()
+                self.count += 1
+            except OSError:
+                self.errors += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
 def _pin_layout(text: str) -> tuple[str | None, str | None, str | None]:
     """--pin: "auto", "none", or LOAD:PROXY:BACKEND CPU lists (empty = not pinned), e.g. "0:1:"."""
     if text == "none":
@@ -355,6 +398,10 @@ def _pin_layout(text: str) -> tuple[str | None, str | None, str | None]:
     if len(parts) != 3:
         raise BenchError(f"--pin must be auto, none or LOAD:PROXY:BACKEND (e.g. 0:1:), got {text!r}")
     return tuple(p or None for p in parts)  # type: ignore[return-value]
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -396,8 +443,15 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"[{time.monotonic() - t_start:7.1f}s] {msg}", flush=True)
 
+    # SIGTERM (and SIGINT, which background jobs ignore by default) unwind through the finally blocks, so the
+    # peers and the backend are stopped instead of being left running.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _interrupted)
     try:
         return _main(args, argv if argv is not None else sys.argv[1:], log)
+    except KeyboardInterrupt:
+        print("benchmarks: interrupted; peers stopped, no result written", file=sys.stderr)
+        return 130
     except BenchError as exc:
         print(f"benchmarks: {exc}", file=sys.stderr)
         return 2
@@ -436,10 +490,11 @@ def _main(args: argparse.Namespace, argv: list[str], log) -> int:
             if wl.kind in ("ka", "churn"):
                 suite.run_throughput(wl, peer_names)
             elif wl.kind == "metrics":
-                suite.run_throughput(wl, ["mesh-1", "mesh-1-nometrics"])
-                for n in ("mesh-1-nometrics",):
-                    if n not in peer_names:
-                        suite.stop_peer(n)
+                # Metrics on vs off when the CLI can switch them off; always: unscraped vs scraped.
+                names = ["mesh-1-nometrics", "mesh-1", "mesh-1+scrape"]
+                suite.run_throughput(wl, [n for n in names if n == "mesh-1" or suite.peer(n.split("+")[0])])
+                if "mesh-1-nometrics" not in peer_names:
+                    suite.stop_peer("mesh-1-nometrics")
             elif wl.kind == "idle":
                 suite.run_idle(wl, peer_names)
             else:
@@ -450,8 +505,9 @@ def _main(args: argparse.Namespace, argv: list[str], log) -> int:
         suite.close()
 
     commit, dirty = report.git_commit()
-    all_peers = [*peer_names, *(n for n in ("mesh-1-nometrics",) if any(r["peer"] == n for r in suite.runs))]
-    subjects = [p for p in all_peers if p.startswith("mesh-") and "nometrics" not in p]
+    extra = ("mesh-1-nometrics", "mesh-1+scrape")
+    all_peers = [*peer_names, *(n for n in extra if n not in peer_names and any(r["peer"] == n for r in suite.runs))]
+    subjects = [p for p in all_peers if p.startswith("mesh-") and "nometrics" not in p and "+" not in p]
     summary = report.summarize(suite.runs)
     doc: dict[str, Any] = {
         "schema": report.SCHEMA,
