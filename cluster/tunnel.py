@@ -40,11 +40,12 @@ control characters.  Other TLV types are ignored, as the PROXY spec requires.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import ipaddress
 import logging
 import socket
 import struct
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -254,7 +255,7 @@ class TunnelStats:
         )
 
 
-Resolve = Callable[[str], LocalTarget | None]
+Resolve = Callable[[str], "LocalTarget | Awaitable[LocalTarget | None] | None"]
 AllowedPeers = Callable[[str], bool] | Collection[str]
 
 _HEADER, _CONNECTING, _SPLICE, _CLOSED = range(4)
@@ -391,7 +392,30 @@ class _Downstream(asyncio.Protocol):
         if rest:
             self._pending.append(rest)
         self.transport.pause_reading()  # type: ignore[union-attr]
-        self._server._spawn(self._connect(target))
+        if inspect.isawaitable(target):
+            self._server._spawn(self._resolve_later(target))
+        else:
+            self._server._spawn(self._connect(target))
+
+    async def _resolve_later(self, pending: Awaitable[LocalTarget | None]) -> None:
+        """``resolve`` may answer later (a task this node is about to list); reading
+        stays paused meanwhile, and the peer may go away."""
+        assert self.header is not None
+        try:
+            target = await pending
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("tunnel: resolve(%r) failed", self.header.target)
+            if self.phase == _CONNECTING:
+                self._refuse("error", "resolve raised")
+            return
+        if self.phase != _CONNECTING:
+            return
+        if target is None:
+            self._refuse("unknown_target", f"{self.header.target!r} is not a local mesh endpoint")
+            return
+        await self._connect(target)
 
     async def _connect(self, target: LocalTarget) -> None:
         srv = self._server
@@ -536,7 +560,8 @@ class TunnelServer:
 
     ``resolve(target_id)`` -> ``LocalTarget`` or None: the local endpoint of a mesh
     service with that task id (None when the task is not local or not a mesh
-    endpoint).  ``allowed_peers``: a predicate on the peer IP, or a collection of
+    endpoint); or an awaitable of one, when the answer needs a moment (reading
+    stays paused until it comes; the caller bounds how long).  ``allowed_peers``: a predicate on the peer IP, or a collection of
     IPs (a set may be updated in place, or ``allowed_peers`` reassigned, as nodes
     come and go).  ``header_timeout``: seconds for the whole header to arrive.
     """

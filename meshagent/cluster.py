@@ -11,7 +11,8 @@ Wiring (docs/cluster.md, "The agent")::
        │
     agent: localize(state, node, LocalTasks) ──RoutingTable──▶ mesh.runtime.Mesh.apply
            TunnelServer: resolve(task) in the CURRENT localized table (local endpoints of mesh
-           services only, draining ones included); allowed peers = the cluster nodes' addresses
+           services only, draining ones included; a task the state places here that the local
+           listing has not seen yet is waited for, up to 1 s); allowed peers = the nodes' addresses
 
 Rules:
 - The cluster state and the local tasks are two inputs; a change of either
@@ -33,7 +34,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -138,6 +139,10 @@ class LocalTasks:
     async def _read(self, stream) -> None:
         async for event in stream:
             self._on_event(event)
+
+    def poke(self) -> None:
+        """Re-list soon (something suggests a local task is missing)."""
+        self._dirty.set()
 
     def _on_event(self, event: dict[str, Any]) -> None:
         typ = event.get("Type")
@@ -252,6 +257,8 @@ class ClusterAgent:
         self.watcher: Any = None
         self._peers: frozenset[str] = frozenset()
         self._targets: dict[str, LocalTarget] = {}
+        self._state_local: frozenset[str] = frozenset()  # task ids the cluster state places on this node
+        self._applied = asyncio.Event()  # set (and replaced) after each apply
         self._version = 0
         self._dirty = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -374,6 +381,9 @@ class ClusterAgent:
 
     def _on_state(self, state: ClusterState) -> None:
         self.state = state
+        self._state_local = frozenset(
+            e.id for _, r in state.table.routes() for e in r.endpoints if e.node == self.node_id
+        )
         self._peers = frozenset({n.addr for n in state.nodes} | ({self.advertise} if self.advertise else set()))
         self._changed()
 
@@ -400,6 +410,8 @@ class ClusterAgent:
             self._targets = _local_targets(table)
             self.applied_at = time.time()
             self.applies += 1
+            applied, self._applied = self._applied, asyncio.Event()
+            applied.set()
             log.info("table v%d applied (cluster state %s): %s", table.version, self.state.digest,
                      ", ".join(f"{s.name}:{r.port}->{sum(e.via is None for e in r.endpoints)} local/"
                                f"{len(r.endpoints)}" for s, r in table.routes()) or "no services")  # fmt: skip
@@ -408,21 +420,42 @@ class ClusterAgent:
     def _peer_allowed(self, ip: str) -> bool:
         return ip in self._peers
 
-    def _resolve(self, target: str) -> LocalTarget | None:
+    def _resolve(self, target: str) -> LocalTarget | Awaitable[LocalTarget | None] | None:
         found = self._targets.get(target)
-        if found is None:
-            task = target.rsplit(":", 1)[0]
-            gone = self.local.gone.get(task)
-            known = (
-                any(e.id == task for _, r in self.state.table.routes() for e in r.endpoints) if self.state else False
-            )
-            log.info(
-                "tunnel: target %s is not a local endpoint here (%s; in the cluster state: %s)",
-                target,
-                f"its container went away {time.monotonic() - gone:.2f}s ago" if gone else "never seen running here",
-                known,
-            )
+        if found is not None:
+            return found
+        task = target.rsplit(":", 1)[0]
+        if task in self._state_local and task not in self.local.gone:
+            # The manager already lists a new task on this node, and another node chose it
+            # before our own listing caught up: list now and wait a moment for it.
+            return self._resolve_soon(target)
+        self._log_unknown(target)
+        return None
+
+    async def _resolve_soon(self, target: str, timeout: float = 1.0) -> LocalTarget | None:
+        self.local.poke()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (found := self._targets.get(target)) is None:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                self._log_unknown(target)
+                return None
+            try:
+                await asyncio.wait_for(self._applied.wait(), remaining)
+            except TimeoutError:
+                pass
         return found
+
+    def _log_unknown(self, target: str) -> None:
+        task = target.rsplit(":", 1)[0]
+        gone = self.local.gone.get(task)
+        log.info(
+            "tunnel: target %s is not a local endpoint here (%s; listed on this node by the cluster state: %s)",
+            target,
+            f"its container went away {time.monotonic() - gone:.2f}s ago" if gone else "never seen running here",
+            task in self._state_local,
+        )
 
     # -- status ---------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

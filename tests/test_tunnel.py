@@ -523,3 +523,51 @@ def test_constructor_rejects_bad_timeouts() -> None:
         TunnelServer(dict().get, set(), header_timeout=0)
     with pytest.raises(ValueError, match="connect_timeout"):
         TunnelServer(dict().get, set(), connect_timeout=-1)
+
+
+async def test_resolve_may_answer_later_and_bytes_wait_for_it() -> None:
+    """An agent that is about to list a new local task answers resolve() a moment later."""
+    backend = await Backend().start()
+    answer: asyncio.Future = asyncio.get_running_loop().create_future()
+    asked: list[str] = []
+
+    def resolve(target: str):
+        asked.append(target)
+        return answer
+
+    srv = TunnelServer(resolve, {"127.0.0.1"}, "127.0.0.1", 0)
+    await srv.start()
+    try:
+        reader, writer = await _dial(srv)
+        writer.write(tunnel_header(CLIENT, PUBLISHED, "new-task:80") + b"early")
+        await wait_for(lambda: asked == ["new-task:80"], what="resolve asked")
+        writer.write(b" and later")
+        assert backend.connections == 0
+        answer.set_result(LocalTarget("127.0.0.1", backend.port))
+        assert await asyncio.wait_for(reader.readexactly(15), 5) == b"early and later"
+        assert srv.stats.forwarded == 1 and srv.stats.refused == {}
+        await _close(writer)
+    finally:
+        await srv.stop()
+        await backend.stop()
+
+
+@pytest.mark.parametrize(("outcome", "reason"), [(None, "unknown_target"), (RuntimeError("bug"), "error")])
+async def test_a_late_resolve_that_finds_nothing_or_fails_refuses(outcome, reason: str, caplog) -> None:
+    async def resolve_later() -> LocalTarget | None:
+        await asyncio.sleep(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    srv = TunnelServer(lambda t: resolve_later(), {"127.0.0.1"}, "127.0.0.1", 0)
+    await srv.start()
+    try:
+        reader, writer = await _dial(srv)
+        writer.write(tunnel_header(CLIENT, PUBLISHED, "ghost"))
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(reader.read(1), 5)
+        await _close(writer)
+        assert srv.stats.refused == {reason: 1}
+    finally:
+        await srv.stop()
