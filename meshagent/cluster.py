@@ -102,10 +102,13 @@ class LocalTasks:
     async def run(self) -> None:
         backoff = 0.05
         while True:
+            listed = self.listings
             try:
                 await self._session()
             except (EngineError, RecordError, OSError) as exc:
                 log.warning("local engine: %s; keeping %d local tasks", exc, len(self.addresses))
+            if self.listings > listed:
+                backoff = 0.05  # the session worked for a while: reconnect quickly
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.backoff_max)
 
@@ -188,7 +191,8 @@ class LocalTasks:
             for tid, _ in sorted(self.gone.items(), key=lambda kv: kv[1])[: len(self.gone) - 256]:
                 del self.gone[tid]
         draining = self.draining & set(addresses)
-        changed = addresses != self.addresses or draining != self.draining
+        # the first listing always counts: the agent waits for it before applying anything
+        changed = addresses != self.addresses or draining != self.draining or not self.ready.is_set()
         self.addresses, self.draining = addresses, draining
         self.ready.set()
         if changed:

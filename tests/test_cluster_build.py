@@ -232,3 +232,53 @@ def test_local_tasks_drain_on_fatal_events(events: list[dict], draining: set[str
         lt._on_event(e)
     assert lt.draining == draining
     assert len(calls) == changes
+
+
+class _FakeListingEngine:
+    """Just the two listing calls LocalTasks makes, answering from memory."""
+
+    def __init__(self, containers: list[dict]) -> None:
+        self.containers_json = containers
+
+    async def containers(self, filters=None) -> list[dict]:
+        return self.containers_json
+
+    async def network(self, name: str) -> dict:
+        from discovery.engine import NotFound
+
+        raise NotFound(404, f"network {name} not found")
+
+
+async def test_local_tasks_first_listing_counts_as_a_change_even_when_empty() -> None:
+    # a node without local tasks must still apply the cluster state: the agent waits for this call
+    from meshagent.cluster import LocalTasks
+
+    calls = []
+    lt = LocalTasks(_FakeListingEngine([]), lambda: calls.append(1))  # type: ignore[arg-type]
+    await lt._list()
+    await lt._list()
+    assert (calls, lt.addresses, lt.ready.is_set()) == ([1], {}, True)
+
+
+async def test_local_tasks_listing_keeps_running_reachable_tasks() -> None:
+    from meshagent.cluster import LocalTasks
+
+    def c(cid: str, state: str, status: str, ip: str) -> dict:
+        return {
+            "Id": cid, "Names": [f"/web.{cid}"], "State": state, "Status": status,
+            "Labels": {"com.docker.swarm.task.id": f"task-{cid}"},
+            "NetworkSettings": {"Networks": {"bridge": {"IPAddress": ip}}},
+        }  # fmt: skip
+
+    engine = _FakeListingEngine([
+        c("a", "running", "Up 3 seconds", "172.17.0.2"),
+        c("b", "running", "Up 9 seconds (unhealthy)", "172.17.0.3"),
+        c("d", "exited", "Exited (137)", ""),
+        c("e", "running", "Up 1 second", ""),
+    ])  # fmt: skip
+    lt = LocalTasks(engine, lambda: None)  # type: ignore[arg-type]
+    lt.addresses, lt.draining = {"task-a": "172.17.0.2", "task-d": "172.17.0.9"}, {"task-a", "task-d"}
+    await lt._list()
+    assert lt.addresses == {"task-a": "172.17.0.2"}
+    assert lt.draining == {"task-a"}  # still running: stays draining; d is gone
+    assert set(lt.gone) == {"task-d"}
