@@ -382,9 +382,11 @@ class SwarmLab:
             if self.manager.alive():
                 self.remove_services()
         finally:
-            # the discovery tests use node 1 standalone (live-restore); node 3 stays a worker of node 2
-            if 1 in self.nodes and 1 in WORKERS:
-                with contextlib.suppress(Exception):
-                    self.lab.swarm_leave(1, MANAGER)
+            # Leave the shared lab as the discovery tests expect it: node 1 standalone (live-restore) and
+            # node 2 a single-node swarm (its tests join node 3 themselves when they need a worker).
+            for i in WORKERS:
+                if i in self.nodes:
+                    with contextlib.suppress(Exception):
+                        self.lab.swarm_leave(i, MANAGER)
             with contextlib.suppress(OSError):
                 self.token_file.unlink()
