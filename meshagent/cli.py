@@ -1,6 +1,6 @@
 """The ``mesh`` command: the composition root that wires a table source to the data plane.
 
-    mesh run [--config FILE | --docker [HOST]] [--workers N] [--admin ADDR] [--grace SECONDS] [--max-fds N]
+    mesh run [--config FILE | --docker [HOST] | --cluster --token-file F ...] [--workers N] [--admin ADDR] [--grace SECONDS] [--max-fds N]
              [--log-level L] [--log-format text|json] [--access-log] [--no-metrics] [--node NAME]
              [--watch-interval S]
     mesh check --config FILE
@@ -122,6 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--node", metavar="NAME", default=None, help="this node's name (prefer its endpoints; cluster mode)"
     )
+    cl = run.add_argument_group("cluster mode (one agent per swarm node; see docs/cluster.md)")
+    cl.add_argument("--cluster", action="store_true", help="follow the swarm through its managers' agents")
+    cl.add_argument("--token-file", metavar="FILE", default=None, help="shared cluster token (a Docker secret)")
+    cl.add_argument(
+        "--control-port", type=_positive_int, default=None, metavar="PORT", help="manager control port (7480)"
+    )
+    cl.add_argument("--tunnel-port", type=_positive_int, default=None, metavar="PORT", help="agent tunnel port (7481)")
+    cl.add_argument("--advertise", default=None, metavar="ADDR", help="this node's address (default: Swarm.NodeAddr)")
+    cl.add_argument("--bind", default=None, metavar="ADDR", help="address of the control and tunnel servers (0.0.0.0)")
+    cl.add_argument("--status", default=None, metavar="HOST:PORT", help="serve GET /v1/cluster/status there")
+    cl.add_argument("--control-wait", type=_positive_seconds, default=None, metavar="S", help="long-poll wait (20)")
     run.add_argument(
         "--watch-interval",
         type=_positive_seconds,
@@ -255,6 +266,38 @@ def _run_loop(coro_fn: Callable[[], Any]) -> Any:
     return run(coro_fn())
 
 
+def _run_cluster(args: argparse.Namespace, admin_addr: tuple[str, int] | None) -> int:
+    """``mesh run --cluster``: the cluster-mode agent of one swarm node (meshagent/cluster.py)."""
+    from meshagent.cluster import run_cluster_agent
+
+    if args.config:
+        print("mesh: --cluster follows the swarm; it takes no --config", file=sys.stderr)
+        return EXIT_USAGE
+    if args.workers > 1:
+        print("mesh: --cluster runs one data-plane process (--workers is not supported yet)", file=sys.stderr)
+        return EXIT_USAGE
+    if not args.token_file:
+        print("mesh: --cluster needs --token-file FILE (or MESH_TOKEN_FILE)", file=sys.stderr)
+        return EXIT_USAGE
+    _raise_nofile(args.max_fds)
+    opts = argparse.Namespace(
+        docker=args.docker or None,
+        token_file=args.token_file,
+        control_port=args.control_port,
+        tunnel_port=args.tunnel_port,
+        advertise=args.advertise,
+        bind=args.bind,
+        status=args.status,
+        control_wait=args.control_wait,
+        grace=args.grace,
+    )
+    try:
+        return int(_run_loop(lambda: run_cluster_agent(opts, admin=admin_addr, metrics=not args.no_metrics)))
+    except (ConfigError, OSError) as exc:  # bad token file, a port that cannot be bound
+        print(f"mesh: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
 def _raise_nofile(max_fds: int | None) -> None:
     from mesh.limits import raise_nofile
 
@@ -277,6 +320,9 @@ def _run_command(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             print(f"mesh: {exc}", file=sys.stderr)
             return EXIT_USAGE
+
+    if args.cluster:
+        return _run_cluster(args, admin_addr)
 
     source: Any
     if args.config:

@@ -546,13 +546,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-async def run_cluster_agent(args: argparse.Namespace) -> int:
+async def run_cluster_agent(
+    args: argparse.Namespace, *, admin: tuple[str, int] | None = None, metrics: bool = True
+) -> int:
     """Run the agent until SIGTERM/SIGINT; returns the exit code.  Raises ``ConfigError``
     for bad settings (the caller exits 2).
 
     ``args`` needs ``token_file``; ``docker``, ``control_port``, ``tunnel_port``,
     ``advertise``, ``bind``, ``status``, ``control_wait`` and ``grace`` default as in
     ``build_parser()`` when missing, so ``mesh run --cluster`` can pass its own namespace.
+    ``admin``: serve the admin API (``/metrics``, ``/v1/table`` ...) of this node's data plane there.
     """
     defaults = vars(build_parser().parse_args(["--token-file", "-"]))
     opts = argparse.Namespace(**{**defaults, **{k: v for k, v in vars(args).items() if v is not None}})
@@ -580,10 +583,19 @@ async def run_cluster_agent(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    admin_server = None
     try:
         await agent.start()
+        if admin is not None:
+            from mesh.admin import AdminServer, MeshState
+
+            # The same admin API and /metrics as a single-node agent, over this node's data plane.
+            admin_server = AdminServer(MeshState(agent.mesh), *admin, metrics=metrics)
+            await admin_server.start()
         await stop.wait()
     finally:
+        if admin_server is not None:
+            await admin_server.stop()
         await agent.stop(opts.grace)
     return 0
 

@@ -4,7 +4,7 @@ Built on ``tests.dockerlab``: node 2 is the manager (the discovery tests use it 
 their swarm manager too), nodes 1 and 3 join as workers.  Each agent runs as a
 host process inside its node's network namespace::
 
-    nsenter --net=/run/netns/<node netns> -- python3 -m meshagent.cluster run --cluster \\
+    nsenter --net=/run/netns/<node netns> -- python3 -m meshagent run --cluster --admin <node addr>:9901 \\
         --docker unix://<node docker.sock> --token-file <file> --status <node addr>:9911
 
 so its published ports, tunnel (7481) and control port (7480) are on the node's
@@ -47,6 +47,7 @@ MANAGER = 2
 WORKERS = (1, 3)
 ALL_NODES = (1, 2, 3)
 STATUS_PORT = 9911
+ADMIN_PORT = 9901  # the agents' admin API (/metrics, /v1/table), as `mesh run --cluster --admin ADDR`
 TUNNEL_PORT = 7481
 CONTROL_PORT = 7480
 CLIENT_ADDR = "198.18.200.1"  # the test process, on the lab bridge: not a swarm node
@@ -229,7 +230,7 @@ class SwarmLab:
         log_path = LOG_DIR / f"{self.lab.name}-agent{i}.log"
         cmd = [
             "nsenter", f"--net=/run/netns/{n.netns}", "--",
-            sys.executable, "-m", "meshagent.cluster", "run", "--cluster",
+            sys.executable, "-m", "meshagent", "run", "--cluster", "--admin", f"{n.addr}:{ADMIN_PORT}",
             "--docker", n.host, "--token-file", str(self.token_file),
             "--control-port", str(CONTROL_PORT), "--tunnel-port", str(TUNNEL_PORT),
             "--status", f"{n.addr}:{STATUS_PORT}", "--control-wait", "5", *extra,
@@ -261,6 +262,12 @@ class SwarmLab:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(agent.proc.pid, signal.SIGKILL)
             agent.proc.wait(5)
+
+    def metrics(self, i: int, timeout: float = 5.0) -> str:
+        """The agent's Prometheus text from its admin API."""
+        n = self.nodes[i]
+        with urllib.request.urlopen(f"http://{n.addr}:{ADMIN_PORT}/metrics", timeout=timeout) as r:
+            return r.read().decode()
 
     def status(self, i: int, timeout: float = 2.0) -> dict | None:
         """The agent's /v1/cluster/status, or None when it does not answer."""

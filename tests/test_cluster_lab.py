@@ -94,6 +94,14 @@ def test_every_node_reaches_all_six_replicas_and_they_see_the_client(swarm: Swar
     # the cross-node share went through the tunnels of the other agents
     for i in ALL:
         assert swarm.status(i)["tunnel"]["forwarded"] > 0
+    # every agent's admin API counts the connections it accepted on the published port
+    for i in ALL:
+        accepted = [
+            line
+            for line in swarm.metrics(i).splitlines()
+            if line.startswith("mesh_connections_accepted_total{") and f'port="{WEB_PORT}"' in line
+        ]
+        assert len(accepted) == 1 and float(accepted[0].rsplit(" ", 1)[1]) >= 60, accepted
 
 
 def test_locality_prefer_stays_local_and_spills_when_no_local_replica(swarm: SwarmLab) -> None:
