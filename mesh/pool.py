@@ -13,7 +13,9 @@ State rules (one ``Pool`` per (service, route); one ``Host`` per ``Endpoint.key`
   ``panic_threshold`` 0 turns panic mode off.
 - Locality ("prefer"): when some local (``via is None``) host is usable, choose
   among the local usable hosts only; otherwise spill to the remote ones.  When a
-  connection has excluded every local host (retries), it spills too.  Panic mode
+  connection has excluded every local host (retries), it spills too, and so does
+  a new connection while the local hosts carry more than ``SPILL_FACTOR`` x their
+  weight-fair share of the pool's open connections (plus ``SPILL_SLACK`` each).  Panic mode
   ignores locality.
 - The tuples of live/usable/preferred hosts are recomputed on every health,
   ejection, drain or table change -- never per connection.
@@ -57,6 +59,12 @@ FAILED_ACTIVE_HC = 1
 EJECTED = 2
 
 _INF = float("inf")
+
+# Locality spill-over (see Pool._local_overloaded): local hosts may carry up to twice their
+# weight-fair share of this pool's open connections, plus 8 per unit of weight, before new
+# connections spill to the least loaded remote host.
+SPILL_FACTOR = 2.0
+SPILL_SLACK = 8
 
 
 def _health_text(health: int) -> str:
@@ -161,6 +169,8 @@ class Pool:
         self._live: tuple[Host, ...] = ()  # not draining
         self._usable: tuple[Host, ...] = ()  # live and healthy (all live in panic)
         self._preferred: tuple[Host, ...] = ()  # what choose() balances over
+        self._preferred_weight = 0
+        self._usable_weight = 0
         self._panic = False
         self._next_expiry = _INF
         self._sync_hosts(route)
@@ -207,14 +217,38 @@ class Pool:
         """
         if self._clock() >= self._next_expiry:
             self._expire_due()
-        host = self._balancer.pick(self._preferred, client, exclude)
-        if host is None and exclude and self._preferred is not self._usable:
-            # Every preferred (local) host was tried: spill to the least loaded of the
-            # rest.  A scan, but only on a retry after all local hosts failed.
-            for h in self._usable:
-                if h not in exclude and (host is None or h.active * host.weight < host.active * h.weight):
-                    host = h
+        preferred = self._preferred
+        if preferred is not self._usable and self._local_overloaded():
+            return self._least_loaded(exclude)
+        host = self._balancer.pick(preferred, client, exclude)
+        if host is None and exclude and preferred is not self._usable:
+            # Every preferred (local) host was tried: spill to the least loaded of the rest.
+            host = self._least_loaded(exclude)
         return host
+
+    def _local_overloaded(self) -> bool:
+        """Locality spill-over: the local hosts carry more than their share of this pool's open
+        connections, i.e. more than ``SPILL_FACTOR`` x what they would carry if the connections
+        were spread over every usable host by weight, plus ``SPILL_SLACK`` per unit of weight (so a
+        lightly loaded node always stays local).  O(hosts), and only with locality in effect."""
+        local_active = 0
+        for h in self._preferred:
+            local_active += h.active
+        if local_active < SPILL_SLACK * self._preferred_weight:
+            return False
+        total_active = 0
+        for h in self._usable:
+            total_active += h.active
+        fair = total_active * self._preferred_weight / self._usable_weight
+        return local_active > SPILL_FACTOR * fair + SPILL_SLACK * self._preferred_weight
+
+    def _least_loaded(self, exclude: Collection[Host]) -> Host | None:
+        """The usable host with the fewest open connections per weight, not in ``exclude``."""
+        best = None
+        for h in self._usable:
+            if h not in exclude and (best is None or h.active * best.weight < best.active * h.weight):
+                best = h
+        return best
 
     def report_success(self, host: Host) -> None:
         """A connect to ``host`` succeeded: reset its consecutive failures."""
@@ -372,6 +406,8 @@ class Pool:
         self._panic = panic
         self._usable = usable
         self._preferred = self._prefer(usable)
+        self._preferred_weight = sum(h.weight for h in self._preferred)
+        self._usable_weight = sum(h.weight for h in usable)
         self._balancer.rebuild(self._preferred)
         if notify and changed:
             self._notify()
@@ -379,12 +415,11 @@ class Pool:
     def _prefer(self, usable: tuple[Host, ...]) -> tuple[Host, ...]:
         """The subset of ``usable`` that choose() balances over (locality).
 
-        Today: all local usable hosts if there is one, else every usable host.
+        All local usable hosts if there is one, else every usable host; choose()
+        spills past them when they carry more than their share (``_local_overloaded``).
         In panic mode locality is ignored (as Envoy does): ``usable`` then holds
         unhealthy hosts too, and preferring local ones could send everything to
         failing local replicas while a healthy remote one exists.
-        This is the place for a later policy such as "spill a share to remote
-        hosts when the local ones carry more than their share of the load".
         """
         if self.options.locality != "prefer" or self._panic:
             return usable

@@ -347,6 +347,40 @@ def test_locality_spills_when_the_connection_tried_every_local_host():
     assert pool.choose(None, exclude=pool.hosts) is None
 
 
+def test_locality_spills_when_local_hosts_carry_more_than_their_share():
+    pool = local_remote_pool()  # 2 local + 2 remote, weight 1 each
+    e0, e1, e2, e3 = pool.hosts
+    # Light load stays local: below SPILL_SLACK (8) per local unit of weight nothing spills.
+    e0.active = e1.active = 7
+    assert picks(pool, 10) == {"e0": 5, "e1": 5}
+    # 2 x 9 local, 0 remote: fair local share is 9, limit 2 x 9 + 16 = 34 > 18: still local.
+    e0.active = e1.active = 9
+    assert pool.choose() in (e0, e1)
+    # 2 x 20 local, 1 remote: fair = 41 x 2/4 = 20.5, limit 57 > 40: local.
+    e0.active = e1.active = 20
+    e2.active = 1
+    assert pool.choose() in (e0, e1)
+    # One local host of weight 1 against three remote ones: its fair share is a quarter.
+    heavy = Pool(
+        "web",
+        Route(8080, endpoints(4, via=(1, 2, 3))),
+        ServiceOptions(locality="prefer"),
+        rng=random.Random(1),
+        local_node="n1",
+    )
+    h0, h1, h2, h3 = heavy.hosts
+    assert [h.local for h in heavy.hosts] == [True, False, False, False]
+    h0.active = 40  # fair local share 40 / 4 = 10, limit 2 x 10 + 8 = 28 < 40: spill
+    h2.active = 1
+    assert heavy.choose() is h1  # the least loaded remote host
+    h1.active = 1
+    assert heavy.choose() is h3
+    h0.active = 20  # fair (20 + 2) / 4 = 5.5, limit 19 < 20: still spilling
+    assert heavy.choose() is h3
+    h0.active = 18  # limit (18 + 2) / 4 x 2 + 8 = 18: not over it, local again
+    assert heavy.choose() is h0
+
+
 def test_locality_is_ignored_in_panic_mode():
     pool = local_remote_pool()
     for h in pool.hosts[:3]:  # both local hosts and one remote fail: 1 of 4 healthy, panic
