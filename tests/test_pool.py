@@ -349,7 +349,7 @@ def test_locality_spills_when_the_connection_tried_every_local_host():
 
 def test_locality_spills_when_local_hosts_carry_more_than_their_share():
     pool = local_remote_pool()  # 2 local + 2 remote, weight 1 each
-    e0, e1, e2, e3 = pool.hosts
+    e0, e1, e2, _e3 = pool.hosts
     # Light load stays local: below SPILL_SLACK (8) per local unit of weight nothing spills.
     e0.active = e1.active = 7
     assert picks(pool, 10) == {"e0": 5, "e1": 5}
