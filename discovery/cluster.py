@@ -30,7 +30,6 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
-from dataclasses import replace
 from typing import Any
 
 from cluster.state import NODE_AVAILABILITIES, NODE_STATES, ClusterState, NodeInfo
@@ -46,7 +45,6 @@ __all__ = ["ClusterWatcher", "build_cluster_state", "node_infos"]
 log = logging.getLogger(__name__)
 
 PLACEHOLDER_ADDRESS = "0.0.0.0"
-LOCALITY_LABEL = "mesh.locality"
 OnState = Callable[[ClusterState], Awaitable[None] | None]
 
 
@@ -116,38 +114,7 @@ def build_cluster_state(
     table, problems = build_table(
         services=services, tasks=tasks, gwbridge=_TaskAddresses(tasks), local_node="", killed=killed, version=version
     )  # type: ignore[arg-type]
-    table, more = _apply_locality(table, services)
-    return ClusterState(table=table, nodes=tuple(nodes)), tuple(sorted({*problems, *more}))
-
-
-def _apply_locality(table: RoutingTable, services: Iterable[ServiceRecord]) -> tuple[RoutingTable, list[Problem]]:
-    """``mesh.locality=prefer|off`` (cluster mode only, so discovery.labels does not know it
-    yet and reports it as an unknown label; docs/cluster.md asks for it to move there)."""
-    wanted: dict[str, str] = {}
-    problems = []
-    for s in services:
-        value = s.label(LOCALITY_LABEL)
-        if value is None:
-            continue
-        value = value.strip().lower()
-        if value not in ("prefer", "off"):
-            problems.append(
-                Problem(
-                    f"service {s.name}",
-                    f"label {LOCALITY_LABEL}={value!r}: expected prefer or off; using prefer",
-                    LOCALITY_LABEL,
-                    skipped=False,
-                )
-            )
-            continue
-        wanted[s.label("mesh.service") or s.name] = value
-    if not wanted:
-        return table, problems
-    out = tuple(
-        replace(svc, options=replace(svc.options, locality=wanted[svc.name])) if svc.name in wanted else svc
-        for svc in table.services
-    )
-    return RoutingTable(version=table.version, services=out), problems
+    return ClusterState(table=table, nodes=tuple(nodes)), tuple(problems)
 
 
 class _NodeEvents:
@@ -195,7 +162,6 @@ class ClusterWatcher(Watcher):
         self.state: ClusterState | None = None
         self._nodes_dirty = False
         self.state_publishes = 0
-        self._locality_problems: set[Problem] = set()
 
     # -- Watcher hooks --------------------------------------------------------------
     def _next_due(self) -> float:
@@ -247,8 +213,8 @@ class ClusterWatcher(Watcher):
         self._gwbridge = _TaskAddresses(t for ts in self._tasks.values() for t in ts)  # type: ignore[assignment]
         published = await super()._build_and_publish(reason, pending, full_listing=full_listing)
         if not published and self.table is not None and self.state is not None:
-            # the routes did not change, but the nodes or a cluster-only label may have
-            # (a node went down or was drained; mesh.locality): _emit publishes only a new digest
+            # the routes did not change, but the nodes may have (a node went down or was
+            # drained): _emit publishes only a new digest
             await self._emit(self.table)
         return published
 
@@ -257,10 +223,6 @@ class ClusterWatcher(Watcher):
         await self._emit(table)
 
     async def _emit(self, table: RoutingTable) -> None:
-        table, problems = _apply_locality(table, self._services.values())
-        for p in set(problems) - self._locality_problems:
-            log.warning("docker discovery: %s", p)
-        self._locality_problems = set(problems)
         state = ClusterState(table=table, nodes=self.nodes)
         if self.state is not None and state.digest == self.state.digest:
             return

@@ -30,6 +30,7 @@ KNOWN_LABELS = (
     "mesh.connect-timeout",
     "mesh.idle-timeout",
     "mesh.retries",
+    "mesh.locality",
     "mesh.health",
     "mesh.health.path",
     "mesh.health.host",
@@ -239,6 +240,11 @@ def parse_labels(labels: Mapping[str, str] | Iterable[tuple[str, str]]) -> MeshL
         opts["idle_timeout"] = parse_duration("mesh.idle-timeout", mine["mesh.idle-timeout"], allow_zero=True)
     if "mesh.retries" in mine:
         opts["retries"] = _int("mesh.retries", mine["mesh.retries"], 0, 100)
+    if "mesh.locality" in mine:
+        locality = mine["mesh.locality"].strip().lower()
+        if locality not in ("prefer", "off"):
+            raise LabelError("mesh.locality", mine["mesh.locality"], "expected prefer or off")
+        opts["locality"] = locality
     opts["health_check"] = _health(mine)
     try:
         options = ServiceOptions(**opts)  # type: ignore[arg-type]

@@ -7,7 +7,6 @@ import pytest
 
 from cluster.state import ClusterState, NodeInfo, localize
 from cluster.tunnel import LocalTarget
-from discovery.builder import Problem
 from discovery.cluster import build_cluster_state, node_infos
 from discovery.records import ContainerRecord, NetworkAddress, NetworkRecord, ServiceRecord, TaskRecord, frozen_labels
 from mesh.routing import Endpoint, Route, RoutingTable, Service, ServiceOptions
@@ -181,23 +180,19 @@ def test_manager_addresses_from_info() -> None:
     assert _manager_addresses({}, 7480) == []
 
 
-@pytest.mark.parametrize(
-    ("value", "locality", "problem"),
-    [("off", "off", None), ("Prefer", "prefer", None), ("nearest", "prefer", "expected prefer or off")],
-)
-def test_mesh_locality_label(value: str, locality: str, problem: str | None) -> None:
+@pytest.mark.parametrize(("value", "locality"), [("off", "off"), ("Prefer", "prefer"), ("nearest", None)])
+def test_mesh_locality_label(value: str, locality: str | None) -> None:
     svc = ServiceRecord(
         id="s", name="web", labels=frozen_labels({"mesh.publish": "8080:80", "mesh.locality": value}), created=1.0
     )
     state, problems = build_cluster_state([svc], [T("t1", "s", "n1")], NODES)
-    assert state.table.services[0].options.locality == locality
-    # discovery.labels does not know the label yet: it warns "unknown" (not skipped) until it moves there
-    unknown = Problem("service web", "unknown label mesh.locality (ignored)", None, skipped=False)
-    if problem is None:
-        assert problems == (unknown,)
-    else:
-        bad = Problem("service web", f"label mesh.locality={value!r}: {problem}; using prefer", "mesh.locality", False)
-        assert problems == (bad, unknown)
+    if locality is not None:
+        assert state.table.services[0].options.locality == locality
+        assert problems == ()
+    else:  # a bad value skips the service, like every other mesh.* label
+        assert state.table.services == ()
+        assert [(p.subject, p.label, p.skipped) for p in problems] == [("service web", "mesh.locality", True)]
+        assert "expected prefer or off" in problems[0].message
 
 
 def _event(action: str, task: str | None = "t1", **attrs: str) -> dict:

@@ -146,6 +146,7 @@ def test_unknown_label_is_a_warning_not_an_error():
         ({"mesh.proxy-protocol": "v3"}, "mesh.proxy-protocol", "expected v1, v2 or none"),
         ({"mesh.connect-timeout": "soon"}, "mesh.connect-timeout", "expected a duration"),
         ({"mesh.retries": "101"}, "mesh.retries", "expected a whole number 0..100"),
+        ({"mesh.locality": "nearest"}, "mesh.locality", "expected prefer or off"),
         ({"mesh.enable": "maybe"}, "mesh.enable", "expected true or false"),
         ({"mesh.health": "icmp"}, "mesh.health", "expected tcp, http or none"),
         ({"mesh.health.path": "/x"}, "mesh.health.path", "needs mesh.health=tcp or mesh.health=http"),
