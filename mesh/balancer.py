@@ -160,22 +160,19 @@ class Balancer:
         return f"<{type(self).__name__} hosts={n}>"
 
 
-class RoundRobin(Balancer):
-    """Weighted round robin over an expanded schedule, random start offset.  See the module docstring."""
+class _Scheduled(Balancer):
+    """A balancer that walks a weighted schedule with a cursor (``_next``)."""
 
-    name = "round-robin"
-    __slots__ = ("_next", "_schedule", "_started")
+    __slots__ = ("_next", "_started")
 
     def __init__(self, rng: random.Random | None = None) -> None:
         super().__init__(rng)
-        self._schedule: tuple[Host, ...] = ()
         self._next = 0
         self._started = False
 
-    def rebuild(self, hosts: tuple[Host, ...]) -> None:
-        self._hosts = hosts
-        self._schedule = tuple(hosts[i] for i in weighted_schedule([h.weight for h in hosts]))
-        n = len(self._schedule)
+    def _place_cursor(self, n: int) -> None:
+        """After a rebuild to a schedule of ``n`` slots: a random start the first time (nodes that
+        receive the same table at the same moment do not move in lock step), the same place after."""
         if not n:
             return
         if not self._started:
@@ -183,6 +180,22 @@ class RoundRobin(Balancer):
             self._next = self._rng.randrange(n)
         else:
             self._next %= n
+
+
+class RoundRobin(_Scheduled):
+    """Weighted round robin over an expanded schedule, random start offset.  See the module docstring."""
+
+    name = "round-robin"
+    __slots__ = ("_schedule",)
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        super().__init__(rng)
+        self._schedule: tuple[Host, ...] = ()
+
+    def rebuild(self, hosts: tuple[Host, ...]) -> None:
+        self._hosts = hosts
+        self._schedule = tuple(hosts[i] for i in weighted_schedule([h.weight for h in hosts]))
+        self._place_cursor(len(self._schedule))
 
     def pick(self, hosts: tuple[Host, ...], client: Client = None, exclude: Collection[Host] = ()) -> Host | None:
         if hosts is not self._hosts:
@@ -215,29 +228,20 @@ class RoundRobin(Balancer):
         return f"<RoundRobin hosts={len(self._hosts or ())} schedule={len(self._schedule)} next={self._next}>"
 
 
-class LeastConn(Balancer):
+class LeastConn(_Scheduled):
     """Fewest ``active / weight``; ties follow the weighted round-robin schedule."""
 
     name = "least-conn"
-    __slots__ = ("_next", "_order", "_started")
+    __slots__ = ("_order",)
 
     def __init__(self, rng: random.Random | None = None) -> None:
         super().__init__(rng)
         self._order: tuple[int, ...] = ()
-        self._next = 0
-        self._started = False
 
     def rebuild(self, hosts: tuple[Host, ...]) -> None:
         self._hosts = hosts
         self._order = weighted_schedule([h.weight for h in hosts])
-        n = len(self._order)
-        if not n:
-            return
-        if not self._started:
-            self._started = True
-            self._next = self._rng.randrange(n)
-        else:
-            self._next %= n
+        self._place_cursor(len(self._order))
 
     def pick(self, hosts: tuple[Host, ...], client: Client = None, exclude: Collection[Host] = ()) -> Host | None:
         if hosts is not self._hosts:
