@@ -178,7 +178,7 @@ class Listener:
                 return
             try:
                 conn.setblocking(False)
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                # TCP_NODELAY comes with the transport (asyncio and uvloop set it themselves).
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             except OSError:
                 conn.close()  # reset before we got to it

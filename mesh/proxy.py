@@ -97,12 +97,15 @@ def connect_failure_reason(exc: BaseException) -> str:
 
 
 def set_stream_options(transport: asyncio.BaseTransport) -> None:
-    """TCP_NODELAY and SO_KEEPALIVE on a TCP transport's socket (no-op for others)."""
+    """SO_KEEPALIVE on a TCP transport's socket (no-op for others).
+
+    TCP_NODELAY is not set here: asyncio's and uvloop's TCP transports already set it on
+    every socket they wrap (tests/test_proxy.py checks both sides), and each extra
+    setsockopt is a system call per connection."""
     sock = transport.get_extra_info("socket")
     if sock is None:
         return
     try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     except OSError:
         pass  # e.g. the peer already reset the connection; the transport will report it

@@ -88,6 +88,23 @@ async def test_echo_through_proxy_counts_bytes_and_releases_host():
     assert pool.stats.accepted == 1 and pool.stats.no_endpoint == 0
 
 
+async def test_both_sides_have_nodelay_and_keepalive():
+    b = await Backend("a").start()
+    pool = make_pool([b.port])
+    lst = start_listener(pool)
+    r, w = await asyncio.open_connection("127.0.0.1", lst.port)
+    w.write(b"ping")
+    assert await asyncio.wait_for(r.readexactly(4), 5) == b"ping"
+    (conn,) = list(lst.registry)
+    for transport in (conn.transport, conn.up_transport):
+        sock = transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1, transport
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1, transport
+    w.close()
+    await w.wait_closed()
+    await finish(lst, b)
+
+
 async def test_round_robin_over_three_backends():
     bs = [await Backend(n, "ident").start() for n in ("a", "b", "c")]
     pool = make_pool([b.port for b in bs])
