@@ -47,7 +47,7 @@ import time
 from collections.abc import Callable, Collection
 
 from mesh.balancer import Balancer, make_balancer
-from mesh.routing import Endpoint, Route, ServiceOptions
+from mesh.routing import Endpoint, Route, ServiceOptions, parse_hostport
 from mesh.stats import HostStats, RouteStats
 
 __all__ = ["EJECTED", "FAILED_ACTIVE_HC", "HEALTHY", "Host", "Pool"]
@@ -89,6 +89,7 @@ class Host:
         "active",
         "address",
         "consecutive_failures",
+        "dial",
         "draining",
         "ejected_until",
         "ejections",
@@ -108,6 +109,9 @@ class Host:
         self.port = endpoint.port
         self.via = endpoint.via
         self.local = endpoint.via is None
+        # Where the proxy connects: the endpoint itself, or the tunnel of the agent on its node.
+        # Parsed once per host, not once per connection.
+        self.dial = (endpoint.address, endpoint.port) if endpoint.via is None else parse_hostport(endpoint.via)
         self.active = 0
         self.health = HEALTHY
         self.consecutive_failures = 0

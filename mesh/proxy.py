@@ -46,7 +46,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from mesh.proxyproto import PP2_TYPE_MESH_TARGET, encode_v1, encode_v2
-from mesh.routing import format_hostport, parse_hostport
+from mesh.routing import format_hostport
 
 if TYPE_CHECKING:
     from mesh.pool import Host, Pool
@@ -302,10 +302,7 @@ class ProxyConnection(asyncio.Protocol):
                 proto = UpstreamProtocol(self, host)
                 t0 = loop.time()
                 try:
-                    if host.via is None:
-                        addr, port = host.address, host.port
-                    else:
-                        addr, port = parse_hostport(host.via)
+                    addr, port = host.dial
                     async with asyncio.timeout(opts.connect_timeout):
                         await loop.create_connection(lambda p=proto: p, addr, port)
                 except Exception as exc:

@@ -295,13 +295,7 @@ class Node:
             self.exec_netns("iptables", "-I", "DOCKER-USER", "1", "-i", "eth0", "-j", "ACCEPT")
 
     def _kill_container_procs(self) -> None:
-        for f in Path("/sys/fs/cgroup").glob(f"*{self.cgroup_parent}/**/cgroup.procs"):
-            try:
-                for line in f.read_text().split():
-                    with contextlib.suppress(OSError, ValueError):
-                        os.kill(int(line), signal.SIGKILL)
-            except OSError:
-                continue
+        _kill_cgroup_procs(self.cgroup_parent)
 
     def stop(self, *, fast: bool = False, timeout: float = 30) -> None:
         """Stop dockerd.  ``fast``: SIGKILL the containers first (no stop timeouts)."""
@@ -361,12 +355,8 @@ class Node:
         _quiet("ip", "link", "del", self.veth)
 
 
-def _cleanup_node_leftovers(run_dir: Path, var_dir: Path, cgroup_parent: str) -> None:
-    # containerd and shims of this node mention its exec-root on their command line
-    left = _pids_mentioning(str(run_dir / "exec"))
-    for pid in left:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+def _kill_cgroup_procs(cgroup_parent: str) -> None:
+    """SIGKILL every process in the cgroups below ``cgroup_parent`` (a node's containers)."""
     for f in Path("/sys/fs/cgroup").glob(f"*{cgroup_parent}/**/cgroup.procs"):
         try:
             for line in f.read_text().split():
@@ -374,6 +364,15 @@ def _cleanup_node_leftovers(run_dir: Path, var_dir: Path, cgroup_parent: str) ->
                     os.kill(int(line), signal.SIGKILL)
         except OSError:
             continue
+
+
+def _cleanup_node_leftovers(run_dir: Path, var_dir: Path, cgroup_parent: str) -> None:
+    # containerd and shims of this node mention its exec-root on their command line
+    left = _pids_mentioning(str(run_dir / "exec"))
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    _kill_cgroup_procs(cgroup_parent)
     _umount_below(run_dir)
     _umount_below(var_dir)
     shutil.rmtree(run_dir, ignore_errors=True)
