@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mesh.listener import Listener
@@ -23,10 +22,8 @@ from mesh.metrics import (
     MetricsExporter,
     StatsReader,
     WorkerStats,
-    families,
     make_registry,
     merge_snapshots,
-    render_text,
 )
 from mesh.pool import EJECTED, FAILED_ACTIVE_HC, Pool
 from mesh.routing import Endpoint, Route, ServiceOptions
@@ -351,16 +348,40 @@ def test_registry_has_process_metrics_and_is_not_global():
     assert {"process_cpu_seconds", "process_open_fds", "python_info", "python_gc_objects_collected"} <= names
 
 
-def _samples(text: str) -> dict:
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        for smp in fam.samples:
-            out[(smp.name, tuple(sorted(smp.labels.items())))] = smp.value
-    return out
+# Every family /metrics serves, as prometheus_client's parser names and types them (counters lose "_total").
+FAMILY_TYPES = {
+    "mesh_connections_accepted": "counter",
+    "mesh_connections_active": "gauge",
+    "mesh_connections_failed": "counter",
+    "mesh_upstream_connections": "counter",
+    "mesh_received_bytes": "counter",
+    "mesh_sent_bytes": "counter",
+    "mesh_upstream_connect_seconds": "histogram",
+    "mesh_connection_duration_seconds": "histogram",
+    "mesh_upstream_connect_failures": "counter",
+    "mesh_retries": "counter",
+    "mesh_ejections": "counter",
+    "mesh_endpoint_up": "gauge",
+    "mesh_endpoint_healthy": "gauge",
+    "mesh_endpoint_ejected": "gauge",
+    "mesh_healthy_endpoints": "gauge",
+    "mesh_endpoints": "gauge",
+    "mesh_listener_up": "gauge",
+    "mesh_table_version": "gauge",
+    "mesh_table_applied_timestamp_seconds": "gauge",
+    "mesh_fd_exhausted": "counter",
+    "mesh_data_plane_processes": "gauge",
+    "mesh_discovery_events": "counter",
+    "mesh_discovery_reconnects": "counter",
+    "mesh_discovery_lag_seconds": "histogram",
+}
 
 
-def test_fast_text_renderer_matches_prometheus_client_families():
-    pool = make_pool(3, service='we"ird\\svc')
+def test_exposition_reads_back_with_prometheus_client_parser():
+    """The whole /metrics body (registry part from generate_latest, mesh part from render_text) parsed by
+    prometheus_client: family names and types, HELP, label escaping, histogram structure, exact values."""
+    weird = 'we"ird\\svc\nx'  # quote, backslash and newline must survive the label escaping
+    pool = make_pool(3, service=weird)
     rd = reader([pool], {"table_version": 3, "table_applied": 12.25})
     rd.snapshot()  # the reader learns the pool's hosts (a running admin server scrapes from the start)
     traffic(host(pool, "e1"), 3, 7, 9, connect=0.2, dur=100.0)
@@ -369,23 +390,63 @@ def test_fast_text_renderer_matches_prometheus_client_families():
     pool.set_active_health(host(pool, "e2"), False)
     traffic(host(pool, "e3"), 1, 1, 1)
     pool.update(Route(port=80, endpoints=(ep(1), ep(2))), ServiceOptions())
-    merged = merge_snapshots([rd.snapshot()])
+    snap = rd.snapshot()
+    merged = merge_snapshots([snap])
     assert [h["id"] for h in merged["routes"][0]["hosts"]] == ["e1", "e2"]
     assert merged["routes"][0]["removed"]["connections"] == 1
 
-    class Fams:
-        def collect(self):
-            return families(merged)
+    body, _ = MetricsExporter(make_registry(discovery=DiscoveryMetrics(), process=False)).render([snap])
+    fams = list(text_string_to_metric_families(body.decode()))
+    names = [f.name for f in fams]
+    assert len(names) == len(set(names))  # no family written twice (the two parts of the body do not clash)
+    assert {f.name: f.type for f in fams} == FAMILY_TYPES
+    assert all(f.documentation for f in fams)
 
-    ours = render_text(merged)
-    theirs = generate_latest(Fams()).decode()
-    assert _samples(ours) == _samples(theirs)
+    mesh = [
+        s for f in fams if f.name.startswith("mesh_") and not f.name.startswith("mesh_discovery_") for s in f.samples
+    ]
     # 19 route-level and global + 36 counter samples for e1, e2 and _removed + 4 state gauges for e1, e2
-    assert len(_samples(ours)) == 19 + 3 * 36 + 2 * 4
-    # HELP/TYPE lines agree too (same family names and types)
-    assert sorted(ln for ln in ours.splitlines() if ln.startswith("# TYPE")) == sorted(
-        ln for ln in theirs.splitlines() if ln.startswith("# TYPE")
-    )
+    assert len(mesh) == 19 + 3 * 36 + 2 * 4
+    assert {s.labels["service"] for s in mesh if "service" in s.labels} == {weird}
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value for s in mesh}
+    assert len(got) == len(mesh)  # every sample has its own name and label set
+
+    def at(name, **labels):
+        return got[(name, L(service=weird, port=80, **labels))]
+
+    assert at("mesh_upstream_connections_total", endpoint="e1") == 3
+    assert at("mesh_upstream_connections_total", endpoint=REMOVED_ENDPOINT) == 1
+    assert at("mesh_received_bytes_total", endpoint="e1") == 21
+    assert at("mesh_sent_bytes_total", endpoint="e1") == 27
+    assert at("mesh_connections_failed_total", reason="no_endpoint") == 2
+    assert at("mesh_upstream_connect_failures_total", reason="refused") == 1
+    assert at("mesh_endpoint_healthy", endpoint="e2") == 0
+    assert at("mesh_endpoint_up", endpoint="e1") == 1
+    assert at("mesh_healthy_endpoints") == 1
+    assert at("mesh_endpoints") == 2
+    assert at("mesh_upstream_connect_seconds_bucket", endpoint="e1", le="0.1") == 0
+    assert at("mesh_upstream_connect_seconds_bucket", endpoint="e1", le="0.25") == 3
+    assert at("mesh_upstream_connect_seconds_sum", endpoint="e1") == pytest.approx(0.6)
+    assert at("mesh_connection_duration_seconds_sum", endpoint="e1") == 300.0
+    assert got[("mesh_table_version", ())] == 3
+    assert got[("mesh_table_applied_timestamp_seconds", ())] == 12.25
+
+    # every histogram series: cumulative buckets ending in +Inf, +Inf == _count
+    for f in fams:
+        if f.type != "histogram":
+            continue
+        series: dict[tuple, list] = {}
+        for s in f.samples:
+            key = tuple(sorted((k, v) for k, v in s.labels.items() if k != "le"))
+            series.setdefault(key, []).append(s)
+        assert series, f.name
+        for key, samples in series.items():
+            buckets = [s for s in samples if s.name == f.name + "_bucket"]
+            counts = [s.value for s in buckets]
+            assert counts == sorted(counts), (f.name, key)
+            assert buckets[-1].labels["le"] == "+Inf"
+            (count,) = (s.value for s in samples if s.name == f.name + "_count")
+            assert count == counts[-1], (f.name, key)
 
 
 def test_scrape_of_1000_endpoints_is_cheap():
