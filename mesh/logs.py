@@ -5,6 +5,9 @@ JSON:  ``{"ts": "2026-11-27T20:55:01.123Z", "level": "info", "logger": "mesh.run
 
 Fields passed with ``log.info(..., extra={"service": "web"})`` are appended to text lines as key=value
 and become keys of the JSON object.  Timestamps are UTC with milliseconds.
+
+``log_access`` writes the access log: one line per closed connection on the ``mesh.access`` logger, which
+``setup_logging`` holds at WARNING (off) unless ``access_log=True``.
 """
 
 from __future__ import annotations
@@ -15,11 +18,11 @@ import sys
 import time
 from typing import Any, TextIO
 
-__all__ = ["LEVELS", "JsonFormatter", "TextFormatter", "setup_logging"]
+__all__ = ["ACCESS_LOGGER", "LEVELS", "JsonFormatter", "TextFormatter", "log_access", "setup_logging"]
 
 LEVELS = ("debug", "info", "warning", "error", "critical")
 FORMATS = ("text", "json")
-ACCESS_LOGGER = "mesh.access"  # same name as mesh.metrics.ACCESS_LOGGER (kept here to avoid the import)
+ACCESS_LOGGER = "mesh.access"  # one line per closed connection (log_access); off unless asked for
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=``.
 _STANDARD = set(vars(logging.LogRecord("x", logging.INFO, "x", 0, "x", None, None))) | {"message", "asctime"}
@@ -92,3 +95,43 @@ def setup_logging(
     logging.getLogger("aiohttp.access").setLevel(max(root.level, logging.WARNING))
     logging.getLogger(ACCESS_LOGGER).setLevel(logging.INFO if access_log else logging.WARNING)
     return handler
+
+
+_access = logging.getLogger(ACCESS_LOGGER)
+
+
+def log_access(
+    service: str,
+    port: int,
+    endpoint: str | None,
+    client: tuple[str, int] | None,
+    received: int,
+    sent: int,
+    duration: float,
+    reason: str,
+) -> None:
+    """One line per closed connection on the ``mesh.access`` logger (off unless the CLI enables it).
+
+    The proxy calls it once per closed connection, and only when the access log was asked for
+    (``--access-log``; a flag checked at close, never per chunk).  Fields, passed as ``extra`` so both
+    formatters print them: service, port, endpoint (id, or "-" when none was chosen), client ("ip:port"),
+    received_bytes (from the client), sent_bytes (to the client), duration_seconds, reason (why it closed:
+    "client_closed", "upstream_closed", "idle_timeout", "no_endpoint", "refused", "timeout",
+    "unreachable", "error", "overflow", "shutdown").
+    """
+    client_s = f"{client[0]}:{client[1]}" if client else "-"
+    ep = endpoint or "-"
+    # The message stays short: the formatters above print the fields (text: key=value, JSON: keys).
+    _access.info(
+        "connection closed",
+        extra={
+            "service": service,
+            "port": port,
+            "endpoint": ep,
+            "client": client_s,
+            "received_bytes": received,
+            "sent_bytes": sent,
+            "duration_seconds": round(duration, 6),
+            "reason": reason,
+        },
+    )

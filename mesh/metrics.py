@@ -44,10 +44,12 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.utils import floatToGoString
 
+# Temporary alias: mesh/proxy.py still imports log_access from here; it lives in mesh.logs.  Drop this
+# line once nothing does.
+from mesh.logs import log_access  # noqa: F401
 from mesh.stats import CONNECT_BUCKETS, DURATION_BUCKETS, Histogram, HostStats
 
 __all__ = [
-    "ACCESS_LOGGER",
     "FAILURE_REASONS",
     "LAG_BUCKETS",
     "REMOVED_ENDPOINT",
@@ -57,7 +59,6 @@ __all__ = [
     "StatsReader",
     "WorkerStats",
     "failed_by_reason",
-    "log_access",
     "make_registry",
     "merge_snapshots",
     "render_text",
@@ -735,47 +736,3 @@ class MetricsExporter:
         """
         head = generate_latest(self.registry) if self.registry is not None else b""
         return head + render_text(merge_snapshots(snapshots)).encode(), CONTENT_TYPE_PLAIN_0_0_4
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Access log
-# ---------------------------------------------------------------------------------------------------------
-ACCESS_LOGGER = "mesh.access"
-_access = logging.getLogger(ACCESS_LOGGER)
-
-
-def log_access(
-    service: str,
-    port: int,
-    endpoint: str | None,
-    client: tuple[str, int] | None,
-    received: int,
-    sent: int,
-    duration: float,
-    reason: str,
-) -> None:
-    """One line per closed connection on the ``mesh.access`` logger (off unless the CLI enables it).
-
-    The proxy calls it once per closed connection, and only when the access log was asked for
-    (``--access-log``; a flag checked at close, never per chunk).  Fields (also passed as ``extra`` for the JSON formatter): service,
-    port, endpoint (id, or "-" when none was chosen), client ("ip:port"), received_bytes (from the client),
-    sent_bytes (to the client), duration_seconds, reason (why it closed: "client_closed",
-    "upstream_closed", "idle_timeout", "no_endpoint", "refused", "timeout", "unreachable", "error",
-    "overflow", "shutdown").
-    """
-    client_s = f"{client[0]}:{client[1]}" if client else "-"
-    ep = endpoint or "-"
-    # The message stays short: both formatters of mesh/logs.py print the fields (text: key=value, JSON: keys).
-    _access.info(
-        "connection closed",
-        extra={
-            "service": service,
-            "port": port,
-            "endpoint": ep,
-            "client": client_s,
-            "received_bytes": received,
-            "sent_bytes": sent,
-            "duration_seconds": round(duration, 6),
-            "reason": reason,
-        },
-    )
