@@ -2,7 +2,7 @@
 
 ``run(main_coro)`` uses ``asyncio.Runner(loop_factory=uvloop.new_event_loop)``;
 when uvloop cannot be imported (another platform, a stripped install) it runs
-on asyncio's default loop and warns once.
+on asyncio's default loop and warns once, with the ImportError's message.
 """
 
 from __future__ import annotations
@@ -21,14 +21,17 @@ _warned = False
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
-    """``uvloop.new_event_loop``, or asyncio's default with one warning when uvloop is missing."""
+    """``uvloop.new_event_loop``, or asyncio's default with one warning (naming the ImportError) when uvloop
+    cannot be imported."""
     global _warned
     try:
         import uvloop
-    except ImportError:
+    except ImportError as exc:
         if not _warned:
             _warned = True
-            log.warning("uvloop is not available; running on the asyncio event loop (slower)")
+            # Say why: "No module named 'uvloop'" (not installed) and a broken build (an ImportError from
+            # its extension module) call for different fixes.
+            log.warning("uvloop is not available (%s); running on the asyncio event loop (slower)", exc)
         return asyncio.new_event_loop
     return uvloop.new_event_loop
 
