@@ -21,7 +21,9 @@ Rules:
   for table headers and ``key =`` lines (best effort, falling back to the line of
   the nearest enclosing table); the key path is always in the message.
 - Unknown keys are errors, with a "did you mean" hint when a known key is close.
-- Durations are numbers of seconds or strings such as "500ms", "5s", "2m", "1h".
+- Option values (durations, numbers, words, ...) are parsed by ``mesh.options``,
+  the same schema the Docker label reader uses, so a value means the same thing
+  here and in a label (docs/options.md).
 - A static endpoint's id is its "host:port" unless the file gives one.
 """
 
@@ -30,16 +32,16 @@ from __future__ import annotations
 import difflib
 import re
 import tomllib
-from collections.abc import Callable, Mapping
-from dataclasses import fields
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from mesh import options as schema
 from mesh.errors import ConfigError
+from mesh.options import OptionError, describe
 from mesh.routing import (
-    BALANCERS,
     Endpoint,
     HealthCheck,
     Route,
@@ -55,23 +57,12 @@ __all__ = ["load_config", "parse_config", "parse_duration"]
 
 KeyPath = tuple[str | int, ...]
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$")
-_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-
 
 def parse_duration(value: Any) -> float:
-    """Seconds from a number or a string like "500ms", "5s", "2m", "1h".  Raises ``ValueError``."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a duration like 5, 0.5, '500ms', '5s' or '2m'; got {value!r}")
-    if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError(f"duration must not be negative; got {value!r}")
-        return float(value)
-    if isinstance(value, str):
-        m = _DURATION.match(value)
-        if m:
-            return float(m.group(1)) * _UNIT[m.group(2)]
-    raise ValueError(f"expected a duration like 5, 0.5, '500ms', '5s' or '2m'; got {value!r}")
+    """Seconds from a number or a string like "500ms", "5s", "2m", "1h" (``mesh.options`` grammar).
+
+    Raises ``ValueError`` (an ``OptionError``)."""
+    return schema.parse_duration(value)
 
 
 def load_config(path: str | Path, *, version: int = 1) -> RoutingTable:
@@ -248,14 +239,19 @@ def _read_toml(text: str, source: str) -> tuple[Any, _Lines]:
 
 # -- building the table ----------------------------------------------------------------------------
 
-_OPTION_FIELDS = tuple(f.name for f in fields(ServiceOptions) if f.name != "health_check")
-_SERVICE_KEYS = ("listen", "endpoints", "protocol", *_OPTION_FIELDS, "health_check")
-_HEALTH_KEYS = tuple(f.name for f in fields(HealthCheck))
+_OPTIONS = {o.key: o for o in schema.SERVICE_OPTIONS}
+_HEALTH = {o.key: o for o in schema.HEALTH_OPTIONS}
+_OPTION_KEYS = (*_OPTIONS, "health_check")
+_SERVICE_KEYS = ("listen", "endpoints", "protocol", *_OPTION_KEYS)
+_HEALTH_KEYS = tuple(_HEALTH)
 _ENDPOINT_KEYS = ("address", "port", "weight", "id", "state")
 _TOP_KEYS = ("services", "defaults")
-_DURATIONS = {"connect_timeout", "idle_timeout", "base_ejection_time", "max_ejection_time"}
-_INTS = {"retries": 0, "consecutive_failures": 1, "max_ejection_percent": 0, "panic_threshold": 0}
-_PERCENTS = {"max_ejection_percent", "panic_threshold"}
+_PORT = schema.WholeNumber(1, 65535)
+
+
+def _field(key: str) -> str:
+    """The ``ServiceOptions`` field of a file key."""
+    return _OPTIONS[key].field if key in _OPTIONS else key
 
 
 def _dotted(path: KeyPath) -> str:
@@ -263,18 +259,6 @@ def _dotted(path: KeyPath) -> str:
     for p in path:
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
     return out
-
-
-def _describe(value: Any) -> str:
-    if value is None:
-        return "nothing (null)"
-    if isinstance(value, bool):
-        return f"a boolean ({str(value).lower()})"
-    if isinstance(value, Mapping):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    return repr(value)
 
 
 class _Builder:
@@ -288,7 +272,7 @@ class _Builder:
 
     def mapping(self, value: Any, path: KeyPath, allowed: tuple[str, ...], what: str) -> dict[str, Any]:
         if not isinstance(value, Mapping):
-            raise self.error(path, f"expected {what}, got {_describe(value)}")
+            raise self.error(path, f"expected {what}, got {describe(value)}")
         for key in value:
             if not isinstance(key, str) or key not in allowed:
                 hint = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
@@ -304,16 +288,14 @@ class _Builder:
             raise self.error((), "missing key 'services' (a mapping of service name to its listen/endpoints)")
         defaults: dict[str, Any] = {}
         if top.get("defaults") is not None:
-            raw = self.mapping(
-                top["defaults"], ("defaults",), (*_OPTION_FIELDS, "health_check"), "a mapping of options"
-            )
-            defaults = {k: self.option(k, v, ("defaults", k)) for k, v in raw.items()}
+            raw = self.mapping(top["defaults"], ("defaults",), _OPTION_KEYS, "a mapping of options")
+            defaults = {_field(k): self.option(k, v, ("defaults", k)) for k, v in raw.items()}
         services_raw = top["services"]
         if services_raw is None:
             services_raw = {}
         if not isinstance(services_raw, Mapping):
             raise self.error(
-                ("services",), f"expected a mapping of service name to service, got {_describe(services_raw)}"
+                ("services",), f"expected a mapping of service name to service, got {describe(services_raw)}"
             )
         services = []
         for name, body in services_raw.items():
@@ -345,10 +327,10 @@ class _Builder:
         opts = dict(defaults)
         for key, value in svc.items():
             if key not in ("listen", "endpoints", "protocol"):
-                opts[key] = self.option(key, value, (*base, key))
+                opts[_field(key)] = self.option(key, value, (*base, key))
         protocol = svc.get("protocol", "tcp")
         if protocol != "tcp":
-            raise self.error((*base, "protocol"), f"expected 'tcp' (the only protocol), got {_describe(protocol)}")
+            raise self.error((*base, "protocol"), f"expected 'tcp' (the only protocol), got {describe(protocol)}")
         try:
             options = ServiceOptions(**opts)
         except TableError as exc:
@@ -379,7 +361,7 @@ class _Builder:
         for i, item in enumerate(items):
             ipath = (*path, i) if isinstance(value, list) else path
             if isinstance(item, bool) or not isinstance(item, int | str):
-                raise self.error(ipath, f"expected a port or 'host:port', got {_describe(item)}")
+                raise self.error(ipath, f"expected a port or 'host:port', got {describe(item)}")
             try:
                 out.append(parse_hostport(str(item), default_host="0.0.0.0"))
             except TableError as exc:
@@ -390,7 +372,7 @@ class _Builder:
         if value is None:
             return ()
         if not isinstance(value, list):
-            raise self.error(path, f"expected a list of 'host:port' or mappings, got {_describe(value)}")
+            raise self.error(path, f"expected a list of 'host:port' or mappings, got {describe(value)}")
         out: list[Endpoint] = []
         ids: dict[str, int] = {}
         for i, item in enumerate(value):
@@ -410,17 +392,17 @@ class _Builder:
                 raise self.error(path, f"expected 'host:port': {exc}") from exc
             return Endpoint(id=format_hostport(host, port), address=host, port=port)
         if not isinstance(item, Mapping):
-            raise self.error(path, f"expected 'host:port' or a mapping with address and port, got {_describe(item)}")
+            raise self.error(path, f"expected 'host:port' or a mapping with address and port, got {describe(item)}")
         ep = self.mapping(item, path, _ENDPOINT_KEYS, "a mapping")
         for required in ("address", "port"):
             if required not in ep:
                 raise self.error(path, f"missing key {required!r}")
         address = self.string(ep["address"], (*path, "address"))
-        port = self.integer(ep["port"], (*path, "port"), 1, 65535)
-        weight = self.integer(ep.get("weight", 1), (*path, "weight"), 1, 1000)
+        port = self.parse(_PORT, ep["port"], (*path, "port"))
+        weight = self.parse(schema.ENDPOINT_WEIGHT.type, ep.get("weight", 1), (*path, "weight"))
         state = ep.get("state", "running")
         if state not in ("running", "draining"):
-            raise self.error((*path, "state"), f"expected 'running' or 'draining', got {_describe(state)}")
+            raise self.error((*path, "state"), f"expected 'running' or 'draining', got {describe(state)}")
         ep_id = self.string(ep["id"], (*path, "id")) if "id" in ep else format_hostport(address, port)
         try:
             return Endpoint(id=ep_id, address=address, port=port, weight=weight, state=state)
@@ -429,101 +411,29 @@ class _Builder:
 
     # -- options ------------------------------------------------------------------------------------
     def option(self, key: str, value: Any, path: KeyPath) -> Any:
-        if key == "balance":
-            if value not in BALANCERS:
-                raise self.error(path, f"expected one of {', '.join(BALANCERS)}; got {_describe(value)}")
-            return value
-        if key == "proxy_protocol":
-            if value is None or value is False or value in ("none", "off"):
-                return None
-            if value not in ("v1", "v2"):
-                raise self.error(path, f"expected v1, v2 or none; got {_describe(value)}")
-            return value
-        if key == "locality":
-            if value not in ("prefer", "off"):
-                raise self.error(path, f"expected 'prefer' or 'off'; got {_describe(value)}")
-            return value
-        if key in _DURATIONS:
-            d = self.duration(value, path)
-            if key == "connect_timeout" and d <= 0:
-                raise self.error(path, "must be > 0")
-            if key in ("base_ejection_time", "max_ejection_time") and d <= 0:
-                raise self.error(path, "must be > 0")
-            return d
-        if key in _INTS:
-            return self.integer(value, path, _INTS[key], 100)
         if key == "health_check":
             return self.health_check(value, path)
-        raise AssertionError(f"unhandled option {key}")  # _SERVICE_KEYS and this function disagree
+        return self.parse(_OPTIONS[key].type, value, path)
 
     def health_check(self, value: Any, path: KeyPath) -> HealthCheck | None:
-        if value is None or value is False:
-            return None
+        """null/false/"none": no check; "tcp"/"http": that kind with defaults; or a mapping."""
+        if not isinstance(value, Mapping):
+            kind = self.parse(schema.HEALTH_SWITCH, value, path)
+            return None if kind is None else HealthCheck(kind=kind)
         hc = self.mapping(value, path, _HEALTH_KEYS, "a mapping (kind, interval, timeout, rise, fall, ...) or null")
-        kw: dict[str, Any] = {}
-        checks: dict[str, Callable[[Any, KeyPath], Any]] = {
-            "kind": lambda v, p: self.choice(v, p, ("tcp", "http")),
-            "interval": self.positive_duration,
-            "timeout": self.positive_duration,
-            "rise": lambda v, p: self.integer(v, p, 1, 1000),
-            "fall": lambda v, p: self.integer(v, p, 1, 1000),
-            "path": self.http_path,
-            "host": lambda v, p: None if v is None else self.string(v, p),
-            "expect_status": self.statuses,
-            "jitter": self.fraction,
-        }
-        for key, v in hc.items():
-            kw[key] = checks[key](v, (*path, key))
+        values = {_HEALTH[key].field: self.parse(_HEALTH[key].type, v, (*path, key)) for key, v in hc.items()}
         try:
-            return HealthCheck(**kw)
-        except TableError as exc:
-            raise self.error(path, str(exc)) from exc
+            return schema.health_check(values, kind_spelling=lambda kind: f"kind {kind}")
+        except OptionError as exc:
+            raise self.error((*path, exc.field) if exc.field else path, str(exc)) from exc
 
-    # -- scalars ------------------------------------------------------------------------------------
-    def duration(self, value: Any, path: KeyPath) -> float:
+    def parse(self, type_: schema.ValueType, value: Any, path: KeyPath) -> Any:
         try:
-            return parse_duration(value)
-        except ValueError as exc:
-            raise self.error(path, str(exc)) from exc
-
-    def positive_duration(self, value: Any, path: KeyPath) -> float:
-        d = self.duration(value, path)
-        if d <= 0:
-            raise self.error(path, "must be > 0")
-        return d
-
-    def integer(self, value: Any, path: KeyPath, lo: int, hi: int) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.error(path, f"expected a whole number {lo}..{hi}, got {_describe(value)}")
-        if not lo <= value <= hi:
-            raise self.error(path, f"expected a whole number {lo}..{hi}, got {value}")
-        return value
+            return type_.parse(value)
+        except OptionError as exc:
+            raise self.error(path if exc.index is None else (*path, exc.index), str(exc)) from exc
 
     def string(self, value: Any, path: KeyPath) -> str:
         if not isinstance(value, str) or not value:
-            raise self.error(path, f"expected a non-empty string, got {_describe(value)}")
+            raise self.error(path, f"expected a non-empty string, got {describe(value)}")
         return value
-
-    def choice(self, value: Any, path: KeyPath, allowed: tuple[str, ...]) -> str:
-        if value not in allowed:
-            raise self.error(path, f"expected one of {', '.join(allowed)}; got {_describe(value)}")
-        return value
-
-    def http_path(self, value: Any, path: KeyPath) -> str:
-        s = self.string(value, path)
-        if not s.startswith("/"):
-            raise self.error(path, f"expected a path starting with '/', got {s!r}")
-        return s
-
-    def statuses(self, value: Any, path: KeyPath) -> tuple[int, ...]:
-        items = value if isinstance(value, list) else [value]
-        if not items:
-            raise self.error(path, "expected an HTTP status or a list of them")
-        return tuple(
-            self.integer(v, (*path, i) if isinstance(value, list) else path, 100, 599) for i, v in enumerate(items)
-        )
-
-    def fraction(self, value: Any, path: KeyPath) -> float:
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-            raise self.error(path, f"expected a number within 0..1, got {_describe(value)}")
-        return float(value)

@@ -367,7 +367,7 @@ BAD = [
     (
         "health-path.yaml",
         YAML_SVC + "    health_check:\n      path: healthz\n",
-        "7: services.web.health_check.path: expected a path starting with '/', got 'healthz'",
+        "7: services.web.health_check.path: expected a path starting with / and without spaces, got 'healthz'",
     ),
     (
         "health-jitter.yaml",
@@ -408,7 +408,7 @@ BAD = [
     (
         "dotted-key.toml",
         "[services]\nweb.listen = 80\nweb.endpoints = []\nweb.health_check.rise = 0\n",
-        "4: services.web.health_check.rise: expected a whole number 1..1000, got 0",
+        "4: services.web.health_check.rise: expected a whole number 1..100, got 0",
     ),
     (
         "service-name.yaml",
@@ -449,13 +449,15 @@ def test_version_argument(tmp_path):
 
 @pytest.mark.parametrize(
     "value, seconds",
-    [(5, 5.0), (0.25, 0.25), ("500ms", 0.5), ("5s", 5.0), ("2m", 120.0), ("1h", 3600.0), ("1.5", 1.5), (" 3 s ", 3.0)],
+    [(5, 5.0), (0.25, 0.25), ("500ms", 0.5), ("5s", 5.0), ("2m", 120.0), ("1h", 3600.0), ("1.5", 1.5), (" 3s ", 3.0)],
 )
 def test_parse_duration(value, seconds):
     assert parse_duration(value) == seconds
 
 
-@pytest.mark.parametrize("value", [True, None, "", "5 sec", "-1s", "1d", [1], -0.5])
+@pytest.mark.parametrize(
+    "value", [True, None, "", "5 sec", "-1s", "1d", [1], -0.5, " 3 s ", ".5s", "5.s", float("nan")]
+)
 def test_parse_duration_rejects(value):
     with pytest.raises(ValueError, match="duration"):
         parse_duration(value)
@@ -466,3 +468,10 @@ def test_example_config_loads():
 
     table = load_config(Path(__file__).parent.parent / "examples" / "mesh.yaml")
     assert [s.name for s in table.services] == ["api", "db", "web"]
+    # every option is spelled out in the example with its default value
+    web = table.service("web")
+    assert web.options == ServiceOptions(
+        health_check=HealthCheck(kind="http", path="/healthz", host="web.example.org", expect_status=(200, 204))
+    )
+    assert table.service("api").options == ServiceOptions(balance="p2c", health_check=HealthCheck(interval=2.0))
+    assert table.service("db").options == ServiceOptions(balance="hash", idle_timeout=0.0)
