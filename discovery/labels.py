@@ -1,6 +1,9 @@
 """Parse and validate ``mesh.*`` labels (container labels, or swarm service labels).
 
-Every label is documented in docs/discovery.md.  ``parse_labels`` returns None
+Every label is documented in docs/discovery.md; the service options among them
+(``mesh.balance``, timeouts, ``mesh.health*``, ...) are parsed by ``mesh.options``,
+the schema the config file reader uses too, so a value means the same thing in a
+label and in mesh.yaml (docs/options.md).  ``parse_labels`` returns None
 for an object without ``mesh.publish`` (it does not join the mesh), a
 ``MeshLabels`` for a valid one, and raises ``LabelError`` naming the first bad
 label and what it expects.  Unknown ``mesh.*`` labels do not make an object
@@ -12,39 +15,29 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
+from mesh import options as schema
 from mesh.errors import ConfigError
-from mesh.routing import BALANCERS, HealthCheck, ServiceOptions, TableError
+from mesh.options import OptionError
+from mesh.routing import HealthCheck, ServiceOptions, TableError
 
 __all__ = ["KNOWN_LABELS", "LabelError", "MeshLabels", "PublishSpec", "parse_duration", "parse_labels"]
 
 PREFIX = "mesh."
+_SERVICE_LABELS = {o.label: o for o in schema.SERVICE_OPTIONS}
+_HEALTH_LABELS = {o.label: o for o in schema.HEALTH_OPTIONS if o.field != "kind"}
 KNOWN_LABELS = (
     "mesh.enable",
     "mesh.publish",
     "mesh.service",
-    "mesh.balance",
-    "mesh.weight",
     "mesh.network",
-    "mesh.proxy-protocol",
-    "mesh.connect-timeout",
-    "mesh.idle-timeout",
-    "mesh.retries",
-    "mesh.locality",
+    schema.ENDPOINT_WEIGHT.label,
+    *_SERVICE_LABELS,
     "mesh.health",
-    "mesh.health.path",
-    "mesh.health.host",
-    "mesh.health.status",
-    "mesh.health.interval",
-    "mesh.health.timeout",
-    "mesh.health.rise",
-    "mesh.health.fall",
+    *_HEALTH_LABELS,
 )
 _SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-_TRUE = ("true", "1", "yes", "on")
-_FALSE = ("false", "0", "no", "off")
 
 
 class LabelError(ConfigError):
@@ -79,21 +72,15 @@ class MeshLabels:
 
 
 def parse_duration(label: str, value: str, *, allow_zero: bool = False) -> float:
-    """ "500ms", "2s", "1.5m", "1h" or a bare number of seconds."""
-    m = _DURATION.match(value.strip())
-    if not m:
-        raise LabelError(label, value, "expected a duration such as 500ms, 2s, 1m (a bare number means seconds)")
-    seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-    if seconds < 0 or (seconds == 0 and not allow_zero):
-        raise LabelError(label, value, "expected a duration > 0")
-    return seconds
+    """Seconds from a duration label ("500ms", "2s", "1.5m", "1h", "5"; ``mesh.options`` grammar)."""
+    return _parse(label, value, schema.Duration(positive=not allow_zero))
 
 
-def _int(label: str, value: str, lo: int, hi: int) -> int:
-    v = value.strip()
-    if not v.isdigit() or not lo <= int(v) <= hi:
-        raise LabelError(label, value, f"expected a whole number {lo}..{hi}")
-    return int(v)
+def _parse(label: str, value: str, type_: schema.ValueType) -> Any:
+    try:
+        return type_.parse(value)
+    except OptionError as exc:
+        raise LabelError(label, value, exc.expected) from exc
 
 
 def _port(label: str, text: str, whole: str) -> int:
@@ -139,59 +126,22 @@ def parse_publish(value: str, label: str = "mesh.publish") -> tuple[PublishSpec,
     return tuple(sorted(specs, key=lambda s: (s.published, s.listen_host)))
 
 
-def _bool(label: str, value: str) -> bool:
-    v = value.strip().lower()
-    if v in _TRUE:
-        return True
-    if v in _FALSE:
-        return False
-    raise LabelError(label, value, "expected true or false")
-
-
 def _health(labels: Mapping[str, str]) -> HealthCheck | None:
-    kind = labels.get("mesh.health")
     sub = sorted(k for k in labels if k.startswith("mesh.health."))
-    if kind is None or kind.strip().lower() in ("", "none", "off"):
+    kind = _parse("mesh.health", labels["mesh.health"], schema.HEALTH_SWITCH) if "mesh.health" in labels else None
+    if kind is None:
         if sub:
             raise LabelError(sub[0], labels[sub[0]], "needs mesh.health=tcp or mesh.health=http")
         return None
-    kind = kind.strip().lower()
-    if kind not in ("tcp", "http"):
-        raise LabelError("mesh.health", labels["mesh.health"], "expected tcp, http or none")
-    kw: dict[str, object] = {"kind": kind}
-    if "mesh.health.path" in labels:
-        path = labels["mesh.health.path"].strip()
-        if kind != "http":
-            raise LabelError("mesh.health.path", path, "only applies to mesh.health=http")
-        if not path.startswith("/") or any(c.isspace() for c in path):
-            raise LabelError("mesh.health.path", path, "expected a path starting with / and without spaces")
-        kw["path"] = path
-    if "mesh.health.host" in labels:
-        host = labels["mesh.health.host"].strip()
-        if kind != "http" or not host or any(c.isspace() for c in host):
-            raise LabelError("mesh.health.host", host, "expected a Host header value (mesh.health=http only)")
-        kw["host"] = host
-    if "mesh.health.status" in labels:
-        raw = labels["mesh.health.status"]
-        if kind != "http":
-            raise LabelError("mesh.health.status", raw, "only applies to mesh.health=http")
-        codes = []
-        for p in raw.split(","):
-            p = p.strip()
-            if not p.isdigit() or not 100 <= int(p) <= 599:
-                raise LabelError("mesh.health.status", raw, "expected HTTP status codes 100..599, e.g. 200,204")
-            codes.append(int(p))
-        kw["expect_status"] = tuple(codes)
-    for key, field in (("mesh.health.interval", "interval"), ("mesh.health.timeout", "timeout")):
-        if key in labels:
-            kw[field] = parse_duration(key, labels[key])
-    for key, field in (("mesh.health.rise", "rise"), ("mesh.health.fall", "fall")):
-        if key in labels:
-            kw[field] = _int(key, labels[key], 1, 100)
+    values = {"kind": kind}
+    for label, option in _HEALTH_LABELS.items():
+        if label in labels:
+            values[option.field] = _parse(label, labels[label], option.type)
     try:
-        return HealthCheck(**kw)  # type: ignore[arg-type]
-    except TableError as exc:
-        raise LabelError("mesh.health", labels["mesh.health"], str(exc)) from exc
+        return schema.health_check(values, kind_spelling=lambda k: f"mesh.health={k}")
+    except OptionError as exc:
+        label = next(o.label for o in schema.HEALTH_OPTIONS if o.field == exc.field)
+        raise LabelError(label, labels[label], exc.expected) from exc
 
 
 def parse_labels(labels: Mapping[str, str] | Iterable[tuple[str, str]]) -> MeshLabels | None:
@@ -199,7 +149,7 @@ def parse_labels(labels: Mapping[str, str] | Iterable[tuple[str, str]]) -> MeshL
     (no ``mesh.publish``, or ``mesh.enable=false``).  Raises ``LabelError``."""
     all_labels = dict(labels.items() if isinstance(labels, Mapping) else labels)
     mine = {k: str(v) for k, v in all_labels.items() if k.startswith(PREFIX)}
-    if "mesh.enable" in mine and not _bool("mesh.enable", mine["mesh.enable"]):
+    if "mesh.enable" in mine and not _parse("mesh.enable", mine["mesh.enable"], schema.Boolean()):
         return None
     if "mesh.publish" not in mine:
         return None
@@ -213,43 +163,23 @@ def parse_labels(labels: Mapping[str, str] | Iterable[tuple[str, str]]) -> MeshL
             raise LabelError(
                 "mesh.service", mine["mesh.service"], "expected a name of letters, digits, '_', '.', '-' (max 128)"
             )
-    weight = _int("mesh.weight", mine["mesh.weight"], 1, 1000) if "mesh.weight" in mine else 1
+    weight = 1
+    if schema.ENDPOINT_WEIGHT.label in mine:
+        weight = _parse(schema.ENDPOINT_WEIGHT.label, mine[schema.ENDPOINT_WEIGHT.label], schema.ENDPOINT_WEIGHT.type)
     network = None
     if "mesh.network" in mine:
         network = mine["mesh.network"].strip()
         if not network or any(c.isspace() for c in network):
             raise LabelError("mesh.network", mine["mesh.network"], "expected a network name")
 
-    opts: dict[str, object] = {}
-    if "mesh.balance" in mine:
-        balance = mine["mesh.balance"].strip().lower()
-        if balance not in BALANCERS:
-            raise LabelError("mesh.balance", mine["mesh.balance"], f"expected one of {', '.join(BALANCERS)}")
-        opts["balance"] = balance
-    if "mesh.proxy-protocol" in mine:
-        pp = mine["mesh.proxy-protocol"].strip().lower()
-        if pp in ("", "none", "off", "false"):
-            opts["proxy_protocol"] = None
-        elif pp in ("v1", "v2"):
-            opts["proxy_protocol"] = pp
-        else:
-            raise LabelError("mesh.proxy-protocol", mine["mesh.proxy-protocol"], "expected v1, v2 or none")
-    if "mesh.connect-timeout" in mine:
-        opts["connect_timeout"] = parse_duration("mesh.connect-timeout", mine["mesh.connect-timeout"])
-    if "mesh.idle-timeout" in mine:
-        opts["idle_timeout"] = parse_duration("mesh.idle-timeout", mine["mesh.idle-timeout"], allow_zero=True)
-    if "mesh.retries" in mine:
-        opts["retries"] = _int("mesh.retries", mine["mesh.retries"], 0, 100)
-    if "mesh.locality" in mine:
-        locality = mine["mesh.locality"].strip().lower()
-        if locality not in ("prefer", "off"):
-            raise LabelError("mesh.locality", mine["mesh.locality"], "expected prefer or off")
-        opts["locality"] = locality
-    opts["health_check"] = _health(mine)
+    opts = {o.field: _parse(label, mine[label], o.type) for label, o in _SERVICE_LABELS.items() if label in mine}
+    health = _health(mine)
     try:
-        options = ServiceOptions(**opts)  # type: ignore[arg-type]
-    except TableError as exc:  # pragma: no cover - every field is validated above
-        raise LabelError("mesh.*", "", str(exc)) from exc
+        options = ServiceOptions(**opts, health_check=health)
+    except TableError as exc:  # cross-field rules, e.g. base_ejection_time <= max_ejection_time
+        field = schema.blame(exc, tuple(opts))
+        label = next((o.label for o in schema.SERVICE_OPTIONS if o.field == field), "mesh.*")
+        raise LabelError(label, mine.get(label, ""), str(exc)) from exc
     return MeshLabels(
         publish=publish, options=options, service=service, weight=weight, network=network, warnings=warnings
     )
