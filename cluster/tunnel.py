@@ -5,8 +5,16 @@ another node, connects to that node's tunnel port and sends, as its very first
 bytes, a PROXY protocol v2 header (``tunnel_header()``): the PROXY command, the
 client's address as source, the published address as destination, and one TLV of
 type ``PP2_TYPE_MESH_TARGET`` (0xE0, in the custom range 0xE0-0xEF) whose value
-is the target task id in UTF-8.  Everything after the header is the client's
+is the target "<task id>:<target port>" in UTF-8 (the one format, defined and
+parsed in ``mesh.proxy.preamble``).  Everything after the header is the client's
 byte stream, both ways.
+
+The receiving side is a front of the data plane's one splice
+(``mesh.proxy.splice``): an ``Acceptor`` (the same accept loop as published
+ports, with its EMFILE handling), a header phase here, then a ``Splice`` that
+dials the local replica exactly as the TCP proxy dials an endpoint (connect
+deadline, retry on another local replica of the same service, write-buffer
+limits, backpressure, half-close, idle timeout, counts at close).
 
 Connection state machine of the receiving side (``TunnelServer``), one per
 accepted connection::
@@ -18,41 +26,55 @@ accepted connection::
       │   ── peer closes first ────────────────────────────────▶ refused "incomplete"
       │ complete header
       ├── resolve(target) is None (not a local mesh endpoint) ──▶ refused "unknown_target"
-    CONNECTING (reading paused; bytes after the header kept, bounded)
-      │   ── connect to the local endpoint fails / times out ──▶ refused "connect"
+    CONNECTING (the Splice's pre-connect buffer, bounded; reading paused)
+      │   ── every local replica tried refuses / times out ────▶ refused "connect"
       │ connected: send PROXY v1/v2 with the ORIGINAL client address if the
       │ service asks for it, then the kept bytes
-    SPLICE: bytes both ways, backpressure both ways, half-close passed on
+    SPLICE: bytes both ways, backpressure both ways, half-close passed on,
+            idle timeout of the target's service
       │
     CLOSED
 
 A refused connection is aborted (RST) without a byte sent back, so the dialer
 sees a reset before any response byte and may retry another replica.
 
-Strict header rules (the whole header must arrive before anything is forwarded):
-the 12-byte signature is checked on every byte as it arrives; version must be 2
-and the command PROXY; the family TCP over IPv4 or IPv6; the length at least the
-address block and at most ``MAX_HEADER_BODY``; the TLVs must exactly fill the
-rest, each within bounds; exactly one target TLV, 1-255 bytes of UTF-8 without
-control characters.  Other TLV types are ignored, as the PROXY spec requires.
+Strict header rules: see ``mesh.proxy.preamble.parse_tunnel_header`` (the whole
+header must arrive before anything is forwarded).
+
+``resolve(target)`` returns a ``LocalTarget``.  With ``pool`` and ``host`` set
+(the agent's own pool and host for that replica: ``Mesh.local_host``), the
+tunnel shares the data plane's state for it: its active count, outlier ejection
+and stats, and a refused connect is retried on another *local* host of the same
+pool (never on another node: a tunnel does not tunnel again).  With only an
+address, that one address is dialled.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
-import ipaddress
 import logging
 import socket
 import struct
 from collections.abc import Awaitable, Callable, Collection
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from mesh import proxyproto
-from mesh.errors import ProtocolError
-from mesh.proxyproto import PP2_TYPE_MESH_TARGET, V2_SIGNATURE
-from mesh.routing import format_hostport
+from mesh.host import Host
+from mesh.listener import Acceptor
+from mesh.proxy.preamble import (
+    MAX_HEADER_BODY,
+    PP2_TYPE_MESH_TARGET,
+    TunnelHeader,
+    TunnelRefused,
+    host_tunnel_header,
+    parse_tunnel_header,
+    proxy_header,
+    tunnel_header,
+)
+from mesh.proxy.registry import ConnectionRegistry
+from mesh.proxy.splice import _PAUSE_BUFFER, WRITE_HIGH, Splice
+from mesh.routing import Endpoint, ServiceOptions, format_hostport
+from mesh.stats import RouteStats
 
 __all__ = [
     "DEFAULT_HEADER_TIMEOUT",
@@ -75,18 +97,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TUNNEL_PORT = 7481
 DEFAULT_HEADER_TIMEOUT = 5.0
-MAX_TARGET_LENGTH = 255
-# Address block (36 bytes for IPv6) + one target TLV (3 + 255) + room for a few
-# small TLVs a future dialer might add (e.g. a CRC32C or unique id).
-MAX_HEADER_BODY = 512
-# Bytes a dialer may send after the header before the local connect finishes
-# (reading is paused at once, so only what was already in flight arrives).
-MAX_PENDING = 256 * 1024
-
-_V2_PROXY = 0x21  # version 2, command PROXY
-_FAM_TCP4 = 0x11
-_FAM_TCP6 = 0x21
-_ADDR_LEN = {_FAM_TCP4: 12, _FAM_TCP6: 36}
 
 REFUSE_REASONS = (
     "peer",  # source address is not a cluster node
@@ -100,136 +110,22 @@ REFUSE_REASONS = (
     "incomplete",  # peer closed before the header was complete
     "unknown_target",  # resolve() found no local mesh endpoint for the target
     "overflow",  # too many bytes after the header before the local connect finished
-    "connect",  # the local endpoint refused / timed out
+    "connect",  # every local endpoint tried refused / timed out
     "error",  # resolve() raised (a bug; logged)
 )
 
 
-class TunnelRefused(ProtocolError):
-    """A tunnel connection is refused; ``reason`` is one of ``REFUSE_REASONS``."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
 class LocalTarget(NamedTuple):
-    """What ``resolve(target_id)`` returns: where the local replica listens and
-    whether its service wants a PROXY header (None, "v1" or "v2")."""
+    """What ``resolve(target)`` returns: where the local replica listens and whether its
+    service wants a PROXY header (None, "v1" or "v2").  ``pool``/``host``: the data
+    plane's own pool and host for it (``Mesh.local_host``), so the tunnel shares their
+    state and may retry on another local host of that pool; None = dial the address."""
 
     address: str
     port: int
     proxy_protocol: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class TunnelHeader:
-    source: tuple[str, int]  # the original client
-    destination: tuple[str, int]  # the published address the client connected to
-    target: str  # task id of the replica
-
-
-# ---------------------------------------------------------------------------------------------
-# Encoding (pure; the bytes come from mesh.proxyproto)
-
-
-def tunnel_header(client_addr: tuple[str, int], dst_addr: tuple[str, int], target_id: str) -> bytes:
-    """The bytes a dialer sends first on a tunnel connection.
-
-    ``client_addr``: the original client (ip, port); ``dst_addr``: the address the
-    client connected to; ``target_id``: the task id of the chosen replica.
-    Raises ``ValueError`` naming the bad argument.
-    """
-    target = target_id.encode("utf-8")
-    if not 0 < len(target) <= MAX_TARGET_LENGTH or not target_id.isprintable():
-        raise ValueError(f"tunnel target id must be 1-{MAX_TARGET_LENGTH} printable UTF-8 bytes, got {target_id!r}")
-    for what, addr in (("client_addr", client_addr), ("dst_addr", dst_addr)):
-        try:
-            ipaddress.ip_address(str(addr[0]).split("%", 1)[0])
-            ok = 0 <= int(addr[1]) < 65536
-        except (ValueError, TypeError, IndexError):
-            ok = False
-        if not ok:
-            raise ValueError(f"tunnel header {what} must be (ip, port 0-65535), got {addr!r}")
-    return proxyproto.encode_v2(client_addr, dst_addr, ((PP2_TYPE_MESH_TARGET, target),))
-
-
-def host_tunnel_header(host: Any, client: tuple | None, local: tuple | None) -> bytes:
-    """``tunnel_header`` in the shape ``mesh.proxy`` calls for a host with ``via`` set
-    (``Listener(tunnel_header=...)`` / ``Mesh(tunnel_header=...)``): the target is
-    "<endpoint id>:<endpoint port>" (task id and target port: one task may publish
-    several ports), which is what the receiving agent resolves.  Duck-typed on
-    ``host.endpoint`` so that this package does not import the data plane."""
-    if client is None or local is None:
-        raise ValueError(f"tunnel header for {host!r} needs the client and local addresses, got {client!r}, {local!r}")
-    ep = host.endpoint
-    return tunnel_header(client, local, f"{ep.id}:{ep.port}")
-
-
-def proxy_header(version: str, src: tuple[str, int], dst: tuple[str, int]) -> bytes:
-    """PROXY header ``version`` ("v1" or "v2") for a replica: the client's address as
-    source.  No TLVs: the mesh's own target TLV never leaks to applications."""
-    return proxyproto.encode(version, src, dst)
-
-
-# ---------------------------------------------------------------------------------------------
-# Decoding (pure, incremental)
-
-
-def parse_tunnel_header(buf: bytes | bytearray) -> tuple[TunnelHeader, int] | None:
-    """Parse a tunnel header from the start of ``buf``.
-
-    Returns (header, bytes consumed) when complete, None when more bytes are needed
-    (every byte seen so far is valid), and raises ``TunnelRefused`` as soon as the
-    bytes cannot be a valid tunnel header.  The fixed 16 bytes are checked here
-    (so that each refusal has a precise reason and only what a tunnel accepts
-    passes: v2, PROXY, TCP4/TCP6); ``mesh.proxyproto.decode`` does the rest.
-    """
-    n = len(buf)
-    head = bytes(buf[:12])
-    if head != V2_SIGNATURE[: len(head)]:
-        raise TunnelRefused("signature", "not a PROXY v2 signature")
-    if n > 12 and buf[12] != _V2_PROXY:
-        raise TunnelRefused("version", f"version/command byte {buf[12]:#04x}, expected 0x21 (v2 PROXY)")
-    if n > 13 and buf[13] not in _ADDR_LEN:
-        raise TunnelRefused("family", f"family byte {buf[13]:#04x}, expected TCP4 0x11 or TCP6 0x21")
-    if n < 16:
-        return None
-    addr_len = _ADDR_LEN[buf[13]]
-    (length,) = struct.unpack_from("!H", buf, 14)
-    if not addr_len < length <= MAX_HEADER_BODY:
-        raise TunnelRefused("length", f"header length {length} outside {addr_len + 1}..{MAX_HEADER_BODY}")
-    if n < 16 + length:
-        return None
-    try:
-        res = proxyproto.decode(buf)
-    except ProtocolError as exc:
-        # The fixed part is valid, so what is left to break is the TLV area.
-        raise TunnelRefused("tlv", str(exc)) from exc
-    assert res is not None and res[0].src is not None and res[0].dst is not None
-    header, consumed = res
-    targets = [v for t, v in header.tlvs if t == PP2_TYPE_MESH_TARGET]
-    if not targets:
-        raise TunnelRefused("target", f"no target TLV (type {PP2_TYPE_MESH_TARGET:#04x})")
-    if len(targets) > 1:
-        raise TunnelRefused("tlv", "more than one target TLV")
-    return TunnelHeader(header.src, header.dst, _decode_target(targets[0])), consumed
-
-
-def _decode_target(raw: bytes) -> str:
-    if not 0 < len(raw) <= MAX_TARGET_LENGTH:
-        raise TunnelRefused("target", f"target id of {len(raw)} bytes, expected 1-{MAX_TARGET_LENGTH}")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise TunnelRefused("target", "target id is not UTF-8") from exc
-    if not text.isprintable():
-        raise TunnelRefused("target", "target id has control characters")
-    return text
-
-
-# ---------------------------------------------------------------------------------------------
-# Server
+    pool: Any = None
+    host: Any = None
 
 
 class TunnelStats:
@@ -258,7 +154,7 @@ class TunnelStats:
 Resolve = Callable[[str], "LocalTarget | Awaitable[LocalTarget | None] | None"]
 AllowedPeers = Callable[[str], bool] | Collection[str]
 
-_HEADER, _CONNECTING, _SPLICE, _CLOSED = range(4)
+_LINGER_ZERO = struct.pack("ii", 1, 0)
 
 
 def _peer_ip(peername: object) -> str:
@@ -270,132 +166,157 @@ def _peer_ip(peername: object) -> str:
     return ip
 
 
-def _nodelay(transport: asyncio.BaseTransport) -> None:
+def _reset(transport: asyncio.BaseTransport | None) -> None:
+    """Close with a reset (RST) even when every byte was read: a refused dialer must see
+    "reset before any response byte", not an orderly close, so that it may retry."""
+    if transport is None:
+        return
     sock = transport.get_extra_info("socket")
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
-
-
-_LINGER_ZERO = struct.pack("ii", 1, 0)
-
-
-def _linger_zero(transport: asyncio.BaseTransport | None) -> None:
-    """Make the coming close a reset (RST) even when every byte was read: a refused
-    dialer must see "reset before any response byte", not an orderly close."""
-    sock = transport.get_extra_info("socket") if transport is not None else None
     if sock is not None:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
         except OSError:
             pass
+    transport.abort()
 
 
-class _Downstream(asyncio.Protocol):
-    """The tunnel connection from the dialing agent."""
+class _Direct:
+    """The pool-shaped stand-in for a target given only as an address: one host, no retry,
+    nothing to eject.  Counts go to the server's ``route_stats``."""
 
-    __slots__ = (
-        "_buf",
-        "_eof",
-        "_paused",
-        "_pending",
-        "_server",
-        "_timer",
-        "header",
-        "nbytes_in",
-        "peer",
-        "phase",
-        "transport",
-        "upstream",
-    )
+    __slots__ = ("options", "stats")
 
-    def __init__(self, server: TunnelServer) -> None:
+    def __init__(self, options: ServiceOptions, stats: RouteStats) -> None:
+        self.options = options
+        self.stats = stats
+
+    def choose(self, client: Any = None, exclude: Any = ()) -> None:
+        return None
+
+    def report_success(self, host: Host) -> None:
+        pass
+
+    def report_failure(self, host: Host) -> None:
+        pass
+
+
+def _least_loaded_local(pool: Any, exclude: Collection[Host]) -> Host | None:
+    """The usable local (not tunnelled) host of ``pool`` with the fewest open connections per
+    weight, not in ``exclude``: a tunnel retries on this node only, never on another node."""
+    best = None
+    for h in getattr(pool, "usable", ()):
+        if h.via is None and h not in exclude and (best is None or h.active * best.weight < best.active * h.weight):
+            best = h
+    return best
+
+
+class TunnelSplice(Splice):
+    """The splice of one tunnel connection, towards a local replica.  Retries stay local."""
+
+    __slots__ = ()
+
+    def _next_host(self, tried: list[Host]) -> Host | None:
+        return _least_loaded_local(self.pool, tried)
+
+    def _upstream_made(self, up: Any, transport: asyncio.Transport) -> None:
+        super()._upstream_made(up, transport)
+        if self.up is up:
+            self.site.stats.forwarded += 1
+
+    def _dial_failed(self, reason: str) -> None:
+        self.reason = self.reason or reason
+        self._buf = None
+        if not self._down_lost:
+            self.site._refuse(self, "connect", f"no local replica answered ({reason})")
+
+
+class _HeaderPhase(asyncio.Protocol):
+    """A tunnel connection until its header is complete and resolved; then it hands the
+    transport to a ``TunnelSplice`` (``transport.set_protocol``)."""
+
+    __slots__ = ("_buf", "_server", "_timer", "done", "header", "peer", "transport")
+
+    def __init__(self, server: TunnelServer, peer: tuple | None) -> None:
         self._server = server
+        self.peer = _peer_ip(peer) if peer is not None else ""
         self.transport: asyncio.Transport | None = None
-        self.upstream: _Upstream | None = None
-        self.phase = _HEADER
-        self.peer = ""
         self.header: TunnelHeader | None = None
         self._buf = bytearray()
-        self._pending: list[bytes] = []
         self._timer: asyncio.TimerHandle | None = None
-        self._paused = False  # our reading paused because upstream's buffer is full
-        self._eof = False
-        self.nbytes_in = 0
+        self.done = False  # refused, closed or handed to a splice
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        self.transport = transport
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
         srv = self._server
         srv.stats.accepted += 1
-        self.peer = _peer_ip(transport.get_extra_info("peername"))
+        if not self.peer:
+            self.peer = _peer_ip(transport.get_extra_info("peername"))
         if not srv.peer_allowed(self.peer):
             self._refuse("peer", f"{self.peer} is not a cluster node")
             return
-        srv._conns.add(self)
+        srv.registry.add(self)
         srv.stats.active += 1
-        _nodelay(transport)
-        self._timer = asyncio.get_running_loop().call_later(srv.header_timeout, self._header_timeout)
+        transport.set_write_buffer_limits(high=WRITE_HIGH)  # type: ignore[attr-defined]
+        self._timer = srv.loop.call_at(srv.loop.time() + srv.header_timeout, self._header_timeout)
 
     def _header_timeout(self) -> None:
         self._timer = None
-        if self.phase == _HEADER:
+        if not self.done and self.header is None:
             self._refuse("timeout", f"no complete header within {self._server.header_timeout}s")
 
     def _refuse(self, reason: str, detail: str) -> None:
+        if self.done:
+            return
+        self._finish()
+        self._server._refuse(None, reason, detail, self.peer)
+        _reset(self.transport)
+
+    def _finish(self) -> None:
+        """Leave the header phase (refused, lost or handed over)."""
+        self.done = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         srv = self._server
-        srv.stats.refuse(reason)
-        log.debug("tunnel: refused %s (%s): %s", self.peer or "?", reason, detail)
-        _linger_zero(self.transport)
-        self._close(abort=True)
+        if self in srv.registry:
+            srv.registry.remove(self)
+            srv.stats.active -= 1
 
     def data_received(self, data: bytes) -> None:
-        phase = self.phase
-        if phase == _SPLICE:
-            self.nbytes_in += len(data)
-            self.upstream.transport.write(data)  # type: ignore[union-attr]
+        if self.done:
             return
-        if phase == _HEADER:
+        if self.header is not None:
+            # Waiting for a late resolve with reading paused: what was already in flight.
             self._buf += data
-            try:
-                res = parse_tunnel_header(self._buf)
-            except TunnelRefused as exc:
-                self._refuse(exc.reason, str(exc))
-                return
-            if res is not None:
-                self._header_done(*res)
+            if len(self._buf) > self._server.max_pending:
+                self._refuse("overflow", f"more than {self._server.max_pending} bytes before the endpoint connected")
             return
-        if phase == _CONNECTING:
-            # Reading was paused; this is what was already in flight (uvloop may deliver a little more).
-            self._pending.append(data)
-            if sum(map(len, self._pending)) > MAX_PENDING:
-                self._refuse("overflow", f"more than {MAX_PENDING} bytes before the endpoint connected")
+        self._buf += data
+        try:
+            res = parse_tunnel_header(self._buf)
+        except TunnelRefused as exc:
+            self._refuse(exc.reason, str(exc))
+            return
+        if res is not None:
+            self._header_done(*res)
 
     def _header_done(self, header: TunnelHeader, consumed: int) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         self.header = header
-        rest = bytes(self._buf[consumed:])
-        self._buf = bytearray()
+        del self._buf[:consumed]
         try:
             target = self._server.resolve(header.target)
         except Exception:
             log.exception("tunnel: resolve(%r) failed", header.target)
             self._refuse("error", "resolve raised")
             return
-        if target is None:
-            self._refuse("unknown_target", f"{header.target!r} is not a local mesh endpoint")
-            return
-        self.phase = _CONNECTING
-        if rest:
-            self._pending.append(rest)
-        self.transport.pause_reading()  # type: ignore[union-attr]
         if inspect.isawaitable(target):
+            self.transport.pause_reading()  # type: ignore[union-attr]
             self._server._spawn(self._resolve_later(target))
-        else:
-            self._server._spawn(self._connect(target))
+            return
+        self._target(target)
 
     async def _resolve_later(self, pending: Awaitable[LocalTarget | None]) -> None:
         """``resolve`` may answer later (a task this node is about to list); reading
@@ -407,163 +328,76 @@ class _Downstream(asyncio.Protocol):
             raise
         except Exception:
             log.exception("tunnel: resolve(%r) failed", self.header.target)
-            if self.phase == _CONNECTING:
-                self._refuse("error", "resolve raised")
+            self._refuse("error", "resolve raised")
             return
-        if self.phase != _CONNECTING:
-            return
-        if target is None:
-            self._refuse("unknown_target", f"{self.header.target!r} is not a local mesh endpoint")
-            return
-        await self._connect(target)
+        if not self.done:
+            self._target(target)
+            if not self.done:
+                return
+        # handed over (or refused): reading resumes in the splice, if at all
 
-    async def _connect(self, target: LocalTarget) -> None:
+    def _target(self, target: LocalTarget | None) -> None:
+        header = self.header
+        assert header is not None
+        if target is None:
+            self._refuse("unknown_target", f"{header.target!r} is not a local mesh endpoint")
+            return
         srv = self._server
-        loop = asyncio.get_running_loop()
-        up = _Upstream(self)
-        try:
-            await asyncio.wait_for(loop.create_connection(lambda: up, target.address, target.port), srv.connect_timeout)
-        except (OSError, TimeoutError) as exc:
-            if self.phase == _CONNECTING:
-                self._refuse("connect", f"{format_hostport(target.address, target.port)}: {exc!r}")
+        splice = srv._splice(target, header)
+        if splice is None:
+            self._refuse("unknown_target", f"{header.target!r}: no local replica to dial")
             return
-        if self.phase != _CONNECTING:  # the dialer went away meanwhile
-            up.transport.close()  # type: ignore[union-attr]
-            return
-        assert self.header is not None
-        self.upstream = up
-        self.phase = _SPLICE
-        srv.stats.forwarded += 1
-        if target.proxy_protocol:
-            up.transport.write(proxy_header(target.proxy_protocol, self.header.source, self.header.destination))  # type: ignore[union-attr]
-        for chunk in self._pending:
-            self.nbytes_in += len(chunk)
-            up.transport.write(chunk)  # type: ignore[union-attr]
-        self._pending = []
-        if up._eof and self.transport.can_write_eof():  # type: ignore[union-attr]
-            # The endpoint closed its side while we were still connecting.
-            self.transport.write_eof()  # type: ignore[union-attr]
-        if self._eof:
-            up.transport.write_eof()  # type: ignore[union-attr]
-            if up._eof:
-                self._close()
-        elif not self._paused:
-            self.transport.resume_reading()  # type: ignore[union-attr]
+        pool, host = splice
+        transport = self.transport
+        assert transport is not None
+        conn = TunnelSplice(srv, header.source)
+        conn.local = header.destination
+        conn.transport = transport
+        conn.pool = pool
+        conn.options = pool.options
+        srv.registry.add(conn)
+        srv.stats.active += 1
+        self._finish()
+        transport.set_protocol(conn)
+        # Reading stays paused until the replica is connected (the splice resumes it then): only
+        # what is already in flight is buffered meanwhile.
+        conn._pause_down(True, _PAUSE_BUFFER)
+        host.active += 1
+        conn._start(host, bytes(self._buf))
+        self._buf = bytearray()
 
     def eof_received(self) -> bool:
-        if self.phase == _HEADER:
+        if not self.done:
             self._refuse("incomplete", "peer closed before the header was complete")
-            return False
-        self._eof = True
-        if self.phase == _SPLICE:
-            up = self.upstream.transport  # type: ignore[union-attr]
-            if up.can_write_eof():
-                up.write_eof()
-            if self.upstream._eof:  # type: ignore[union-attr]
-                self._close()
-        return True  # keep the write side open: the endpoint may still answer
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.phase == _HEADER:  # reset by the peer mid-header (a refusal already moved us to CLOSED)
+        if not self.done:  # reset by the peer mid-header (a refusal already finished us)
+            self._finish()
             self._server.stats.refuse("incomplete")
-        self._close()
 
-    # Flow control: the dialer cannot take more, so stop reading from the endpoint.
-    def pause_writing(self) -> None:
-        if self.upstream is not None:
-            self.upstream.transport.pause_reading()  # type: ignore[union-attr]
-
-    def resume_writing(self) -> None:
-        if self.upstream is not None and not self.upstream._eof:
-            self.upstream.transport.resume_reading()  # type: ignore[union-attr]
-
-    def _close(self, abort: bool = False) -> None:
-        if self.phase == _CLOSED:
-            return
-        self.phase = _CLOSED
-        srv = self._server
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self in srv._conns:
-            srv._conns.discard(self)
-            srv.stats.active -= 1
-            if not srv._conns and srv._drained is not None:
-                srv._drained.set()
-            srv.stats.bytes_in += self.nbytes_in
-            if self.upstream is not None:
-                srv.stats.bytes_out += self.upstream.nbytes
-        t = self.transport
-        if t is not None:
-            if abort:
-                t.abort()
-            else:
-                t.close()
-        if self.upstream is not None and self.upstream.transport is not None:
-            self.upstream.transport.close()
+    def abort(self, reason: str = "shutdown") -> None:
+        if not self.done:
+            self._finish()
+            _reset(self.transport)
 
     def __repr__(self) -> str:
-        phase = ("header", "connecting", "splice", "closed")[self.phase]
+        phase = "closed" if self.done else ("resolving" if self.header else "header")
         target = self.header.target if self.header else None
-        return f"<TunnelConnection peer={self.peer} {phase} target={target} in={self.nbytes_in}>"
-
-
-class _Upstream(asyncio.Protocol):
-    """The connection to the local endpoint."""
-
-    __slots__ = ("_eof", "down", "nbytes", "transport")
-
-    def __init__(self, down: _Downstream) -> None:
-        self.down = down
-        self.transport: asyncio.Transport | None = None
-        self.nbytes = 0
-        self._eof = False
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        self.transport = transport
-        _nodelay(transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.nbytes += len(data)
-        self.down.transport.write(data)  # type: ignore[union-attr]
-
-    def eof_received(self) -> bool:
-        self._eof = True
-        down = self.down
-        if down.phase == _SPLICE and down.transport is not None:
-            if down.transport.can_write_eof():
-                down.transport.write_eof()
-            if down._eof:
-                down._close()
-        return True
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        # close() flushes what is buffered towards the dialer first.
-        self.down._close()
-
-    # Flow control: the endpoint cannot take more, so stop reading from the dialer.
-    def pause_writing(self) -> None:
-        d = self.down
-        d._paused = True
-        if d.phase == _SPLICE:
-            d.transport.pause_reading()  # type: ignore[union-attr]
-
-    def resume_writing(self) -> None:
-        d = self.down
-        d._paused = False
-        if d.phase == _SPLICE and not d._eof:
-            d.transport.resume_reading()  # type: ignore[union-attr]
+        return f"<TunnelConnection peer={self.peer} {phase} target={target}>"
 
 
 class TunnelServer:
     """Accepts tunnel connections from other agents and forwards them to local replicas.
 
-    ``resolve(target_id)`` -> ``LocalTarget`` or None: the local endpoint of a mesh
-    service with that task id (None when the task is not local or not a mesh
-    endpoint); or an awaitable of one, when the answer needs a moment (reading
-    stays paused until it comes; the caller bounds how long).  ``allowed_peers``: a predicate on the peer IP, or a collection of
-    IPs (a set may be updated in place, or ``allowed_peers`` reassigned, as nodes
-    come and go).  ``header_timeout``: seconds for the whole header to arrive.
+    ``resolve(target)`` -> ``LocalTarget`` or None: the local endpoint of a mesh
+    service for the target "<task id>:<port>" (None when the task is not local or not
+    a mesh endpoint); or an awaitable of one, when the answer needs a moment (reading
+    stays paused until it comes; the caller bounds how long).  ``allowed_peers``: a
+    predicate on the peer IP, or a collection of IPs (a set may be updated in place, or
+    ``allowed_peers`` reassigned, as nodes come and go).  ``header_timeout``: seconds
+    for the whole header to arrive.  ``connect_timeout`` / ``idle_timeout``: for a
+    target given as an address only (a target with a pool uses its service's options).
     """
 
     def __init__(
@@ -575,6 +409,8 @@ class TunnelServer:
         header_timeout: float = DEFAULT_HEADER_TIMEOUT,
         *,
         connect_timeout: float = 3.0,
+        idle_timeout: float = 3600.0,
+        max_pending: int = 256 * 1024,
     ) -> None:
         if header_timeout <= 0:
             raise ValueError(f"header_timeout must be > 0, got {header_timeout!r}")
@@ -586,11 +422,15 @@ class TunnelServer:
         self.port = port
         self.header_timeout = header_timeout
         self.connect_timeout = connect_timeout
+        self.max_pending = max_pending
         self.stats = TunnelStats()
-        self._server: asyncio.Server | None = None
-        self._conns: set[_Downstream] = set()
+        self.route_stats = RouteStats()  # connect failures of address-only targets
+        self.registry = ConnectionRegistry()
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self.name = "tunnel"
+        self._direct_options = ServiceOptions(connect_timeout=connect_timeout, idle_timeout=idle_timeout, retries=0)
+        self._acceptor: Acceptor | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._drained: asyncio.Event | None = None  # set when the last connection closes during stop()
 
     def peer_allowed(self, ip: str) -> bool:
         allowed = self.allowed_peers
@@ -603,36 +443,84 @@ class TunnelServer:
         return (self.host, self.port)
 
     def connections(self) -> int:
-        return len(self._conns)
+        return len(self.registry)
+
+    @property
+    def accept_stats(self) -> Acceptor | None:
+        """The accept loop (accepted, fd_exhausted, accept_errors), while listening."""
+        return self._acceptor
 
     def _spawn(self, coro) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+        task = self.loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    # -- what the header phase and the splice ask --------------------------------------------------
+    def _splice(self, target: LocalTarget, header: TunnelHeader) -> tuple[Any, Host] | None:
+        """The pool and first host for ``target``."""
+        if target.pool is not None and target.host is not None:
+            host = target.host
+            if host.draining or host.health:
+                # Chosen by the dialling node a moment before this node learnt of the drain or the
+                # failure: another local replica of the service if there is one, else this one (it
+                # may still serve during its stop grace period).
+                alt = _least_loaded_local(target.pool, (host,))
+                if alt is not None:
+                    host = alt
+            return target.pool, host
+        ep = Endpoint(header.target, target.address, target.port)
+        options = self._direct_options
+        if target.proxy_protocol != options.proxy_protocol:
+            options = ServiceOptions(
+                connect_timeout=options.connect_timeout,
+                idle_timeout=options.idle_timeout,
+                retries=0,
+                proxy_protocol=target.proxy_protocol,
+            )
+        return _Direct(options, self.route_stats), Host(ep)
+
+    def _refuse(self, conn: Splice | None, reason: str, detail: str, peer: str = "") -> None:
+        self.stats.refuse(reason)
+        log.debug("tunnel: refused %s (%s): %s", peer or (conn.client if conn else "?"), reason, detail)
+        if conn is not None:
+            _reset(conn.transport)
+
+    def tunnel_header(self, host: Host, client: tuple | None, local: tuple | None) -> bytes:
+        raise AssertionError("a tunnel never dials another tunnel")  # TunnelSplice._next_host keeps it local
+
+    def released(self, conn: Splice) -> None:
+        st = self.stats
+        st.active -= 1
+        st.bytes_in += conn.nbytes
+        st.bytes_out += conn.sent
+
+    # -- lifecycle ------------------------------------------------------------------------------------
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Downstream(self), self.host, self.port, backlog=1024)
-        self.port = self._server.sockets[0].getsockname()[1]
+        self.loop = asyncio.get_running_loop()
+        acceptor = Acceptor(self.host, self.port, self._protocol, name="tunnel", backlog=1024)
+        acceptor.start()
+        self._acceptor = acceptor
+        self.port = acceptor.port
         log.info("tunnel listening on %s", format_hostport(self.host, self.port))
+
+    def _protocol(self, peer: tuple | None) -> _HeaderPhase:
+        return _HeaderPhase(self, peer)
 
     async def stop(self, grace: float = 0.0) -> None:
         """Stop accepting; wait up to ``grace`` seconds for open connections, then abort them."""
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        if self._conns and grace > 0:
-            self._drained = asyncio.Event()
-            try:
-                await asyncio.wait_for(self._drained.wait(), grace)
-            except TimeoutError:
-                pass
-        for conn in list(self._conns):
-            conn._close(abort=True)
+        if self._acceptor is not None:
+            self._acceptor.close()
+            await self._acceptor.wait_accepting_done()
+            self._acceptor = None
+        if len(self.registry) and grace > 0:
+            await self.registry.wait_empty(grace)
+        self.registry.abort_all()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.registry.wait_empty(5.0)
 
     def __repr__(self) -> str:
         return f"<TunnelServer {format_hostport(self.host, self.port)} {self.stats!r}>"
+

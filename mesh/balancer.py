@@ -57,7 +57,7 @@ from math import gcd
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from mesh.pool import Host
+    from mesh.host import Host
 
 __all__ = [
     "BALANCER_CLASSES",

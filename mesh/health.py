@@ -35,7 +35,8 @@ import asyncio
 import logging
 import random
 
-from mesh.pool import FAILED_ACTIVE_HC, Host, Pool
+from mesh.host import FAILED_ACTIVE_HC, Host
+from mesh.pool import Pool
 from mesh.routing import HealthCheck, format_hostport
 
 __all__ = ["MAX_CONCURRENT_PROBES", "MAX_STATUS_LINE", "HealthChecker", "ProbeFailed", "probe"]

@@ -1,4 +1,14 @@
-"""A listening socket for one (listen_host, port) of a service.
+"""Listening sockets: ``Acceptor`` (bind + accept loop) and ``Listener`` (a published port's routes).
+
+``Acceptor(host, port, factory)`` is the accept loop every TCP server of the
+agent uses (published ports, the cluster tunnel): ``factory(peer)`` makes the
+protocol for each accepted connection (``peer`` is the address ``accept()``
+returned, so nobody needs a ``getpeername`` for it).
+
+``Listener`` is one published (protocol, listen_host, port): it holds the routes
+served there (``Binding``: service + route + pool; a tcp port has exactly one)
+and takes its protocol factory from ``FRONTS[protocol]``.  The runtime swaps
+routes in place; each new connection reads them once.
 
 Why this accepts connections itself (add_reader + accept + connect_accepted_socket)
 instead of ``loop.create_server``: running out of file descriptors must be
@@ -20,15 +30,36 @@ import errno
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from mesh.proxy import ConnectionRegistry, ProxyConnection, TunnelHeader, default_tunnel_header
-from mesh.routing import format_hostport
+from mesh.proxy.preamble import host_tunnel_header
+from mesh.proxy.registry import ConnectionRegistry
+from mesh.proxy.tcp import tcp_front
+from mesh.routing import Route, format_hostport
 
 if TYPE_CHECKING:
     from mesh.pool import Pool
 
-__all__ = ["ACCEPT_BATCH", "BACKLOG", "EXHAUSTED_PAUSE", "LOG_INTERVAL", "Listener", "bind_socket"]
+__all__ = [
+    "ACCEPT_BATCH",
+    "BACKLOG",
+    "EXHAUSTED_PAUSE",
+    "FRONTS",
+    "LOG_INTERVAL",
+    "Acceptor",
+    "Binding",
+    "Listener",
+    "bind_socket",
+]
+
+# What a listener of each protocol runs before the splice: ``FRONTS[protocol](listener)`` -> a
+# protocol factory ``factory(peer)``.  A protocol missing here is not served by this data plane
+# (the runtime reports its routes as not bound, naming the protocol).
+FRONTS: dict[str, Callable[[Any], Callable[[tuple | None], asyncio.Protocol]]] = {"tcp": tcp_front}
+
+# ``tunnel_header(host, client, local) -> bytes``: the first bytes towards a host with ``via`` set.
+TunnelHeaderFn = Callable[[Any, "tuple | None", "tuple | None"], bytes]
 
 log = logging.getLogger(__name__)
 
@@ -69,36 +100,29 @@ def bind_socket(host: str, port: int, *, reuse_port: bool = False, backlog: int 
     return sock
 
 
-class Listener:
-    """Accepts connections on one (host, port) and hands each to a ``ProxyConnection``.
+class Acceptor:
+    """Accepts connections on one (host, port) and hands each to ``factory(peer)``.
 
-    ``pool`` is the route's ``Pool``; the runtime updates it in place (or swaps
-    it) and each new connection reads it once.  ``service`` names the service
-    for logs and the admin API.
+    ``name`` appears in logs ("service web", "tunnel").  See the module docstring
+    for why accepting is done here and what happens when descriptors run out.
     """
 
     def __init__(
         self,
         host: str,
         port: int,
-        pool: Pool,
+        factory: Callable[[tuple | None], asyncio.Protocol],
         *,
-        service: str,
-        registry: ConnectionRegistry | None = None,
+        name: str = "",
         reuse_port: bool = False,
         backlog: int = BACKLOG,
-        tunnel_header: TunnelHeader = default_tunnel_header,
-        access_log: bool = False,
     ) -> None:
         self.host = host
         self.port = port
-        self.pool = pool
-        self.service = service
-        self.registry = registry if registry is not None else ConnectionRegistry()
+        self.factory = factory
+        self.name = name
         self.reuse_port = reuse_port
         self.backlog = backlog
-        self.tunnel_header = tunnel_header
-        self.access_log = access_log  # one mesh.access line per closed connection
         self.accepted = 0
         self.fd_exhausted = 0  # accepts that failed for lack of descriptors/memory
         self.accept_errors = 0  # other accept errors
@@ -162,9 +186,10 @@ class Listener:
     def _on_readable(self) -> None:
         sock = self._sock
         loop = self._loop
+        factory = self.factory
         for _ in range(ACCEPT_BATCH):
             try:
-                conn, _addr = sock.accept()
+                conn, addr = sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -177,19 +202,16 @@ class Listener:
                 self._exhausted(exc)  # unknown: back off the same way rather than spin
                 return
             try:
-                conn.setblocking(False)
-                # TCP_NODELAY comes with the transport (asyncio and uvloop set it themselves).
+                # Non-blocking mode and TCP_NODELAY come with the transport (asyncio and uvloop set
+                # both on every socket they wrap); keep-alive is ours.
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             except OSError:
                 conn.close()  # reset before we got to it
                 continue
             self.accepted += 1
-            task = loop.create_task(loop.connect_accepted_socket(self._protocol, conn))
+            task = loop.create_task(loop.connect_accepted_socket(lambda a=addr: factory(a), conn))
             self._pending.add(task)
             task.add_done_callback(self._accepted_done)
-
-    def _protocol(self) -> ProxyConnection:
-        return ProxyConnection(self)
 
     def _accepted_done(self, task: asyncio.Task) -> None:
         self._pending.discard(task)
@@ -202,9 +224,9 @@ class Listener:
         now = time.monotonic()
         if now - self._last_log >= LOG_INTERVAL:
             log.error(
-                "service %s listener %s: accept failed %d time(s) since last report: %s; "
+                "%s listener %s: accept failed %d time(s) since last report: %s; "
                 "pausing accepts for %.2fs each time (raise the fd limit or reduce connections)",
-                self.service,
+                self.name or "-",
                 format_hostport(self.host, self.port),
                 self._unlogged,
                 exc.strerror or exc,
@@ -220,11 +242,140 @@ class Listener:
         if not self._closed:
             self._start_reading()
 
+    @property
+    def paused(self) -> bool:
+        """Accepting is paused because descriptors (or memory) ran out."""
+        return self._resume_handle is not None
+
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("listening" if self._sock is not None else "new")
         if self._resume_handle is not None:
             state += "(paused: out of fds)"
         return (
-            f"<Listener {self.service} {format_hostport(self.host, self.port)} {state} "
+            f"<Acceptor {self.name} {format_hostport(self.host, self.port)} {state} "
+            f"accepted={self.accepted} fd_exhausted={self.fd_exhausted}>"
+        )
+
+
+class Binding:
+    """One route of one service on a listener: what the listener's front picks from."""
+
+    __slots__ = ("pool", "route", "service")
+
+    def __init__(self, service: str, route: Route, pool: Pool) -> None:
+        self.service = service
+        self.route = route
+        self.pool = pool
+
+    def __repr__(self) -> str:
+        return f"<Binding {self.service} {self.route.protocol} match={self.route.match} {self.pool!r}>"
+
+
+class Listener:
+    """One published (protocol, host, port) and the routes served there.
+
+    ``Listener(host, port, pool, service=...)`` is the common tcp case (one route,
+    ``pool.route``); ``bindings`` may hold several for protocols that share a port
+    (``routing.SHARED_PROTOCOLS``).  The runtime replaces ``bindings`` (or updates
+    the pools in place) when a table changes; each connection reads them once.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        pool: Pool | None = None,
+        *,
+        service: str = "",
+        protocol: str = "tcp",
+        bindings: tuple[Binding, ...] | None = None,
+        registry: ConnectionRegistry | None = None,
+        reuse_port: bool = False,
+        backlog: int = BACKLOG,
+        tunnel_header: TunnelHeaderFn = host_tunnel_header,
+        access_log: bool = False,
+    ) -> None:
+        if bindings is None:
+            if pool is None:
+                raise ValueError("Listener needs a pool or bindings")
+            bindings = (Binding(service or pool.service, pool.route, pool),)
+        if protocol not in FRONTS:
+            raise ValueError(f"protocol {protocol!r} is not served by this data plane (serves {sorted(FRONTS)})")
+        self.protocol = protocol
+        self.host = host
+        self.registry = registry if registry is not None else ConnectionRegistry()
+        self.tunnel_header = tunnel_header
+        self.access_log = access_log  # one mesh.access line per closed connection
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.bindings: tuple[Binding, ...] = ()
+        self.pool: Pool = None  # type: ignore[assignment]
+        self.service = ""
+        self.set_bindings(bindings)
+        self.acceptor = Acceptor(
+            host, port, FRONTS[protocol](self), name=f"service {self.service}", reuse_port=reuse_port, backlog=backlog
+        )
+
+    def set_bindings(self, bindings: tuple[Binding, ...]) -> None:
+        """Serve these routes from now on (new connections see them; open ones keep theirs)."""
+        if not bindings:
+            raise ValueError("a listener needs at least one route")
+        self.bindings = tuple(bindings)
+        # The tcp front reads ``pool`` (its only route); shared protocols match over ``bindings``.
+        self.pool = bindings[0].pool
+        self.service = ",".join(sorted({b.service for b in bindings}))
+
+    # -- the accept loop ----------------------------------------------------------------------------
+    @property
+    def port(self) -> int:
+        return self.acceptor.port
+
+    @property
+    def name(self) -> str:
+        return f"{self.service}:{self.port}"
+
+    @property
+    def sockname(self) -> tuple | None:
+        return self.acceptor.sockname
+
+    @property
+    def listening(self) -> bool:
+        return self.acceptor.listening
+
+    @property
+    def accepted(self) -> int:
+        return self.acceptor.accepted
+
+    @property
+    def fd_exhausted(self) -> int:
+        return self.acceptor.fd_exhausted
+
+    @property
+    def accept_errors(self) -> int:
+        return self.acceptor.accept_errors
+
+    def start(self) -> None:
+        """Bind and start accepting (on the running loop).  Raises OSError when the port cannot be bound."""
+        self.loop = asyncio.get_running_loop()
+        self.acceptor.start()
+
+    def close(self) -> None:
+        """Stop accepting now; accepted connections continue."""
+        self.acceptor.close()
+
+    async def wait_accepting_done(self) -> None:
+        await self.acceptor.wait_accepting_done()
+
+    # -- what a splice asks of its site -------------------------------------------------------------
+    def released(self, conn: Any) -> None:
+        """A connection of this listener finished (``Splice._release``)."""
+        if self.access_log:
+            conn.log_access(self.service, self.port)
+
+    def __repr__(self) -> str:
+        state = "listening" if self.listening else "closed"
+        if self.acceptor.paused:
+            state += "(paused: out of fds)"
+        return (
+            f"<Listener {self.protocol} {self.service} {format_hostport(self.host, self.port)} {state} "
             f"accepted={self.accepted} fd_exhausted={self.fd_exhausted} pool={self.pool!r}>"
         )

@@ -276,7 +276,9 @@ def _mesh_unbound(mesh: Any) -> list[tuple[str, str, int]]:
     table, failed = mesh.table, getattr(mesh, "failed", None)
     if table is None or not failed:
         return []
-    return [(svc.name, r.listen_host, r.port) for svc, r in table.routes() if (r.listen_host, r.port) in failed]
+    from mesh.runtime import listen_key  # noqa: PLC0415  (not at import: metrics is imported by the runtime's users)
+
+    return [(svc.name, r.listen_host, r.port) for svc, r in table.routes() if listen_key(svc, r) in failed]
 
 
 def _mesh_info(mesh: Any) -> dict[str, Any]:

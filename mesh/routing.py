@@ -8,7 +8,8 @@ Shape::
 
     RoutingTable(version, services)
       Service(name, options, routes)
-        Route(listen_host, port, protocol, endpoints)
+        Route(listen_host, port, protocol, match, endpoints)
+          Match(hosts, paths)
           Endpoint(id, address, port, node, weight, state, via)
 
 Rules:
@@ -25,6 +26,18 @@ Rules:
 - ``state="draining"``: the endpoint gets no new connections; open ones stay.
 - ``via`` is ``None`` for an endpoint reached directly, or "host:port" of the
   tunnel of the agent on the endpoint's node (cluster-wide forwarding).
+- ``Route.protocol`` says what a listener speaks: "tcp" (a byte stream per
+  connection), "http" (requests routed by ``Match``), "tls" (passthrough routed
+  by the SNI name, ``Match.hosts``) or "udp" (datagrams).  Which of them a data
+  plane serves is the data plane's business (``mesh.runtime.FRONTS``); the
+  contract only says what they mean.
+- Sharing a listen address: two routes on the same (listen_host, port) of the
+  same transport (udp, or stream = tcp/http/tls) are allowed only when both
+  are http, or both are tls, and their ``Match`` rules differ; a tcp route owns
+  its port alone, and a tcp and an http/tls route never share one.  The same
+  port number may carry a stream route and a udp route.
+- Port 0 asks for any free port at bind time (tests); it never conflicts, and
+  the bound port is read back from the listener.
 """
 
 from __future__ import annotations
@@ -40,6 +53,7 @@ __all__ = [
     "PROXY_PROTOCOLS",
     "Endpoint",
     "HealthCheck",
+    "Match",
     "Route",
     "RoutingTable",
     "Service",
@@ -52,7 +66,9 @@ __all__ = [
 BALANCERS = ("round-robin", "least-conn", "p2c", "hash")
 PROXY_PROTOCOLS = (None, "v1", "v2")
 ENDPOINT_STATES = ("running", "draining")
-PROTOCOLS = ("tcp",)
+PROTOCOLS = ("tcp", "http", "tls", "udp")
+# Protocols whose routes may share one listen address, told apart by their Match rules.
+SHARED_PROTOCOLS = ("http", "tls")
 HEALTH_KINDS = ("tcp", "http")
 
 
@@ -211,19 +227,79 @@ class Endpoint:
         return format_hostport(self.address, self.port)
 
 
+def _valid_host_pattern(name: str) -> bool:
+    """A DNS name ("shop.example.com") or a leading-label wildcard ("*.example.com")."""
+    if name.startswith("*."):
+        name = name[2:]
+    if not name or len(name) > 253:
+        return False
+    for label in name.split("."):
+        if not 0 < len(label) <= 63 or label[0] == "-" or label[-1] == "-":
+            return False
+        if not all(c.isascii() and (c.isalnum() or c in "-_") for c in label):
+            return False
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """Which requests of a shared listener a route takes.
+
+    ``hosts``: names the request is for (the HTTP Host header, or the TLS SNI
+    name), exact ("shop.example.com") or a wildcard for one or more leading
+    labels ("*.example.com"); empty = any host.  ``paths``: HTTP path prefixes
+    (each starts with "/"); empty = any path.  Stored lower-cased (hosts),
+    de-duplicated and sorted.  A tcp or udp route has an empty ``Match``.
+    """
+
+    hosts: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        hosts = tuple(sorted({str(h).strip().lower().rstrip(".") for h in self.hosts}))
+        for h in hosts:
+            _check(_valid_host_pattern(h), f"match host must be a DNS name or '*.name', got {h!r}")
+        paths = tuple(sorted({str(p) for p in self.paths}))
+        for p in paths:
+            _check(
+                p.startswith("/") and p.isprintable() and " " not in p and "?" not in p and "#" not in p,
+                f"match path must start with '/' and hold no space, '?' or '#', got {p!r}",
+            )
+        object.__setattr__(self, "hosts", hosts)
+        object.__setattr__(self, "paths", paths)
+
+    def __bool__(self) -> bool:
+        return bool(self.hosts or self.paths)
+
+    def rules(self) -> tuple[tuple[str, str], ...]:
+        """Every (host, path prefix) pair this match covers; "" means any."""
+        return tuple((h, p) for h in (self.hosts or ("",)) for p in (self.paths or ("",)))
+
+
+def transport_of(protocol: str) -> str:
+    """The L4 transport a protocol listens on: "udp" or "stream"."""
+    return "udp" if protocol == "udp" else "stream"
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
-    """A published port and the endpoints behind it."""
+    """A published port, what it speaks, which requests it takes (``match``) and the endpoints behind it."""
 
     port: int
     endpoints: tuple[Endpoint, ...] = ()
     listen_host: str = "0.0.0.0"
     protocol: str = "tcp"
+    match: Match = field(default_factory=Match)
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.port, int) and 0 < self.port < 65536, f"listen port out of range: {self.port!r}")
+        _check(isinstance(self.port, int) and 0 <= self.port < 65536, f"listen port out of range: {self.port!r}")
         _check(self.protocol in PROTOCOLS, f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
         _check(bool(self.listen_host), "listen_host must not be empty")
+        _check(isinstance(self.match, Match), f"route :{self.port}: match must be a Match, got {self.match!r}")
+        if self.protocol in ("tcp", "udp"):
+            _check(not self.match, f"route :{self.port}: a {self.protocol} route cannot have host/path match rules")
+        elif self.protocol == "tls":
+            _check(not self.match.paths, f"route :{self.port}: a tls route matches SNI names only, not paths")
         ids = [e.id for e in self.endpoints]
         _check(len(ids) == len(set(ids)), f"route :{self.port}: duplicate endpoint ids")
         object.__setattr__(self, "endpoints", tuple(sorted(self.endpoints, key=lambda e: e.id)))
@@ -231,6 +307,10 @@ class Route:
     @property
     def listen(self) -> tuple[str, int]:
         return (self.listen_host, self.port)
+
+    @property
+    def transport(self) -> str:
+        return transport_of(self.protocol)
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,7 +321,11 @@ class Service:
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "service name must not be empty")
-        object.__setattr__(self, "routes", tuple(sorted(self.routes, key=lambda r: (r.port, r.listen_host))))
+        object.__setattr__(
+            self,
+            "routes",
+            tuple(sorted(self.routes, key=lambda r: (r.port, r.listen_host, r.protocol, r.match.hosts, r.match.paths))),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,16 +340,35 @@ class RoutingTable:
         names = [s.name for s in self.services]
         _check(len(names) == len(set(names)), "duplicate service names")
         object.__setattr__(self, "services", tuple(sorted(self.services, key=lambda s: s.name)))
-        seen: dict[tuple[str, int], str] = {}
+        seen: list[tuple[Route, str]] = []
         for svc in self.services:
             for r in svc.routes:
-                for other_key, other in seen.items():
-                    if other_key[1] == r.port and _hosts_overlap(other_key[0], r.listen_host):
+                if r.port == 0:
+                    continue  # any free port: never the same as another
+                for other, name in seen:
+                    if other.port != r.port or other.transport != r.transport:
+                        continue
+                    if not _hosts_overlap(other.listen_host, r.listen_host):
+                        continue
+                    where = format_hostport(r.listen_host, r.port)
+                    if r.protocol not in SHARED_PROTOCOLS or other.protocol != r.protocol:
                         raise TableError(
-                            f"service {svc.name!r} listens on {format_hostport(r.listen_host, r.port)}, "
-                            f"already used by service {other!r}"
+                            f"service {svc.name!r} listens on {where} ({r.protocol}), "
+                            f"already used by service {name!r} ({other.protocol})"
                         )
-                seen[(r.listen_host, r.port)] = svc.name
+                    if other.listen_host != r.listen_host:
+                        raise TableError(
+                            f"services {name!r} and {svc.name!r} share port {r.port} ({r.protocol}) "
+                            f"with different listen addresses ({other.listen_host}, {r.listen_host})"
+                        )
+                    common = set(other.match.rules()) & set(r.match.rules())
+                    if common:
+                        host, path = min(common)
+                        raise TableError(
+                            f"services {name!r} and {svc.name!r} both claim host {host or '*'!r} "
+                            f"path {path or '/'!r} on {where} ({r.protocol})"
+                        )
+                seen.append((r, svc.name))
 
     # -- derived views --------------------------------------------------------------
     def service(self, name: str) -> Service | None:
@@ -338,15 +441,22 @@ def _service_to_dict(s: Service) -> dict[str, Any]:
         "name": s.name,
         "options": opts,
         "routes": [
-            {
-                "port": r.port,
-                "listen_host": r.listen_host,
-                "protocol": r.protocol,
-                "endpoints": [_plain(e) for e in r.endpoints],
-            }
-            for r in s.routes
+            _route_to_dict(r) for r in s.routes
         ],
     }
+
+
+def _route_to_dict(r: Route) -> dict[str, Any]:
+    d: dict[str, Any] = {
+        "port": r.port,
+        "listen_host": r.listen_host,
+        "protocol": r.protocol,
+        "endpoints": [_plain(e) for e in r.endpoints],
+    }
+    if r.match:
+        # Only when set, so a table without match rules has the same JSON (and digest) as before they existed.
+        d["match"] = {"hosts": list(r.match.hosts), "paths": list(r.match.paths)}
+    return d
 
 
 def _service_from_dict(d: dict[str, Any]) -> Service:
@@ -362,6 +472,7 @@ def _service_from_dict(d: dict[str, Any]) -> Service:
             port=r["port"],
             listen_host=r.get("listen_host", "0.0.0.0"),
             protocol=r.get("protocol", "tcp"),
+            match=Match(**(r.get("match") or {})),
             endpoints=tuple(Endpoint(**e) for e in r.get("endpoints", ())),
         )
         for r in d["routes"]

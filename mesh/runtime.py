@@ -1,18 +1,23 @@
 """The data plane of one process: applies routing tables as diffs.
 
-Rules of ``Mesh.apply(table)`` (a listener is keyed by (listen_host, port)):
+Rules of ``Mesh.apply(table)``:
 
-- A key only in the new table gets a new ``Pool`` and ``Listener``.  If the port
-  cannot be bound, that is logged (service, address, reason) and the key is
-  skipped; the rest of the table still applies, and the next ``apply`` tries it
-  again.
+- A listener is keyed by ``ListenKey(protocol, listen_host, port)``; it holds the
+  routes of every service on that key (``Binding``s; exactly one for tcp).  A
+  route on port 0 (any free port, for tests) gets a key of its own per service.
+- A key only in the new table gets a new ``Listener`` (and a ``Pool`` per route).
+  If the port cannot be bound, or no front serves the protocol
+  (``mesh.listener.FRONTS``), that is logged (service, address, reason) and the
+  key is skipped; the rest of the table still applies, and the next ``apply``
+  tries it again.
 - A key no longer in the table stops accepting at once; its open connections
   continue (they are tracked in the mesh-wide ``ConnectionRegistry``).
-- A key kept by the same service updates its pool in place
-  (``pool.update(route, options)``): hosts keep active counts, health and
-  ejections; new options apply to NEW connections (each connection read its
-  options once when accepted).
-- A key that moves to another service is treated as removed + added.
+- A key kept with the same services updates its pools in place
+  (``pool.update(route, options)``), matched by (service, match rules): hosts keep
+  active counts, health and ejections; new options apply to NEW connections (each
+  connection read its options once when accepted).  A route that is new on a
+  kept key gets a new pool; one that is gone stops getting connections.
+- A tcp key that moves to another service is treated as removed + added.
 - Health checkers follow the options: started for services with
   ``health_check``, restarted when the check changes, stopped when it goes away
   or the key is removed.
@@ -31,18 +36,39 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 from mesh.health import HealthChecker
-from mesh.listener import Listener
+from mesh.host import Host
+from mesh.listener import FRONTS, Binding, Listener, TunnelHeaderFn
 from mesh.pool import Pool
-from mesh.proxy import ConnectionRegistry, TunnelHeader, default_tunnel_header
-from mesh.routing import Route, RoutingTable, Service, format_hostport
+from mesh.proxy.preamble import host_tunnel_header
+from mesh.proxy.registry import ConnectionRegistry
+from mesh.routing import Match, Route, RoutingTable, Service, format_hostport
 
-__all__ = ["Mesh"]
+__all__ = ["ListenKey", "Mesh"]
 
 log = logging.getLogger(__name__)
 
-Key = tuple[str, int]
+
+class ListenKey(NamedTuple):
+    """What a listener is keyed by.  ``tag`` tells apart port-0 routes (the service name), else ""."""
+
+    protocol: str
+    host: str
+    port: int
+    tag: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.protocol}://{format_hostport(self.host, self.port)}"
+
+
+Key = ListenKey
+RouteKey = tuple[str, Match]  # (service name, match rules): what a pool is kept by on a listener
+
+
+def listen_key(svc: Service, route: Route) -> ListenKey:
+    return ListenKey(route.protocol, route.listen_host, route.port, svc.name if route.port == 0 else "")
 
 
 class Mesh:
@@ -54,7 +80,7 @@ class Mesh:
         local_node: str | None = None,
         rng: random.Random | None = None,
         reuse_port: bool = False,
-        tunnel_header: TunnelHeader = default_tunnel_header,
+        tunnel_header: TunnelHeaderFn = host_tunnel_header,
         access_log: bool = False,
     ) -> None:
         self.local_node = local_node
@@ -67,20 +93,39 @@ class Mesh:
         self.table: RoutingTable | None = None
         self.applied_at: float | None = None  # wall-clock time of the last apply()
         self.registry = ConnectionRegistry()
-        self.by_address: dict[Key, Listener] = {}
-        self.failed: dict[Key, str] = {}  # keys of the current table that could not be bound -> reason
+        self.by_key: dict[ListenKey, Listener] = {}
+        self.failed: dict[ListenKey, str] = {}  # keys of the current table that could not be bound -> reason
         self._rng = rng if rng is not None else random.Random()
-        self._checkers: dict[Key, HealthChecker] = {}
+        self._checkers: dict[Pool, HealthChecker] = {}
         self._lock: asyncio.Lock | None = None
         self._closed = False
 
     # -- views for the admin API and metrics --------------------------------------------------------
     def listeners(self) -> list[Listener]:
-        """The listeners now accepting, sorted by (host, port)."""
-        return [self.by_address[k] for k in sorted(self.by_address)]
+        """The listeners now accepting, sorted by (host, port, protocol)."""
+        return sorted(self.by_key.values(), key=lambda lst: (lst.host, lst.port, lst.protocol))
 
-    def listener(self, host: str, port: int) -> Listener | None:
-        return self.by_address.get((host, port))
+    def listener(self, host: str, port: int, protocol: str | None = None) -> Listener | None:
+        """The listener bound to (host, port) -- the bound port, also for port-0 routes."""
+        for lst in self.by_key.values():
+            if lst.host == host and lst.port == port and (protocol is None or lst.protocol == protocol):
+                return lst
+        return None
+
+    def pools(self) -> Iterator[Pool]:
+        """Every route's pool on every listener."""
+        for lst in self.by_key.values():
+            for b in lst.bindings:
+                yield b.pool
+
+    def local_host(self, endpoint_id: str, port: int) -> tuple[Pool, Host] | None:
+        """The pool and host of a local (not tunnelled) endpoint with this id and target port: what
+        the cluster tunnel dials for a target "<endpoint id>:<port>", sharing its health and counts."""
+        for pool in self.pools():
+            for host in pool.hosts:
+                if host.via is None and host.port == port and host.endpoint.id == endpoint_id:
+                    return pool, host
+        return None
 
     def connections(self) -> int:
         """Open proxied connections (including those of removed listeners still draining)."""
@@ -104,17 +149,18 @@ class Mesh:
             self._apply(table)
 
     def _apply(self, table: RoutingTable) -> None:
-        wanted: dict[Key, tuple[Service, Route]] = {(r.listen_host, r.port): (svc, r) for svc, r in table.routes()}
-        for key in [k for k, lst in self.by_address.items() if k not in wanted or wanted[k][0].name != lst.service]:
+        wanted: dict[ListenKey, list[tuple[Service, Route]]] = {}
+        for svc, route in table.routes():
+            wanted.setdefault(listen_key(svc, route), []).append((svc, route))
+        for key in [k for k, lst in self.by_key.items() if k not in wanted or not self._keeps(lst, wanted[k])]:
             self._remove(key)
-        failed: dict[Key, str] = {}
-        for key, (svc, route) in wanted.items():
-            lst = self.by_address.get(key)
+        failed: dict[ListenKey, str] = {}
+        for key, routes in wanted.items():
+            lst = self.by_key.get(key)
             if lst is not None:
-                lst.pool.update(route, svc.options)
-                self._sync_checker(key, lst.pool, svc)
+                self._update(lst, routes)
                 continue
-            reason = self._add(key, svc, route)
+            reason = self._add(key, routes)
             if reason is not None:
                 failed[key] = reason
         self.failed = failed
@@ -123,20 +169,52 @@ class Mesh:
         log.info(
             "applied table version %d: %d listener(s), %d open connection(s)%s",
             table.version,
-            len(self.by_address),
+            len(self.by_key),
             len(self.registry),
             f", {len(failed)} port(s) not bound" if failed else "",
         )
 
-    def _add(self, key: Key, svc: Service, route: Route) -> str | None:
+    @staticmethod
+    def _keeps(lst: Listener, routes: list[tuple[Service, Route]]) -> bool:
+        """A tcp listener is kept only by the same service; a shared one by any routes."""
+        if lst.protocol != "tcp":
+            return True
+        return {svc.name for svc, _ in routes} == {b.service for b in lst.bindings}
+
+    def _update(self, lst: Listener, routes: list[tuple[Service, Route]]) -> None:
+        old: dict[RouteKey, Binding] = {(b.service, b.route.match): b for b in lst.bindings}
+        bindings = []
+        for svc, route in routes:
+            b = old.pop((svc.name, route.match), None)
+            if b is None:
+                b = Binding(svc.name, route, self._new_pool(svc, route))
+            else:
+                b.pool.update(route, svc.options)
+                b.route = route
+            self._sync_checker(b.pool, svc)
+            bindings.append(b)
+        for gone in old.values():
+            self._stop_checker(gone.pool)
+        lst.set_bindings(tuple(bindings))
+
+    def _new_pool(self, svc: Service, route: Route) -> Pool:
         pool = Pool(svc.name, route, svc.options, rng=self._rng, local_node=self.local_node)
         for hook in self.on_pool:
             hook(pool)
+        return pool
+
+    def _add(self, key: ListenKey, routes: list[tuple[Service, Route]]) -> str | None:
+        names = ", ".join(svc.name for svc, _ in routes)
+        if key.protocol not in FRONTS:
+            reason = f"protocol {key.protocol} is not served by this data plane (serves {', '.join(sorted(FRONTS))})"
+            log.error("service %s %s: %s; skipping this port, the rest of the table applies", names, key, reason)
+            return reason
+        bindings = tuple(Binding(svc.name, route, self._new_pool(svc, route)) for svc, route in routes)
         lst = Listener(
-            key[0],
-            key[1],
-            pool,
-            service=svc.name,
+            key.host,
+            key.port,
+            protocol=key.protocol,
+            bindings=bindings,
             registry=self.registry,
             reuse_port=self.reuse_port,
             tunnel_header=self.tunnel_header,
@@ -147,40 +225,51 @@ class Mesh:
         except OSError as exc:
             reason = exc.strerror or str(exc)
             log.error(
-                "service %s port %d: %s; skipping this port, the rest of the table applies", svc.name, key[1], reason
+                "service %s port %d: %s; skipping this port, the rest of the table applies", names, key.port, reason
             )
             lst.close()
             return reason
-        self.by_address[key] = lst
-        self._sync_checker(key, pool, svc)
-        log.info("service %s: listening on %s (%d endpoints)", svc.name, format_hostport(*key), len(route.endpoints))
+        self.by_key[key] = lst
+        for (svc, _), b in zip(routes, bindings, strict=True):
+            self._sync_checker(b.pool, svc)
+        log.info(
+            "service %s: listening on %s %s (%d endpoints)",
+            names,
+            key.protocol,
+            format_hostport(key.host, lst.port),
+            sum(len(route.endpoints) for _, route in routes),
+        )
         return None
 
-    def _remove(self, key: Key) -> None:
-        lst = self.by_address.pop(key)
-        self._stop_checker(key)
+    def _remove(self, key: ListenKey) -> None:
+        lst = self.by_key.pop(key)
+        for b in lst.bindings:
+            self._stop_checker(b.pool)
         lst.close()
         log.info(
-            "service %s: stopped listening on %s; its open connections continue", lst.service, format_hostport(*key)
+            "service %s: stopped listening on %s %s; its open connections continue",
+            lst.service,
+            key.protocol,
+            format_hostport(key.host, lst.port),
         )
 
-    def _sync_checker(self, key: Key, pool: Pool, svc: Service) -> None:
+    def _sync_checker(self, pool: Pool, svc: Service) -> None:
         check = svc.options.health_check
-        current = self._checkers.get(key)
-        if current is not None and (check is None or current.check != check or current.pool is not pool):
-            self._stop_checker(key)
+        current = self._checkers.get(pool)
+        if current is not None and (check is None or current.check != check):
+            self._stop_checker(pool)
             current = None
         if check is not None and current is None:
             try:
                 checker = HealthChecker(pool, check, rng=self._rng)
             except ValueError as exc:
-                log.error("service %s port %d: health check not started: %s", svc.name, key[1], exc)
+                log.error("service %s port %d: health check not started: %s", svc.name, pool.port, exc)
                 return
-            self._checkers[key] = checker
+            self._checkers[pool] = checker
             checker.start()
 
-    def _stop_checker(self, key: Key) -> None:
-        checker = self._checkers.pop(key, None)
+    def _stop_checker(self, pool: Pool) -> None:
+        checker = self._checkers.pop(pool, None)
         if checker is not None:
             checker.stop()
 
@@ -190,8 +279,8 @@ class Mesh:
         self._closed = True
         stops = [c.stop() for c in self._checkers.values()]
         self._checkers.clear()
-        listeners = list(self.by_address.values())
-        self.by_address.clear()
+        listeners = list(self.by_key.values())
+        self.by_key.clear()
         for lst in listeners:
             lst.close()
         for lst in listeners:
@@ -210,6 +299,6 @@ class Mesh:
     def __repr__(self) -> str:
         version = None if self.table is None else self.table.version
         return (
-            f"<Mesh table={version} listeners={len(self.by_address)} failed={len(self.failed)} "
+            f"<Mesh table={version} listeners={len(self.by_key)} failed={len(self.failed)} "
             f"connections={len(self.registry)} checkers={len(self._checkers)}{' closed' if self._closed else ''}>"
         )

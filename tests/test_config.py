@@ -291,12 +291,12 @@ BAD = [
     (
         "dup-port.yaml",
         "services:\n  a:\n    listen: 8080\n    endpoints: []\n  b:\n    listen: '127.0.0.1:8080'\n    endpoints: []\n",
-        "6: service 'b' listens on 127.0.0.1:8080, already used by service 'a'",
+        "6: service 'b' listens on 127.0.0.1:8080 (tcp), already used by service 'a' (tcp)",
     ),
     (
         "dup-port.toml",
         "[services.a]\nlisten = 8080\nendpoints = []\n\n[services.b]\nendpoints = []\nlisten = [9000, 8080]\n",
-        "7: service 'b' listens on 0.0.0.0:8080, already used by service 'a'",
+        "7: service 'b' listens on 0.0.0.0:8080 (tcp), already used by service 'a' (tcp)",
     ),
     (
         "dup-listen.yaml",

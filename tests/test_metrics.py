@@ -96,7 +96,7 @@ def test_counters_and_gauges_exact():
     pool.set_active_health(e3, False)
     assert e3.health == FAILED_ACTIVE_HC
     rd = reader([pool], {"table_version": 7, "table_applied": 1700000000.5})
-    rd._listeners_of()[0].fd_exhausted = 4
+    rd._listeners_of()[0].acceptor.fd_exhausted = 4
     m = scrape([rd.snapshot()])
 
     assert m["mesh_connections_accepted_total"] == {L(service="web", port=80): 9}
@@ -231,12 +231,12 @@ def test_host_added_and_removed_between_scrapes_is_not_lost():
 
 def test_route_that_stops_being_served_drops_its_ledger():
     a, b = listener(make_pool(1, port=80)), listener(make_pool(1, port=81))
-    a.fd_exhausted, b.fd_exhausted = 2, 3
+    a.acceptor.fd_exhausted, b.acceptor.fd_exhausted = 2, 3
     listeners = [a, b]
     rd = StatsReader(lambda: listeners)
     assert rd.snapshot()["fd_exhausted"] == 5
     assert len(rd._ledgers) == 2
-    b.fd_exhausted = 4  # counted after the last snapshot, before the listener goes away
+    b.acceptor.fd_exhausted = 4  # counted after the last snapshot, before the listener goes away
     listeners.remove(b)
     snap = rd.snapshot()
     assert [r["port"] for r in snap["routes"]] == [80]

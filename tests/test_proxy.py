@@ -17,7 +17,7 @@ import pytest
 from mesh import limits
 from mesh.listener import Listener
 from mesh.pool import EJECTED, Pool
-from mesh.proxy import PRECONNECT_LIMIT, PRECONNECT_PAUSE, WRITE_HIGH, ProxyConnection
+from mesh.proxy import PRECONNECT_LIMIT, PRECONNECT_PAUSE, WRITE_HIGH, TcpConnection
 from mesh.routing import Endpoint, Route, ServiceOptions
 from tests import backends
 from tests.backends import CHUNK, Backend, Blackhole, closed_port, pattern
@@ -292,7 +292,7 @@ async def test_preconnect_buffer_is_bounded_then_overflow_closes():
             except BlockingIOError:
                 blocked += 1
                 await asyncio.sleep(0.01)
-        assert conn._client_paused == 1 and conn.state == "connecting"
+        assert conn._down_paused == 1 and conn.state == "connecting"
         assert PRECONNECT_PAUSE < len(conn._buf) <= PRECONNECT_PAUSE + CHUNK < sent
         assert pool.stats.overflow_closed == 0
         # Data that arrives although reading is paused (uvloop 0.23 right after accept) is bounded too.
@@ -333,12 +333,12 @@ class _Reader(asyncio.Protocol):
             self.eof.set_result(self.n)
 
 
-def _proxy_conn(lst: Listener) -> ProxyConnection:
+def _proxy_conn(lst: Listener) -> TcpConnection:
     (conn,) = list(lst.registry)
     return conn
 
 
-async def _sample_buffers(conn: ProxyConnection, stop: asyncio.Event, out: list[int]) -> None:
+async def _sample_buffers(conn: TcpConnection, stop: asyncio.Event, out: list[int]) -> None:
     """Record the largest write buffer the proxy holds on either side, every 5 ms."""
     while not stop.is_set():
         sizes = [conn.transport.get_write_buffer_size()]
@@ -417,7 +417,7 @@ async def test_backpressure_slow_backend_and_1gib_byte_identical():
         await asyncio.sleep(0)
     conn = _proxy_conn(lst)
     assert w.can_write.is_set() is False, f"client never felt backpressure after {sent} bytes"
-    await wait_for(lambda: conn._client_paused, what="proxy to pause reading the client")
+    await wait_for(lambda: conn._down_paused, what="proxy to pause reading the client")
     assert conn.up_transport.get_write_buffer_size() <= BOUND
     stop, samples = asyncio.Event(), []
     sampler = loop.create_task(_sample_buffers(conn, stop, samples))

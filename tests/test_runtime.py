@@ -11,7 +11,7 @@ import pytest
 
 from mesh.pool import EJECTED, FAILED_ACTIVE_HC
 from mesh.routing import Endpoint, HealthCheck, Route, RoutingTable, Service, ServiceOptions
-from mesh.runtime import Mesh
+from mesh.runtime import ListenKey, Mesh
 from tests import backends
 from tests.backends import Backend, closed_port
 from tests.util import wait_for
@@ -227,7 +227,7 @@ async def test_port_taken_is_skipped_with_a_log_and_others_serve(caplog):
     assert any(
         f"service blocked port {pt}" in m and f"cannot bind 127.0.0.1:{pt}: Address already in use" in m for m in msgs
     ), msgs
-    assert not mesh.ready() and list(mesh.failed) == [("127.0.0.1", pt)]
+    assert not mesh.ready() and list(mesh.failed) == [ListenKey("tcp", "127.0.0.1", pt)]
     c = await Client.open(pb)
     assert await c.echo(b"ok") == b"ok"
     await c.close()

@@ -451,9 +451,9 @@ async def test_backpressure_towards_a_slow_replica_and_integrity() -> None:
         writer.write(GOOD)
         writer.write(payload)  # lands in the dialer's buffer; no drain, so we are not blocked
         await wait_for(lambda: srv.stats.forwarded == 1, what="spliced")
-        [conn] = list(srv._conns)
+        [conn] = list(srv.registry)
         await wait_for(lambda: not conn.transport.is_reading(), what="tunnel paused reading from the dialer")
-        buffered = conn.upstream.transport.get_write_buffer_size()
+        buffered = conn.up_transport.get_write_buffer_size()
         assert buffered < 1024 * 1024, buffered
         backend.reader_go.set()
         writer.write_eof()
@@ -489,8 +489,8 @@ async def test_backpressure_towards_a_slow_dialer() -> None:
         reader, writer = await _dial(srv, rcvbuf=SMALL_BUF)
         writer.write(GOOD)
         await wait_for(lambda: srv.stats.forwarded == 1, what="spliced")
-        [conn] = list(srv._conns)
-        await wait_for(lambda: not conn.upstream.transport.is_reading(), what="tunnel paused reading the replica")
+        [conn] = list(srv.registry)
+        await wait_for(lambda: not conn.up_transport.is_reading(), what="tunnel paused reading the replica")
         assert conn.transport.get_write_buffer_size() < 1024 * 1024
         got = await asyncio.wait_for(reader.read(), 10)
         assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()

@@ -1,0 +1,470 @@
+"""The splice: one downstream connection joined to one upstream connection.
+
+Every stream protocol ends here.  A *front* (``mesh.proxy.tcp`` for plain TCP,
+``cluster.tunnel`` for the node-to-node tunnel; later HTTP upgrades and TLS
+passthrough) decides where a connection goes, then the ``Splice`` carries the
+bytes.  ``Splice`` is the downstream side (the asyncio Protocol of the accepted
+connection), ``Upstream`` the side towards the endpoint.
+
+State rules:
+
+- Start (``_start(host)``, called by the front with ``host.active += 1`` already
+  done): the splice joins its site's registry and starts one dial task
+  (``mesh.proxy.dial.dial``): connect with a ``call_at`` deadline, retry on
+  another host before any byte went upstream, report to the pool.
+- Before the upstream is connected, downstream bytes are buffered: reading pauses
+  above ``PRECONNECT_PAUSE`` and the connection is closed (``overflow_closed``)
+  above ``PRECONNECT_LIMIT`` (uvloop delivers data even after pause_reading(), so
+  the hard bound is needed).  On connect the preamble (PROXY header or tunnel
+  header, if any) and the buffer are written first, then bytes flow straight
+  through: ``data_received`` is one ``write`` and one int add, on both sides.
+- Flow control: when one side's transport says ``pause_writing``, reading on the
+  other side pauses until ``resume_writing``.  Both transports have a
+  ``WRITE_HIGH`` write-buffer limit, so at most about 2 x ``WRITE_HIGH`` plus one
+  read chunk is held per connection.  Pause and resume are idempotent.
+- Half-close: EOF from one side -> ``write_eof()`` on the other; when both
+  directions saw EOF the pair closes (no ``write_eof`` on a side that is closed
+  right after).  A transport lost (close, RST, error) on one side closes the
+  other (pending bytes are still flushed; the idle timer and ``abort()`` bound
+  how long that may take).
+- Idle timeout: one lazy timer per connection.  It fires every quarter of
+  ``idle_timeout`` and compares the byte counters with their values at the
+  previous firing; four quiet quarters in a row close the pair.  So the per-chunk
+  cost is the byte-count add the splice does anyway (no clock read, no timer
+  re-arm); an idle pair is closed after between 1 and 1.25 x ``idle_timeout``.
+- Close: when the downstream transport, the dial task and the upstream transport
+  are all gone, the host gets ``active -= 1`` and its stats (bytes, duration),
+  the connection leaves the registry, the site hears ``released(splice)`` (access
+  log, tunnel counters), and the splice/upstream reference cycle is broken so
+  reference counting frees the pair at once.  ``abort()`` forces that.
+
+Addresses: ``client`` is the address the connection is *for* (the accepted peer,
+or the original client a tunnel header names), ``local`` the address it was
+made to (read from the socket only when a preamble or the access log needs it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+from mesh import logs
+from mesh.proxy.dial import dial
+from mesh.proxy.preamble import replica_header
+from mesh.routing import format_hostport
+
+if TYPE_CHECKING:
+    from mesh.host import Host
+    from mesh.pool import Pool
+
+__all__ = ["IDLE_CHECKS", "PRECONNECT_LIMIT", "PRECONNECT_PAUSE", "WRITE_HIGH", "Splice", "Upstream"]
+
+log = logging.getLogger(__name__)
+
+WRITE_HIGH = 256 * 1024
+PRECONNECT_PAUSE = 256 * 1024
+PRECONNECT_LIMIT = 1024 * 1024
+IDLE_CHECKS = 4
+
+# Why downstream reading is paused (bits of Splice._down_paused).
+_PAUSE_BUFFER = 1  # the pre-connect buffer is full
+_PAUSE_UPSTREAM = 2  # the upstream's write buffer is full
+
+
+def keepalive(transport: asyncio.BaseTransport) -> None:
+    """SO_KEEPALIVE on a TCP transport's socket, so a peer that vanished is noticed on an idle
+    connection.  TCP_NODELAY is not set here: asyncio's and uvloop's TCP transports set it on
+    every socket they wrap (tests/test_proxy.py checks both sides), and each extra setsockopt
+    is a system call per connection."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        except OSError:
+            pass  # e.g. the peer already reset the connection; the transport will report it
+
+
+class Upstream(asyncio.Protocol):
+    """The endpoint side of a ``Splice``."""
+
+    __slots__ = ("host", "made", "nbytes", "peer", "splice", "transport")
+
+    def __init__(self, splice: Splice, host: Host) -> None:
+        self.splice = splice
+        self.host = host
+        self.peer = splice.transport  # the downstream transport
+        self.transport: asyncio.Transport | None = None
+        self.made = False
+        self.nbytes = 0  # endpoint -> downstream
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.made = True
+        self.transport = transport  # type: ignore[assignment]
+        self.splice._upstream_made(self, transport)  # type: ignore[arg-type]
+
+    def data_received(self, data: bytes) -> None:
+        self.peer.write(data)
+        self.nbytes += len(data)
+
+    def eof_received(self) -> bool:
+        self.splice._upstream_eof()
+        return True
+
+    def pause_writing(self) -> None:
+        self.splice._pause_down(True, _PAUSE_UPSTREAM)
+
+    def resume_writing(self) -> None:
+        self.splice._pause_down(False, _PAUSE_UPSTREAM)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        splice = self.splice
+        if splice is not None:
+            splice._upstream_lost(self, exc)
+
+
+class Splice(asyncio.Protocol):
+    """The downstream side of one spliced connection pair, and its state (see the module docstring).
+
+    ``site`` is what the connection belongs to: it provides ``loop``, ``registry``
+    (a ``ConnectionRegistry``), ``tunnel_header(host, client, local)`` and
+    ``released(splice)``; a front sets ``pool``/``options`` before ``_start``.
+    """
+
+    upstream_protocol = Upstream  # what the dialer connects with
+
+    __slots__ = (
+        "_buf",
+        "_dial_expired",
+        "_dial_task",
+        "_done",
+        "_down_eof",
+        "_down_lost",
+        "_down_paused",
+        "_idle_handle",
+        "_idle_mark",
+        "_idle_quiet",
+        "_pending",
+        "_up_eof",
+        "_up_paused",
+        "client",
+        "host",
+        "local",
+        "loop",
+        "nbytes",
+        "options",
+        "pool",
+        "reason",
+        "site",
+        "started",
+        "transport",
+        "up",
+        "up_transport",
+    )
+
+    def __init__(self, site: Any, client: tuple | None = None) -> None:
+        self.site = site
+        self.loop: asyncio.AbstractEventLoop = site.loop
+        self.client = client
+        self.local: tuple | None = None
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.up: Upstream | None = None
+        self.up_transport: asyncio.Transport | None = None
+        self.host: Host | None = None
+        self.pool: Pool | None = None
+        self.options: Any = None
+        self.nbytes = 0  # downstream -> endpoint
+        self.started = time.monotonic()
+        self.reason: str | None = None  # why it closed, first cause wins (access log)
+        self._buf: bytearray | None = None
+        self._down_eof = False
+        self._up_eof = False
+        self._down_lost = False
+        self._down_paused = 0  # _PAUSE_* bits
+        self._up_paused = False
+        self._dial_task: asyncio.Task | None = None
+        self._dial_expired = False
+        self._pending = 1  # downstream transport + dial task + upstream transport still alive
+        self._done = False
+        self._idle_handle: asyncio.TimerHandle | None = None
+        self._idle_mark = -1
+        self._idle_quiet = 0
+
+    # -- start (called by a front) -------------------------------------------------------------
+    def _start(self, host: Host, buffered: bytes = b"") -> None:
+        """Dial ``host`` (its ``active`` already counted) and splice once connected.
+        ``buffered``: downstream bytes a front already read (they go first)."""
+        loop = self.loop
+        self._buf = bytearray(buffered)
+        self._pending += 1
+        self._dial_task = loop.create_task(dial(self, host))
+        idle = self.options.idle_timeout
+        if idle > 0:
+            self._idle_handle = loop.call_at(loop.time() + idle / IDLE_CHECKS, self._idle_check)
+
+    def _next_host(self, tried: list[Host]) -> Host | None:
+        """The host to retry on after ``tried`` failed (the dialer calls it; fronts may narrow it)."""
+        return self.pool.choose(self.client, tried)  # type: ignore[union-attr]
+
+    def _dial_failed(self, reason: str) -> None:
+        """Every attempt failed (or none was allowed): close the downstream side."""
+        self._close_down(reason)
+
+    def _upstream_made(self, up: Upstream, transport: asyncio.Transport) -> None:
+        if self._down_lost or self._done:
+            up.made = False  # not ours: the dial task gives back host.active
+            transport.abort()
+            return
+        self._pending += 1
+        self.up = up
+        self.up_transport = transport
+        self.host = host = up.host
+        self.pool.report_success(host)  # type: ignore[union-attr]
+        host.stats.connections += 1
+        keepalive(transport)
+        transport.set_write_buffer_limits(high=WRITE_HIGH)
+        header = self._preamble(host)
+        buf = self._buf
+        self._buf = None
+        if header:
+            transport.write(header)
+        if buf:
+            transport.write(buf)
+            self.nbytes += len(buf)
+        if self._down_eof:
+            self._write_eof(transport)
+        self._pause_down(False, _PAUSE_BUFFER)
+
+    def _preamble(self, host: Host) -> bytes:
+        """The first bytes towards ``host``: the tunnel header for another node's agent, else
+        the PROXY header the service asked for (or nothing)."""
+        if host.via is not None:
+            return self.site.tunnel_header(host, self.client, self._local())
+        pp = self.options.proxy_protocol
+        if pp is None:
+            return b""
+        return replica_header(pp, self.client, self._local())
+
+    def _local(self) -> tuple | None:
+        local = self.local
+        if local is None and self.transport is not None:
+            local = self.local = self.transport.get_extra_info("sockname")
+        return local
+
+    # -- downstream -> upstream ------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        up = self.up_transport
+        if up is not None:
+            up.write(data)
+            self.nbytes += len(data)
+            return
+        buf = self._buf
+        if buf is None:
+            return  # no endpoint, or the dial gave up: the downstream side is being closed
+        buf += data
+        if len(buf) > PRECONNECT_PAUSE:
+            if len(buf) > PRECONNECT_LIMIT:
+                self.pool.stats.overflow_closed += 1  # type: ignore[union-attr]
+                self.abort("overflow")
+                return
+            self._pause_down(True, _PAUSE_BUFFER)
+
+    def eof_received(self) -> bool:
+        self._down_eof = True
+        up = self.up_transport
+        if up is not None:
+            if self._up_eof:
+                self._close_both()
+            else:
+                self._write_eof(up)
+        return True
+
+    def pause_writing(self) -> None:
+        # The downstream peer reads slower than the endpoint sends: stop reading the endpoint.
+        up = self.up_transport
+        if up is not None and not self._up_paused:
+            self._up_paused = True
+            up.pause_reading()
+
+    def resume_writing(self) -> None:
+        up = self.up_transport
+        if up is not None and self._up_paused:
+            self._up_paused = False
+            up.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.reason is None:
+            self.reason = "client_closed"
+        self._down_lost = True
+        self._down_eof = True
+        self._buf = None
+        task = self._dial_task
+        if task is not None:
+            task.cancel()
+        up = self.up_transport
+        if up is not None:
+            up.close()
+        self._release()
+
+    # -- upstream callbacks ------------------------------------------------------------------------
+    def _upstream_eof(self) -> None:
+        self._up_eof = True
+        if self._down_eof:
+            self._close_both()
+        elif not self._down_lost:
+            self._write_eof(self.transport)
+
+    def _upstream_lost(self, up: Upstream, exc: Exception | None) -> None:
+        if self.up is not up:
+            return
+        if self.reason is None:
+            self.reason = "upstream_closed"
+        self._up_eof = True
+        if not self._down_lost:
+            self.transport.close()
+        self._release()
+
+    def _pause_down(self, pause: bool, reason: int) -> None:
+        """Pause/resume reading downstream for ``reason`` (a ``_PAUSE_*`` bit); reading resumes
+        only when no reason is left.  Idempotent."""
+        before = self._down_paused
+        after = (before | reason) if pause else (before & ~reason)
+        self._down_paused = after
+        if after == before or self._down_lost:
+            return
+        if before == 0:
+            self.transport.pause_reading()
+        elif after == 0:
+            self.transport.resume_reading()
+
+    # -- closing -----------------------------------------------------------------------------------
+    @staticmethod
+    def _write_eof(transport: asyncio.Transport) -> None:
+        try:
+            if transport.can_write_eof():
+                transport.write_eof()
+            else:
+                transport.close()
+        except (OSError, RuntimeError):
+            transport.close()
+
+    def _close_both(self) -> None:
+        self.transport.close()
+        if self.up_transport is not None:
+            self.up_transport.close()
+
+    def _close_down(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+        self._buf = None
+        if not self._down_lost:
+            self.transport.close()
+
+    def abort(self, reason: str = "shutdown") -> None:
+        """Abort both sides now (RST where possible); the connection then finishes as usual."""
+        if self.reason is None:
+            self.reason = reason
+        self._buf = None
+        task = self._dial_task
+        if task is not None:
+            task.cancel()
+        if not self._down_lost and self.transport is not None:
+            self.transport.abort()
+        if self.up_transport is not None:
+            self.up_transport.abort()
+
+    def _dial_timeout(self) -> None:
+        """The connect deadline passed (a ``call_at`` handle of the dialer)."""
+        task = self._dial_task
+        if task is not None:
+            self._dial_expired = True
+            task.cancel()
+
+    def _idle_check(self) -> None:
+        self._idle_handle = None
+        if self._done:
+            return
+        total = self.nbytes + (self.up.nbytes if self.up is not None else 0)
+        if total != self._idle_mark:
+            self._idle_mark = total
+            self._idle_quiet = 0
+        else:
+            self._idle_quiet += 1
+            if self._idle_quiet >= IDLE_CHECKS:
+                log.debug("%r: idle for %.1fs, closing", self, self.options.idle_timeout)
+                self.abort("idle_timeout")
+                return
+        loop = self.loop
+        self._idle_handle = loop.call_at(loop.time() + self.options.idle_timeout / IDLE_CHECKS, self._idle_check)
+
+    def _release(self) -> None:
+        self._pending -= 1
+        if self._pending > 0 or self._done:
+            return
+        self._done = True
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+            self._idle_handle = None
+        host = self.host
+        up = self.up
+        if host is not None:
+            host.active -= 1
+            st = host.stats
+            st.bytes_in += self.nbytes
+            st.bytes_out += up.nbytes if up is not None else 0
+            st.duration.observe(time.monotonic() - self.started)
+        if up is not None:
+            up.splice = None  # break the cycle: the pair is freed by reference counting
+            up.peer = None
+        site = self.site
+        site.registry.remove(self)
+        site.released(self)
+
+    @property
+    def sent(self) -> int:
+        """Bytes the endpoint sent towards downstream."""
+        return self.up.nbytes if self.up is not None else 0
+
+    def log_access(self, service: str, port: int) -> None:
+        """One ``mesh.access`` line for this (closed) connection."""
+        logs.log_access(
+            service,
+            port,
+            self.host.endpoint.id if self.host is not None else None,
+            self.client,
+            self.nbytes,
+            self.sent,
+            time.monotonic() - self.started,
+            self.reason or "client_closed",
+        )
+
+    # -- introspection -------------------------------------------------------------------------------
+    @property
+    def state(self) -> str:
+        if self._done:
+            return "closed"
+        if self.up_transport is None:
+            return "connecting" if self._dial_task is not None else "closing"
+        if self._down_eof and self._up_eof:
+            return "closing"
+        if self._down_eof:
+            return "half-closed(client)"
+        if self._up_eof:
+            return "half-closed(upstream)"
+        return "open"
+
+    def __repr__(self) -> str:
+        client = format_hostport(*self.client[:2]) if self.client else "?"
+        where = getattr(self.site, "name", "?")
+        host = self.host.endpoint.hostport if self.host is not None else "-"
+        paused = []
+        if self._down_paused:
+            paused.append("client-read")
+        if self._up_paused:
+            paused.append("upstream-read")
+        return (
+            f"<{type(self).__name__} {where} {client} -> {host} {self.state} in={self.nbytes} "
+            f"out={self.sent}{' paused=' + ','.join(paused) if paused else ''}>"
+        )
