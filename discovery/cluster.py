@@ -19,10 +19,10 @@ builds the one cluster state that every agent localises (``cluster.state.localiz
   another node has no container event on this manager: a rolling update moves
   from slot to slot without a service event).
 
-The subclass hooks into a few of ``Watcher``'s internals (``_apply_info``,
-``_on_event``, ``_next_due``, ``_full_listing``, ``_get_gwbridge``,
-``_build_and_publish``, ``_mark``); docs/cluster.md lists the public hooks that
-would replace them.
+The subclass extends ``Watcher.event_filters`` with node events and hooks into
+a few of ``Watcher``'s internals (``_apply_info``, ``_event``, ``_next_due``,
+``_full_listing``, ``_get_gwbridge``, ``_build_and_publish``, ``_mark``);
+docs/cluster.md lists the public hooks that would replace them.
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ from mesh.routing import RoutingTable
 
 from .builder import Problem, build_table
 from .engine import Engine
+from .events import EngineEvent
 from .records import NodeRecord, RecordError, ServiceRecord, TaskRecord
-from .watcher import PublishInfo, Watcher
+from .watcher import EVENT_FILTERS, PublishInfo, Watcher
 
 __all__ = ["ClusterWatcher", "build_cluster_state", "node_infos"]
 
@@ -117,24 +118,6 @@ def build_cluster_state(
     return ClusterState(table=table, nodes=tuple(nodes)), tuple(problems)
 
 
-class _NodeEvents:
-    """The engine, with ``node`` events added to the watcher's event subscription."""
-
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._engine, name)
-
-    def events(self, filters: Mapping[str, Any] | None = None, *args: Any, **kwargs: Any) -> Any:
-        f = {k: list(v) for k, v in (filters or {}).items()}
-        if "type" in f and "node" not in f["type"]:
-            f["type"].append("node")
-        if "event" in f:
-            f["event"] = sorted({*f["event"], "create", "update", "remove"})
-        return self._engine.events(f, *args, **kwargs)
-
-
 class ClusterWatcher(Watcher):
     """Follows a manager's engine and calls ``on_state(ClusterState)`` whenever the
     cluster state's content (routes, tasks of every node, nodes) changes.
@@ -144,6 +127,12 @@ class ClusterWatcher(Watcher):
     converge_interval, ...).  ``state`` is the last published state.
     """
 
+    # the watcher's subscription plus node events (managers only)
+    event_filters = {
+        "type": [*EVENT_FILTERS["type"], "node"],
+        "event": sorted({*EVENT_FILTERS["event"], "create", "update", "remove"}),
+    }
+
     def __init__(
         self, engine: Engine, on_state: OnState, *, tunnel_port: int | None, task_poll: float = 1.0, **options: Any
     ) -> None:
@@ -152,7 +141,7 @@ class ClusterWatcher(Watcher):
             raise ValueError(f"ClusterWatcher mode must be 'swarm', got {options['mode']!r}")
         if not task_poll > 0:
             raise ValueError(f"task_poll must be > 0, got {task_poll!r}")
-        super().__init__(_NodeEvents(engine), self._on_table, **options)  # type: ignore[arg-type]
+        super().__init__(engine, self._on_table, **options)
         self.task_poll = task_poll
         self._next_poll = 0.0
         self.tunnel_port = tunnel_port
@@ -182,19 +171,16 @@ class ClusterWatcher(Watcher):
         # the cluster table routes tasks of every node: no local-node filter
         self.node_id, self.local_node = self.local_node, ""
 
-    def _on_event(self, event: Mapping[str, Any]) -> None:
-        if str(event.get("Type") or "") == "node":
+    def _event(self, ev: EngineEvent) -> None:
+        if ev.type == "node":
             self._nodes_dirty = True
             # a dirty gwbridge makes the watcher sync; our _get_gwbridge re-lists the nodes
             self._dirty_gwbridge = True
-            nano = event.get("timeNano")
-            when = nano / 1e9 if isinstance(nano, int) else float(event.get("time") or self._wall())
-            action = str(event.get("Action") or "")
-            key = ("node", action)
+            key = ("node", ev.action)
             self.stats.events[key] = self.stats.events.get(key, 0) + 1
-            self._mark(when, f"node/{action}")
+            self._mark(ev.time if ev.time is not None else self._wall(), ev.key)
             return
-        super()._on_event(event)
+        super()._event(ev)
 
     async def _full_listing(self) -> None:
         await super()._full_listing()

@@ -32,6 +32,8 @@ SWARM_SERVICE_ID = "com.docker.swarm.service.id"
 SWARM_SERVICE_NAME = "com.docker.swarm.service.name"
 SWARM_TASK_ID = "com.docker.swarm.task.id"
 SWARM_NODE_ID = "com.docker.swarm.node.id"
+# The bridge through which a node reaches its own swarm tasks (overlay addresses are not reachable from the host).
+GWBRIDGE = "docker_gwbridge"
 
 Labels = tuple[tuple[str, str], ...]
 

@@ -28,6 +28,12 @@ State machine (one engine session at a time)::
     listing that suddenly finds nothing is applied only if a second listing
     `empty_confirm` seconds later agrees.
 
+The session loop (subscribe before listing, step when due, stream-end detection,
+capped backoff reset after a working session) is ``discovery.follow.Follower``,
+and what an event means (drain, undrain, health, exec probe...) is
+``discovery.events.classify``: both are shared with the cluster agent's
+``discovery.localtasks.LocalTasks``.
+
 Versions grow by one per publish.  Each publish carries a ``PublishInfo`` with the
 time of the earliest Docker event behind the change, so the caller (and
 ``on_lag``) can record event -> applied lag.
@@ -47,10 +53,11 @@ from typing import Any
 from mesh.routing import RoutingTable, TableError
 
 from .builder import Problem, build_table
-from .engine import Engine, EngineAPIError, EngineError, EngineUnavailable, NotFound, NotSwarmManager
+from .engine import Engine, EngineAPIError, EngineUnavailable, NotFound, NotSwarmManager
+from .events import CREATE, DRAIN, EXEC, REMOVE, UNDRAIN, EngineEvent, classify
+from .follow import Follower
 from .records import (
-    SWARM_SERVICE_ID,
-    SWARM_TASK_ID,
+    GWBRIDGE,
     ContainerRecord,
     NetworkRecord,
     RecordError,
@@ -63,14 +70,6 @@ __all__ = ["PublishInfo", "Watcher", "WatcherStats"]
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "containers", "swarm")
-# Container actions after which the container gets no new connections at once.
-DRAIN_ACTIONS = frozenset({"kill", "stop", "die", "pause", "destroy", "oom"})
-# Actions that undo a drain (docker restart: kill, die, start).
-UNDRAIN_ACTIONS = frozenset({"start", "restart", "unpause"})
-# Signals that do not stop a process (reload, log rotation): a kill with one of them does not drain.
-NON_FATAL_SIGNALS = frozenset(
-    {"1", "10", "12", "28", "HUP", "SIGHUP", "USR1", "SIGUSR1", "USR2", "SIGUSR2", "WINCH", "SIGWINCH"}
-)
 CONTAINER_ACTIONS = (
     "create", "start", "restart", "die", "kill", "stop", "pause", "unpause", "destroy",
     "health_status", "rename", "update", "oom",
@@ -79,8 +78,6 @@ EVENT_FILTERS = {
     "type": ["container", "service", "network"],
     "event": sorted({*CONTAINER_ACTIONS, "remove", "connect", "disconnect"}),
 }
-GWBRIDGE = "docker_gwbridge"
-
 PublishFn = Callable[[RoutingTable, "PublishInfo"], Awaitable[None] | None]
 
 
@@ -136,6 +133,8 @@ class Watcher:
     "auto" (containers, plus services when the engine is a swarm manager).
     ``clock`` is monotonic (timers), ``wall`` is unix time (event timestamps).
     """
+
+    event_filters: Mapping[str, list[str]] = EVENT_FILTERS  # what GET /events subscribes to
 
     def __init__(
         self,
@@ -193,7 +192,6 @@ class Watcher:
         self.lag_samples: deque[tuple[float, str]] = deque(maxlen=lag_history)
         self.local_node = ""
         self.swarm_manager = False
-        self.connected = asyncio.Event()  # set while a session is synced
         self.ready = asyncio.Event()  # set after the first publish
 
         self._version = first_version
@@ -215,12 +213,26 @@ class Watcher:
         self._next_backstop = 0.0
         self._retry_at: float | None = None
         self._empty_since: float | None = None
-        self._wake = asyncio.Event()
         self._publish_lock = asyncio.Lock()
         self._drain_task: asyncio.Task[None] | None = None
         self._drain_requests: list[_Pending] = []
-        self._stopping = False
-        self._stop_event = asyncio.Event()
+        # the session loop; tests on a fake clock move it with follower.wake() and wait for follower.idle
+        self.follower = Follower(
+            engine,
+            self.event_filters,
+            prepare=self._prepare,
+            on_event=self._on_event,
+            resync=self._resync,
+            step=self._step,
+            next_due=self._next_due,
+            on_reconnect=self._reconnected,
+            holding=lambda: "serving the last table",
+            backoff_initial=self.backoff_initial,
+            backoff_max=self.backoff_max,
+            clock=clock,
+            log=log,
+        )
+        self.connected = self.follower.connected  # set while a session is synced
 
     def __repr__(self) -> str:
         v = self.table.version if self.table else None
@@ -233,48 +245,12 @@ class Watcher:
     # -- public -------------------------------------------------------------------
     def stop(self) -> None:
         """Ask ``run()`` to return (the last table stays published)."""
-        self._stopping = True
-        self._stop_event.set()
-        self._wake.set()
+        self.follower.stop()
 
     async def run(self) -> None:
         """Follow the engine until ``stop()`` or cancellation; reconnects on its own."""
-        backoff = self.backoff_initial
-        last_error = ""
         try:
-            while not self._stopping:
-                synced = False
-                try:
-                    synced = await self._session()
-                except EngineError as exc:
-                    # the same failure every second while the engine is away: log it once
-                    msg = str(exc)
-                    level = logging.DEBUG if msg == last_error else logging.WARNING
-                    last_error = msg
-                    if isinstance(exc, EngineUnavailable):
-                        log.log(
-                            level, "docker engine %s unavailable: %s; serving the last table", self.engine.host.url, exc
-                        )
-                    else:
-                        log.log(level, "docker engine %s: %s", self.engine.host.url, exc)
-                finally:
-                    self.connected.clear()
-                if self._stopping:
-                    break
-                self.stats.reconnects += 1
-                if self.on_reconnect is not None:
-                    try:
-                        self.on_reconnect()
-                    except Exception:
-                        log.exception("on_reconnect hook failed")
-                if synced:
-                    backoff = self.backoff_initial
-                    last_error = ""
-                try:
-                    await asyncio.wait_for(self._stop_event.wait(), backoff)
-                except TimeoutError:
-                    pass
-                backoff = min(backoff * 2, self.backoff_max)
+            await self.follower.run()
         finally:
             # a drain publish in flight is not cut off halfway through the data plane's apply
             drain = self._drain_task
@@ -287,44 +263,26 @@ class Watcher:
                     drain.cancel()
                     raise
 
-    # -- session ------------------------------------------------------------------
-    async def _session(self) -> bool:
-        """One connection to the engine.  Returns True if it got as far as a full sync."""
+    # -- session (discovery.follow runs it: prepare, subscribe, resync, then step whenever due) ---------
+    async def _prepare(self) -> None:
         self.engine.reset_version()
         self._apply_info(await self.engine.info())
-        synced = False
-        async with self.engine.events(EVENT_FILTERS) as stream:
-            self._full = True
-            reader_exc: list[BaseException] = []
-            reader = asyncio.create_task(self._read_events(stream, reader_exc))
+
+    async def _resync(self) -> None:
+        self._full = True
+        await self._sync("initial" if self.table is None else "resync")
+        log.info("docker engine %s: synced (%s), following events", self.engine.host.url, self._summary())
+
+    async def _step(self) -> None:
+        await self._sync(None)
+
+    def _reconnected(self) -> None:
+        self.stats.reconnects += 1
+        if self.on_reconnect is not None:
             try:
-                reason = "initial" if self.table is None else "resync"
-                await self._sync(reason)
-                synced = True
-                self.connected.set()
-                log.info("docker engine %s: synced (%s), following events", self.engine.host.url, self._summary())
-                while not self._stopping:
-                    if reader.done():
-                        if reader_exc:
-                            raise reader_exc[0]
-                        raise EngineUnavailable(f"{self.engine.host.url}: events reader stopped")
-                    now = self._clock()
-                    due = self._next_due()
-                    if due > now:
-                        self._wake.clear()
-                        try:
-                            await asyncio.wait_for(self._wake.wait(), due - now)
-                        except TimeoutError:
-                            pass
-                        continue
-                    await self._sync(None)
-            finally:
-                reader.cancel()
-                try:
-                    await reader
-                except (asyncio.CancelledError, Exception):
-                    pass
-        return synced
+                self.on_reconnect()
+            except Exception:
+                log.exception("on_reconnect hook failed")
 
     def _summary(self) -> str:
         t = self.table
@@ -363,81 +321,67 @@ class Watcher:
         return min(due)
 
     # -- events -------------------------------------------------------------------
-    async def _read_events(self, stream, exc_out: list[BaseException]) -> None:
-        try:
-            async for event in stream:
-                self._on_event(event)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:
-            exc_out.append(exc)
-        finally:
-            self._wake.set()
-
     def _mark(self, when: float, etype: str) -> None:
         if self._dirty_since is None:
             self._dirty_since = self._clock()
         if self._pending is None or when < self._pending.time:
             self._pending = _Pending(when, etype)
-        self._wake.set()
+        self.follower.wake()
 
-    def _on_event(self, event: Mapping[str, Any]) -> None:
-        """Turn one Docker event into dirty marks (and, for kill/stop, an immediate drain)."""
-        typ = str(event.get("Type") or "")
-        action = str(event.get("Action") or event.get("status") or "")
-        base = action.split(":", 1)[0]
-        key = (typ, base)
+    def _on_event(self, raw: Mapping[str, Any]) -> None:
+        self._event(classify(raw))
+
+    def _count(self, ev: EngineEvent) -> None:
+        key = (ev.type, ev.action)
         self.stats.events[key] = self.stats.events.get(key, 0) + 1
         if self.on_event is not None:
             try:
-                self.on_event(typ, base)
+                self.on_event(ev.type, ev.action)
             except Exception:
                 log.exception("on_event hook failed")
-        actor = event.get("Actor") or {}
-        attrs = actor.get("Attributes") or {}
-        obj_id = str(actor.get("ID") or event.get("id") or "")
-        nano = event.get("timeNano")
-        when = nano / 1e9 if isinstance(nano, int) else float(event.get("time") or self._wall())
-        etype = f"{typ}/{base}"
 
-        if typ == "container" and obj_id:
-            svc_id = attrs.get(SWARM_SERVICE_ID)
+    def _event(self, ev: EngineEvent) -> None:
+        """Turn one Docker event into dirty marks (and, for kill/stop, an immediate drain)."""
+        self._count(ev)
+        when = ev.time if ev.time is not None else self._wall()
+        if ev.type == "container" and ev.id:
+            svc_id = ev.service_id
             is_task_of_mesh = bool(svc_id) and svc_id in self._services
-            if not (obj_id in self._containers or "mesh.publish" in attrs or is_task_of_mesh):
+            if not (ev.id in self._containers or "mesh.publish" in (ev.attrs or {}) or is_task_of_mesh):
                 return
-            if base == "create":
-                # a created container is not routed yet; its start event follows
+            if ev.kind in (CREATE, EXEC):
+                # a created container is not routed yet (its start event follows); exec_*: a healthcheck probe
                 return
-            task_id = attrs.get(SWARM_TASK_ID)
-            if base in DRAIN_ACTIONS and not (base == "kill" and str(attrs.get("signal", "")) in NON_FATAL_SIGNALS):
+            task_id = ev.task_id
+            if ev.kind == DRAIN:
                 now = self._clock()
-                self._killed.setdefault(obj_id, now)
+                self._killed.setdefault(ev.id, now)
                 if task_id:
                     self._killed.setdefault(task_id, now)
-                self._schedule_drain(when, etype)
-            elif base in UNDRAIN_ACTIONS:
-                self._killed.pop(obj_id, None)
+                self._schedule_drain(when, ev.key)
+            elif ev.kind == UNDRAIN:
+                self._killed.pop(ev.id, None)
                 if task_id:
                     self._killed.pop(task_id, None)
-            self._dirty_containers.add(obj_id)
+            self._dirty_containers.add(ev.id)
             if is_task_of_mesh:
                 self._start_converge(svc_id)
-            self._mark(when, etype)
-        elif typ == "service" and obj_id:
+            self._mark(when, ev.key)
+        elif ev.type == "service" and ev.id:
             if not self._use_swarm:
                 return
-            self._dirty_services.add(obj_id)
-            if base != "remove":
-                self._start_converge(obj_id)
-            self._mark(when, etype)
-        elif typ == "network":
-            cid = str(attrs.get("container") or "")
-            if attrs.get("name") == GWBRIDGE and self._use_swarm:
+            self._dirty_services.add(ev.id)
+            if ev.kind != REMOVE:
+                self._start_converge(ev.id)
+            self._mark(when, ev.key)
+        elif ev.type == "network":
+            cid = ev.container
+            if ev.attr("name") == GWBRIDGE and self._use_swarm:
                 self._dirty_gwbridge = True
-                self._mark(when, etype)
+                self._mark(when, ev.key)
             if cid and cid in self._containers:
                 self._dirty_containers.add(cid)
-                self._mark(when, etype)
+                self._mark(when, ev.key)
 
     def _start_converge(self, service_id: str) -> None:
         if not self._converge:

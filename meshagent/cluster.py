@@ -3,7 +3,8 @@
 Wiring (docs/cluster.md, "The agent")::
 
     local engine ──/info──▶ role, own node id, Swarm.RemoteManagers
-       │ container events ──▶ LocalTasks: task id -> reachable address, locally killed tasks
+       │ container events ──▶ LocalTasks (discovery.localtasks): task id -> reachable address,
+       │                      locally killed tasks
        │
     manager:  ClusterWatcher (discovery.cluster) ──ClusterState──▶ ControlServer (serves every agent)
                                                        └──────────▶ this agent (no HTTP hop)
@@ -43,160 +44,14 @@ from cluster.control import DEFAULT_CONTROL_PORT, ControlClient, ControlServer
 from cluster.state import ClusterState, localize
 from cluster.token import read_token
 from cluster.tunnel import DEFAULT_TUNNEL_PORT, LocalTarget, TunnelServer, host_tunnel_header
-from discovery.engine import Engine, EngineError, NotFound, resolve_docker_host
-from discovery.records import SWARM_TASK_ID, ContainerRecord, NetworkRecord, RecordError
-from discovery.watcher import DRAIN_ACTIONS, GWBRIDGE, NON_FATAL_SIGNALS, UNDRAIN_ACTIONS
+from discovery.engine import Engine, EngineError, resolve_docker_host
+from discovery.localtasks import LocalTasks, task_address
 from mesh.errors import ConfigError
 from mesh.routing import RoutingTable, format_hostport, parse_hostport
 
 __all__ = ["ClusterAgent", "LocalTasks", "main", "run_cluster_agent", "task_address"]
 
 log = logging.getLogger(__name__)
-
-
-def task_address(c: ContainerRecord, gwbridge: NetworkRecord | None) -> str | None:
-    """Where this node reaches a local task container: its docker_gwbridge address
-    (a task on an overlay network), else its default bridge address (a task with no
-    network).  Overlay addresses are not reachable from the host namespace."""
-    if gwbridge is not None:
-        addr = gwbridge.address_of(c.id)
-        if addr:
-            return addr
-    return c.address_on("bridge")
-
-
-class LocalTasks:
-    """The swarm task containers running on this node, from its own engine.
-
-    ``addresses``: task id -> reachable address (running, not unhealthy);
-    ``draining``: task ids that got a fatal kill/stop/die event and still show up.
-    ``on_change()`` is called (sync) after either changed.  Follows events, re-lists
-    ``coalesce`` seconds after a burst and every ``backstop`` seconds, reconnects
-    with capped backoff; while the engine is away the last view stays.
-    """
-
-    def __init__(
-        self,
-        engine: Engine,
-        on_change: Callable[[], None],
-        *,
-        coalesce: float = 0.05,
-        backstop: float = 30.0,
-        backoff_max: float = 1.0,
-    ) -> None:
-        self.engine = engine
-        self.on_change = on_change
-        self.coalesce = coalesce
-        self.backstop = backstop
-        self.backoff_max = backoff_max
-        self.addresses: dict[str, str] = {}
-        self.draining: set[str] = set()
-        self.gone: dict[str, float] = {}  # task id -> monotonic time it left the listing (diagnostics, bounded)
-        self.ready = asyncio.Event()
-        self.listings = 0
-        self._dirty = asyncio.Event()
-
-    def __repr__(self) -> str:
-        return f"<LocalTasks {len(self.addresses)} tasks draining={sorted(self.draining)}>"
-
-    async def run(self) -> None:
-        backoff = 0.05
-        while True:
-            listed = self.listings
-            try:
-                await self._session()
-            except (EngineError, RecordError, OSError) as exc:
-                log.warning("local engine: %s; keeping %d local tasks", exc, len(self.addresses))
-            if self.listings > listed:
-                backoff = 0.05  # the session worked for a while: reconnect quickly
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, self.backoff_max)
-
-    async def _session(self) -> None:
-        filters = {
-            "type": ["container", "network"],
-            "event": sorted({*DRAIN_ACTIONS, *UNDRAIN_ACTIONS, "health_status", "connect", "disconnect"}),
-        }
-        async with self.engine.events(filters) as stream:
-            reader = asyncio.create_task(self._read(stream))
-            try:
-                await self._list()
-                while not reader.done():
-                    try:
-                        await asyncio.wait_for(self._dirty.wait(), self.backstop)
-                    except TimeoutError:
-                        pass
-                    if reader.done():
-                        break
-                    await asyncio.sleep(self.coalesce)
-                    self._dirty.clear()
-                    await self._list()
-                reader.result()
-            finally:
-                reader.cancel()
-                try:
-                    await reader
-                except (asyncio.CancelledError, Exception):
-                    pass
-
-    async def _read(self, stream) -> None:
-        async for event in stream:
-            self._on_event(event)
-
-    def poke(self) -> None:
-        """Re-list soon (something suggests a local task is missing)."""
-        self._dirty.set()
-
-    def _on_event(self, event: dict[str, Any]) -> None:
-        typ = event.get("Type")
-        attrs = (event.get("Actor") or {}).get("Attributes") or {}
-        action = str(event.get("Action") or "").split(":", 1)[0]
-        if typ == "network":
-            if attrs.get("name") in (GWBRIDGE, "bridge"):
-                self._dirty.set()
-            return
-        task_id = attrs.get(SWARM_TASK_ID)
-        if not task_id:
-            return
-        if action in DRAIN_ACTIONS and not (action == "kill" and str(attrs.get("signal", "")) in NON_FATAL_SIGNALS):
-            if task_id in self.addresses and task_id not in self.draining:
-                self.draining.add(task_id)
-                log.info("local task %s: %s -> draining at once", task_id, action)
-                self.on_change()
-        elif action in UNDRAIN_ACTIONS and task_id in self.draining:
-            self.draining.discard(task_id)
-            self.on_change()
-        self._dirty.set()
-
-    async def _list(self) -> None:
-        raw = await self.engine.containers({"label": [SWARM_TASK_ID]})
-        try:
-            gwbridge = NetworkRecord.from_api(await self.engine.network(GWBRIDGE))
-        except NotFound:
-            gwbridge = None
-        addresses = {}
-        for d in raw:
-            c = ContainerRecord.from_summary(d)
-            tid = c.swarm_task_id
-            if not tid or c.state != "running" or c.health == "unhealthy":
-                continue
-            addr = task_address(c, gwbridge)
-            if addr:
-                addresses[tid] = addr
-        self.listings += 1
-        now = time.monotonic()
-        for tid in self.addresses.keys() - addresses.keys():
-            self.gone[tid] = now
-        if len(self.gone) > 256:
-            for tid, _ in sorted(self.gone.items(), key=lambda kv: kv[1])[: len(self.gone) - 256]:
-                del self.gone[tid]
-        draining = self.draining & set(addresses)
-        # the first listing always counts: the agent waits for it before applying anything
-        changed = addresses != self.addresses or draining != self.draining or not self.ready.is_set()
-        self.addresses, self.draining = addresses, draining
-        self.ready.set()
-        if changed:
-            self.on_change()
 
 
 def _manager_addresses(info: dict[str, Any], control_port: int) -> list[tuple[str, int]]:
@@ -320,6 +175,7 @@ class ClusterAgent:
             await self.control_client.stop()
         if self.watcher is not None:
             self.watcher.stop()
+        self.local.stop()
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

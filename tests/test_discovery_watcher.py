@@ -1,24 +1,20 @@
-"""The Engine client and the Watcher against a scripted Engine API server.
+"""The Engine client and the Watcher against a scripted Engine API server (tests/fakeengine.py).
 
-The server is a real aiohttp HTTP server on a unix socket that speaks the
-subset of Engine API 1.41 the client uses, with state the test changes and
-events it emits.  It makes the timing-sensitive paths (coalescing, drains,
-stream cuts, failed listings, empty listings, swarm convergence) deterministic;
-test_discovery_engine.py runs the same watcher against a real dockerd.
+The server makes the timing-sensitive paths (coalescing, drains, stream cuts,
+failed listings, empty listings, swarm convergence) deterministic; where a test
+asserts that nothing more happens, the watcher runs on a fake clock and the test
+waits until it is idle, so "nothing" is exact.  test_discovery_engine.py runs
+the same watcher against a real dockerd.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import re
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from aiohttp import web
 
 from discovery import probe, watch
 from discovery.engine import (
@@ -33,192 +29,16 @@ from discovery.engine import (
 )
 from discovery.watcher import PublishInfo, Watcher
 from mesh.routing import RoutingTable
+from tests.fakeengine import FakeClock, FakeContainer, FakeEngine, running_fake_engine, settle
 from tests.util import wait_for
 
-
-@dataclass
-class FakeContainer:
-    id: str
-    name: str
-    labels: dict[str, str]
-    ip: str
-    state: str = "running"
-    health: str | None = None
-    created: int = 1_700_000_000
-    network: str = "bridge"
-
-    def summary(self) -> dict[str, Any]:
-        status = "Up 5 seconds"
-        if self.health:
-            status += " (health: starting)" if self.health == "starting" else f" ({self.health})"
-        return {
-            "Id": self.id,
-            "Names": [f"/{self.name}"],
-            "Labels": self.labels,
-            "State": self.state,
-            "Status": status,
-            "Created": self.created,
-            "HostConfig": {"NetworkMode": "default"},
-            "NetworkSettings": {"Networks": {self.network: {"NetworkID": "net-" + self.network, "IPAddress": self.ip}}},
-        }
-
-    def inspect(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"Status": self.state, "Running": self.state == "running", "Paused": False}
-        if self.health:
-            state["Health"] = {"Status": self.health}
-        return {
-            "Id": self.id,
-            "Name": f"/{self.name}",
-            "Created": "2023-11-14T22:13:20.123456789Z",
-            "State": state,
-            "Config": {"Labels": self.labels},
-            "HostConfig": {"NetworkMode": "default"},
-            "NetworkSettings": {"Networks": {self.network: {"NetworkID": "net-" + self.network, "IPAddress": self.ip}}},
-        }
-
-
-@dataclass
-class FakeEngine:
-    """State + a scripted Engine API over a unix socket."""
-
-    sock: str
-    api_version: str = "1.41"
-    containers: dict[str, FakeContainer] = field(default_factory=dict)
-    services: dict[str, dict] = field(default_factory=dict)
-    tasks: list[dict] = field(default_factory=list)
-    gwbridge: dict | None = None
-    swarm: dict = field(default_factory=lambda: {"LocalNodeState": "inactive"})
-    requests: list[tuple[str, str]] = field(default_factory=list)
-    fail: dict[str, int] = field(default_factory=dict)  # path prefix -> HTTP status to answer with
-    streams: list[asyncio.Queue] = field(default_factory=list)
-    runner: web.AppRunner | None = None
-    versions: set[str] = field(default_factory=set)
-
-    # -- control ----------------------------------------------------------------
-    def add(self, c: FakeContainer) -> FakeContainer:
-        self.containers[c.id] = c
-        return c
-
-    def emit(self, typ: str, action: str, actor_id: str, **attrs: str) -> float:
-        """Send one event to every open stream; returns its timestamp."""
-        now = time.time()
-        if actor_id in self.containers:
-            attrs = {**self.containers[actor_id].labels, "name": self.containers[actor_id].name, **attrs}
-        ev = {
-            "Type": typ,
-            "Action": action,
-            "Actor": {"ID": actor_id, "Attributes": attrs},
-            "scope": "local",
-            "time": int(now),
-            "timeNano": int(now * 1e9),
-        }
-        for q in self.streams:
-            q.put_nowait(ev)
-        return now
-
-    def cut_streams(self) -> None:
-        """What a dockerd restart does to open event streams: close them."""
-        for q in self.streams:
-            q.put_nowait(None)
-
-    def count(self, prefix: str) -> int:
-        return sum(1 for _, p in self.requests if p.startswith(prefix))
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self.runner = web.AppRunner(app, handle_signals=False)
-        await self.runner.setup()
-        await web.UnixSite(self.runner, self.sock).start()
-
-    async def stop(self) -> None:
-        self.cut_streams()
-        if self.runner is not None:
-            await self.runner.cleanup()
-            self.runner = None
-
-    # -- API --------------------------------------------------------------------
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        path = request.path
-        self.requests.append((request.method, re.sub(r"^/v\d+\.\d+/", "/", path)))
-        if request.method != "GET":
-            return web.json_response({"message": "read-only"}, status=405)
-        if path == "/_ping":
-            return web.Response(text="OK")
-        if path == "/version":
-            return web.json_response({"ApiVersion": self.api_version, "Version": "fake"})
-        m = re.match(r"^/v(\d+)\.(\d+)(/.*)$", path)
-        if not m or (int(m[1]), int(m[2])) > tuple(int(p) for p in self.api_version.split(".")):
-            return web.json_response({"message": f"unexpected path {path}"}, status=400)
-        self.versions.add(f"{m[1]}.{m[2]}")
-        path = m[3]
-        for p, status in self.fail.items():
-            if path.startswith(p):
-                return web.json_response({"message": "injected failure"}, status=status)
-        filters = json.loads(request.query.get("filters", "{}"))
-        if path == "/info":
-            return web.json_response({"Name": "fakehost", "Swarm": self.swarm})
-        if path == "/events":
-            return await self._events(request)
-        if path == "/containers/json":
-            return web.json_response([c.summary() for c in self.containers.values() if c.state == "running"])
-        if path.startswith("/containers/") and path.endswith("/json"):
-            c = self.containers.get(path.split("/")[2])
-            if c is None:
-                return web.json_response({"message": "No such container"}, status=404)
-            return web.json_response(c.inspect())
-        if path.startswith(("/services", "/tasks")) and self.swarm.get("ControlAvailable") is not True:
-            return web.json_response({"message": "This node is not a swarm manager."}, status=503)
-        if path == "/services":
-            want = filters.get("label", [])
-            return web.json_response(
-                [s for s in self.services.values() if all(k in s["Spec"].get("Labels", {}) for k in want)]
-            )
-        if path.startswith("/services/"):
-            s = self.services.get(path.split("/")[2])
-            return web.json_response(s) if s else web.json_response({"message": "no such service"}, status=404)
-        if path == "/tasks":
-            want = set(filters.get("service", []))
-            return web.json_response([t for t in self.tasks if not want or t["ServiceID"] in want])
-        if path == "/networks/docker_gwbridge":
-            if self.gwbridge is None:
-                return web.json_response({"message": "network not found"}, status=404)
-            return web.json_response(self.gwbridge)
-        return web.json_response({"message": f"not implemented: {path}"}, status=404)
-
-    async def _events(self, request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse()
-        resp.content_type = "application/json"
-        await resp.prepare(request)
-        q: asyncio.Queue = asyncio.Queue()
-        self.streams.append(q)
-        try:
-            while True:
-                ev = await q.get()
-                if ev is None:
-                    break
-                await resp.write(json.dumps(ev).encode() + b"\n")
-        finally:
-            self.streams.remove(q)
-        # a restarting dockerd cuts the connection without the final chunk
-        if request.transport is not None:
-            request.transport.close()
-        return resp
-
+fake = pytest.fixture(running_fake_engine)
 
 WEB = {"mesh.publish": "8080:80", "com.docker.compose.project": "p", "com.docker.compose.service": "web"}
 
 
 def web_container(i: int, **kw: Any) -> FakeContainer:
     return FakeContainer(id=f"{i:064x}", name=f"p-web-{i}", labels=dict(WEB), ip=f"198.18.201.{i + 1}", **kw)
-
-
-@pytest.fixture
-async def fake(tmp_path):
-    f = FakeEngine(sock=str(tmp_path / "docker.sock"))
-    await f.start()
-    yield f
-    await f.stop()
 
 
 class Published:
@@ -356,14 +176,22 @@ async def test_initial_listing_then_backstop_publishes_nothing_new(fake, run_wat
 
 
 async def test_burst_of_events_is_coalesced_into_one_table(fake, run_watcher):
+    clock = FakeClock()
+    fake.wall = clock.wall
     fake.add(web_container(1))
     lags: list[tuple[float, str]] = []
-    w, pub = await run_watcher(coalesce=0.2, on_lag=lambda s, t: lags.append((s, t)))
+    # coalesce and clock steps are binary fractions: the fake times add up exactly
+    w, pub = await run_watcher(coalesce=0.25, on_lag=lambda s, t: lags.append((s, t)), clock=clock, wall=clock.wall)
+    refreshes = w.stats.refreshes
     first_event = None
     for i in range(2, 7):
         fake.add(web_container(i))
         t = fake.emit("container", "start", f"{i:064x}")
         first_event = first_event or t
+    await wait_for(lambda: w.stats.events.get(("container", "start")) == 5, what="five events received")
+    await settle(w.follower, clock, 0.125)
+    assert len(pub.tables) == 1  # the burst's coalescing window is still open
+    await settle(w.follower, clock, 0.125)
     await wait_for(lambda: len(pub.tables) == 2, what="second table")
     table, info = pub.tables[1]
     assert pub.endpoints() == {str(i): "running" for i in range(1, 7)}
@@ -371,16 +199,19 @@ async def test_burst_of_events_is_coalesced_into_one_table(fake, run_watcher):
     assert info.event_time == pytest.approx(first_event, abs=1e-6)
     assert [t for _, t in lags] == ["container/start"]
     assert lags[0][0] >= 0.2 - 0.01  # waited for the burst to end
+    assert lags[0][0] == pytest.approx(0.25, abs=1e-6)
     assert w.stats.events[("container", "start")] == 5
     # five starts -> one sync; none of it is published again
-    await asyncio.sleep(0)
+    await settle(w.follower, clock, 1.0)
+    assert w.stats.refreshes == refreshes + 1
     assert w.stats.publishes == 2
 
 
 async def test_kill_drains_at_once_without_a_listing(fake, run_watcher):
+    clock = FakeClock()
     for i in (1, 2, 3):
         fake.add(web_container(i))
-    w, pub = await run_watcher(coalesce=0.5)
+    w, pub = await run_watcher(coalesce=0.5, clock=clock)
     inspects = fake.count("/containers/")
     # right after kill the engine still lists the container as running
     fake.emit("container", "kill", f"{2:064x}", signal="15")
@@ -390,12 +221,16 @@ async def test_kill_drains_at_once_without_a_listing(fake, run_watcher):
     assert pub.tables[1][1].event_type == "container/kill"
     assert pub.endpoints() == {"1": "running", "2": "draining", "3": "running"}
     # the coalesced re-inspect still sees it running: it stays draining
+    await settle(w.follower, clock, 0.5)
     await wait_for(lambda: fake.count("/containers/") > inspects, what="re-inspect")
-    await asyncio.sleep(0.05)
+    assert fake.count("/containers/") == inspects + 1
     assert pub.endpoints() == {"1": "running", "2": "draining", "3": "running"}
+    assert len(pub.tables) == 2  # the re-inspect published nothing
     # then it dies and is removed
     fake.containers[f"{2:064x}"].state = "exited"
     fake.emit("container", "die", f"{2:064x}", exitCode="143")
+    await wait_for(lambda: w.stats.events.get(("container", "die")) == 1, what="die received")
+    await settle(w.follower, clock, 0.5)
     await wait_for(lambda: pub.endpoints() == {"1": "running", "3": "running"}, what="removed")
     assert w._killed == {}
 
@@ -468,15 +303,19 @@ async def test_failed_listing_keeps_good_table(fake, run_watcher, caplog):
 
 async def test_empty_full_listing_needs_confirmation(fake, run_watcher):
     fake.add(web_container(1))
-    w, pub = await run_watcher(backoff_initial=0.01, backoff_max=0.02, empty_confirm=0.3)
+    clock = FakeClock()
+    w, pub = await run_watcher(backoff_initial=0.01, backoff_max=0.02, empty_confirm=0.3, clock=clock)
     fake.containers.clear()
     fake.cut_streams()
     await wait_for(lambda: w.stats.reconnects >= 1 and w.connected.is_set(), what="reconnected")
     assert w._empty_since is not None
     assert len(pub.tables) == 1
-    t0 = time.monotonic()
+    t0 = clock()
+    await settle(w.follower, clock, 0.25)
+    assert len(pub.tables) == 1  # not before empty_confirm
+    await settle(w.follower, clock, 0.0625)
     await wait_for(lambda: len(pub.tables) == 2, what="confirmed empty")
-    assert time.monotonic() - t0 >= 0.2
+    assert clock() - t0 >= 0.2
     assert pub.last.services == ()
 
 
@@ -559,27 +398,40 @@ async def test_swarm_service_converges_after_service_event(fake, run_watcher):
     fake.services["s1"] = _service("s1", "api", 2, {"mesh.publish": "9000:80"})
     fake.tasks = [_task("t1", "s1", "running"), _task("t2", "s1", "running")]
     fake.gwbridge = _gw("t1", "t2")
-    w, pub = await run_watcher(converge_interval=0.05, converge_timeout=5)
+    clock = FakeClock()
+    w, pub = await run_watcher(converge_interval=0.05, converge_timeout=5, clock=clock)
     assert w.swarm_manager and w.local_node == "node-1"
     assert pub.endpoints(9000) == {"t1": "running", "t2": "running"}
+
+    async def until(cond, what: str) -> None:
+        # converge_interval steps of the fake clock, each acted on, until cond() (or 20 steps)
+        for _ in range(20):
+            if cond():
+                return
+            await settle(w.follower, clock, 0.05)
+        raise AssertionError(f"not within 20 converge intervals: {what}")
+
     # scale to 3: the service event comes first, the task only later (no task events)
     fake.services["s1"] = _service("s1", "api", 3, {"mesh.publish": "9000:80"})
     fake.emit("service", "update", "s1", name="api", **{"replicas.old": "2", "replicas.new": "3"})
     fake.tasks.append(_task("t3", "s1", "preparing"))
-    await wait_for(lambda: fake.count("/tasks") >= 3, what="converge polling")
+    await wait_for(lambda: w.stats.events.get(("service", "update")) == 1, what="service event received")
+    await until(lambda: fake.count("/tasks") >= 3, what="converge polling")
     assert pub.endpoints(9000) == {"t1": "running", "t2": "running"}
     fake.tasks[-1] = _task("t3", "s1", "running")
     fake.gwbridge = _gw("t1", "t2", "t3")
-    await wait_for(lambda: pub.endpoints(9000) == {"t1": "running", "t2": "running", "t3": "running"}, what="t3")
-    await wait_for(lambda: not w._converge, what="converged")
+    await until(lambda: pub.endpoints(9000) == {"t1": "running", "t2": "running", "t3": "running"}, what="t3")
+    await until(lambda: not w._converge, what="converged")
     polls = fake.count("/tasks")
-    await asyncio.sleep(0.2)
+    for _ in range(10):
+        await settle(w.follower, clock, 0.05)
     assert fake.count("/tasks") == polls  # converged: no more polling
     # rolling update: old task desired shutdown -> drains while it still runs; task on another node is ignored
     fake.tasks[0] = _task("t1", "s1", "running", desired="shutdown")
     fake.tasks.append(_task("t9", "s1", "running", node="node-2"))
     fake.emit("service", "update", "s1", name="api", **{"updatestate.new": "updating"})
-    await wait_for(lambda: pub.endpoints(9000).get("t1") == "draining", what="t1 draining")
+    await wait_for(lambda: w.stats.events.get(("service", "update")) == 2, what="second service event received")
+    await until(lambda: pub.endpoints(9000).get("t1") == "draining", what="t1 draining")
     assert "t9" not in pub.endpoints(9000)
     # the local task container's kill event drains at once too
     fake.emit("container", "kill", "ct2", signal="15", **{"com.docker.swarm.service.id": "s1",
@@ -588,7 +440,8 @@ async def test_swarm_service_converges_after_service_event(fake, run_watcher):
     # service removed
     del fake.services["s1"]
     fake.emit("service", "remove", "s1", name="api")
-    await wait_for(lambda: pub.last.services == (), what="service gone")
+    await wait_for(lambda: w.stats.events.get(("service", "remove")) == 1, what="remove received")
+    await until(lambda: pub.last.services == (), what="service gone")
 
 
 async def test_worker_engine_routes_containers_only(fake, run_watcher):
