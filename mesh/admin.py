@@ -8,6 +8,8 @@ Endpoints:
   GET /v1/table  the current routing table as JSON (``RoutingTable.to_dict()``), each route and endpoint
                  enriched with a "runtime" object: active connections, health bits, ejection, draining,
                  counters; 503 before the first table
+  GET <view>     read-only JSON views the composition root adds (``views=``), e.g. the cluster agent's
+                 /v1/cluster/status
 
 The server reads everything through a small *state provider* (``AdminState``) so the same handlers serve
 one process (``MeshState`` over a ``Mesh``) and the parent of ``--workers N`` (whose provider asks every
@@ -20,11 +22,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import gzip
+import inspect
 import ipaddress
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -177,9 +180,14 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+View = tuple[str, Callable[[], Any]]  # (description for the index, () -> JSON-able object, or an awaitable of one)
+
+
 class AdminServer:
     """The admin HTTP server.  ``registry`` holds process and discovery metrics (``make_registry()`` when
-    omitted); ``metrics=False`` (``--no-metrics``) turns /metrics off (404)."""
+    omitted); ``metrics=False`` (``--no-metrics``) turns /metrics off (404).  ``views``: more read-only JSON
+    endpoints, path -> (description, callable), listed on the index; the cluster agent serves its
+    /v1/cluster/status this way, so a node has one admin server."""
 
     def __init__(
         self,
@@ -189,7 +197,13 @@ class AdminServer:
         *,
         registry: CollectorRegistry | None = None,
         metrics: bool = True,
+        views: Mapping[str, View] | None = None,
     ) -> None:
+        views = dict(views or {})
+        for path in views:
+            if not path.startswith("/") or path in ENDPOINTS:
+                raise ValueError(f"admin view path {path!r} must start with '/' and not be one of {sorted(ENDPOINTS)}")
+        self.views = views
         self.state = state
         self.host = host
         self.port = port
@@ -205,6 +219,8 @@ class AdminServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/v1/table", self._table)
+        for path, (_, provide) in self.views.items():
+            app.router.add_get(path, self._view(provide))
         return app
 
     async def start(self) -> None:
@@ -246,7 +262,17 @@ class AdminServer:
 
     # -- handlers -------------------------------------------------------------------------------------
     async def _index(self, request: web.Request) -> web.Response:
-        return web.json_response({"endpoints": ENDPOINTS, "metrics": self.metrics})
+        endpoints = {**ENDPOINTS, **{path: desc for path, (desc, _) in self.views.items()}}
+        return web.json_response({"endpoints": endpoints, "metrics": self.metrics})
+
+    def _view(self, provide: Callable[[], Any]) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def handle(request: web.Request) -> web.Response:
+            doc = provide()
+            if inspect.isawaitable(doc):
+                doc = await doc
+            return web.json_response(doc, dumps=_dumps)
+
+        return handle
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")

@@ -1,8 +1,10 @@
 """The ``mesh`` command: the composition root that wires a table source to the data plane.
 
-    mesh run [--config FILE | --docker [HOST] | --cluster --token-file F ...] [--workers N] [--admin ADDR] [--grace SECONDS] [--max-fds N]
+    mesh run [--config FILE | --docker [HOST]] [--workers N] [--admin ADDR] [--grace SECONDS] [--max-fds N]
              [--log-level L] [--log-format text|json] [--access-log] [--no-metrics] [--node NAME]
              [--watch-interval S]
+    mesh run --cluster --token-file FILE [--docker HOST] [--control-port P] [--tunnel-port P]
+             [--advertise ADDR] [--bind ADDR] [--control-wait S] [--admin ADDR] [--grace S] ...
     mesh check --config FILE
     mesh demo ...
     mesh --version
@@ -125,14 +127,19 @@ def build_parser() -> argparse.ArgumentParser:
     cl = run.add_argument_group("cluster mode (one agent per swarm node; see docs/cluster.md)")
     cl.add_argument("--cluster", action="store_true", help="follow the swarm through its managers' agents")
     cl.add_argument("--token-file", metavar="FILE", default=None, help="shared cluster token (a Docker secret)")
-    cl.add_argument(
-        "--control-port", type=_positive_int, default=None, metavar="PORT", help="manager control port (7480)"
-    )
-    cl.add_argument("--tunnel-port", type=_positive_int, default=None, metavar="PORT", help="agent tunnel port (7481)")
+    # ports and the wait are checked by meshagent.cluster.ClusterSettings.check(), naming the flag
+    cl.add_argument("--control-port", type=int, default=None, metavar="PORT", help="manager control port (7480)")
+    cl.add_argument("--tunnel-port", type=int, default=None, metavar="PORT", help="agent tunnel port (7481)")
     cl.add_argument("--advertise", default=None, metavar="ADDR", help="this node's address (default: Swarm.NodeAddr)")
     cl.add_argument("--bind", default=None, metavar="ADDR", help="address of the control and tunnel servers (0.0.0.0)")
-    cl.add_argument("--status", default=None, metavar="HOST:PORT", help="serve GET /v1/cluster/status there")
-    cl.add_argument("--control-wait", type=_positive_seconds, default=None, metavar="S", help="long-poll wait (20)")
+    cl.add_argument(
+        "--status",
+        default=None,
+        metavar="HOST:PORT",
+        help="deprecated: the admin API (--admin) serves GET /v1/cluster/status; "
+        "--status HOST:PORT with the default --admin moves the admin API there",
+    )
+    cl.add_argument("--control-wait", type=_seconds, default=None, metavar="S", help="long-poll wait (20)")
     run.add_argument(
         "--watch-interval",
         type=_positive_seconds,
@@ -268,7 +275,7 @@ def _run_loop(coro_fn: Callable[[], Any]) -> Any:
 
 def _run_cluster(args: argparse.Namespace, admin_addr: tuple[str, int] | None) -> int:
     """``mesh run --cluster``: the cluster-mode agent of one swarm node (meshagent/cluster.py)."""
-    from meshagent.cluster import run_cluster_agent
+    from meshagent.cluster import ClusterSettings, run_cluster_agent
 
     if args.config:
         print("mesh: --cluster follows the swarm; it takes no --config", file=sys.stderr)
@@ -279,23 +286,46 @@ def _run_cluster(args: argparse.Namespace, admin_addr: tuple[str, int] | None) -
     if not args.token_file:
         print("mesh: --cluster needs --token-file FILE (or MESH_TOKEN_FILE)", file=sys.stderr)
         return EXIT_USAGE
+    if args.status:
+        try:
+            admin_addr = _status_as_admin(args.status, args.admin, admin_addr)
+        except UsageError as exc:
+            print(f"mesh: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    given = {
+        "docker": args.docker or None,
+        "control_port": args.control_port,
+        "tunnel_port": args.tunnel_port,
+        "advertise": args.advertise,
+        "bind": args.bind,
+        "control_wait": args.control_wait,
+        "grace": args.grace,
+    }
+    settings = ClusterSettings(token_file=args.token_file, **{k: v for k, v in given.items() if v is not None})
     _raise_nofile(args.max_fds)
-    opts = argparse.Namespace(
-        docker=args.docker or None,
-        token_file=args.token_file,
-        control_port=args.control_port,
-        tunnel_port=args.tunnel_port,
-        advertise=args.advertise,
-        bind=args.bind,
-        status=args.status,
-        control_wait=args.control_wait,
-        grace=args.grace,
-    )
     try:
-        return int(_run_loop(lambda: run_cluster_agent(opts, admin=admin_addr, metrics=not args.no_metrics)))
-    except (ConfigError, OSError) as exc:  # bad token file, a port that cannot be bound
+        return int(_run_loop(lambda: run_cluster_agent(settings, admin=admin_addr, metrics=not args.no_metrics)))
+    except (ConfigError, OSError) as exc:  # bad settings or token file, not a swarm node, a port in use
         print(f"mesh: {exc}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _status_as_admin(status: str, admin: str, admin_addr: tuple[str, int] | None) -> tuple[str, int]:
+    """``--status HOST:PORT`` (the agent's old status server): the admin API now serves /v1/cluster/status,
+    so it names where the admin API listens (also with --admin off: the old command line served a status).
+    With an --admin other than the default and off, that is a conflict."""
+    from mesh.routing import parse_hostport
+
+    try:
+        addr = parse_hostport(status)
+    except ValueError as exc:
+        raise UsageError(f"--status: {exc}") from None
+    if admin_addr is not None and admin != DEFAULT_ADMIN and admin_addr != addr:
+        raise UsageError(
+            f"--status {status} and --admin {admin}: the admin API serves /v1/cluster/status now; give only --admin"
+        )
+    log.warning("--status is deprecated: the admin API serves /v1/cluster/status; use --admin %s", status)
+    return addr
 
 
 def _raise_nofile(max_fds: int | None) -> None:

@@ -1,4 +1,4 @@
-"""Cluster mode agent: one per swarm node (``python -m meshagent.cluster run ...``).
+"""Cluster mode agent: one per swarm node (``mesh run --cluster ...``, meshagent/cli.py).
 
 Wiring (docs/cluster.md, "The agent")::
 
@@ -14,6 +14,7 @@ Wiring (docs/cluster.md, "The agent")::
            TunnelServer: resolve(task) in the CURRENT localized table (local endpoints of mesh
            services only, draining ones included; a task the state places here that the local
            listing has not seen yet is waited for, up to 1 s); allowed peers = the nodes' addresses
+    admin API (mesh.admin.AdminServer): the data plane's /metrics, /v1/table ... and /v1/cluster/status
 
 Rules:
 - The cluster state and the local tasks are two inputs; a change of either
@@ -27,18 +28,15 @@ Rules:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import inspect
 import logging
 import os
 import signal
-import sys
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
-
-from aiohttp import web
 
 from cluster.control import DEFAULT_CONTROL_PORT, ControlClient, ControlServer
 from cluster.state import ClusterState, localize
@@ -49,9 +47,37 @@ from discovery.localtasks import LocalTasks, task_address
 from mesh.errors import ConfigError
 from mesh.routing import RoutingTable, format_hostport, parse_hostport
 
-__all__ = ["ClusterAgent", "LocalTasks", "main", "run_cluster_agent", "task_address"]
+# LocalTasks and task_address live in discovery.localtasks; named here too for older imports
+__all__ = ["STATUS_PATH", "ClusterAgent", "ClusterSettings", "LocalTasks", "agent_admin", "run_cluster_agent",
+           "task_address"]  # fmt: skip
 
 log = logging.getLogger(__name__)
+
+STATUS_PATH = "/v1/cluster/status"
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSettings:
+    """The agent's settings, as ``mesh run --cluster`` takes them (flag names in the messages of ``check``)."""
+
+    token_file: str
+    docker: str | None = None  # the local engine (None: DOCKER_HOST / the local socket)
+    control_port: int = DEFAULT_CONTROL_PORT
+    tunnel_port: int = DEFAULT_TUNNEL_PORT
+    advertise: str | None = None  # this node's address (None: Swarm.NodeAddr)
+    bind: str = "0.0.0.0"  # address of the control and tunnel servers
+    control_wait: float = 20.0  # long-poll wait, seconds
+    grace: float = 10.0  # seconds open connections get on shutdown
+
+    def check(self) -> None:
+        """Raise ``ConfigError`` naming the first bad setting."""
+        for name, port in (("--control-port", self.control_port), ("--tunnel-port", self.tunnel_port)):
+            if not 0 < port < 65536:
+                raise ConfigError(f"{name} must be 1-65535, got {port}")
+        if not self.control_wait > 0:
+            raise ConfigError(f"--control-wait must be > 0, got {self.control_wait}")
+        if self.grace < 0:
+            raise ConfigError(f"--grace must be >= 0, got {self.grace}")
 
 
 def _manager_addresses(info: dict[str, Any], control_port: int) -> list[tuple[str, int]]:
@@ -73,7 +99,7 @@ class ClusterAgent:
 
     ``docker_host``: the local engine ("unix:///var/run/docker.sock", ...).
     ``bind``: address for the control and tunnel servers (all interfaces by default).
-    ``status``: (host, port) of a small JSON status endpoint, or None.
+    ``status()`` is what the admin API serves at /v1/cluster/status (``agent_admin``).
     ``mesh_factory(local_node, tunnel_header)`` builds the data plane (tests may pass
     their own); by default ``mesh.runtime.Mesh``.
     """
@@ -87,7 +113,6 @@ class ClusterAgent:
         tunnel_port: int = DEFAULT_TUNNEL_PORT,
         advertise: str | None = None,
         bind: str = "0.0.0.0",
-        status: tuple[str, int] | None = None,
         control_wait: float = 20.0,
         mesh_factory: Callable[..., Any] | None = None,
     ) -> None:
@@ -97,7 +122,6 @@ class ClusterAgent:
         self.tunnel_port = tunnel_port
         self.advertise = advertise
         self.bind = bind
-        self.status_addr = status
         self.control_wait = control_wait
         self._mesh_factory = mesh_factory
         self.engine = Engine(self.host)
@@ -121,7 +145,6 @@ class ClusterAgent:
         self._version = 0
         self._dirty = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
-        self._status_runner: web.AppRunner | None = None
 
     def __repr__(self) -> str:
         role = "manager" if self.manager else "worker"
@@ -130,7 +153,7 @@ class ClusterAgent:
 
     # -- lifecycle ------------------------------------------------------------------
     async def start(self, info_timeout: float = 60.0) -> None:
-        """Read the engine's role, bind the tunnel/control/status ports, start following."""
+        """Read the engine's role, bind the tunnel and control ports, start following."""
         info = await self._first_info(info_timeout)
         swarm = info.get("Swarm") or {}
         if swarm.get("LocalNodeState") != "active" or not swarm.get("NodeID"):
@@ -158,8 +181,6 @@ class ClusterAgent:
         self._spawn(self.local.run(), "local-tasks")
         self._spawn(self._apply_loop(), "cluster-apply")
         self._spawn(self._info_loop(), "engine-info")
-        if self.status_addr is not None:
-            await self._start_status(*self.status_addr)
         log.info(
             "cluster agent on node %s (%s, advertise %s): tunnel %s, control %s, managers %s",
             self.node_id, "manager" if self.manager else "worker", self.advertise,
@@ -180,9 +201,6 @@ class ClusterAgent:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
-        if self._status_runner is not None:
-            await self._status_runner.cleanup()
-            self._status_runner = None
         await self.tunnel.stop(grace)
         if self.mesh is not None:
             await self.mesh.shutdown(grace)
@@ -319,7 +337,7 @@ class ClusterAgent:
 
     # -- status ---------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        """What the status endpoint serves (JSON-able)."""
+        """What the admin API serves at /v1/cluster/status (JSON-able)."""
         t = self.tunnel.stats
         out: dict[str, Any] = {
             "node": self.node_id,
@@ -354,17 +372,6 @@ class ClusterAgent:
                                      "unauthorized": s.unauthorized, "bad_requests": s.bad_requests}  # fmt: skip
         return out
 
-    async def _start_status(self, host: str, port: int) -> None:
-        async def handle(request: web.Request) -> web.Response:
-            return web.json_response(self.status())
-
-        app = web.Application()
-        app.router.add_get("/v1/cluster/status", handle)
-        self._status_runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self._status_runner.setup()
-        await web.TCPSite(self._status_runner, host, port).start()
-        log.info("status on http://%s/v1/cluster/status", format_hostport(host, port))
-
 
 def _local_targets(table: RoutingTable) -> dict[str, LocalTarget]:
     """Tunnel targets this node accepts: its own endpoints of mesh services, by "task id"
@@ -384,56 +391,36 @@ def _local_targets(table: RoutingTable) -> dict[str, LocalTarget]:
     return out
 
 
-# -- command line -----------------------------------------------------------------------------
+# -- running ------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mesh run --cluster", description="the cluster-mode mesh agent of one swarm node")
-    p.add_argument("--docker", default=None, metavar="HOST", help="the local engine (default: DOCKER_HOST / socket)")
-    p.add_argument("--token-file", required=True, metavar="FILE", help="shared cluster token (a Docker secret)")
-    p.add_argument("--control-port", type=int, default=DEFAULT_CONTROL_PORT, help="manager control port (7480)")
-    p.add_argument("--tunnel-port", type=int, default=DEFAULT_TUNNEL_PORT, help="tunnel port of every agent (7481)")
-    p.add_argument("--advertise", default=None, metavar="ADDR", help="this node's address (default: Swarm.NodeAddr)")
-    p.add_argument("--bind", default="0.0.0.0", metavar="ADDR", help="address of the control and tunnel servers")
-    p.add_argument("--status", default=None, metavar="HOST:PORT", help="serve GET /v1/cluster/status there")
-    p.add_argument("--control-wait", type=float, default=20.0, help="long-poll wait in seconds (20)")
-    p.add_argument("--grace", type=float, default=5.0, help="seconds open connections get on shutdown (5)")
-    p.add_argument("--log-level", default="info")
-    return p
+def agent_admin(agent: ClusterAgent, host: str, port: int, *, metrics: bool = True) -> Any:
+    """The node's one admin server: the admin API (``/metrics``, ``/v1/table`` ...) of the agent's data
+    plane, as on a single-node agent, plus ``/v1/cluster/status`` (``ClusterAgent.status()``)."""
+    from mesh.admin import AdminServer, MeshState
+
+    views = {STATUS_PATH: ("cluster agent: node, role, managers, cluster state, applied table, tunnel", agent.status)}
+    return AdminServer(MeshState(agent.mesh), host, port, metrics=metrics, views=views)
 
 
 async def run_cluster_agent(
-    args: argparse.Namespace, *, admin: tuple[str, int] | None = None, metrics: bool = True
+    settings: ClusterSettings, *, admin: tuple[str, int] | None = None, metrics: bool = True
 ) -> int:
-    """Run the agent until SIGTERM/SIGINT; returns the exit code.  Raises ``ConfigError``
-    for bad settings (the caller exits 2).
+    """Run the agent until SIGTERM/SIGINT; returns the exit code.  Raises ``ConfigError`` for bad
+    settings, an unusable token file or an engine that is not a swarm node (the CLI exits 2).
 
-    ``args`` needs ``token_file``; ``docker``, ``control_port``, ``tunnel_port``,
-    ``advertise``, ``bind``, ``status``, ``control_wait`` and ``grace`` default as in
-    ``build_parser()`` when missing, so ``mesh run --cluster`` can pass its own namespace.
-    ``admin``: serve the admin API (``/metrics``, ``/v1/table`` ...) of this node's data plane there.
+    ``admin``: where the node's admin server (``agent_admin``) listens; None: no admin API.
     """
-    defaults = vars(build_parser().parse_args(["--token-file", "-"]))
-    opts = argparse.Namespace(**{**defaults, **{k: v for k, v in vars(args).items() if v is not None}})
-    for name, port in (("--control-port", opts.control_port), ("--tunnel-port", opts.tunnel_port)):
-        if not 0 < port < 65536:
-            raise ConfigError(f"{name} must be 1-65535, got {port}")
-    if not opts.control_wait > 0:
-        raise ConfigError(f"--control-wait must be > 0, got {opts.control_wait}")
-    token = read_token(opts.token_file)
-    try:
-        status = parse_hostport(opts.status) if opts.status else None
-    except ValueError as exc:
-        raise ConfigError(f"--status: {exc}") from exc
+    settings.check()
+    token = read_token(settings.token_file)
     agent = ClusterAgent(
-        opts.docker,
+        settings.docker,
         token,
-        control_port=opts.control_port,
-        tunnel_port=opts.tunnel_port,
-        advertise=opts.advertise,
-        bind=opts.bind,
-        status=status,
-        control_wait=opts.control_wait,
+        control_port=settings.control_port,
+        tunnel_port=settings.tunnel_port,
+        advertise=settings.advertise,
+        bind=settings.bind,
+        control_wait=settings.control_wait,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -443,40 +430,11 @@ async def run_cluster_agent(
     try:
         await agent.start()
         if admin is not None:
-            from mesh.admin import AdminServer, MeshState
-
-            # The same admin API and /metrics as a single-node agent, over this node's data plane.
-            admin_server = AdminServer(MeshState(agent.mesh), *admin, metrics=metrics)
+            admin_server = agent_admin(agent, *admin, metrics=metrics)
             await admin_server.start()
         await stop.wait()
     finally:
         if admin_server is not None:
             await admin_server.stop()
-        await agent.stop(opts.grace)
+        await agent.stop(settings.grace)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "run":
-        argv = argv[1:]
-    argv = [a for a in argv if a != "--cluster"]
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    from mesh.loop import run
-
-    try:
-        return run(run_cluster_agent(args))
-    except ConfigError as exc:
-        print(f"mesh: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # a port that cannot be bound
-        print(f"mesh: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,9 +5,10 @@ their swarm manager too), nodes 1 and 3 join as workers.  Each agent runs as a
 host process inside its node's network namespace::
 
     nsenter --net=/run/netns/<node netns> -- python3 -m meshagent run --cluster --admin <node addr>:9901 \\
-        --docker unix://<node docker.sock> --token-file <file> --status <node addr>:9911
+        --docker unix://<node docker.sock> --token-file <file>
 
-so its published ports, tunnel (7481) and control port (7480) are on the node's
+so its published ports, admin API (9901: /metrics, /v1/table, /v1/cluster/status),
+tunnel (7481) and control port (7480) are on the node's
 address (198.18.200.1x), which the test process reaches over the lab bridge from
 198.18.200.1 -- an address that is NOT a cluster node (tunnel refusals).
 
@@ -46,8 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MANAGER = 2
 WORKERS = (1, 3)
 ALL_NODES = (1, 2, 3)
-STATUS_PORT = 9911
-ADMIN_PORT = 9901  # the agents' admin API (/metrics, /v1/table), as `mesh run --cluster --admin ADDR`
+ADMIN_PORT = 9901  # the agents' admin API (/metrics, /v1/table, /v1/cluster/status): `mesh run --cluster --admin ADDR`
 TUNNEL_PORT = 7481
 CONTROL_PORT = 7480
 CLIENT_ADDR = "198.18.200.1"  # the test process, on the lab bridge: not a swarm node
@@ -233,7 +233,7 @@ class SwarmLab:
             sys.executable, "-m", "meshagent", "run", "--cluster", "--admin", f"{n.addr}:{ADMIN_PORT}",
             "--docker", n.host, "--token-file", str(self.token_file),
             "--control-port", str(CONTROL_PORT), "--tunnel-port", str(TUNNEL_PORT),
-            "--status", f"{n.addr}:{STATUS_PORT}", "--control-wait", "5", *extra,
+            "--control-wait", "5", *extra,
         ]  # fmt: skip
         env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
         with open(log_path, "ab") as log:
@@ -270,8 +270,8 @@ class SwarmLab:
             return r.read().decode()
 
     def status(self, i: int, timeout: float = 2.0) -> dict | None:
-        """The agent's /v1/cluster/status, or None when it does not answer."""
-        url = f"http://{self.nodes[i].addr}:{STATUS_PORT}/v1/cluster/status"
+        """The agent's /v1/cluster/status (on its admin API), or None when it does not answer."""
+        url = f"http://{self.nodes[i].addr}:{ADMIN_PORT}/v1/cluster/status"
         try:
             with urllib.request.urlopen(url, timeout=timeout) as resp:
                 return json.loads(resp.read())

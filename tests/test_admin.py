@@ -1,5 +1,5 @@
 """mesh/admin.py over HTTP: /metrics after known traffic (exact counters), /readyz, /v1/table, /healthz, /,
-a taken admin port, address parsing.
+extra JSON views, a taken admin port, address parsing.
 
 Everything is real: backends and listeners on 127.0.0.1 port 0, the proxy carrying the traffic, the admin
 server scraped with an aiohttp client and the exposition parsed with prometheus_client's parser.
@@ -8,6 +8,7 @@ server scraped with an aiohttp client and the exposition parsed with prometheus_
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 
 import aiohttp
@@ -656,3 +657,38 @@ async def test_agent_no_metrics_flag_and_failed_connections_by_reason(tmp_path):
 
 async def _ready(agent: Agent) -> bool:
     return (await agent.get("/readyz"))[0] == 200
+
+
+async def test_views_are_served_and_listed():
+    plane = Plane()
+    calls: list[int] = []
+
+    def status() -> dict:
+        calls.append(1)
+        return {"node": "n1", "calls": len(calls)}
+
+    async def slow() -> list:
+        await asyncio.sleep(0)
+        return [1, 2]
+
+    views = {"/v1/cluster/status": ("the cluster agent", status), "/v1/other": ("async view", slow)}
+    server = AdminServer(plane.state(), port=0, views=views)
+    await server.start()
+    try:
+        status_code, ctype, body = await get(server, "/v1/cluster/status")
+        assert (status_code, ctype.split(";")[0], json.loads(body)) == (
+            200,
+            "application/json",
+            {"node": "n1", "calls": 1},
+        )
+        assert json.loads((await get(server, "/v1/other"))[2]) == [1, 2]
+        index = json.loads((await get(server, "/"))[2])
+        assert index["endpoints"]["/v1/cluster/status"] == "the cluster agent"
+        assert index["endpoints"]["/v1/other"] == "async view"
+        assert "/v1/table" in index["endpoints"]
+    finally:
+        await server.stop()
+    with pytest.raises(ValueError, match="must start with '/' and not be one of"):
+        AdminServer(plane.state(), port=0, views={"/metrics": ("no", status)})
+    with pytest.raises(ValueError, match="must start with '/'"):
+        AdminServer(plane.state(), port=0, views={"v1/x": ("no", status)})

@@ -1,4 +1,5 @@
-"""The cluster agent's command line: bad settings exit 2 with a message naming what is wrong."""
+"""The cluster agent: ``mesh run --cluster`` (the one CLI) exits 2 with a message naming a bad setting, and
+the node's one admin server serves /v1/cluster/status beside the data plane's API."""
 
 from __future__ import annotations
 
@@ -7,14 +8,24 @@ import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 import pytest
 
+from mesh.errors import ConfigError
+from meshagent.cli import UsageError, _status_as_admin
+from meshagent.cluster import STATUS_PATH, ClusterAgent, ClusterSettings, agent_admin
+from tests.fakeengine import FakeContainer, running_fake_engine
+from tests.util import wait_for
+
 ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "0123456789abcdef0123456789abcdef"
+
+fake = pytest.fixture(running_fake_engine)
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "meshagent.cluster", "run", "--cluster", *args],
+        [sys.executable, "-m", "meshagent", "run", "--cluster", "--admin", "off", *args],
         cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
@@ -23,7 +34,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture
 def token_file(tmp_path: Path) -> Path:
     p = tmp_path / "token"
-    p.write_text("0123456789abcdef0123456789abcdef\n")
+    p.write_text(TOKEN + "\n")
     p.chmod(0o600)
     return p
 
@@ -72,6 +83,85 @@ def test_an_engine_that_is_not_a_swarm_node_is_a_clear_error(token_file: Path, t
         fake.kill()
         fake.wait(10)
         fake.stdout.close()
+
+
+def test_the_cluster_module_has_no_command_line_of_its_own() -> None:
+    import meshagent.cluster
+
+    assert not hasattr(meshagent.cluster, "main") and not hasattr(meshagent.cluster, "build_parser")
+    res = subprocess.run(
+        [sys.executable, "-m", "meshagent", "run", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+        check=False, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert res.returncode == 0
+    # every option the agent's own parser had is an option of mesh run
+    for flag in ("--cluster", "--docker", "--token-file", "--control-port", "--tunnel-port", "--advertise", "--bind",
+                 "--status", "--control-wait", "--grace", "--log-level"):  # fmt: skip
+        assert flag in res.stdout, flag
+
+
+def test_settings_check_names_the_flag() -> None:
+    ClusterSettings(token_file="t").check()
+    with pytest.raises(ConfigError, match="--tunnel-port must be 1-65535, got 65536"):
+        ClusterSettings(token_file="t", tunnel_port=65536).check()
+    with pytest.raises(ConfigError, match="--grace must be >= 0, got -1"):
+        ClusterSettings(token_file="t", grace=-1).check()
+
+
+STATUS_CASES = [
+    # (name, --status, --admin, parsed --admin, admin address or error)
+    ("the default --admin moves to --status", "127.0.0.1:9911", "127.0.0.1:9901", ("127.0.0.1", 9901),
+     ("127.0.0.1", 9911)),
+    ("--admin off: --status still serves the admin API", "127.0.0.1:9911", "off", None, ("127.0.0.1", 9911)),
+    ("the same address twice is fine", "10.0.0.5:9911", "10.0.0.5:9911", ("10.0.0.5", 9911), ("10.0.0.5", 9911)),
+    ("two addresses conflict", "127.0.0.1:9911", "127.0.0.1:9000", ("127.0.0.1", 9000),
+     "--status 127.0.0.1:9911 and --admin 127.0.0.1:9000: the admin API serves /v1/cluster/status now"),
+    ("a bad --status", "9911", "127.0.0.1:9901", ("127.0.0.1", 9901), "--status: expected 'host:port', got '9911'"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("status", "admin", "admin_addr", "expected"), [c[1:] for c in STATUS_CASES],
+                         ids=[c[0] for c in STATUS_CASES])  # fmt: skip
+def test_status_flag_names_the_admin_address(status, admin, admin_addr, expected) -> None:
+    if isinstance(expected, str):
+        with pytest.raises(UsageError) as ei:
+            _status_as_admin(status, admin, admin_addr)
+        assert expected in str(ei.value)
+    else:
+        assert _status_as_admin(status, admin, admin_addr) == expected
+
+
+async def _get(url: str) -> tuple[int, dict]:
+    async with aiohttp.ClientSession() as s, s.get(url) as r:
+        return r.status, await r.json()
+
+
+@pytest.mark.uvloop_only
+async def test_the_admin_server_serves_cluster_status(fake) -> None:
+    # a swarm worker whose manager is not reachable: the agent follows its local tasks and serves its status
+    fake.swarm = {"LocalNodeState": "active", "NodeID": "nodew1", "ControlAvailable": False, "NodeAddr": "127.0.0.1"}
+    fake.add(FakeContainer(id="a" * 64, name="web.1.t1", labels={"com.docker.swarm.task.id": "t1"}, ip="172.17.0.5"))
+    agent = ClusterAgent(f"unix://{fake.sock}", TOKEN, tunnel_port=0, bind="127.0.0.1", control_wait=1.0)
+    await agent.start(info_timeout=5)
+    admin = agent_admin(agent, "127.0.0.1", 0)
+    try:
+        await admin.start()
+        base = "http://{}:{}".format(*admin.address)
+        await wait_for(lambda: agent.local.ready.is_set(), what="local tasks listed")
+        status, doc = await _get(base + STATUS_PATH)
+        assert status == 200
+        assert (doc["node"], doc["role"], doc["advertise"]) == ("nodew1", "worker", "127.0.0.1")
+        assert doc["local_tasks"] == {"t1": "172.17.0.5"} and doc["state"] is None and doc["table"] is None
+        assert set(doc["tunnel"]) >= {"accepted", "forwarded", "refused"}
+        assert doc["control_client"]["manager"] is None
+        # one server: the data plane's own endpoints answer on the same address
+        status, index = await _get(base + "/")
+        assert status == 200 and STATUS_PATH in index["endpoints"] and "/v1/table" in index["endpoints"]
+        status, table = await _get(base + "/v1/table")
+        assert (status, table) == (503, {"error": "no routing table applied yet"})  # no cluster state yet
+    finally:
+        await admin.stop()
+        await agent.stop(0.1)
 
 
 FAKE_ENGINE = """
