@@ -1,5 +1,5 @@
-"""mesh/admin.py over HTTP: /metrics after known traffic (exact counters), /readyz, /v1/table, /healthz, /,
-extra JSON views, a taken admin port, address parsing.
+"""mesh/admin.py over HTTP: /metrics after known traffic (exact counters), OpenMetrics on Accept, /readyz,
+/v1/table, /healthz, /, extra JSON views, a taken admin port, address parsing.
 
 Everything is real: backends and listeners on 127.0.0.1 port 0, the proxy carrying the traffic, the admin
 server scraped with an aiohttp client and the exposition parsed with prometheus_client's parser.
@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mesh.admin import AdminServer, MeshState, parse_admin_address, table_with_runtime
+from mesh.admin import AdminServer, MeshState, openmetrics_from_text, parse_admin_address, table_with_runtime
 from mesh.errors import ConfigError
 from mesh.listener import Listener
 from mesh.metrics import REMOVED_ENDPOINT, DiscoveryMetrics, StatsReader, make_registry, merge_snapshots
@@ -657,6 +657,104 @@ async def test_agent_no_metrics_flag_and_failed_connections_by_reason(tmp_path):
 
 async def _ready(agent: Agent) -> bool:
     return (await agent.get("/readyz"))[0] == 200
+
+
+# A Prometheus 2.x/3.x scrape asks for OpenMetrics first and accepts the text format as a fallback.
+PROMETHEUS_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0;q=0.5,application/openmetrics-text;version=0.0.1;q=0.4,"
+    "text/plain;version=0.0.4;q=0.3,*/*;q=0.2"
+)
+
+
+def _samples(families, prefix: str = "mesh_") -> dict[tuple[str, str], list[tuple]]:
+    return {
+        (f.name.removesuffix("_total"), f.type): sorted(
+            (s.name, tuple(sorted(s.labels.items())), s.value) for s in f.samples
+        )
+        for f in families
+        if f.name.startswith(prefix)
+    }
+
+
+@pytest.mark.parametrize(
+    "accept, openmetrics",
+    [(PROMETHEUS_ACCEPT, True), ("application/openmetrics-text", True), ("text/plain", False), (None, False)],
+)
+async def test_metrics_serves_openmetrics_on_accept(accept, openmetrics):
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
+
+    b = await Backend().start()
+    plane = Plane()
+    lp = free_port()
+    await plane.apply(table_for(6, {"web": (lp, [b.port]), "down": (free_port(), [closed_port()])}))
+    disc = DiscoveryMetrics()
+    disc.event("container", "start")
+    disc.reconnect()
+    disc.lag(0.2)
+    server = AdminServer(plane.state(), port=0, registry=make_registry(discovery=disc))
+    await server.start()
+    try:
+        assert await echo(lp, b"hello") == b"hello"
+        await plane.drained()
+        host, port = server.address
+        headers = {"Accept": accept} if accept else {}
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://{host}:{port}/metrics", headers=headers) as r:
+                ctype, body = r.headers["Content-Type"], await r.text()
+            async with s.get(f"http://{host}:{port}/metrics", headers={"Accept": "text/plain"}) as r:
+                text = await r.text()
+        if not openmetrics:
+            assert ctype.startswith("text/plain; version=0.0.4") and "# EOF" not in body
+            return
+        assert ctype == "application/openmetrics-text; version=1.0.0; charset=utf-8"
+        assert body.endswith("\n# EOF\n")
+        # prometheus_client's OpenMetrics parser is strict: it rejects a counter family named ..._total,
+        # a missing # EOF, 'untyped' and samples out of their family
+        om = list(openmetrics_families(body))
+        assert "# TYPE mesh_connections_accepted counter" in body
+        assert "mesh_connections_accepted_total{" in body
+        # the same mesh and discovery series as the text format, value for value
+        assert _samples(om) == _samples(text_string_to_metric_families(text))
+        by_name = {f.name: f for f in om}
+        assert by_name["mesh_discovery_events"].type == "counter"
+        assert by_name["mesh_upstream_connect_seconds"].type == "histogram"
+        assert {f.name for f in om if f.name.startswith("process_")} >= {"process_cpu_seconds", "process_open_fds"}
+    finally:
+        await server.stop()
+        await plane.close()
+        await b.close()
+
+
+OPENMETRICS_CASES = [
+    # (name, text format 0.0.4, OpenMetrics)
+    ("a counter family loses _total, its samples keep it",
+     "# HELP a_total A.\n# TYPE a_total counter\na_total 1\n",
+     "# HELP a A.\n# TYPE a counter\na_total 1\n# EOF\n"),
+    ("a gauge named ..._total is left alone",
+     "# HELP g_total G.\n# TYPE g_total gauge\ng_total 2\n",
+     "# HELP g_total G.\n# TYPE g_total gauge\ng_total 2\n# EOF\n"),
+    ("untyped is unknown",
+     "# HELP u U.\n# TYPE u untyped\nu 3\n",
+     "# HELP u U.\n# TYPE u unknown\nu 3\n# EOF\n"),
+    ("histograms and label values pass through",
+     '# HELP h H.\n# TYPE h histogram\nh_bucket{s="a\\"b",le="+Inf"} 1\nh_sum{s="a\\"b"} 0.5\nh_count{s="a\\"b"} 1\n',
+     '# HELP h H.\n# TYPE h histogram\nh_bucket{s="a\\"b",le="+Inf"} 1\nh_sum{s="a\\"b"} 0.5\nh_count{s="a\\"b"} 1\n# EOF\n'),
+    ("a sample line starting like a comment is not one",
+     "# HELP c_total C.\n# TYPE c_total counter\nc_total{x=\"# TYPE c_total counter\"} 1\n",
+     "# HELP c C.\n# TYPE c counter\nc_total{x=\"# TYPE c_total counter\"} 1\n# EOF\n"),
+    ("nothing at all", "", "# EOF\n"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [c[1:] for c in OPENMETRICS_CASES], ids=[c[0] for c in OPENMETRICS_CASES]
+)
+def test_openmetrics_from_text(text: str, expected: str) -> None:
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
+
+    out = openmetrics_from_text(text.encode()).decode()
+    assert out == expected
+    list(openmetrics_families(out))  # valid OpenMetrics
 
 
 async def test_views_are_served_and_listed():
