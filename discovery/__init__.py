@@ -3,11 +3,15 @@
 Layers (see docs/discovery.md):
 - ``engine``: read-only async Engine API client (aiohttp, unix socket or tcp+TLS).
 - ``records``: raw API dicts -> small frozen records, at the boundary.
+- ``events``: the pure ``classify(event) -> EngineEvent`` (drain, undrain, health, exec probe ...).
 - ``labels``: ``mesh.*`` labels -> options; ``LabelError`` names the bad label.
 - ``builder``: the pure ``build_table(records...) -> (RoutingTable, problems)``.
-- ``watcher``: events -> coalesced re-listings -> published tables; reconnects.
+- ``follow``: ``Follower``, the one session loop (subscribe, list, follow, reconnect).
+- ``watcher``: events -> coalesced re-listings -> published tables, on ``follow``.
+- ``cluster``, ``localtasks``: cluster mode (the manager's cluster state; a node's own task containers).
 
-The composition root (meshagent) only needs ``watch()`` and ``probe()``.
+The composition root (meshagent) only needs ``watch()`` and ``probe()`` (cluster mode: ``cluster`` and
+``localtasks``).
 """
 
 from __future__ import annotations
