@@ -10,15 +10,19 @@ served there (``Binding``: service + route + pool; a tcp port has exactly one)
 and takes its protocol factory from ``FRONTS[protocol]``.  The runtime swaps
 routes in place; each new connection reads them once.
 
-Why this accepts connections itself (add_reader + accept + connect_accepted_socket)
-instead of ``loop.create_server``: running out of file descriptors must be
-counted and logged, and must neither crash nor busy-loop.  asyncio's server logs
-every failed accept and pauses ~1 s; uvloop (libuv) hides EMFILE entirely: it
-accepts with a reserved descriptor and drops the connection, so nothing could be
-counted.  Here an EMFILE/ENFILE/ENOBUFS/ENOMEM on accept stops accepting for
-``EXHAUSTED_PAUSE`` seconds (the clients wait in the kernel backlog instead of
-being dropped), counts ``fd_exhausted`` and logs at most once per
-``LOG_INTERVAL`` with the count since the last line.
+Two ways of accepting on one socket.  Accepting in C (uvloop's server) costs
+about 20 us of CPU less per connection than anything Python can do, but libuv
+handles EMFILE by accepting with a reserved descriptor and dropping the
+connection, uncounted, and closes its server on other accept errors.  So the
+``Acceptor`` accepts in C only while the descriptor reserve is untouched
+(``_reserve_ok``: the top ``FD_RESERVE`` descriptors of the limit are free), and
+otherwise with its own careful loop (add_reader + accept +
+connect_accepted_socket), where an EMFILE/ENFILE/ENOBUFS/ENOMEM on accept stops
+accepting for ``EXHAUSTED_PAUSE`` seconds (the clients wait in the kernel
+backlog instead of being dropped), counts ``fd_exhausted`` and logs at most once
+per ``LOG_INTERVAL`` with the count since the last line.  asyncio's own server
+would log every failed accept and pause ~1 s, so on the asyncio loop the careful
+loop is the only one.
 
 ``close()`` stops accepting at once; connections already accepted continue.
 """
@@ -27,7 +31,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import logging
+import os
+import resource
 import socket
 import time
 from collections.abc import Callable
@@ -67,6 +74,13 @@ BACKLOG = 4096
 ACCEPT_BATCH = 64  # accepts per readiness callback, so one busy port cannot starve the loop
 EXHAUSTED_PAUSE = 0.25
 LOG_INTERVAL = 10.0
+WATCHDOG_INTERVAL = 1.0  # how often an acceptor checks its fast server (and tries to go fast again)
+RESERVE_CHECK = 0.1  # how often the reserve is checked while some acceptor is fast (one timer per process)
+FAST_RETRY = 5.0  # careful accepting for this long after the fast server failed
+# The descriptor reserve: the top FD_RESERVE descriptors.  One wakeup of libuv's accept loop takes at
+# most a backlog's worth of connections, and each of them dials one upstream socket soon after: with
+# twice the backlog in reserve, a burst that starts just below the line cannot reach EMFILE in libuv.
+FD_RESERVE = 2 * BACKLOG + 64
 _EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _TRANSIENT = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR, errno.EAGAIN})
 
@@ -84,6 +98,8 @@ def bind_socket(host: str, port: int, *, reuse_port: bool = False, backlog: int 
     sock = socket.socket(family, type_, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Accepted sockets inherit SO_KEEPALIVE from the listening one (Linux): no setsockopt per accept.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
@@ -103,8 +119,23 @@ def bind_socket(host: str, port: int, *, reuse_port: bool = False, backlog: int 
 class Acceptor:
     """Accepts connections on one (host, port) and hands each to ``factory(peer)``.
 
-    ``name`` appears in logs ("service web", "tunnel").  See the module docstring
-    for why accepting is done here and what happens when descriptors run out.
+    ``name`` appears in logs ("service web", "tunnel").  Two ways of accepting, one
+    socket (see the module docstring):
+
+    - *fast* (uvloop only): uvloop's server accepts in C on a ``dup`` of the listening
+      socket and calls ``factory(None)``; no Python socket object, no task per accept.
+      With each accepted connection the factory checks the descriptor reserve
+      (``_reserve_ok``), and so does one process-wide timer every ``RESERVE_CHECK``
+      (descriptors taken by others); once the reserve is in use, the server is closed
+      (the dup only: the socket keeps listening and its backlog keeps filling) and
+      accepting goes careful.  What is left: descriptors taken by others faster than
+      ``RESERVE_CHECK`` until none is free would meet libuv's EMFILE handling.  A watchdog
+      (once per ``WATCHDOG_INTERVAL``) notices a uvloop server that closed itself (libuv
+      reports accept errors other than EMFILE by closing it) and goes careful too.
+    - *careful*: our own accept loop (``add_reader`` + ``accept`` +
+      ``connect_accepted_socket``), which counts and survives EMFILE/ENFILE/ENOBUFS/
+      ENOMEM by pausing.  Used on the default asyncio loop, while the reserve is low,
+      and for ``FAST_RETRY`` after the fast server failed.
     """
 
     def __init__(
@@ -126,6 +157,7 @@ class Acceptor:
         self.accepted = 0
         self.fd_exhausted = 0  # accepts that failed for lack of descriptors/memory
         self.accept_errors = 0  # other accept errors
+        self.mode_changes = 0  # fast <-> careful switches
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reading = False
@@ -134,6 +166,12 @@ class Acceptor:
         self._unlogged = 0
         self._pending: set[asyncio.Task] = set()
         self._closed = False
+        self._uvloop = False
+        self._fast: asyncio.AbstractServer | None = None  # uvloop's server on a dup of _sock
+        self._fast_fd = -1  # that dup's descriptor number (for the watchdog)
+        self._fast_starting = False
+        self._fast_after = 0.0  # loop time before which careful mode stays (after a failure)
+        self._watchdog: asyncio.TimerHandle | None = None
 
     @property
     def sockname(self) -> tuple | None:
@@ -144,15 +182,24 @@ class Acceptor:
     def listening(self) -> bool:
         return self._sock is not None
 
+    @property
+    def fast(self) -> bool:
+        """Accepting in C (uvloop's server) right now."""
+        return self._fast is not None
+
     def start(self) -> None:
         """Bind and start accepting (on the running loop).  Raises OSError when the port cannot be bound."""
         if self._sock is not None or self._closed:
             raise RuntimeError(f"{self!r} already started or closed")
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
         self._sock = bind_socket(self.host, self.port, reuse_port=self.reuse_port, backlog=self.backlog)
         if self.port == 0:
             self.port = self._sock.getsockname()[1]
+        self._uvloop = type(loop).__module__.startswith("uvloop")
         self._start_reading()
+        if self._uvloop:
+            self._watchdog = loop.call_at(loop.time() + WATCHDOG_INTERVAL, self._watch)
+            self._go_fast()
 
     def close(self) -> None:
         """Stop accepting now; accepted connections continue."""
@@ -160,9 +207,11 @@ class Acceptor:
             return
         self._closed = True
         self._stop_reading()
-        if self._resume_handle is not None:
-            self._resume_handle.cancel()
-            self._resume_handle = None
+        self._stop_fast()
+        for handle in (self._resume_handle, self._watchdog):
+            if handle is not None:
+                handle.cancel()
+        self._resume_handle = self._watchdog = None
         if self._sock is not None:
             self._sock.close()
             self._sock = None
@@ -172,7 +221,84 @@ class Acceptor:
         while self._pending:
             await asyncio.gather(*list(self._pending), return_exceptions=True)
 
-    # -- accepting -------------------------------------------------------------------------------------
+    # -- fast: uvloop's server -------------------------------------------------------------------------
+    def _go_fast(self) -> None:
+        if self._fast is not None or self._fast_starting or self._closed or self._sock is None:
+            return
+        if self._loop.time() < self._fast_after or not _reserve_ok():
+            return
+        self._fast_starting = True
+        task = self._loop.create_task(self._start_fast())
+        self._pending.add(task)
+        task.add_done_callback(self._accepted_done)
+
+    async def _start_fast(self) -> None:
+        try:
+            if self._closed or self._sock is None or not _reserve_ok():
+                return
+            dup = self._sock.dup()
+            try:
+                server = await self._loop.create_server(self._fast_factory, sock=dup, backlog=self.backlog)
+            except BaseException:
+                dup.close()
+                raise
+            if self._closed:
+                server.close()
+                return
+            self._fast = server
+            self._fast_fd = dup.fileno()
+            _RESERVE_WATCH.add(self)
+            self._stop_reading()  # one accepting path at a time
+            self.mode_changes += 1
+        finally:
+            self._fast_starting = False
+
+    def _fast_factory(self) -> asyncio.Protocol:
+        # Called by uvloop for every connection it is about to accept.
+        if not _reserve_ok():
+            self._loop.call_soon(self._go_careful, "descriptor reserve in use")
+        self.accepted += 1
+        return self.factory(None)
+
+    def _stop_fast(self) -> None:
+        server = self._fast
+        if server is not None:
+            _RESERVE_WATCH.discard(self)
+            self._fast = None
+            self._fast_fd = -1
+            server.close()  # closes the dup; the listening socket stays open, its backlog keeps filling
+
+    def _go_careful(self, why: str, retry_after: float = 0.0) -> None:
+        if self._fast is None or self._closed:
+            return
+        log.info("%s listener %s: accepting in Python (%s)", self.name or "-", format_hostport(self.host, self.port), why)
+        self._stop_fast()
+        self.mode_changes += 1
+        self._fast_after = self._loop.time() + retry_after
+        if self._resume_handle is None:
+            self._start_reading()
+
+    def _watch(self) -> None:
+        """Once per WATCHDOG_INTERVAL: is the fast server still serving our socket?  Can careful go fast?"""
+        loop = self._loop
+        self._watchdog = None
+        if self._closed:
+            return
+        if self._fast is not None and not _same_socket(self._fast_fd, self._sock):
+            # uvloop closed its server (an accept error libuv passed on): nothing accepts on it any more.
+            self.accept_errors += 1
+            log.error(
+                "%s listener %s: the fast accept path stopped (an accept error); accepting in Python for %.0fs",
+                self.name or "-",
+                format_hostport(self.host, self.port),
+                FAST_RETRY,
+            )
+            self._go_careful("fast accept path stopped", FAST_RETRY)
+        elif self._fast is None and self._resume_handle is None:
+            self._go_fast()
+        self._watchdog = loop.call_at(loop.time() + WATCHDOG_INTERVAL, self._watch)
+
+    # -- careful: our own accept loop -------------------------------------------------------------------
     def _start_reading(self) -> None:
         if not self._reading and self._sock is not None:
             self._loop.add_reader(self._sock.fileno(), self._on_readable)
@@ -191,7 +317,7 @@ class Acceptor:
             try:
                 conn, addr = sock.accept()
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except OSError as exc:
                 if exc.errno in _EXHAUSTED:
                     self._exhausted(exc)
@@ -201,17 +327,14 @@ class Acceptor:
                 self.accept_errors += 1
                 self._exhausted(exc)  # unknown: back off the same way rather than spin
                 return
-            try:
-                # Non-blocking mode and TCP_NODELAY come with the transport (asyncio and uvloop set
-                # both on every socket they wrap); keep-alive is ours.
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            except OSError:
-                conn.close()  # reset before we got to it
-                continue
+            # Non-blocking mode, TCP_NODELAY (the transports set both) and SO_KEEPALIVE (inherited
+            # from the listening socket) need no system call here.
             self.accepted += 1
             task = loop.create_task(loop.connect_accepted_socket(lambda a=addr: factory(a), conn))
             self._pending.add(task)
             task.add_done_callback(self._accepted_done)
+        if self._uvloop and self._fast is None and not self._fast_starting:
+            self._go_fast()
 
     def _accepted_done(self, task: asyncio.Task) -> None:
         self._pending.discard(task)
@@ -251,10 +374,77 @@ class Acceptor:
         state = "closed" if self._closed else ("listening" if self._sock is not None else "new")
         if self._resume_handle is not None:
             state += "(paused: out of fds)"
+        elif self._fast is not None:
+            state += "(fast)"
         return (
             f"<Acceptor {self.name} {format_hostport(self.host, self.port)} {state} "
             f"accepted={self.accepted} fd_exhausted={self.fd_exhausted}>"
         )
+
+
+def _reserve_ok() -> bool:
+    """True while the descriptor reserve is untouched: descriptor number ``soft limit - FD_RESERVE``
+    is not open.  Descriptors are handed out lowest first, so that number is in use only after
+    every lower one was in use at once: accepting in C (where libuv would drop clients on
+    EMFILE) stops there, with the reserve still free for careful accepting and for dials.
+    Two system calls (getrlimit, fcntl), so a limit lowered at run time is seen at once."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return True
+    probe = soft - FD_RESERVE
+    if probe <= 0:
+        return False
+    try:
+        fcntl.fcntl(probe, fcntl.F_GETFD)
+    except OSError:
+        return True  # not open: the reserve is free
+    return False
+
+
+class _ReserveWatch:
+    """One timer per process, running while some acceptor accepts in C: every ``RESERVE_CHECK``
+    seconds it checks the reserve and sends every fast acceptor to careful accepting once it is
+    in use (descriptors taken by anything but those accepts: dials, checks, other servers)."""
+
+    def __init__(self) -> None:
+        self.fast: set[Acceptor] = set()
+        self._handle: asyncio.TimerHandle | None = None
+
+    def add(self, acc: Acceptor) -> None:
+        self.fast.add(acc)
+        if self._handle is None:
+            self._arm(acc._loop)
+
+    def discard(self, acc: Acceptor) -> None:
+        self.fast.discard(acc)
+        if not self.fast and self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._handle = loop.call_at(loop.time() + RESERVE_CHECK, self._check, loop)
+
+    def _check(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._handle = None
+        if not _reserve_ok():
+            for acc in list(self.fast):
+                acc._go_careful("descriptor reserve in use")
+        if self.fast:
+            self._arm(loop)
+
+
+_RESERVE_WATCH = _ReserveWatch()
+
+
+def _same_socket(fd: int, sock: socket.socket | None) -> bool:
+    """``fd`` still refers to the same open socket as ``sock``."""
+    if fd < 0 or sock is None:
+        return False
+    try:
+        a, b = os.fstat(fd), os.fstat(sock.fileno())
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 class Binding:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import random
 import socket
@@ -86,6 +87,64 @@ async def test_echo_through_proxy_counts_bytes_and_releases_host():
     assert (host.stats.connections, host.stats.bytes_in, host.stats.bytes_out) == (1, 1000, 1000)
     assert host.stats.duration.count == 1 and host.stats.connect_time.count == 1
     assert pool.stats.accepted == 1 and pool.stats.no_endpoint == 0
+
+
+async def _echo_once(port: int, payload: bytes = b"ping") -> bytes:
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        w.write(payload)
+        return await asyncio.wait_for(r.readexactly(len(payload)), 5)
+    finally:
+        w.close()
+
+
+@pytest.mark.uvloop_only
+async def test_acceptor_accepts_in_c_and_goes_careful_while_the_fd_reserve_is_in_use(monkeypatch):
+    """uvloop: accepting moves to uvloop's server; once the reserve line (soft limit - reserve) is an
+    open descriptor, accepting goes back to the careful loop at once (no client lost); when the reserve
+    is free again, the watchdog goes fast again."""
+    from mesh import listener as listener_mod
+
+    b = await Backend("a").start()
+    lst = start_listener(make_pool([b.port]))
+    acc = lst.acceptor
+    await wait_for(lambda: acc.fast, what="accepting in C")
+    assert await _echo_once(lst.port) == b"ping"
+    line = socket.socket()  # an open descriptor to put the reserve line on
+    soft = listener_mod.resource.getrlimit(listener_mod.resource.RLIMIT_NOFILE)[0]
+    monkeypatch.setattr(listener_mod, "FD_RESERVE", soft - line.fileno())
+    try:
+        assert not listener_mod._reserve_ok()
+        changes = acc.mode_changes
+        assert await _echo_once(lst.port) == b"ping"  # accepted in C, then the switch
+        await wait_for(lambda: not acc.fast, what="careful accepting")
+        assert acc.mode_changes == changes + 1
+        for _ in range(3):
+            assert await _echo_once(lst.port) == b"ping"  # served by the careful loop
+        assert not acc.fast and acc.fd_exhausted == 0
+    finally:
+        line.close()
+    monkeypatch.undo()
+    await wait_for(lambda: acc.fast, timeout=3, what="fast again after the watchdog")
+    assert await _echo_once(lst.port) == b"ping"
+    assert lst.pool.stats.accepted == 6 and acc.accepted == 6
+    await finish(lst, b)
+
+
+@pytest.mark.uvloop_only
+async def test_acceptor_watchdog_takes_over_when_the_fast_server_stops(caplog):
+    """libuv closes its server on some accept errors; the watchdog notices within a second, counts it,
+    and the careful loop serves the clients that waited in the backlog meanwhile."""
+    b = await Backend("a").start()
+    lst = start_listener(make_pool([b.port]))
+    acc = lst.acceptor
+    await wait_for(lambda: acc.fast, what="accepting in C")
+    acc._fast.close()  # what uvloop does to itself on an accept error it passes on
+    with caplog.at_level(logging.ERROR, logger="mesh.listener"):
+        assert await _echo_once(lst.port) == b"ping"  # waits in the backlog until the watchdog
+    assert acc.accept_errors == 1 and not acc.fast
+    assert any("fast accept path stopped" in r.getMessage() for r in caplog.records)
+    await finish(lst, b)
 
 
 async def test_both_sides_have_nodelay_and_keepalive():
@@ -489,6 +548,9 @@ async def test_5000_concurrent_connections_no_fd_leak():
 async def _many_connections(n: int, bport: int) -> None:
     pool = make_pool([bport])
     lst = start_listener(pool)
+    # uvloop: the acceptor goes fast (uvloop's server on a dup of the listening socket) a moment after start;
+    # that dup is the listener's own descriptor, counted in ``before``.
+    await wait_for(lambda: lst.acceptor.fast, what="accepting in C")
     before = _open_fds()
     loop = asyncio.get_running_loop()
 
@@ -517,7 +579,9 @@ async def _many_connections(n: int, bport: int) -> None:
         got = await asyncio.wait_for(asyncio.gather(*(p.got for _, p in clients)), 60)
         assert got == [b"hi"] * n
         assert len(lst.registry) == n and pool.hosts[0].active == n
-        assert _open_fds() >= before + 3 * n
+        # (the listener's own dup is closed while the reserve line is crossed: careful accepting)
+        assert _open_fds() >= before - 1 + 3 * n
+        assert not lst.acceptor.fast and lst.acceptor.fd_exhausted == 0
     finally:
         for t, _ in clients:
             t.close()
@@ -543,13 +607,19 @@ EMFILE_SCRIPT = textwrap.dedent(
         pool = Pool("svc", Route(port=1, endpoints=(Endpoint("e", "127.0.0.1", bport),)), ServiceOptions())
         lst = Listener("127.0.0.1", 0, pool, service="svc")
         lst.start()
-        resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        if sys.argv[1] == "uvloop":
+            while not lst.acceptor.fast:  # accepting in C before the descriptors run out
+                await asyncio.sleep(0.01)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[2]), resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
         hog = []
         try:
             while True:
                 hog.append(socket.socket())
         except OSError:
             pass
+        t0 = time.monotonic()
+        while lst.acceptor.fast and time.monotonic() - t0 < 5:  # the reserve check notices (RESERVE_CHECK)
+            await asyncio.sleep(0.01)
         print("PORT", lst.port, flush=True)
         sys.stdin.readline()  # the parent connected its clients
         cpu0 = time.process_time()
@@ -572,11 +642,15 @@ EMFILE_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("loop_name", ["uvloop", "asyncio"])
-def test_fd_exhaustion_counted_logged_no_busy_loop_then_recovers(loop_name):
+@pytest.mark.parametrize(("loop_name", "fd_limit"), [("uvloop", 64), ("uvloop", 9000), ("asyncio", 64)])
+def test_fd_exhaustion_counted_logged_no_busy_loop_then_recovers(loop_name, fd_limit):
+    """Every descriptor taken (by others): accepts fail with EMFILE, are counted, paused, and the clients
+    waiting in the backlog are served once descriptors are free.  With uvloop the acceptor was accepting
+    in C when the descriptors ran out: the reserve check moves it to the careful loop first (at 9000 the
+    reserve line is a real descriptor number, at 64 the limit is all reserve), so libuv never drops a client."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.Popen(
-        [sys.executable, "-c", EMFILE_SCRIPT, loop_name],
+        [sys.executable, "-c", EMFILE_SCRIPT, loop_name, str(fd_limit)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
