@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import random
 import socket
 import struct
 from types import SimpleNamespace
@@ -21,8 +22,11 @@ from cluster.tunnel import (
     tunnel_header,
 )
 from mesh import proxyproto
+from mesh.pool import Pool
+from mesh.proxy.splice import WRITE_HIGH, Splice
 from mesh.proxyproto import PP2_TYPE_MESH_TARGET, V2_SIGNATURE
-from mesh.routing import Endpoint
+from mesh.routing import Endpoint, Route, ServiceOptions
+from tests.backends import CHUNK
 from tests.util import wait_for
 
 CLIENT = ("203.0.113.7", 40000)
@@ -571,3 +575,155 @@ async def test_a_late_resolve_that_finds_nothing_or_fails_refuses(outcome, reaso
         assert srv.stats.refused == {reason: 1}
     finally:
         await srv.stop()
+
+
+# -- the tunnel on the shared splice: what it gained ------------------------------------------------
+
+
+def _local_pool(ports: list[int], **opts) -> Pool:
+    eps = tuple(Endpoint(f"task{i}", "127.0.0.1", p) for i, p in enumerate(ports, 1))
+    return Pool("svc", Route(port=8080, endpoints=eps), ServiceOptions(**opts), rng=random.Random(3))
+
+
+def _pool_resolve(pool: Pool):
+    """What the agent does (Mesh.local_host): the data plane's own pool and host for the target."""
+
+    def resolve(target: str) -> LocalTarget | None:
+        for h in pool.hosts:
+            if f"{h.endpoint.id}:{h.port}" == target:
+                return LocalTarget(h.address, h.port, pool.options.proxy_protocol, pool=pool, host=h)
+        return None
+
+    return resolve
+
+
+async def test_a_refused_local_replica_is_retried_on_another_local_replica() -> None:
+    """The target refuses (it died a moment ago): the tunnel dials another local replica of the same
+    service, counts the failure on the refusing host, and the dialer never notices."""
+    dead = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    dead.bind(("127.0.0.1", 0))  # bound, not listening: refused
+    backend = await Backend().start()
+    pool = _local_pool([dead.getsockname()[1], backend.port])
+    srv = TunnelServer(_pool_resolve(pool), {"127.0.0.1"}, "127.0.0.1", 0)
+    await srv.start()
+    try:
+        target = f"task1:{dead.getsockname()[1]}"
+        reader, writer = await _dial(srv)
+        writer.write(tunnel_header(CLIENT, PUBLISHED, target) + b"ping")
+        assert await asyncio.wait_for(reader.readexactly(4), 5) == b"ping"
+        first, second = pool.hosts
+        assert first.consecutive_failures == 1 and first.stats.connections == 0
+        assert second.stats.connections == 1 and second.active == 1  # shared with the data plane
+        assert pool.stats.retries == 1 and pool.stats.connect_failures == {"refused": 1}
+        assert srv.stats.forwarded == 1 and srv.stats.refused == {}
+        await _close(writer)
+        await wait_for(lambda: srv.connections() == 0 and second.active == 0, what="tunnel connection closed")
+        assert (second.stats.bytes_in, second.stats.bytes_out) == (4, 4)
+    finally:
+        await srv.stop()
+        await backend.stop()
+        dead.close()
+
+
+async def test_every_local_replica_refusing_resets_the_dialer() -> None:
+    deads = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(2)]
+    for d in deads:
+        d.bind(("127.0.0.1", 0))
+    pool = _local_pool([d.getsockname()[1] for d in deads])
+    srv = TunnelServer(_pool_resolve(pool), {"127.0.0.1"}, "127.0.0.1", 0)
+    await srv.start()
+    try:
+        reader, writer = await _dial(srv)
+        writer.write(tunnel_header(CLIENT, PUBLISHED, f"task1:{deads[0].getsockname()[1]}") + b"x")
+        assert await _closed_by_server(reader)
+        await _close(writer)
+        assert srv.stats.refused == {"connect": 1} and srv.stats.forwarded == 0
+        assert pool.stats.connect_failures == {"refused": 2} and pool.stats.failed == {"refused": 1}
+        assert [h.active for h in pool.hosts] == [0, 0]
+    finally:
+        await srv.stop()
+        for d in deads:
+            d.close()
+
+
+async def test_tunnel_idle_timeout_of_the_target_service_closes_an_idle_pair() -> None:
+    backend = await Backend().start()
+    pool = _local_pool([backend.port], idle_timeout=0.2)
+    srv = TunnelServer(_pool_resolve(pool), {"127.0.0.1"}, "127.0.0.1", 0)
+    await srv.start()
+    try:
+        reader, writer = await _dial(srv)
+        writer.write(tunnel_header(CLIENT, PUBLISHED, f"task1:{backend.port}") + b"hi")
+        assert await asyncio.wait_for(reader.readexactly(2), 5) == b"hi"
+        t0 = asyncio.get_running_loop().time()
+        assert await _closed_by_server(reader)  # then nothing for 0.2 s: closed
+        assert asyncio.get_running_loop().time() - t0 < 2
+        await _close(writer)
+        await wait_for(lambda: srv.connections() == 0, what="idle pair gone")
+    finally:
+        await srv.stop()
+        await backend.stop()
+
+
+@pytest.mark.uvloop_only
+@pytest.mark.slow
+async def test_tunnel_write_buffer_towards_a_stalled_replica_stays_bounded() -> None:
+    """64 MiB into a replica that stops reading for a while: the tunnel's buffers stay within the
+    splice's write limit (sampled every 5 ms, as the TCP proxy's test does), then every byte arrives."""
+    total = 64 << 20
+    backend = Backend(echo=False)
+    backend.reader_go.clear()
+    await backend.start(rcvbuf=SMALL_BUF)
+    srv = await _tunnel({"task1": LocalTarget("127.0.0.1", backend.port)})
+    loop = asyncio.get_running_loop()
+    samples: list[int] = []
+    stop = asyncio.Event()
+
+    async def sample() -> None:
+        while not stop.is_set():
+            for conn in list(srv.registry):
+                if isinstance(conn, Splice):
+                    sizes = [conn.transport.get_write_buffer_size()]
+                    if conn.up_transport is not None:
+                        sizes.append(conn.up_transport.get_write_buffer_size())
+                    samples.append(max(sizes))
+            await asyncio.sleep(0.005)
+
+    sampler = loop.create_task(sample())
+    sending: asyncio.Task | None = None
+    try:
+        _reader, writer = await _dial(srv)
+        writer.write(GOOD)
+        block = bytes(range(256)) * 256  # 64 KiB
+        sent = hashlib.sha256()
+
+        async def send() -> None:
+            for _ in range(total // len(block)):
+                writer.write(block)
+                sent.update(block)
+                await writer.drain()
+            writer.write_eof()
+
+        sending = loop.create_task(send())
+        await wait_for(lambda: srv.stats.forwarded == 1, what="spliced")
+        [conn] = list(srv.registry)
+        await wait_for(lambda: not conn.transport.is_reading(), what="tunnel paused reading the dialer")
+        await asyncio.sleep(0.3)  # stalled for a while, with the dialer pushing
+        assert not sending.done()
+        backend.reader_go.set()
+        await asyncio.wait_for(sending, 60)
+        await asyncio.wait_for(backend.eof.wait(), 60)
+        assert len(backend.received) == total
+        assert hashlib.sha256(backend.received).digest() == sent.digest()
+        # the write limit plus what one read can add before pausing (uvloop reads up to 256 KiB), as in
+        # tests/test_proxy.py's BOUND
+        assert samples and max(samples) <= WRITE_HIGH + 2 * CHUNK, max(samples)
+        await _close(writer)
+    finally:
+        stop.set()
+        await sampler
+        if sending is not None and not sending.done():
+            sending.cancel()
+            await asyncio.gather(sending, return_exceptions=True)
+        await srv.stop()
+        await backend.stop()
