@@ -389,6 +389,12 @@ SERVICE_OPTIONS: tuple[Option, ...] = (
         _choice(("prefer", "off"), "expected prefer or off", off="off"),
         "prefer endpoints on this node (cluster mode)",
     ),
+    _option(
+        "zero_copy",
+        "mesh.zero-copy",
+        Boolean(),
+        "move a direction carrying a large transfer to the kernel (os.splice), like HAProxy's splice-auto",
+    ),
 )
 
 #: ``health_check`` in a file, ``mesh.health`` on a label: the kind of check, or none.

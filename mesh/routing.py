@@ -156,6 +156,8 @@ class ServiceOptions:
     endpoints are ejected at once.  ``panic_threshold`` (%): when fewer than that
     share of endpoints are usable, balance over all of them instead of refusing.
     ``locality``: "prefer" local endpoints (cluster mode) or "off".
+    ``zero_copy``: let a direction of a connection that carries a large transfer move to
+    the kernel (``os.splice``, Linux), as HAProxy's ``option splice-auto`` does.
     """
 
     balance: str = "round-robin"
@@ -170,6 +172,7 @@ class ServiceOptions:
     panic_threshold: int = 50
     health_check: HealthCheck | None = None
     locality: str = "prefer"
+    zero_copy: bool = True
 
     def __post_init__(self) -> None:
         _check(self.balance in BALANCERS, f"balance must be one of {', '.join(BALANCERS)}; got {self.balance!r}")
@@ -187,6 +190,7 @@ class ServiceOptions:
         _check(0 <= self.max_ejection_percent <= 100, "max_ejection_percent must be within 0..100")
         _check(0 <= self.panic_threshold <= 100, "panic_threshold must be within 0..100")
         _check(self.locality in ("prefer", "off"), f"locality must be 'prefer' or 'off', got {self.locality!r}")
+        _check(isinstance(self.zero_copy, bool), f"zero_copy must be true or false, got {self.zero_copy!r}")
 
 
 @dataclass(frozen=True, slots=True)

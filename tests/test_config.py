@@ -235,7 +235,7 @@ BAD = [
         YAML_SVC + "    colour: blue\n",
         "6: services.web.colour: unknown key 'colour'; expected one of: listen, endpoints, protocol, balance, "
         "proxy_protocol, connect_timeout, idle_timeout, retries, consecutive_failures, base_ejection_time, "
-        "max_ejection_time, max_ejection_percent, panic_threshold, locality, health_check",
+        "max_ejection_time, max_ejection_percent, panic_threshold, locality, zero_copy, health_check",
     ),
     ("unknown-top.yaml", "servces: {}\n", "1: servces: unknown key 'servces' (did you mean 'services'?)"),
     (

@@ -18,7 +18,7 @@ import pytest
 from mesh import limits
 from mesh.listener import Listener
 from mesh.pool import EJECTED, Pool
-from mesh.proxy import PRECONNECT_LIMIT, PRECONNECT_PAUSE, WRITE_HIGH, TcpConnection
+from mesh.proxy import PRECONNECT_LIMIT, PRECONNECT_PAUSE, WRITE_HIGH, TcpConnection, zerocopy
 from mesh.routing import Endpoint, Route, ServiceOptions
 from tests import backends
 from tests.backends import CHUNK, Backend, Blackhole, closed_port, pattern
@@ -745,3 +745,123 @@ def test_loop_run_uses_uvloop_or_falls_back_with_one_warning(mode, loop_module, 
     )
     assert proc.stdout.split() == [loop_module, loop_module]
     assert proc.stderr.count("uvloop is not available") == warnings, proc.stderr
+
+
+# -- zero-copy: large transfers through the kernel (mesh.proxy.zerocopy) ---------------------------------
+
+
+def _pattern_hash(block: bytes, total: int):
+    h = hashlib.blake2b()
+    left = total
+    while left:
+        n = min(len(block), left)
+        h.update(block[:n])
+        left -= n
+    return h
+
+
+@pytest.mark.skipif(not zerocopy.AVAILABLE, reason="os.splice needs Linux")
+async def test_large_download_moves_to_the_kernel_byte_identical_with_exact_counts():
+    total = 64 << 20
+    b = await Backend("push", "push", push_bytes=total).start()
+    lst = start_listener(make_pool([b.port]))
+    loop = asyncio.get_running_loop()
+    before = _open_fds()
+    _, reader = await loop.create_connection(_Reader, "127.0.0.1", lst.port)
+    await wait_for(lambda: len(lst.registry) == 1, what="accepted")
+    conn = _proxy_conn(lst)
+    await wait_for(lambda: conn._zc_up is not None or reader.eof.done(), what="the kernel path")
+    assert conn._zc_up is not None and conn._zc_down is None  # only the direction that carries the bulk
+    assert await asyncio.wait_for(reader.eof, 60) == total  # EOF passed on after the pipe drained
+    assert reader.h.hexdigest() == _pattern_hash(b.push_block, total).hexdigest()
+    reader.t.close()
+    await finish(lst, b)
+    host = lst.pool.hosts[0]
+    assert (host.stats.bytes_out, host.stats.bytes_in) == (total, 0)  # every spliced byte counted once
+    await wait_for(lambda: _open_fds() <= before, what="the dups and the pipe closed")
+
+
+@pytest.mark.skipif(not zerocopy.AVAILABLE, reason="os.splice needs Linux")
+async def test_large_upload_moves_to_the_kernel_with_backpressure_and_half_close():
+    total = 64 << 20
+    recv_hash = hashlib.blake2b()
+    b = await Backend("sink", "sink", hasher=recv_hash).start()
+    lst = start_listener(make_pool([b.port]))
+    block = pattern(CHUNK)
+    _r, w = await asyncio.open_connection("127.0.0.1", lst.port)
+    await wait_for(lambda: len(lst.registry) == 1 and _proxy_conn(lst).up_transport is not None, what="connected")
+    conn = _proxy_conn(lst)
+    sent_hash = hashlib.blake2b()
+    sent = 0
+    for _ in range(64):  # an upload in 256 KiB writes: soon one read is large enough
+        w.write(block)
+        sent_hash.update(block)
+        sent += len(block)
+        await asyncio.sleep(0.01)
+        if conn._zc_down is not None:
+            break
+    assert conn._zc_down is not None and conn._zc_up is None
+    # The backend reads nothing yet: the pipe fills, then the client's socket; the writer must block.
+    stalled = False
+    while sent < total:
+        w.write(block)
+        sent_hash.update(block)
+        sent += len(block)
+        try:
+            await asyncio.wait_for(w.drain(), 0.2)
+        except TimeoutError:
+            stalled = True
+            break
+    assert stalled, "the client never felt backpressure"
+    assert conn.up_transport.get_write_buffer_size() == 0 and conn.transport.get_write_buffer_size() == 0
+    b.transports[0].resume_reading()
+    while sent < total:
+        w.write(block)
+        sent_hash.update(block)
+        sent += len(block)
+        await w.drain()
+    w.write_eof()
+    await wait_for(lambda: b.bytes_received == sent, timeout=60, interval=0.05, what="every byte at the backend")
+    assert recv_hash.hexdigest() == sent_hash.hexdigest()
+    await wait_for(lambda: b.eofs == 1, what="EOF passed on to the backend")
+    w.close()
+    await finish(lst, b)
+    assert lst.pool.hosts[0].stats.bytes_in == sent
+
+
+@pytest.mark.skipif(not zerocopy.AVAILABLE, reason="os.splice needs Linux")
+async def test_zero_copy_off_keeps_every_byte_in_user_space():
+    total = 16 << 20
+    b = await Backend("push", "push", push_bytes=total).start()
+    lst = start_listener(make_pool([b.port], zero_copy=False))
+    loop = asyncio.get_running_loop()
+    _, reader = await loop.create_connection(_Reader, "127.0.0.1", lst.port)
+    await wait_for(lambda: len(lst.registry) == 1, what="accepted")
+    conn = _proxy_conn(lst)
+    seen = []
+
+    async def watch():
+        while not reader.eof.done():
+            seen.append(conn._zc_up)
+            await asyncio.sleep(0.001)
+
+    watcher = loop.create_task(watch())
+    assert await asyncio.wait_for(reader.eof, 60) == total
+    await watcher
+    assert set(seen) == {None}
+    reader.t.close()
+    await finish(lst, b)
+
+
+@pytest.mark.skipif(not zerocopy.AVAILABLE, reason="os.splice needs Linux")
+async def test_client_reset_during_a_kernel_transfer_closes_everything():
+    b = await Backend("push", "push", push_bytes=1 << 30).start()
+    lst = start_listener(make_pool([b.port]))
+    loop = asyncio.get_running_loop()
+    before = _open_fds()
+    _, reader = await loop.create_connection(_Reader, "127.0.0.1", lst.port)
+    await wait_for(lambda: len(lst.registry) == 1 and _proxy_conn(lst)._zc_up is not None, what="the kernel path")
+    await wait_for(lambda: reader.n > 4 << 20, what="some bytes through the kernel")
+    reader.t.abort()  # RST while the kernel path moves bytes
+    await finish(lst, b)
+    await wait_for(lambda: _open_fds() <= before, what="the dups and the pipe closed")

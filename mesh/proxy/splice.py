@@ -32,6 +32,11 @@ State rules:
   previous firing; four quiet quarters in a row close the pair.  So the per-chunk
   cost is the byte-count add the splice does anyway (no clock read, no timer
   re-arm); an idle pair is closed after between 1 and 1.25 x ``idle_timeout``.
+- Large transfers: a read of at least ``zerocopy.SPLICE_MIN`` bytes moves that
+  direction to the kernel (``os.splice`` through a pipe, ``mesh.proxy.zerocopy``)
+  when the service allows it (``zero_copy``) and nothing is queued that it could
+  overtake; the transport's reading of that side stays paused from then on.
+  Byte counts, backpressure, half-close and the idle timer work the same.
 - Close: when the downstream transport, the dial task and the upstream transport
   are all gone, the host gets ``active -= 1`` and its stats (bytes, duration),
   the connection leaves the registry, the site hears ``released(splice)`` (access
@@ -54,6 +59,8 @@ from typing import TYPE_CHECKING, Any
 from mesh import logs
 from mesh.proxy.dial import dial
 from mesh.proxy.preamble import replica_header
+from mesh.proxy.zerocopy import AVAILABLE as ZERO_COPY_AVAILABLE
+from mesh.proxy.zerocopy import SPLICE_MIN, KernelPipe, socket_fd
 from mesh.routing import format_hostport
 
 if TYPE_CHECKING:
@@ -72,6 +79,7 @@ IDLE_CHECKS = 4
 # Why downstream reading is paused (bits of Splice._down_paused).
 _PAUSE_BUFFER = 1  # the pre-connect buffer is full
 _PAUSE_UPSTREAM = 2  # the upstream's write buffer is full
+_PAUSE_KERNEL = 4  # this direction moved to the kernel path (mesh.proxy.zerocopy): for good
 
 
 def keepalive(transport: asyncio.BaseTransport) -> None:
@@ -107,7 +115,10 @@ class Upstream(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.peer.write(data)
-        self.nbytes += len(data)
+        n = len(data)
+        self.nbytes += n
+        if n >= SPLICE_MIN:
+            self.splice._kernel_up()
 
     def eof_received(self) -> bool:
         self.splice._upstream_eof()
@@ -149,6 +160,8 @@ class Splice(asyncio.Protocol):
         "_pending",
         "_up_eof",
         "_up_paused",
+        "_zc_down",
+        "_zc_up",
         "client",
         "host",
         "local",
@@ -191,6 +204,8 @@ class Splice(asyncio.Protocol):
         self._idle_handle: asyncio.TimerHandle | None = None
         self._idle_mark = -1
         self._idle_quiet = 0
+        self._zc_up: KernelPipe | None = None  # upstream -> downstream through the kernel
+        self._zc_down: KernelPipe | None = None  # downstream -> upstream through the kernel
 
     # -- start (called by a front) -------------------------------------------------------------
     def _start(self, host: Host, buffered: bytes = b"") -> None:
@@ -258,7 +273,10 @@ class Splice(asyncio.Protocol):
         up = self.up_transport
         if up is not None:
             up.write(data)
-            self.nbytes += len(data)
+            n = len(data)
+            self.nbytes += n
+            if n >= SPLICE_MIN:
+                self._kernel_down()
             return
         buf = self._buf
         if buf is None:
@@ -290,13 +308,14 @@ class Splice(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         up = self.up_transport
-        if up is not None and self._up_paused:
+        if up is not None and self._up_paused and self._zc_up is None:
             self._up_paused = False
             up.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.reason is None:
             self.reason = "client_closed"
+        self._kernel_close()
         self._down_lost = True
         self._down_eof = True
         self._buf = None
@@ -321,6 +340,7 @@ class Splice(asyncio.Protocol):
             return
         if self.reason is None:
             self.reason = "upstream_closed"
+        self._kernel_close()
         self._up_eof = True
         if not self._down_lost:
             self.transport.close()
@@ -339,6 +359,77 @@ class Splice(asyncio.Protocol):
         elif after == 0:
             self.transport.resume_reading()
 
+    # -- the kernel path (mesh.proxy.zerocopy) -------------------------------------------------------------
+    def _kernel_up(self) -> None:
+        """A large read from upstream: move upstream -> downstream to the kernel, if it can be done now."""
+        if self._zc_up is not None or not self.options.zero_copy or not ZERO_COPY_AVAILABLE:
+            return
+        down, up = self.transport, self.up_transport
+        if self._done or self._down_lost or self._up_eof or self._up_paused or up is None:
+            return
+        if down.get_write_buffer_size():
+            return  # bytes already queued would be overtaken; try again on a later read
+        src, dst = socket_fd(up), socket_fd(down)
+        if src < 0 or dst < 0:
+            return
+        self._up_paused = True  # for good: resume_writing leaves it alone
+        up.pause_reading()
+        try:
+            self._zc_up = KernelPipe(
+                self.loop, src, dst, count=self._count_up, on_eof=self._upstream_eof,
+                src_gone=self._abort_up, dst_gone=self._abort_down,
+            )  # fmt: skip
+        except OSError as exc:
+            log.debug("%r: zero-copy not started: %r", self, exc)
+            self._up_paused = False
+            up.resume_reading()
+
+    def _kernel_down(self) -> None:
+        """A large read from downstream: move downstream -> upstream to the kernel, if it can be done now."""
+        if self._zc_down is not None or not self.options.zero_copy or not ZERO_COPY_AVAILABLE:
+            return
+        down, up = self.transport, self.up_transport
+        if self._done or self._down_lost or self._down_eof or self._down_paused or up is None:
+            return
+        if up.get_write_buffer_size():
+            return
+        src, dst = socket_fd(down), socket_fd(up)
+        if src < 0 or dst < 0:
+            return
+        self._pause_down(True, _PAUSE_KERNEL)  # for good: the other bits no longer resume it
+        try:
+            self._zc_down = KernelPipe(
+                self.loop, src, dst, count=self._count_down, on_eof=self._kernel_down_eof,
+                src_gone=self._abort_down, dst_gone=self._abort_up,
+            )  # fmt: skip
+        except OSError as exc:
+            log.debug("%r: zero-copy not started: %r", self, exc)
+            self._pause_down(False, _PAUSE_KERNEL)
+
+    def _count_up(self, n: int) -> None:
+        self.up.nbytes += n  # type: ignore[union-attr]
+
+    def _count_down(self, n: int) -> None:
+        self.nbytes += n
+
+    def _kernel_down_eof(self) -> None:
+        self.eof_received()
+
+    def _abort_up(self) -> None:
+        if self.up_transport is not None:
+            self.up_transport.abort()
+
+    def _abort_down(self) -> None:
+        if not self._down_lost:
+            self.transport.abort()
+
+    def _kernel_close(self) -> None:
+        """Close the kernel paths (their dups would keep the sockets open after the transports closed)."""
+        if self._zc_up is not None:
+            self._zc_up.close()
+        if self._zc_down is not None:
+            self._zc_down.close()
+
     # -- closing -----------------------------------------------------------------------------------
     @staticmethod
     def _write_eof(transport: asyncio.Transport) -> None:
@@ -351,6 +442,7 @@ class Splice(asyncio.Protocol):
             transport.close()
 
     def _close_both(self) -> None:
+        self._kernel_close()
         self.transport.close()
         if self.up_transport is not None:
             self.up_transport.close()
@@ -367,6 +459,7 @@ class Splice(asyncio.Protocol):
         if self.reason is None:
             self.reason = reason
         self._buf = None
+        self._kernel_close()
         task = self._dial_task
         if task is not None:
             task.cancel()
@@ -415,6 +508,8 @@ class Splice(asyncio.Protocol):
             st.bytes_in += self.nbytes
             st.bytes_out += up.nbytes if up is not None else 0
             st.duration.observe(time.monotonic() - self.started)
+        self._kernel_close()
+        self._zc_up = self._zc_down = None  # (their callbacks are bound methods of this splice)
         if up is not None:
             up.splice = None  # break the cycle: the pair is freed by reference counting
             up.peer = None
