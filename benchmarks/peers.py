@@ -2,8 +2,10 @@
 
 - ``direct``: no proxy; the load goes straight to the backend (the baseline).
 - ``mesh-<N>``: this project, ``python -m meshagent run --config FILE --workers N``; ``mesh-1-nometrics`` is the
-  same with metrics switched off (when the CLI has a switch for it).
-- ``haproxy`` / ``haproxy-256k``: HAProxy ``mode tcp``, ``nbthread 1``, default buffers / ``tune.bufsize 262144``.
+  same with metrics switched off (when the CLI has a switch for it); ``mesh-1-copy`` with ``zero_copy: false``
+  (every byte through user space).
+- ``haproxy`` / ``haproxy-256k``: HAProxy ``mode tcp``, ``nbthread 1``, default buffers / ``tune.bufsize 262144``;
+  ``haproxy-256k-splice`` adds ``option splice-auto`` (the kernel's splice for large transfers).
 - ``nginx``: nginx ``stream`` module, one worker.
 - ``pproxy``: the pure-Python proxy from PyPI, in tunnel mode (a plain TCP forward).
 
@@ -85,11 +87,18 @@ class Direct(Peer):
 
 
 class HAProxy(Peer):
-    def __init__(self, workdir: Path, cpus: str | None = None, bufsize: int | None = None) -> None:
+    def __init__(
+        self, workdir: Path, cpus: str | None = None, bufsize: int | None = None, splice: bool = False
+    ) -> None:
         super().__init__(workdir, cpus)
         self.bufsize = bufsize
-        self.name = "haproxy" if bufsize is None else f"haproxy-{bufsize // 1024}k"
-        self.label = "HAProxy mode tcp, nbthread 1" + ("" if bufsize is None else f", tune.bufsize {bufsize}")
+        self.splice = splice
+        self.name = ("haproxy" if bufsize is None else f"haproxy-{bufsize // 1024}k") + ("-splice" if splice else "")
+        self.label = (
+            "HAProxy mode tcp, nbthread 1"
+            + ("" if bufsize is None else f", tune.bufsize {bufsize}")
+            + (", option splice-auto" if splice else "")
+        )
 
     def unavailable(self) -> str | None:
         return None if shutil.which("haproxy") else "haproxy is not installed (apt-get install haproxy)"
@@ -111,7 +120,7 @@ class HAProxy(Peer):
 {tune}
 defaults
     mode tcp
-    timeout connect 3s
+{"    option splice-auto" + chr(10) if self.splice else ""}    timeout connect 3s
     timeout client 1h
     timeout server 1h
 
@@ -211,13 +220,25 @@ class MeshPeer(Peer):
     health check, so the measured path is the one users get.
     """
 
-    def __init__(self, workdir: Path, cpus: str | None = None, workers: int = 1, metrics: bool = True) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        cpus: str | None = None,
+        workers: int = 1,
+        metrics: bool = True,
+        zero_copy: bool = True,
+    ) -> None:
         super().__init__(workdir, cpus)
         self.workers = workers
         self.metrics = metrics
+        self.zero_copy = zero_copy
         self.admin_url: str | None = None  # the admin API (GET /metrics) of the running instance
-        self.name = f"mesh-{workers}" + ("" if metrics else "-nometrics")
-        self.label = f"this mesh, {workers} worker{'s' if workers > 1 else ''}" + ("" if metrics else ", metrics off")
+        self.name = f"mesh-{workers}" + ("" if metrics else "-nometrics") + ("" if zero_copy else "-copy")
+        self.label = (
+            f"this mesh, {workers} worker{'s' if workers > 1 else ''}"
+            + ("" if metrics else ", metrics off")
+            + ("" if zero_copy else ", zero_copy off")
+        )
 
     def unavailable(self) -> str | None:
         missing = [m for m in ("meshagent.cli", "mesh.config", "mesh.runtime") if _find(m) is None]
@@ -242,7 +263,7 @@ services:
   bench:
     listen: "{LOOPBACK}:{port}"
     health_check: {{kind: tcp, interval: 5s}}
-    endpoints: ["{target[0]}:{target[1]}"]
+{"    zero_copy: false" + chr(10) if not self.zero_copy else ""}    endpoints: ["{target[0]}:{target[1]}"]
 """
 
     def start(self, target: tuple[str, int]) -> tuple[str, int]:
@@ -312,25 +333,32 @@ def _first_line(argv: list[str]) -> str:
 
 
 def make_peer(name: str, workdir: Path, *, proxy_cpus: str | None = None) -> Peer:
-    """Peer by name: direct, mesh-<N>, mesh-<N>-nometrics, haproxy, haproxy-256k, nginx, pproxy."""
+    """Peer by name: direct, mesh-<N>[-nometrics][-copy], haproxy, haproxy-<K>k[-splice], nginx, pproxy."""
     if name == "direct":
         return Direct(workdir)
     if name == "haproxy":
         return HAProxy(workdir, proxy_cpus)
-    m = re.fullmatch(r"haproxy-(\d+)k", name)
+    m = re.fullmatch(r"haproxy-(\d+)k(-splice)?", name)
     if m:
-        return HAProxy(workdir, proxy_cpus, bufsize=int(m.group(1)) * 1024)
+        return HAProxy(workdir, proxy_cpus, bufsize=int(m.group(1)) * 1024, splice=bool(m.group(2)))
     if name == "nginx":
         return NginxStream(workdir, proxy_cpus)
     if name == "pproxy":
         return Pproxy(workdir, proxy_cpus)
-    m = re.fullmatch(r"mesh-(\d+)(-nometrics)?", name)
+    m = re.fullmatch(r"mesh-(\d+)(-nometrics)?(-copy)?", name)
     if m:
         workers = int(m.group(1))
         if workers < 1:
             raise BenchError(f"peer {name!r}: the mesh needs at least 1 worker")
         # A multi-worker mesh is meant to use every core: pinning it to the proxy CPU would defeat it.
-        return MeshPeer(workdir, proxy_cpus if workers == 1 else None, workers=workers, metrics=not m.group(2))
+        return MeshPeer(
+            workdir,
+            proxy_cpus if workers == 1 else None,
+            workers=workers,
+            metrics=not m.group(2),
+            zero_copy=not m.group(3),
+        )
     raise BenchError(
-        f"unknown peer {name!r}: expected direct, mesh-<N>, mesh-<N>-nometrics, haproxy, haproxy-<K>k, nginx or pproxy"
+        f"unknown peer {name!r}: expected direct, mesh-<N>[-nometrics][-copy], haproxy, haproxy-<K>k[-splice], nginx "
+        "or pproxy"
     )
