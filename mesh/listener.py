@@ -76,6 +76,7 @@ EXHAUSTED_PAUSE = 0.25
 LOG_INTERVAL = 10.0
 WATCHDOG_INTERVAL = 1.0  # how often an acceptor checks its fast server (and tries to go fast again)
 RESERVE_CHECK = 0.1  # how often the reserve is checked while some acceptor is fast (one timer per process)
+RESERVE_EVERY = 16  # ... and every this many accepts in C
 FAST_RETRY = 5.0  # careful accepting for this long after the fast server failed
 # The descriptor reserve: the top FD_RESERVE descriptors.  One wakeup of libuv's accept loop takes at
 # most a backlog's worth of connections, and each of them dials one upstream socket soon after: with
@@ -124,8 +125,8 @@ class Acceptor:
 
     - *fast* (uvloop only): uvloop's server accepts in C on a ``dup`` of the listening
       socket and calls ``factory(None)``; no Python socket object, no task per accept.
-      With each accepted connection the factory checks the descriptor reserve
-      (``_reserve_ok``), and so does one process-wide timer every ``RESERVE_CHECK``
+      Every ``RESERVE_EVERY`` accepted connections the factory checks the descriptor
+      reserve (``_reserve_ok``), and so does one process-wide timer every ``RESERVE_CHECK``
       (descriptors taken by others); once the reserve is in use, the server is closed
       (the dup only: the socket keeps listening and its backlog keeps filling) and
       accepting goes careful.  What is left: descriptors taken by others faster than
@@ -254,10 +255,11 @@ class Acceptor:
             self._fast_starting = False
 
     def _fast_factory(self) -> asyncio.Protocol:
-        # Called by uvloop for every connection it is about to accept.
-        if not _reserve_ok():
-            self._loop.call_soon(self._go_careful, "descriptor reserve in use")
+        # Called by uvloop for every connection it accepted.  The reserve is checked every
+        # RESERVE_EVERY accepts (two system calls each time) and by the process-wide timer.
         self.accepted += 1
+        if not self.accepted % RESERVE_EVERY and not _reserve_ok():
+            self._loop.call_soon(self._go_careful, "descriptor reserve in use")
         return self.factory(None)
 
     def _stop_fast(self) -> None:

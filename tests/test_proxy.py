@@ -19,6 +19,7 @@ from mesh import limits
 from mesh.listener import Listener
 from mesh.pool import EJECTED, Pool
 from mesh.proxy import PRECONNECT_LIMIT, PRECONNECT_PAUSE, WRITE_HIGH, TcpConnection, zerocopy
+from mesh.proxy import splice as splice_mod
 from mesh.routing import Endpoint, Route, ServiceOptions
 from tests import backends
 from tests.backends import CHUNK, Backend, Blackhole, closed_port, pattern
@@ -147,18 +148,24 @@ async def test_acceptor_watchdog_takes_over_when_the_fast_server_stops(caplog):
     await finish(lst, b)
 
 
-async def test_both_sides_have_nodelay_and_keepalive():
+@pytest.mark.parametrize(
+    ("idle_timeout", "upstream_keepalive"),
+    [(0, 1), (splice_mod.KEEPALIVE_TIME + 1, 1), (3600.0 if splice_mod.KEEPALIVE_TIME > 3600 else 0.5, 0)],
+)
+async def test_both_sides_have_nodelay_and_keepalive_where_it_can_matter(idle_timeout, upstream_keepalive):
+    """TCP_NODELAY on both sides; SO_KEEPALIVE on the client side always (inherited from the listening socket)
+    and on the upstream side when the idle timeout would not close the pair before the kernel's first probe."""
     b = await Backend("a").start()
-    pool = make_pool([b.port])
+    pool = make_pool([b.port], idle_timeout=idle_timeout)
     lst = start_listener(pool)
     r, w = await asyncio.open_connection("127.0.0.1", lst.port)
     w.write(b"ping")
     assert await asyncio.wait_for(r.readexactly(4), 5) == b"ping"
     (conn,) = list(lst.registry)
-    for transport in (conn.transport, conn.up_transport):
+    for transport, want in ((conn.transport, 1), (conn.up_transport, upstream_keepalive)):
         sock = transport.get_extra_info("socket")
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1, transport
-        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1, transport
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == want, transport
     w.close()
     await w.wait_closed()
     await finish(lst, b)

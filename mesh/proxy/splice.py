@@ -82,11 +82,31 @@ _PAUSE_UPSTREAM = 2  # the upstream's write buffer is full
 _PAUSE_KERNEL = 4  # this direction moved to the kernel path (mesh.proxy.zerocopy): for good
 
 
+def _keepalive_time() -> float:
+    """The kernel's idle time before the first keep-alive probe (net.ipv4.tcp_keepalive_time)."""
+    try:
+        with open("/proc/sys/net/ipv4/tcp_keepalive_time") as f:
+            return float(f.read().strip())
+    except (OSError, ValueError):
+        return 7200.0
+
+
+KEEPALIVE_TIME = _keepalive_time()
+
+
+def keepalive_useful(idle_timeout: float) -> bool:
+    """SO_KEEPALIVE on an upstream socket can notice a vanished endpoint only when the idle timeout
+    would not close the pair first: the timeout is off, or longer than the kernel's first probe."""
+    return idle_timeout <= 0 or idle_timeout > KEEPALIVE_TIME
+
+
 def keepalive(transport: asyncio.BaseTransport) -> None:
     """SO_KEEPALIVE on a TCP transport's socket, so a peer that vanished is noticed on an idle
     connection.  TCP_NODELAY is not set here: asyncio's and uvloop's TCP transports set it on
     every socket they wrap (tests/test_proxy.py checks both sides), and each extra setsockopt
-    is a system call per connection."""
+    is a system call per connection.  (Accepted sockets inherit SO_KEEPALIVE from the
+    listening socket; upstream sockets get it here, when ``keepalive_useful``: through uvloop
+    that costs a socket object, a getsockname and a setsockopt, ~4 us.)"""
     sock = transport.get_extra_info("socket")
     if sock is not None:
         try:
@@ -238,7 +258,8 @@ class Splice(asyncio.Protocol):
         self.host = host = up.host
         self.pool.report_success(host)  # type: ignore[union-attr]
         host.stats.connections += 1
-        keepalive(transport)
+        if keepalive_useful(self.options.idle_timeout):
+            keepalive(transport)
         transport.set_write_buffer_limits(high=WRITE_HIGH)
         header = self._preamble(host)
         buf = self._buf
