@@ -43,13 +43,12 @@ from cluster.state import ClusterState, localize
 from cluster.token import read_token
 from cluster.tunnel import DEFAULT_TUNNEL_PORT, LocalTarget, TunnelServer, host_tunnel_header
 from discovery.engine import Engine, EngineError, resolve_docker_host
-from discovery.localtasks import LocalTasks, task_address
+from discovery.localtasks import LocalTasks
 from mesh.errors import ConfigError
+from mesh.proxy.preamble import endpoint_target
 from mesh.routing import RoutingTable, format_hostport, parse_hostport
 
-# LocalTasks and task_address live in discovery.localtasks; named here too for older imports
-__all__ = ["STATUS_PATH", "ClusterAgent", "ClusterSettings", "LocalTasks", "agent_admin", "run_cluster_agent",
-           "task_address"]  # fmt: skip
+__all__ = ["STATUS_PATH", "ClusterAgent", "ClusterSettings", "agent_admin", "run_cluster_agent"]
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +300,7 @@ class ClusterAgent:
     def _resolve(self, target: str) -> LocalTarget | Awaitable[LocalTarget | None] | None:
         found = self._targets.get(target)
         if found is not None:
-            return found
+            return self._with_pool(target, found)
         task = target.rsplit(":", 1)[0]
         if task in self._state_local and task not in self.local.gone:
             # The manager already lists a new task on this node, and another node chose it
@@ -323,7 +322,20 @@ class ClusterAgent:
                 await asyncio.wait_for(self._applied.wait(), remaining)
             except TimeoutError:
                 pass
-        return found
+        return self._with_pool(target, found)
+
+    def _with_pool(self, target: str, found: LocalTarget) -> LocalTarget:
+        """The data plane's own pool and host for the target, so that the tunnel shares their health,
+        ejections and counts and can retry on another local replica of the service."""
+        local_host = getattr(self.mesh, "local_host", None)
+        ep_id, _, port = target.rpartition(":")
+        if local_host is None or not port.isdigit():
+            return found
+        hit = local_host(ep_id, int(port))
+        if hit is None:
+            return found
+        pool, host = hit
+        return found._replace(pool=pool, host=host)
 
     def _log_unknown(self, target: str) -> None:
         task = target.rsplit(":", 1)[0]
@@ -374,8 +386,8 @@ class ClusterAgent:
 
 
 def _local_targets(table: RoutingTable) -> dict[str, LocalTarget]:
-    """Tunnel targets this node accepts: its own endpoints of mesh services, by "task id"
-    and by "task id:target port" (a task may publish several ports).
+    """Tunnel targets this node accepts: its own endpoints of mesh services, by the one target
+    format "<task id>:<target port>" (``mesh.proxy.preamble``; a task may publish several ports).
 
     Draining ones are included: another node may have chosen the task a moment before
     it learnt of the drain, and the replica still serves during its stop grace period;
@@ -385,9 +397,7 @@ def _local_targets(table: RoutingTable) -> dict[str, LocalTarget]:
         for ep in route.endpoints:
             if ep.via is not None:
                 continue
-            target = LocalTarget(ep.address, ep.port, svc.options.proxy_protocol)
-            out.setdefault(ep.id, target)
-            out[f"{ep.id}:{ep.port}"] = target
+            out[endpoint_target(ep)] = LocalTarget(ep.address, ep.port, svc.options.proxy_protocol)
     return out
 
 

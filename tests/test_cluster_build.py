@@ -8,9 +8,10 @@ import pytest
 from cluster.state import ClusterState, NodeInfo, localize
 from cluster.tunnel import LocalTarget
 from discovery.cluster import build_cluster_state, node_infos
+from discovery.localtasks import task_address
 from discovery.records import ContainerRecord, NetworkAddress, NetworkRecord, ServiceRecord, TaskRecord, frozen_labels
 from mesh.routing import Endpoint, Route, RoutingTable, Service, ServiceOptions
-from meshagent.cluster import _local_targets, _manager_addresses, task_address
+from meshagent.cluster import _local_targets, _manager_addresses
 
 WEB = ServiceRecord(
     id="svcweb", name="web", labels=frozen_labels({"mesh.publish": "8080:80,8443:443"}), replicas=4, created=1.0
@@ -134,7 +135,7 @@ def test_task_address(c: ContainerRecord, gw: NetworkRecord | None, expected: st
     assert task_address(c, gw) == expected
 
 
-def test_local_targets_are_local_endpoints_by_task_and_by_task_port() -> None:
+def test_local_targets_are_local_endpoints_by_task_and_target_port() -> None:
     state = ClusterState(
         table=RoutingTable(
             version=3,
@@ -153,13 +154,11 @@ def test_local_targets_are_local_endpoints_by_task_and_by_task_port() -> None:
         nodes=NODES,
     )  # fmt: skip
     table = localize(state, "n1", {"d1": "172.17.0.2", "w1": "172.17.0.3", "w3": "172.17.0.4"}, draining={"w3"})
+    # The one target format "<task id>:<target port>" (a bare task id is not a target).
     assert _local_targets(table) == {
-        "d1": LocalTarget("172.17.0.2", 5432, "v2"),
         "d1:5432": LocalTarget("172.17.0.2", 5432, "v2"),
-        "w1": LocalTarget("172.17.0.3", 80, None),
         "w1:80": LocalTarget("172.17.0.3", 80, None),
         "w1:443": LocalTarget("172.17.0.3", 443, None),
-        "w3": LocalTarget("172.17.0.4", 80, None),
         "w3:80": LocalTarget("172.17.0.4", 80, None),
     }  # w2 is remote: not a tunnel target here; w3 is draining but still alive: it is
 
@@ -218,7 +217,7 @@ LOCAL_EVENT_CASES = [
     ("events", "draining", "changes"), [c[1:] for c in LOCAL_EVENT_CASES], ids=[c[0] for c in LOCAL_EVENT_CASES]
 )
 def test_local_tasks_drain_on_fatal_events(events: list[dict], draining: set[str], changes: int) -> None:
-    from meshagent.cluster import LocalTasks
+    from discovery.localtasks import LocalTasks
 
     calls = []
     lt = LocalTasks(None, lambda: calls.append(1))  # type: ignore[arg-type]
@@ -246,7 +245,7 @@ class _FakeListingEngine:
 
 async def test_local_tasks_first_listing_counts_as_a_change_even_when_empty() -> None:
     # a node without local tasks must still apply the cluster state: the agent waits for this call
-    from meshagent.cluster import LocalTasks
+    from discovery.localtasks import LocalTasks
 
     calls = []
     lt = LocalTasks(_FakeListingEngine([]), lambda: calls.append(1))  # type: ignore[arg-type]
@@ -256,7 +255,7 @@ async def test_local_tasks_first_listing_counts_as_a_change_even_when_empty() ->
 
 
 async def test_local_tasks_listing_keeps_running_reachable_tasks() -> None:
-    from meshagent.cluster import LocalTasks
+    from discovery.localtasks import LocalTasks
 
     def c(cid: str, state: str, status: str, ip: str) -> dict:
         return {

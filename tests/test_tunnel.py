@@ -727,3 +727,43 @@ async def test_tunnel_write_buffer_towards_a_stalled_replica_stays_bounded() -> 
             await asyncio.gather(sending, return_exceptions=True)
         await srv.stop()
         await backend.stop()
+
+
+async def test_mesh_local_host_gives_the_tunnel_the_data_planes_own_pool() -> None:
+    """What the cluster agent wires (ClusterAgent._with_pool): a target "<task id>:<port>" resolves to the
+    Mesh's own pool and host for that local replica, never to a remote (tunnelled) one."""
+    from mesh.routing import RoutingTable, Service
+    from mesh.runtime import Mesh
+
+    backend = await Backend().start()
+    mesh = Mesh(local_node="n1")
+    eps = (
+        Endpoint("t1", "127.0.0.1", backend.port, node="n1"),
+        Endpoint("t2", "10.255.0.9", backend.port, node="n2", via="127.0.0.1:1"),
+    )
+    await mesh.apply(RoutingTable(1, (Service("web", (Route(0, eps, listen_host="127.0.0.1"),)),)))
+    try:
+        assert mesh.local_host("t2", backend.port) is None  # remote: a tunnel never tunnels again
+        assert mesh.local_host("t1", backend.port + 1) is None  # same task, another port
+        pool, host = mesh.local_host("t1", backend.port)
+        assert host.endpoint.id == "t1" and host in pool.hosts
+
+        def resolve(target: str) -> LocalTarget | None:
+            ep_id, _, port = target.rpartition(":")
+            hit = mesh.local_host(ep_id, int(port))
+            return None if hit is None else LocalTarget(hit[1].address, hit[1].port, pool=hit[0], host=hit[1])
+
+        srv = TunnelServer(resolve, {"127.0.0.1"}, "127.0.0.1", 0)
+        await srv.start()
+        try:
+            reader, writer = await _dial(srv)
+            writer.write(tunnel_header(CLIENT, PUBLISHED, f"t1:{backend.port}") + b"ping")
+            assert await asyncio.wait_for(reader.readexactly(4), 5) == b"ping"
+            assert host.active == 1 and host.stats.connections == 1  # counted where the data plane balances
+            await _close(writer)
+            await wait_for(lambda: host.active == 0, what="tunnel connection released")
+        finally:
+            await srv.stop()
+    finally:
+        await mesh.shutdown(0)
+        await backend.stop()
