@@ -6,7 +6,7 @@ The file format (YAML shown; TOML has the same tree)::
       connect_timeout: 2s
     services:
       web:
-        listen: 8080                # or "127.0.0.1:8080", or a list of them
+        listen: 8080                # or "127.0.0.1:8080", or a list of them; 0 = any free port
         balance: round-robin        # round-robin | least-conn | p2c | hash
         endpoints: ["127.0.0.1:9001", {address: 127.0.0.1, port: 9002, weight: 2}]
 
@@ -25,6 +25,11 @@ Rules:
   the same schema the Docker label reader uses, so a value means the same thing
   here and in a label (docs/options.md).
 - A static endpoint's id is its "host:port" unless the file gives one.
+- ``listen`` port 0 means any free port, chosen when the listener binds (tests:
+  the admin API's ``/v1/table`` shows the bound port).  Only ``listen``: an
+  endpoint's port is never 0.  With ``workers`` > 1 (``--workers N``) port 0 is
+  an error: each worker process would bind a port of its own
+  (``check_workers`` says the same for a table from any source).
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ from mesh.routing import (
     parse_hostport,
 )
 
-__all__ = ["load_config", "parse_config", "parse_duration"]
+__all__ = ["check_workers", "load_config", "parse_config", "parse_duration", "parse_listen"]
 
 KeyPath = tuple[str | int, ...]
 
@@ -65,10 +70,58 @@ def parse_duration(value: Any) -> float:
     return schema.parse_duration(value)
 
 
-def load_config(path: str | Path, *, version: int = 1) -> RoutingTable:
+_LISTEN_EXPECTED = "expected a port (0-65535; 0 = any free port, chosen at bind) or 'host:port'"
+
+
+def parse_listen(text: str, default_host: str = "0.0.0.0") -> tuple[str, int]:
+    """A listen address: "host:port", "[v6]:port" or a bare "port" (on ``default_host``).
+
+    The grammar of ``mesh.routing.parse_hostport``, except that the port may be 0: any free
+    port, chosen when the listener binds.  Raises ``TableError`` quoting the input.
+    """
+    s = str(text).strip()
+    head, sep, port_s = s.rpartition(":")
+    number = port_s.isascii() and port_s.isdigit()
+    if number and int(port_s) > 65535:
+        raise TableError(f"port out of range 0-65535 in {text!r}")
+    if not (number and int(port_s) == 0):
+        return parse_hostport(s, default_host=default_host)
+    if not sep:
+        return default_host, 0
+    # The host part follows the contract's rules: check it on a valid port, report the input as given.
+    try:
+        host, _ = parse_hostport(f"{head}:1")
+    except TableError as exc:
+        raise TableError(str(exc).replace(repr(f"{head}:1"), repr(text))) from None
+    return host, 0
+
+
+def _any_port_message(service: str, workers: int) -> str:
+    return (
+        f"service {service!r} listens on port 0 (any free port), which --workers {workers} cannot share: "
+        "each worker process would bind a port of its own; give the service a fixed port"
+    )
+
+
+def check_workers(table: RoutingTable, workers: int) -> None:
+    """Refuse a table with a port-0 route (any free port) for ``workers`` > 1 data-plane processes.
+
+    With SO_REUSEPORT every worker binds the listen address itself, so port 0 would give each
+    worker a different port.  Raises ``ConfigError`` naming the first such service.
+    """
+    if workers <= 1:
+        return
+    for svc, route in table.routes():
+        if route.port == 0:
+            raise ConfigError(_any_port_message(svc.name, workers))
+
+
+def load_config(path: str | Path, *, version: int = 1, workers: int = 1) -> RoutingTable:
     """Read ``path`` (.yaml, .yml or .toml) and return its routing table with ``version``.
 
-    Raises ``ConfigError`` naming the file and line of whatever is wrong.
+    ``workers``: the data-plane processes that will serve it (``--workers``); above 1, a
+    ``listen`` on port 0 is an error.  Raises ``ConfigError`` naming the file and line of
+    whatever is wrong.
     """
     source = str(path)
     suffix = Path(source).suffix.lower()
@@ -82,10 +135,13 @@ def load_config(path: str | Path, *, version: int = 1) -> RoutingTable:
         raise ConfigError(f"cannot read config file: {exc.strerror or exc}", source=source) from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(f"config file is not UTF-8 text: {exc.reason}", source=source) from exc
-    return parse_config(text, source=source, fmt="toml" if suffix == ".toml" else "yaml", version=version)
+    fmt = "toml" if suffix == ".toml" else "yaml"
+    return parse_config(text, source=source, fmt=fmt, version=version, workers=workers)
 
 
-def parse_config(text: str, *, source: str = "<config>", fmt: str = "yaml", version: int = 1) -> RoutingTable:
+def parse_config(
+    text: str, *, source: str = "<config>", fmt: str = "yaml", version: int = 1, workers: int = 1
+) -> RoutingTable:
     """Like ``load_config`` for text already read; ``fmt`` is "yaml" or "toml"."""
     if fmt == "yaml":
         data, lines = _read_yaml(text, source)
@@ -93,7 +149,7 @@ def parse_config(text: str, *, source: str = "<config>", fmt: str = "yaml", vers
         data, lines = _read_toml(text, source)
     else:
         raise ValueError(f"fmt must be 'yaml' or 'toml', got {fmt!r}")
-    return _Builder(source, lines).table(data, version)
+    return _Builder(source, lines, workers).table(data, version)
 
 
 # -- reading, with positions ---------------------------------------------------------------------
@@ -262,9 +318,10 @@ def _dotted(path: KeyPath) -> str:
 
 
 class _Builder:
-    def __init__(self, source: str, lines: _Lines) -> None:
+    def __init__(self, source: str, lines: _Lines, workers: int = 1) -> None:
         self.source = source
         self.lines = lines
+        self.workers = workers
 
     def error(self, path: KeyPath, message: str) -> ConfigError:
         where = _dotted(path)
@@ -363,9 +420,12 @@ class _Builder:
             if isinstance(item, bool) or not isinstance(item, int | str):
                 raise self.error(ipath, f"expected a port or 'host:port', got {describe(item)}")
             try:
-                out.append(parse_hostport(str(item), default_host="0.0.0.0"))
+                host, port = parse_listen(str(item))
             except TableError as exc:
-                raise self.error(ipath, f"expected a port (1-65535) or 'host:port': {exc}") from exc
+                raise self.error(ipath, f"{_LISTEN_EXPECTED}: {exc}") from exc
+            if port == 0 and self.workers > 1:
+                raise self.error(ipath, _any_port_message(path[1], self.workers))
+            out.append((host, port))
         return out
 
     def endpoints(self, value: Any, path: KeyPath) -> tuple[Endpoint, ...]:

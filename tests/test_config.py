@@ -4,7 +4,7 @@ import textwrap
 
 import pytest
 
-from mesh.config import load_config, parse_duration
+from mesh.config import check_workers, load_config, parse_config, parse_duration, parse_listen
 from mesh.errors import ConfigError
 from mesh.routing import Endpoint, HealthCheck, Route, RoutingTable, Service, ServiceOptions
 
@@ -190,6 +190,32 @@ GOOD = [
         ),
     ),
     ("no-services.yaml", "services: {}\n", RoutingTable(1, ())),
+    (
+        "any-port.yaml",
+        """
+        services:
+          a: {listen: "127.0.0.1:0", endpoints: ["127.0.0.1:9001"]}
+          b: {listen: 0, endpoints: ["127.0.0.1:9001"]}
+          c: {listen: ["[::1]:0", "0", 8080], endpoints: []}
+        """,
+        RoutingTable(
+            1,
+            (
+                Service("a", (Route(0, (E1,), "127.0.0.1"),)),
+                Service("b", (Route(0, (E1,)),)),
+                Service("c", (Route(0, (), "::1"), Route(0, ()), Route(8080, ()))),
+            ),
+        ),
+    ),
+    (
+        "any-port.toml",
+        """
+        [services.a]
+        listen = "127.0.0.1:0"
+        endpoints = ["127.0.0.1:9001"]
+        """,
+        RoutingTable(1, (Service("a", (Route(0, (E1,), "127.0.0.1"),)),)),
+    ),
 ]
 
 
@@ -256,12 +282,25 @@ BAD = [
     (
         "port.yaml",
         "services:\n  web:\n    listen: 70000\n    endpoints: []\n",
-        "3: services.web.listen: expected a port (1-65535) or 'host:port': port out of range 1-65535 in '70000'",
+        "3: services.web.listen: expected a port (0-65535; 0 = any free port, chosen at bind) or 'host:port': "
+        "port out of range 0-65535 in '70000'",
     ),
     (
         "port-list.yaml",
         "services:\n  web:\n    listen:\n      - 80\n      - 'localhost:http'\n    endpoints: []\n",
-        "5: services.web.listen[1]: expected a port (1-65535) or 'host:port': port must be a number in 'localhost:http'",
+        "5: services.web.listen[1]: expected a port (0-65535; 0 = any free port, chosen at bind) or 'host:port': "
+        "port must be a number in 'localhost:http'",
+    ),
+    (
+        "any-port-bad-host.yaml",
+        "services:\n  web:\n    listen: ':0'\n    endpoints: []\n",
+        "3: services.web.listen: expected a port (0-65535; 0 = any free port, chosen at bind) or 'host:port': "
+        "missing host in ':0'",
+    ),
+    (
+        "endpoint-str-port-0.yaml",
+        "services:\n  web:\n    listen: 0\n    endpoints: ['127.0.0.1:0']\n",
+        "4: services.web.endpoints[0]: expected 'host:port': port out of range 1-65535 in '127.0.0.1:0'",
     ),
     (
         "endpoint-port.yaml",
@@ -475,3 +514,61 @@ def test_example_config_loads():
     )
     assert table.service("api").options == ServiceOptions(balance="p2c", health_check=HealthCheck(interval=2.0))
     assert table.service("db").options == ServiceOptions(balance="hash", idle_timeout=0.0)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("0", ("0.0.0.0", 0)),
+        ("00", ("0.0.0.0", 0)),
+        ("127.0.0.1:0", ("127.0.0.1", 0)),
+        ("[::1]:0", ("::1", 0)),
+        ("localhost:0", ("localhost", 0)),
+        ("8080", ("0.0.0.0", 8080)),
+        (" 127.0.0.1:8080 ", ("127.0.0.1", 8080)),
+        ("[::]:65535", ("::", 65535)),
+    ],
+)
+def test_parse_listen(text, expected):
+    assert parse_listen(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (":0", "missing host in ':0'"),
+        ("::0", "expected 'host:port', got '::0'"),
+        ("a:b:0", "expected 'host:port', got 'a:b:0'"),
+        ("[::1]0", "expected '[address]:port', got '[::1]0'"),
+        ("65536", "port out of range 0-65535 in '65536'"),
+        ("h:-0", "port must be a number in 'h:-0'"),
+        ("h:", "port must be a number in 'h:'"),
+    ],
+)
+def test_parse_listen_rejects(text, message):
+    with pytest.raises(ValueError) as info:
+        parse_listen(text)
+    assert str(info.value) == message
+
+
+ANY_PORT = (
+    "services:\n  web:\n    listen: 8080\n    endpoints: []\n  test:\n    listen: ['127.0.0.1:0']\n    endpoints: []\n"
+)
+
+
+def test_port_0_is_refused_with_several_workers():
+    """--workers N > 1: every worker binds the listen address itself (SO_REUSEPORT), so port 0 would give
+    each worker a port of its own.  The file reader names the line; check_workers does it for any table."""
+    table = parse_config(ANY_PORT)  # one process: fine
+    assert [r.port for _, r in table.routes()] == [0, 8080]
+    check_workers(table, 1)
+    with pytest.raises(ConfigError) as info:
+        parse_config(ANY_PORT, source="mesh.yaml", workers=2)
+    assert str(info.value) == (
+        "mesh.yaml:6: services.test.listen[0]: service 'test' listens on port 0 (any free port), which --workers 2 "
+        "cannot share: each worker process would bind a port of its own; give the service a fixed port"
+    )
+    with pytest.raises(ConfigError, match=r"^service 'test' listens on port 0 \(any free port\), which --workers 3"):
+        check_workers(table, 3)
+    fixed = parse_config(ANY_PORT.replace("'127.0.0.1:0'", "'127.0.0.1:8081'"), workers=2)
+    check_workers(fixed, 2)
