@@ -19,7 +19,8 @@ Rules (docs/discovery.md has the user-facing version):
   longer "running" become ``state="draining"`` while they still run.
 - Conflicts: two services with one name, or overlapping listen ports: the older
   service keeps it (then the name decides); the other is reported and skipped
-  (only the conflicting route, for ports).
+  (only the conflicting route, for ports).  Published port 0 (any free port,
+  chosen when the data plane binds it) never conflicts.
 - A bad object is reported as a ``Problem`` and skipped; the others are built.
 """
 
@@ -275,7 +276,8 @@ def build_table(
                 )
                 continue
             routes.append(Route(port=port, listen_host=host, endpoints=tuple(endpoints)))
-            claimed.append((host, port, cand.name))
+            if port != 0:  # any free port, chosen at bind: never the same as another service's
+                claimed.append((host, port, cand.name))
         if not routes:
             continue
         names[cand.name] = cand

@@ -83,14 +83,21 @@ def _parse(label: str, value: str, type_: schema.ValueType) -> Any:
         raise LabelError(label, value, exc.expected) from exc
 
 
-def _port(label: str, text: str, whole: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise LabelError(label, whole, f"port {text!r} must be a number 1..65535")
+def _port(label: str, text: str, whole: str, *, any_port: bool = False) -> int:
+    low = 0 if any_port else 1
+    if not (text.isascii() and text.isdigit()) or not low <= int(text) < 65536:
+        hint = " (0 = any free port)" if any_port else ""
+        raise LabelError(label, whole, f"port {text!r} must be a number {low}..65535{hint}")
     return int(text)
 
 
 def parse_publish(value: str, label: str = "mesh.publish") -> tuple[PublishSpec, ...]:
-    """``[listen_ip:]published:target[/tcp]`` or ``published[/tcp]`` (target = published), comma-separated."""
+    """``[listen_ip:]published:target[/tcp]`` or ``published[/tcp]`` (target = published), comma-separated.
+
+    A published port of 0 means any free port, chosen when the data plane binds it (tests read it
+    back from the listener); the target port, and a bare ``published`` (which is also the target),
+    are never 0.
+    """
     specs: list[PublishSpec] = []
     items = [p.strip() for p in value.split(",")]
     if not value.strip() or any(not p for p in items):
@@ -114,7 +121,7 @@ def parse_publish(value: str, label: str = "mesh.publish") -> tuple[PublishSpec,
         if len(parts) == 1:
             published = target = _port(label, parts[0], value)
         elif len(parts) == 2:
-            published, target = _port(label, parts[0], value), _port(label, parts[1], value)
+            published, target = _port(label, parts[0], value, any_port=True), _port(label, parts[1], value)
         else:
             raise LabelError(label, value, f"expected published:target in {item!r}")
         specs.append(PublishSpec(published=published, target=target, listen_host=host))

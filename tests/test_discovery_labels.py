@@ -20,6 +20,10 @@ from mesh.routing import HealthCheck, ServiceOptions
         ("127.0.0.1:8080:80", (PublishSpec(8080, 80, listen_host="127.0.0.1"),)),
         ("[::1]:8080:80", (PublishSpec(8080, 80, listen_host="::1"),)),
         ("65535:1", (PublishSpec(65535, 1),)),
+        # published port 0: any free port, chosen when the data plane binds it (tests)
+        ("0:80", (PublishSpec(0, 80),)),
+        ("127.0.0.1:0:80", (PublishSpec(0, 80, listen_host="127.0.0.1"),)),
+        ("0:80,8080:81", (PublishSpec(0, 80), PublishSpec(8080, 81))),
     ],
 )
 def test_publish_valid(value, expected):
@@ -32,8 +36,11 @@ def test_publish_valid(value, expected):
         ("", "expected published:target"),
         ("8080:80,", "expected published:target"),
         ("8080:80/udp", "only tcp is supported, got /udp"),
-        ("0:80", "port '0' must be a number 1..65535"),
+        ("0", "port '0' must be a number 1..65535"),  # a bare port is the target too
+        ("8080:0", "port '0' must be a number 1..65535"),
+        ("70000:80", "port '70000' must be a number 0..65535 (0 = any free port)"),
         ("8080:70000", "port '70000' must be a number 1..65535"),
+        ("0:80,0:81", "port 0 is published twice"),
         ("web:80", "port 'web' must be a number"),
         ("1:2:3:4", "expected published:target in '1:2:3:4'"),
         ("8080:80,8080:81", "port 8080 is published twice"),

@@ -463,3 +463,42 @@ def test_parse_bool(text, expected):
 def test_parse_bool_rejects(text):
     with pytest.raises(schema.OptionError, match="^expected true or false; got "):
         schema.parse_bool(text)
+
+
+def test_port_0_means_any_free_port_in_a_file_and_in_a_label():
+    """listen 0 (file) and a published port 0 (mesh.publish) both ask for any free port at bind time; two
+    services on port 0 never conflict; 0 is never a port to connect to (endpoint / target)."""
+    table = parse_config(
+        "services:\n"
+        "  a: {listen: '127.0.0.1:0', endpoints: ['127.0.0.1:9001']}\n"
+        "  b: {listen: '127.0.0.1:0', endpoints: ['127.0.0.1:9001']}\n"
+    )
+    assert [(s.name, r.listen_host, r.port) for s, r in table.routes()] == [
+        ("a", "127.0.0.1", 0),
+        ("b", "127.0.0.1", 0),
+    ]
+    containers = [
+        ContainerRecord(
+            id=f"c{i}",
+            name=f"{name}-1",
+            labels=frozen_labels({"mesh.publish": "127.0.0.1:0:80", "mesh.service": name}),
+            networks=(NetworkAddress("bridge", "n-bridge", f"198.18.201.{i + 2}"),),
+        )
+        for i, name in enumerate(("a", "b"))
+    ]
+    table, problems = build_table(containers, local_node="n1")
+    assert problems == ()
+    assert [(s.name, r.listen_host, r.port, [e.port for e in r.endpoints]) for s, r in table.routes()] == [
+        ("a", "127.0.0.1", 0, [80]),
+        ("b", "127.0.0.1", 0, [80]),
+    ]
+    with pytest.raises(ConfigError, match=r"endpoints\[0\]: expected 'host:port': port out of range 1-65535"):
+        parse_config("services:\n  a: {listen: 0, endpoints: ['127.0.0.1:0']}\n")
+    bad = ContainerRecord(
+        id="c9", name="z-1", labels=frozen_labels({"mesh.publish": "8080:0"}),
+        networks=(NetworkAddress("bridge", "n-bridge", "198.18.201.9"),),
+    )  # fmt: skip
+    _, problems = build_table([bad], local_node="n1")
+    assert [str(p) for p in problems] == [
+        "container z-1 (c9): label mesh.publish='8080:0': port '0' must be a number 1..65535 - skipped"
+    ]
