@@ -8,7 +8,8 @@ Endpoints:
   GET /readyz    200 once a routing table is applied and its listeners are up, else 503 (readiness)
   GET /v1/table  the current routing table as JSON (``RoutingTable.to_dict()``), each route and endpoint
                  enriched with a "runtime" object: active connections, health bits, ejection, draining,
-                 counters; 503 before the first table
+                 counters, the port the route's listener is bound to; a top-level "runtime" lists the
+                 listeners (service, protocol, host, configured and bound port); 503 before the first table
   GET <view>     read-only JSON views the composition root adds (``views=``), e.g. the cluster agent's
                  /v1/cluster/status
 
@@ -73,7 +74,7 @@ ENDPOINTS = {
     "/metrics": "Prometheus metrics (text format; OpenMetrics 1.0 on Accept: application/openmetrics-text)",
     "/healthz": "liveness: 200 while the process answers",
     "/readyz": "readiness: 200 once a routing table is applied and its listeners are up, else 503",
-    "/v1/table": "the applied routing table as JSON, with runtime state per route and endpoint",
+    "/v1/table": "the applied routing table as JSON, with runtime state per route and endpoint and the bound listeners",
 }
 
 
@@ -360,6 +361,10 @@ def table_with_runtime(table: RoutingTable, merged: dict[str, Any], now: float |
 
     Endpoints that left the table but still carry connections are listed under the route's
     ``runtime.departed``.  A route or endpoint the data plane does not (yet) know has ``runtime: null``.
+    ``runtime.bound_port`` of a route, and ``runtime.listeners`` at the top (one entry per route the data
+    plane knows: service, protocol, listen_host, the configured ``port`` and the ``bound_port``), give the
+    port actually listened on: the configured one, or the one chosen for port 0 (any free port).  It is
+    null while the port is not bound, or if processes disagree (they cannot: ``--workers`` refuses port 0).
     """
     now = time.time() if now is None else now
     doc = table.to_dict()
@@ -376,6 +381,7 @@ def table_with_runtime(table: RoutingTable, merged: dict[str, Any], now: float |
             listed_ids = {ep["id"] for ep in route["endpoints"]}
             route["runtime"] = {
                 "listening": r["listening"],
+                "bound_port": _bound_port(r),
                 "accepted": r["accepted"],
                 "retries": r["retries"],
                 "no_endpoint": r["no_endpoint"],
@@ -396,8 +402,24 @@ def table_with_runtime(table: RoutingTable, merged: dict[str, Any], now: float |
         "applied_version": merged["table_version"],
         "applied_at": merged["table_applied"],
         "generated_at": now,
+        "listeners": [
+            {
+                "service": r["service"],
+                "protocol": r.get("protocol"),
+                "listen_host": r["listen_host"],
+                "port": r["port"],
+                "bound_port": _bound_port(r),
+                "listening": r["listening"],
+            }
+            for r in merged["routes"]
+        ],
     }
     return doc
+
+
+def _bound_port(r: dict[str, Any]) -> int | None:
+    ports = r.get("bound_ports") or ()
+    return ports[0] if len(ports) == 1 else None
 
 
 def _host_runtime(h: dict[str, Any]) -> dict[str, Any]:

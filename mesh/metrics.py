@@ -23,7 +23,10 @@ Rules:
   counter stays monotonic.  Removals are noticed on every ``Pool.on_change``
   (which fires on each table update) and at every scrape.
 - Labels: service, port, endpoint (the endpoint id from the routing table),
-  reason; never client addresses.
+  reason; never client addresses.  ``port`` is the port of the table's route, so
+  a route's series keep their name whatever happens to its listener; a route on
+  port 0 (any free port, tests) is labelled 0, and its bound port is in the
+  snapshot (``bound_port``) and the admin API's /v1/table.
 - Directions: "received" = bytes read from clients (``HostStats.bytes_in``,
   client -> endpoint), "sent" = bytes written to clients
   (``HostStats.bytes_out``, endpoint -> client).  Both are added once per
@@ -150,7 +153,8 @@ class StatsReader:
     make counters monotonic (hosts removed from a pool, listeners removed from the process).
 
     ``listeners()`` yields the ``mesh.listener.Listener`` objects this process serves (each with ``.pool``,
-    ``.listening``, ``.fd_exhausted``).  ``info()`` returns ``table_version`` and ``table_applied``
+    ``.listening``, ``.fd_exhausted``, ``.port``: the bound port).  ``unbound()`` yields (service,
+    listen_host, port[, protocol]) of the table's routes whose port could not be bound.  ``info()`` returns ``table_version`` and ``table_applied``
     (wall-clock seconds), either may be missing.  ``clock`` must be the pools' clock (``time.monotonic``
     unless injected) so an ejection's expiry can be turned into seconds left.
     """
@@ -160,7 +164,7 @@ class StatsReader:
         listeners: Callable[[], Iterable[Any]],
         info: Callable[[], dict[str, Any]] = dict,
         *,
-        unbound: Callable[[], Iterable[tuple[str, str, int]]] | None = None,
+        unbound: Callable[[], Iterable[tuple[str, str, int] | tuple[str, str, int, str]]] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._listeners_of = listeners
@@ -224,6 +228,9 @@ class StatsReader:
                     "service": pool.service,
                     "port": pool.route.port,
                     "listen_host": pool.route.listen_host,
+                    "protocol": getattr(listener, "protocol", "tcp"),
+                    # what the listener is bound to: the route's port, or the one chosen for port 0
+                    "bound_port": listener.port if listener.listening else None,
                     "listening": bool(listener.listening),
                     "accepted": rs.accepted,
                     "no_endpoint": rs.no_endpoint,
@@ -238,8 +245,8 @@ class StatsReader:
                 }
             )
         if self._unbound is not None:
-            for service, listen_host, port in self._unbound():
-                routes.append(_unbound_route(service, listen_host, port))
+            for service, listen_host, port, *protocol in self._unbound():
+                routes.append(_unbound_route(service, listen_host, port, *protocol))
         for pid in [k for k in self._ledgers if k not in live_pools]:
             del self._ledgers[pid]  # the port is no longer served: its counters end with it
         info = self._info()
@@ -254,12 +261,14 @@ class StatsReader:
         }
 
 
-def _unbound_route(service: str, listen_host: str, port: int) -> dict[str, Any]:
+def _unbound_route(service: str, listen_host: str, port: int, protocol: str = "tcp") -> dict[str, Any]:
     """A route of the table whose port could not be bound: exported with ``mesh_listener_up`` 0."""
     return {
         "service": service,
         "port": port,
         "listen_host": listen_host,
+        "protocol": protocol,
+        "bound_port": None,
         "listening": False,
         "accepted": 0,
         "no_endpoint": 0,
@@ -272,13 +281,13 @@ def _unbound_route(service: str, listen_host: str, port: int) -> dict[str, Any]:
     }
 
 
-def _mesh_unbound(mesh: Any) -> list[tuple[str, str, int]]:
+def _mesh_unbound(mesh: Any) -> list[tuple[str, str, int, str]]:
     table, failed = mesh.table, getattr(mesh, "failed", None)
     if table is None or not failed:
         return []
-    from mesh.runtime import listen_key  # noqa: PLC0415  (not at import: metrics is imported by the runtime's users)
+    from mesh.runtime import listen_key  # not at import: metrics is imported by the runtime's users
 
-    return [(svc.name, r.listen_host, r.port) for svc, r in table.routes() if listen_key(svc, r) in failed]
+    return [(svc.name, r.listen_host, r.port, r.protocol) for svc, r in table.routes() if listen_key(svc, r) in failed]
 
 
 def _mesh_info(mesh: Any) -> dict[str, Any]:
@@ -306,7 +315,7 @@ def reader_for(mesh: Any) -> StatsReader:
             m = ref()
             return {} if m is None else _mesh_info(m)
 
-        def unbound() -> list[tuple[str, str, int]]:
+        def unbound() -> list[tuple[str, str, int, str]]:
             m = ref()
             return [] if m is None else _mesh_unbound(m)
 
@@ -351,7 +360,8 @@ def merge_snapshots(snaps: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
     Routes merge by (service, port), hosts by endpoint id.  Counters and histograms are summed, ``active``
     summed, ``health`` bits OR-ed, ``draining`` / ``listed`` / ``listening`` any, ``ejected_seconds_left``
-    max.  The table version is the lowest any process runs (the one every process has applied) and the
+    max; ``bound_ports`` lists the distinct ports the processes' listeners are bound to (one, as every
+    worker binds the route's own port; none when no process listens).  The table version is the lowest any process runs (the one every process has applied) and the
     applied time the latest among processes on that version.  ``processes`` counts the inputs.
     Raises ``ValueError`` for a snapshot of another format version or other histogram buckets.
     """
@@ -378,6 +388,8 @@ def merge_snapshots(snaps: Sequence[dict[str, Any]]) -> dict[str, Any]:
                     "service": r["service"],
                     "port": r["port"],
                     "listen_host": r["listen_host"],
+                    "protocol": r.get("protocol"),
+                    "bound_ports": _bound_ports(r),
                     "listening": r["listening"],
                     "accepted": r["accepted"],
                     "no_endpoint": r["no_endpoint"],
@@ -392,6 +404,7 @@ def merge_snapshots(snaps: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 if into["listen_host"] != r["listen_host"]:
                     into["listen_host"] = ",".join(sorted({*into["listen_host"].split(","), r["listen_host"]}))
                 into["listening"] = into["listening"] or r["listening"]
+                into["bound_ports"] = sorted({*into["bound_ports"], *_bound_ports(r)})
                 for k in ("accepted", "no_endpoint", "retries", "overflow"):
                     into[k] += r[k]
                 for field in ("connect_failures", "failed"):
@@ -433,6 +446,13 @@ def merge_snapshots(snaps: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "fd_exhausted": fd_exhausted,
         "routes": out_routes,
     }
+
+
+def _bound_ports(r: dict[str, Any]) -> list[int]:
+    """The bound ports of a route row: of one process (``bound_port``) or already merged (``bound_ports``)."""
+    if "bound_ports" in r:
+        return list(r["bound_ports"])
+    return [] if r.get("bound_port") is None else [r["bound_port"]]
 
 
 def _up(h: dict[str, Any]) -> bool:
@@ -647,6 +667,7 @@ def _retire(merged: dict[str, Any]) -> dict[str, Any]:
     merged["pid"] = -1
     for r in merged["routes"]:
         r["listening"] = False
+        r["bound_ports"] = []
         for h in r["hosts"]:
             h.update(active=0, health=0, draining=False, listed=False, ejected_seconds_left=0.0, up=False)
             h["healthy"] = False

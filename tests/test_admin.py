@@ -8,8 +8,10 @@ server scraped with an aiohttp client and the exposition parsed with prometheus_
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
+from collections.abc import Iterator
 
 import aiohttp
 import pytest
@@ -50,13 +52,26 @@ class Plane:
         await self.drained()
         await self.mesh.shutdown(1.0)
 
+    def bound_port(self, service: str) -> int:
+        """The port ``service``'s listener is bound to (the tests' routes listen on port 0: any free port)."""
+        (lst,) = [lst for lst in self.mesh.listeners() if lst.service == service]
+        assert lst.listening and lst.port != 0
+        return lst.port
 
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+
+@contextlib.contextmanager
+def reserved_port() -> Iterator[int]:
+    """A fixed port for ``--workers N`` (each worker binds the route's own port, so port 0 cannot be used).
+
+    The socket is bound with SO_REUSEPORT and held, never listening, for the whole block: no other
+    process can take the port in the meantime (a bind without SO_REUSEPORT, or by another user, fails,
+    and the kernel never hands it out as an ephemeral port), while the workers (SO_REUSEPORT, same user)
+    can bind it.  It takes no connections: only listening sockets do.
+    """
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
 
 
 def table_for(version: int, ports: dict[str, tuple[int, list[int]]], **opts) -> RoutingTable:
@@ -114,10 +129,10 @@ async def echo(port: int, payload: bytes) -> bytes:
 async def test_metrics_after_known_traffic_exact():
     b1, b2 = await Backend("a").start(), await Backend("b").start()
     plane = Plane()
-    lp = free_port()
     dead = closed_port()
     # round-robin over two live backends; a third service whose only endpoint refuses
-    await plane.apply(table_for(3, {"web": (lp, [b1.port, b2.port]), "down": (free_port(), [dead])}, retries=0))
+    await plane.apply(table_for(3, {"web": (0, [b1.port, b2.port]), "down": (0, [dead])}, retries=0))
+    lp, down_port = plane.bound_port("web"), plane.bound_port("down")
     disc = DiscoveryMetrics()
     disc.event("container", "start")
     disc.lag(0.2)
@@ -127,7 +142,6 @@ async def test_metrics_after_known_traffic_exact():
         payload = bytes(range(256)) * 4  # 1024 bytes each way
         for _ in range(5):
             assert await echo(lp, payload) == payload
-        down_port = plane.table.service("down").routes[0].port
         for _ in range(2):
             r, w = await asyncio.open_connection("127.0.0.1", down_port)
             assert await asyncio.wait_for(r.read(), 5) == b""  # closed: the connect was refused
@@ -136,7 +150,8 @@ async def test_metrics_after_known_traffic_exact():
         status, ctype, body = await get(server, "/metrics")
         assert status == 200 and ctype.startswith("text/plain; version=0.0.4")
         m = parse(body)
-        web = {"service": "web", "port": lp}
+        # The port label is the route's port in the table (0 here, any free port), not the bound one.
+        web = {"service": "web", "port": 0}
         assert m["mesh_connections_accepted_total"][L(**web)] == 5
         per_ep = m["mesh_upstream_connections_total"]
         assert per_ep[L(**web, endpoint="web-0")] + per_ep[L(**web, endpoint="web-1")] == 5
@@ -150,7 +165,7 @@ async def test_metrics_after_known_traffic_exact():
         assert m["mesh_endpoint_up"][L(**web, endpoint="web-1")] == 1
         assert m["mesh_healthy_endpoints"][L(**web)] == 2
         assert m["mesh_listener_up"][L(**web)] == 1
-        down = {"service": "down", "port": down_port}
+        down = {"service": "down", "port": 0}
         assert m["mesh_connections_accepted_total"][L(**down)] == 2
         assert m["mesh_upstream_connect_failures_total"][L(**down, reason="refused")] == 2
         assert m["mesh_upstream_connections_total"][L(**down, endpoint="down-0")] == 0
@@ -177,7 +192,7 @@ async def test_readyz_flips_when_the_first_table_is_applied():
         status, _, _ = await get(server, "/v1/table")
         assert status == 503
         assert (await get(server, "/healthz"))[0] == 200
-        await plane.apply(table_for(1, {"web": (free_port(), [b.port])}))
+        await plane.apply(table_for(1, {"web": (0, [b.port])}))
         status, _, body = await get(server, "/readyz")
         assert status == 200 and '"table_version": 1' in body
     finally:
@@ -191,9 +206,9 @@ async def test_v1_table_matches_the_applied_table_with_runtime():
 
     b = await Backend().start()
     plane = Plane()
-    lp = free_port()
-    table = table_for(9, {"web": (lp, [b.port, closed_port()])}, balance="least-conn")
+    table = table_for(9, {"web": (0, [b.port, closed_port()])}, balance="least-conn")
     await plane.apply(table)
+    lp = plane.bound_port("web")
     server = AdminServer(plane.state(), port=0)
     await server.start()
     try:
@@ -205,11 +220,17 @@ async def test_v1_table_matches_the_applied_table_with_runtime():
         doc = json.loads(body)
         runtime = doc.pop("runtime")
         assert runtime["applied_version"] == 9 and runtime["processes"] == 1
+        # the port each listener is bound to: configured 0 (any free port), bound lp
+        assert runtime["listeners"] == [
+            {"service": "web", "protocol": "tcp", "listen_host": "127.0.0.1", "port": 0, "bound_port": lp,
+             "listening": True}
+        ]  # fmt: skip
         ep_rt = {}
         for svc in doc["services"]:
             for route in svc["routes"]:
                 route_rt = route.pop("runtime")
                 assert route_rt["listening"] is True and route_rt["accepted"] == 1
+                assert route_rt["bound_port"] == lp
                 for ep in route["endpoints"]:
                     ep_rt[ep["id"]] = ep.pop("runtime")
         assert doc == table.to_dict()  # what remains is exactly the configured table
@@ -333,10 +354,11 @@ def test_cli_exits_2_with_a_clear_message_when_the_admin_port_is_taken(tmp_path,
     holder.bind(("127.0.0.1", 0))
     holder.listen(1)
     port = holder.getsockname()[1]
+    listen = contextlib.ExitStack()
+    # one process: any free port; --workers 2 cannot share port 0, so a held fixed one
+    lp = 0 if workers == 1 else listen.enter_context(reserved_port())
     cfg = tmp_path / "mesh.yaml"
-    cfg.write_text(
-        f"services:\n  web:\n    listen: 127.0.0.1:{free_port()}\n    endpoints: ['127.0.0.1:{closed_port()}']\n"
-    )
+    cfg.write_text(f"services:\n  web:\n    listen: 127.0.0.1:{lp}\n    endpoints: ['127.0.0.1:{closed_port()}']\n")
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "meshagent", "run", "--config", str(cfg), "--admin", f"127.0.0.1:{port}"]
@@ -348,6 +370,7 @@ def test_cli_exits_2_with_a_clear_message_when_the_admin_port_is_taken(tmp_path,
         )
     finally:
         holder.close()
+        listen.close()
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
     assert f"admin address 127.0.0.1:{port} is in use" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -398,6 +421,25 @@ class Agent:
         async with aiohttp.ClientSession() as s, s.get(f"http://{self.admin[0]}:{self.admin[1]}{path}") as r:
             return r.status, await r.text()
 
+    async def bound_port(self, service: str) -> int:
+        """The port ``service`` listens on, from /v1/table's listener list (waits until it is bound)."""
+        found: list[int] = []
+
+        async def bound() -> bool:
+            status, body = await self.get("/v1/table")
+            if status != 200:
+                return False
+            found[:] = [
+                lst["bound_port"]
+                for lst in json.loads(body)["runtime"]["listeners"]
+                if lst["service"] == service and lst["bound_port"]
+            ]
+            return bool(found)
+
+        await wait_for(bound, timeout=20, what=f"{service}'s listener bound")
+        (port,) = found
+        return port
+
     async def stop(self) -> int:
         if self.proc.returncode is None:
             self.proc.terminate()
@@ -416,10 +458,13 @@ class Agent:
 async def test_agent_metrics_after_known_traffic(tmp_path, workers):
     pytest.importorskip("mesh.runtime", reason="the agent needs mesh/runtime.py")
     b = await Backend().start()
-    lp = free_port()
+    listen = contextlib.ExitStack()
+    # the configured port (the metrics' port label): any free port for one process; --workers 2 cannot
+    # share port 0, so a fixed one held until the end
+    cfg_port = 0 if workers == 1 else listen.enter_context(reserved_port())
     agent = Agent(
         tmp_path,
-        f"services:\n  web:\n    listen: 127.0.0.1:{lp}\n    endpoints: ['127.0.0.1:{b.port}']\n",
+        f"services:\n  web:\n    listen: 127.0.0.1:{cfg_port}\n    endpoints: ['127.0.0.1:{b.port}']\n",
         *(["--workers", str(workers)] if workers > 1 else []),
     )
     await agent.start()
@@ -429,10 +474,12 @@ async def test_agent_metrics_after_known_traffic(tmp_path, workers):
             return (await agent.get("/readyz"))[0] == 200
 
         await wait_for(ready, timeout=20, what="/readyz 200")
+        lp = await agent.bound_port("web")
+        assert lp == cfg_port or cfg_port == 0
         payload = bytes(range(250)) * 4  # 1000 bytes each way
         for _ in range(6):
             assert await echo(lp, payload) == payload
-        web = {"service": "web", "port": lp, "endpoint": f"127.0.0.1:{b.port}"}
+        web = {"service": "web", "port": cfg_port, "endpoint": f"127.0.0.1:{b.port}"}
         last: dict = {}
 
         async def flushed() -> bool:
@@ -443,14 +490,14 @@ async def test_agent_metrics_after_known_traffic(tmp_path, workers):
 
         await wait_for(flushed, timeout=10, what="6 closed connections in /metrics")
         m = last
-        assert m["mesh_connections_accepted_total"] == {L(service="web", port=lp): 6}
+        assert m["mesh_connections_accepted_total"] == {L(service="web", port=cfg_port): 6}
         assert m["mesh_upstream_connections_total"] == {L(**web): 6}
         assert m["mesh_received_bytes_total"] == {L(**web): 6000}
         assert m["mesh_sent_bytes_total"] == {L(**web): 6000}
         assert m["mesh_connections_active"] == {L(**web): 0}
         assert m["mesh_upstream_connect_seconds_count"] == {L(**web): 6}
         assert m["mesh_endpoint_up"] == {L(**web): 1}
-        assert m["mesh_listener_up"] == {L(service="web", port=lp): 1}
+        assert m["mesh_listener_up"] == {L(service="web", port=cfg_port): 1}
         assert m["mesh_data_plane_processes"] == {(): workers}
         status, body = await agent.get("/v1/table")
         assert status == 200
@@ -463,6 +510,7 @@ async def test_agent_metrics_after_known_traffic(tmp_path, workers):
     finally:
         rc = await agent.stop()
         await b.close()
+        listen.close()
     assert rc == 0, agent.log.read_text()[-3000:]
 
 
@@ -473,15 +521,19 @@ async def test_unbound_port_shows_in_metrics_and_readyz():
     holder.listen(1)
     taken = holder.getsockname()[1]
     plane = Plane()
-    lp = free_port()
-    await plane.apply(table_for(1, {"web": (lp, [b.port]), "blocked": (taken, [b.port])}))
+    await plane.apply(table_for(1, {"web": (0, [b.port]), "blocked": (taken, [b.port])}))
     server = AdminServer(plane.state(), port=0)
     await server.start()
     try:
         status, _, body = await get(server, "/readyz")
         assert status == 503 and "listeners are not up" in body
         m = parse((await get(server, "/metrics"))[2])
-        assert m["mesh_listener_up"] == {L(service="web", port=lp): 1, L(service="blocked", port=taken): 0}
+        assert m["mesh_listener_up"] == {L(service="web", port=0): 1, L(service="blocked", port=taken): 0}
+        doc = json.loads((await get(server, "/v1/table"))[2])
+        assert [(x["service"], x["port"], x["bound_port"], x["listening"]) for x in doc["runtime"]["listeners"]] == [
+            ("blocked", taken, None, False),
+            ("web", 0, plane.bound_port("web"), True),
+        ]
         assert m["mesh_connections_accepted_total"][L(service="blocked", port=taken)] == 0
     finally:
         holder.close()
@@ -493,11 +545,11 @@ async def test_unbound_port_shows_in_metrics_and_readyz():
 async def test_endpoint_leaving_the_table_keeps_route_totals_monotonic():
     b1, b2 = await Backend("a").start(), await Backend("b").start()
     plane = Plane()
-    lp = free_port()
-    await plane.apply(table_for(1, {"web": (lp, [b1.port, b2.port])}))
+    await plane.apply(table_for(1, {"web": (0, [b1.port, b2.port])}))
+    lp = plane.bound_port("web")
     server = AdminServer(plane.state(), port=0)
     await server.start()
-    web = {"service": "web", "port": lp}
+    web = {"service": "web", "port": 0}  # the route's port in the table (any free port), bound to lp
     try:
         m0 = parse((await get(server, "/metrics"))[2])
         assert m0["mesh_upstream_connections_total"] == {L(**web, endpoint="web-0"): 0, L(**web, endpoint="web-1"): 0}
@@ -511,7 +563,8 @@ async def test_endpoint_leaving_the_table_keeps_route_totals_monotonic():
             await asyncio.wait_for(r.readexactly(4), 5)
             held.append(w)
         await wait_for(lambda: plane.mesh.connections() == 2, what="only the two held connections open")
-        await plane.apply(table_for(2, {"web": (lp, [b1.port])}))
+        await plane.apply(table_for(2, {"web": (0, [b1.port])}))
+        assert plane.bound_port("web") == lp  # the same listener
         m1 = parse((await get(server, "/metrics"))[2])
         assert m1["mesh_table_version"] == {(): 2}
         # web-1 left the table but still carries a connection: still exported, not up
@@ -557,7 +610,8 @@ async def test_worker_pool_metrics_survive_a_worker_restart(monkeypatch):
 
     monkeypatch.setenv("PYTHONPATH", _cli_env()["PYTHONPATH"])
     b = await Backend().start()
-    lp = free_port()
+    listen = contextlib.ExitStack()
+    lp = listen.enter_context(reserved_port())  # two workers bind the route's own port: not port 0
     pool = WorkerPool(2, ["--grace", "1", "--log-level", "warning"], backoff_initial=0.05)
     await pool.start()
     server = AdminServer(WorkerPoolState(pool), port=0)
@@ -596,13 +650,14 @@ async def test_worker_pool_metrics_survive_a_worker_restart(monkeypatch):
         await server.stop()
         await pool.shutdown(2.0)
         await b.close()
+        listen.close()
 
 
 async def test_metrics_gzip_when_asked():
     import gzip
 
     plane = Plane()
-    await plane.apply(table_for(4, {"web": (free_port(), [closed_port()])}))
+    await plane.apply(table_for(4, {"web": (0, [closed_port()])}))
     server = AdminServer(plane.state(), port=0)
     await server.start()
     try:
@@ -625,9 +680,8 @@ async def test_metrics_gzip_when_asked():
 async def test_agent_no_metrics_flag_and_failed_connections_by_reason(tmp_path):
     """--no-metrics removes /metrics only; without it, a connection whose every connect is refused is counted
     once under mesh_connections_failed_total{reason="refused"} and each attempt under the connect failures."""
-    lp = free_port()
     config = (
-        f"services:\n  web:\n    listen: 127.0.0.1:{lp}\n    retries: 1\n    consecutive_failures: 100\n"
+        "services:\n  web:\n    listen: 127.0.0.1:0\n    retries: 1\n    consecutive_failures: 100\n"
         f"    endpoints: ['127.0.0.1:{closed_port()}', '127.0.0.1:{closed_port()}']\n"
     )
     off = await Agent(tmp_path, config, "--no-metrics").start()
@@ -641,16 +695,16 @@ async def test_agent_no_metrics_flag_and_failed_connections_by_reason(tmp_path):
     agent = await Agent(on_dir, config).start()
     try:
         await wait_for(lambda: _ready(agent), timeout=20, what="/readyz 200")
-        r, w = await asyncio.open_connection("127.0.0.1", lp)
+        r, w = await asyncio.open_connection("127.0.0.1", await agent.bound_port("web"))
         assert await asyncio.wait_for(r.read(), 10) == b""  # both endpoints refuse: the client is closed
         w.close()
         await w.wait_closed()
         status, body = await agent.get("/metrics")
         assert status == 200
         m = parse(body)
-        assert m["mesh_connections_failed_total"][L(service="web", port=lp, reason="refused")] == 1
-        assert m["mesh_upstream_connect_failures_total"][L(service="web", port=lp, reason="refused")] == 2
-        assert m["mesh_retries_total"] == {L(service="web", port=lp): 1}
+        assert m["mesh_connections_failed_total"][L(service="web", port=0, reason="refused")] == 1
+        assert m["mesh_upstream_connect_failures_total"][L(service="web", port=0, reason="refused")] == 2
+        assert m["mesh_retries_total"] == {L(service="web", port=0): 1}
     finally:
         assert await agent.stop() == 0
 
@@ -685,8 +739,8 @@ async def test_metrics_serves_openmetrics_on_accept(accept, openmetrics):
 
     b = await Backend().start()
     plane = Plane()
-    lp = free_port()
-    await plane.apply(table_for(6, {"web": (lp, [b.port]), "down": (free_port(), [closed_port()])}))
+    await plane.apply(table_for(6, {"web": (0, [b.port]), "down": (0, [closed_port()])}))
+    lp = plane.bound_port("web")
     disc = DiscoveryMetrics()
     disc.event("container", "start")
     disc.reconnect()
