@@ -110,8 +110,10 @@ class HAProxy(Peer):
         d = self._dir()
         port = free_port()
         tune = f"    tune.bufsize {self.bufsize}\n" if self.bufsize else ""
-        # Two sockets per proxied connection; HAProxy refuses to start if maxconn needs more fds than allowed.
-        maxconn = max(256, (nofile_limit() - 200) // 2)
+        # Two sockets per proxied connection (and with splice-auto up to maxconn/4 pipes of two fds each);
+        # HAProxy refuses to start if maxconn needs more fds than allowed.
+        per_conn = 2.5 if self.splice else 2
+        maxconn = max(256, int((nofile_limit() - 200) / per_conn))
         cfg = d / "haproxy.cfg"
         cfg.write_text(
             f"""global

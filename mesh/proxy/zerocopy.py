@@ -14,9 +14,11 @@ Rules of a ``KernelPipe`` (direction src -> dst of one ``Splice``):
   descriptor (``add_reader``), the destination written through another
   (``add_writer`` only while the socket is full).  The transports keep the
   other direction, and the closing.
-- Backpressure: a destination that takes nothing more leaves bytes in the pipe;
-  reading the source stops until the pipe drained (one pipe of ``PIPE_SIZE``
-  bytes is the whole buffer of this direction, in the kernel).
+- Backpressure: reading the source goes on while the pipe has room, so reading
+  and writing overlap; a destination that takes nothing more leaves bytes in the
+  pipe, and once it is full reading stops until the destination took some (one
+  pipe of ``PIPE_SIZE`` bytes is the whole buffer of this direction, in the
+  kernel).
 - Byte counts: every byte that left the pipe is added to the direction's
   counter (the same counter the transport path adds to), so stats and the idle
   timer do not notice the switch.
@@ -46,6 +48,7 @@ AVAILABLE = sys.platform.startswith("linux") and hasattr(os, "splice")
 SPLICE_MIN = 128 * 1024  # a read this large switches its direction to the kernel path
 PIPE_SIZE = 1024 * 1024  # asked for with F_SETPIPE_SZ (the default is 64 KiB)
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _GONE = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT, errno.EHOSTUNREACH})
 
@@ -69,6 +72,7 @@ class KernelPipe:
     """
 
     __slots__ = (
+        "_cap",
         "_dst",
         "_inpipe",
         "_loop",
@@ -103,15 +107,16 @@ class KernelPipe:
         self.dst_gone = dst_gone
         self._src = self._dst = self._pr = self._pw = -1
         self._inpipe = 0
+        self._cap = PIPE_SIZE
         self._src_eof = False
         self._reading = self._writing = False
         self.closed = False
         try:
             self._pr, self._pw = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             try:
-                fcntl.fcntl(self._pw, _F_SETPIPE_SZ, PIPE_SIZE)
+                self._cap = fcntl.fcntl(self._pw, _F_SETPIPE_SZ, PIPE_SIZE)
             except OSError:
-                pass  # a smaller pipe (fs.pipe-max-size) still works, with more callbacks
+                self._cap = fcntl.fcntl(self._pw, _F_GETPIPE_SZ)  # smaller (fs.pipe-max-size): more callbacks
             self._src = os.dup(src_fd)
             self._dst = os.dup(dst_fd)
         except OSError:
@@ -142,8 +147,12 @@ class KernelPipe:
 
     # -- moving bytes -------------------------------------------------------------------------------
     def _on_readable(self) -> None:
+        room = self._cap - self._inpipe
+        if room <= 0:
+            self._read_off()
+            return
         try:
-            n = os.splice(self._src, self._pw, PIPE_SIZE - self._inpipe, flags=_FLAGS)
+            n = os.splice(self._src, self._pw, room, flags=_FLAGS)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -155,6 +164,8 @@ class KernelPipe:
         else:
             self._inpipe += n
         self._flush()
+        if self._inpipe >= self._cap:
+            self._read_off()  # full: the destination has to take some first
 
     def _on_writable(self) -> None:
         self._flush()
@@ -164,9 +175,10 @@ class KernelPipe:
             try:
                 n = os.splice(self._pr, self._dst, self._inpipe, flags=_FLAGS)
             except (BlockingIOError, InterruptedError):
-                # The destination is full: stop reading until it takes the pipe's bytes.
-                self._read_off()
+                # The destination is full: wait until it is writable; keep reading while the pipe has room.
                 self._write_on()
+                if self._inpipe < self._cap and not self._src_eof:
+                    self._read_on()
                 return
             except OSError as exc:
                 self._fail(exc, src=False)
