@@ -6,6 +6,10 @@ traffic goes from this process (root netns) to the mesh on 127.0.0.1 and from
 the mesh to container addresses in 198.18.x.x, routed into the lab node.
 
 Per-change lag (Docker event -> table applied) is printed, not asserted.
+
+Labels publish port 0 (``mesh.publish=127.0.0.1:0:80``: any free port, chosen when the data plane binds it),
+so no test races another process for a port; the test reads the bound port from ``plane.listeners()``.
+A service keeps its listener, and so its port, while it stays in the table.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -70,13 +73,6 @@ def _clean_containers(request):
                 n.docker("rm", "-f", *ids, check=False, timeout=120)
 
 
-def free_port() -> int:
-    """A currently free port on 127.0.0.1 (the label must name a port before the mesh binds it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def sh(node: dockerlab.Node, *args: str, timeout: float = 60) -> str:
     return await asyncio.to_thread(node.docker, *args, timeout=timeout)
 
@@ -91,13 +87,22 @@ class Harness:
     def table(self) -> RoutingTable | None:
         return self.published[-1][0] if self.published else None
 
-    def endpoints(self, port: int) -> dict[str, str]:
-        """Endpoint id -> state for the route on ``port`` in the last published table."""
-        t = self.table
-        for _, r in t.routes() if t else ():
-            if r.port == port:
-                return {e.id: e.state for e in r.endpoints}
-        return {}
+    def endpoints(self, service: str) -> dict[str, str]:
+        """Endpoint id -> state of ``service``'s route in the last published table."""
+        svc = self.table.service(service) if self.table else None
+        return {e.id: e.state for r in svc.routes for e in r.endpoints} if svc else {}
+
+    async def port(self, service: str) -> int:
+        """The port the data plane bound for ``service`` (its label publishes port 0), once it is bound."""
+        found: list[int] = []
+
+        def bound() -> bool:
+            found[:] = [lst.port for lst in self.plane.listeners() if lst.service == service and lst.listening]
+            return bool(found)
+
+        await wait_for(bound, timeout=15, what=f"a listener for {service}")
+        (port,) = found
+        return port
 
     def dump(self) -> None:
         """The data plane's view, for a failing test's output."""
@@ -186,19 +191,22 @@ async def load_loop(port: int, stop: asyncio.Event, *, max_requests: int = 3000,
     return res
 
 
-def run_labels(port: int, project: str, service: str = "web", extra: tuple[str, ...] = ()) -> list[str]:
+PUBLISH = "mesh.publish=127.0.0.1:0:80"  # any free port on 127.0.0.1 -> the container's port 80
+
+
+def run_labels(project: str, service: str = "web", extra: tuple[str, ...] = ()) -> list[str]:
     return [
-        "--label", f"mesh.publish=127.0.0.1:{port}:80",
+        "--label", PUBLISH,
         "--label", f"com.docker.compose.project={project}",
         "--label", f"com.docker.compose.service={service}",
         *extra,
     ]  # fmt: skip
 
 
-async def start_replicas(node, image, port, project, n, *, cmd=HTTPD, extra=()) -> list[str]:
+async def start_replicas(node, image, project, n, *, cmd=HTTPD, extra=()) -> list[str]:
     ids = []
     for _ in range(n):
-        ids.append(await sh(node, "run", "-d", *run_labels(port, project, extra=extra), image, *cmd))
+        ids.append(await sh(node, "run", "-d", *run_labels(project, extra=extra), image, *cmd))
     return ids
 
 
@@ -206,40 +214,40 @@ async def start_replicas(node, image, port, project, n, *, cmd=HTTPD, extra=()) 
 
 
 async def test_three_replicas_then_scale_up_and_down(node1, docker_lab):
-    port = free_port()
-    ids = await start_replicas(node1, docker_lab.image_id, port, "t3", 3)
+    ids = await start_replicas(node1, docker_lab.image_id, "t3", 3)
     async with running_mesh(node1) as h:
-        assert set(h.endpoints(port)) == set(ids)
-        assert h.table.service("t3-web") is not None
+        assert set(h.endpoints("t3-web")) == set(ids)
+        port = await h.port("t3-web")
         seen = {await http_get(port) for _ in range(30)}
         assert seen == {i[:12] for i in ids}
         # scale to five
-        ids += await start_replicas(node1, docker_lab.image_id, port, "t3", 2)
-        await wait_for(lambda: set(h.endpoints(port)) == set(ids), timeout=10, what="five endpoints")
-        assert all(s == "running" for s in h.endpoints(port).values())
+        ids += await start_replicas(node1, docker_lab.image_id, "t3", 2)
+        await wait_for(lambda: set(h.endpoints("t3-web")) == set(ids), timeout=10, what="five endpoints")
+        assert all(s == "running" for s in h.endpoints("t3-web").values())
         seen = {await http_get(port) for _ in range(50)}
         assert seen == {i[:12] for i in ids}
         # down to two
         await sh(node1, "rm", "-f", *ids[2:])
-        await wait_for(lambda: set(h.endpoints(port)) == set(ids[:2]), timeout=10, what="two endpoints")
+        await wait_for(lambda: set(h.endpoints("t3-web")) == set(ids[:2]), timeout=10, what="two endpoints")
+        assert await h.port("t3-web") == port  # the same listener throughout
         assert {await http_get(port) for _ in range(20)} == {i[:12] for i in ids[:2]}
         h.print_lags("scale 3 -> 5 -> 2")
 
 
 async def test_stop_under_load_drains_at_kill(node1, docker_lab):
-    port = free_port()
     # retries=0: a connection sent to a stopping replica would fail visibly
     ids = await start_replicas(
-        node1, docker_lab.image_id, port, "stop", 3, cmd=GRACEFUL_HTTPD, extra=("--label", "mesh.retries=0")
+        node1, docker_lab.image_id, "stop", 3, cmd=GRACEFUL_HTTPD, extra=("--label", "mesh.retries=0")
     )
     async with running_mesh(node1) as h:
+        port = await h.port("stop-web")
         stop = asyncio.Event()
         load = asyncio.create_task(load_loop(port, stop, max_requests=5000, max_seconds=40))
         await wait_for(lambda: len(h.published) >= 1 and h.watcher.stats.publishes >= 1, what="serving")
         await asyncio.sleep(0.5)
         victim = ids[1]
         await sh(node1, "stop", "-t", "5", victim)
-        await wait_for(lambda: victim not in h.endpoints(port), timeout=15, what="victim removed")
+        await wait_for(lambda: victim not in h.endpoints("stop-web"), timeout=15, what="victim removed")
         await asyncio.sleep(0.5)
         stop.set()
         res = await load
@@ -258,33 +266,37 @@ async def test_stop_under_load_drains_at_kill(node1, docker_lab):
 
 
 async def test_healthcheck_gates_membership(node1, docker_lab):
-    port = free_port()
     health = (
         "--health-cmd", "test -f /tmp/ok", "--health-interval", "500ms", "--health-retries", "1",
         "--health-timeout", "2s",
     )  # fmt: skip
     cmd = ["sh", "-c", "hostname > /www/index.html; touch /tmp/ok; exec httpd -f -p 80 -h /www"]
-    (cid,) = await start_replicas(node1, docker_lab.image_id, port, "hc", 1, cmd=cmd, extra=health)
+    (cid,) = await start_replicas(node1, docker_lab.image_id, "hc", 1, cmd=cmd, extra=health)
     async with running_mesh(node1) as h:
         # joins only once healthy
-        await wait_for(lambda: set(h.endpoints(port)) == {cid}, timeout=15, what="healthy joins")
+        await wait_for(lambda: set(h.endpoints("hc-web")) == {cid}, timeout=15, what="healthy joins")
+        port = await h.port("hc-web")
         assert await http_get(port) == cid[:12]
         await sh(node1, "exec", cid, "rm", "/tmp/ok")
-        await wait_for(lambda: h.endpoints(port) == {}, timeout=15, what="unhealthy removed")
+        await wait_for(lambda: h.endpoints("hc-web") == {}, timeout=15, what="unhealthy removed")
         assert h.table.service("hc-web") is not None  # the port stays, without endpoints
+        assert await h.port("hc-web") == port
         await sh(node1, "exec", cid, "touch", "/tmp/ok")
-        await wait_for(lambda: set(h.endpoints(port)) == {cid}, timeout=15, what="healthy again")
+        await wait_for(lambda: set(h.endpoints("hc-web")) == {cid}, timeout=15, what="healthy again")
         h.print_lags("healthcheck")
         assert h.watcher.stats.events.get(("container", "health_status"), 0) >= 3
 
 
 async def test_dockerd_restart_keeps_serving_and_resyncs(node1, docker_lab):
-    port_a, port_b = free_port(), free_port()
-    ids_a = await start_replicas(node1, docker_lab.image_id, port_a, "ra", 2)
-    (id_b,) = await start_replicas(node1, docker_lab.image_id, port_b, "rb", 1)
+    # both services publish port 0: they never conflict, each gets a port of its own
+    ids_a = await start_replicas(node1, docker_lab.image_id, "ra", 2)
+    (id_b,) = await start_replicas(node1, docker_lab.image_id, "rb", 1)
     pid_b = int(await sh(node1, "inspect", "-f", "{{.State.Pid}}", id_b))
     async with running_mesh(node1) as h:
-        assert set(h.endpoints(port_b)) == {id_b}
+        assert set(h.endpoints("rb-web")) == {id_b}
+        port_a, port_b = await h.port("ra-web"), await h.port("rb-web")
+        assert port_a != port_b
+        assert await http_get(port_b) == id_b[:12]
         version_before = h.table.version
         stop = asyncio.Event()
         load = asyncio.create_task(load_loop(port_a, stop, max_requests=5000, max_seconds=60))
@@ -296,12 +308,13 @@ async def test_dockerd_restart_keeps_serving_and_resyncs(node1, docker_lab):
         await asyncio.sleep(1.0)
         await asyncio.to_thread(node1.start)
         returned = time.monotonic()
-        await wait_for(lambda: h.endpoints(port_b) == {}, timeout=10, what="resync removes the dead replica")
+        await wait_for(lambda: h.endpoints("rb-web") == {}, timeout=10, what="resync removes the dead replica")
         resync = time.monotonic() - returned
         await wait_for(lambda: h.watcher.connected.is_set(), timeout=5, what="following again")
         # following events again after the restart
-        ids_a.append((await start_replicas(node1, docker_lab.image_id, port_a, "ra", 1))[0])
-        await wait_for(lambda: set(h.endpoints(port_a)) == set(ids_a), timeout=10, what="new replica after restart")
+        ids_a.append((await start_replicas(node1, docker_lab.image_id, "ra", 1))[0])
+        await wait_for(lambda: set(h.endpoints("ra-web")) == set(ids_a), timeout=10, what="new replica after restart")
+        assert await h.port("ra-web") == port_a  # the listener the load ran on all along
         stop.set()
         res = await load
         print(
@@ -316,14 +329,13 @@ async def test_dockerd_restart_keeps_serving_and_resyncs(node1, docker_lab):
 
 async def test_bad_labels_are_skipped_with_one_log_line(node1, docker_lab, caplog):
     caplog.set_level(logging.INFO, logger="discovery")
-    port = free_port()
-    (good,) = await start_replicas(node1, docker_lab.image_id, port, "bad", 1)
-    await sh(node1, "run", "-d", "--name", "broken-weight", *run_labels(port, "bad"),
+    (good,) = await start_replicas(node1, docker_lab.image_id, "bad", 1)
+    await sh(node1, "run", "-d", "--name", "broken-weight", *run_labels("bad"),
              "--label", "mesh.weight=heavy", docker_lab.image_id, *HTTPD)  # fmt: skip
     await sh(node1, "run", "-d", "--name", "broken-port", "--label", "mesh.publish=80:http",
              docker_lab.image_id, *HTTPD)  # fmt: skip
     async with running_mesh(node1, backstop=0.2) as h:
-        assert set(h.endpoints(port)) == {good}
+        assert set(h.endpoints("bad-web")) == {good}
         await wait_for(lambda: h.watcher.stats.full_listings >= 4, timeout=10, what="several rebuilds")
         lines = [r.getMessage() for r in caplog.records if "broken-" in r.getMessage()]
         assert len(lines) == 2, lines
@@ -331,7 +343,7 @@ async def test_bad_labels_are_skipped_with_one_log_line(node1, docker_lab, caplo
         port_line = next(m for m in lines if "broken-port" in m)
         assert "label mesh.weight='heavy': expected a whole number 1..1000 - skipped" in weight
         assert "label mesh.publish='80:http': port 'http' must be a number 1..65535 - skipped" in port_line
-        assert await http_get(port) == good[:12]
+        assert await http_get(await h.port("bad-web")) == good[:12]
 
 
 # -- mode 2: swarm services ---------------------------------------------------------------------
@@ -349,42 +361,42 @@ async def running_tasks(node, name: str) -> set[str]:
 
 
 async def test_swarm_service_routed_and_scaled(node2, docker_lab):
-    port = free_port()
     await sh(
         node2, "service", "create", "--detach", "--name", "sweb", "--replicas", "3",
-        "--label", f"mesh.publish=127.0.0.1:{port}:80", "--no-resolve-image", docker_lab.image_id, *HTTPD,
+        "--label", PUBLISH, "--no-resolve-image", docker_lab.image_id, *HTTPD,
         timeout=120,
     )  # fmt: skip
     async with running_mesh(node2, converge_interval=0.2) as h:
         assert h.watcher.swarm_manager
-        await wait_for(lambda: len(h.endpoints(port)) == 3, timeout=30, what="three tasks routed")
-        assert set(h.endpoints(port)) == await running_tasks(node2, "sweb")
+        await wait_for(lambda: len(h.endpoints("sweb")) == 3, timeout=30, what="three tasks routed")
+        assert set(h.endpoints("sweb")) == await running_tasks(node2, "sweb")
+        port = await h.port("sweb")
         seen = {await http_get(port) for _ in range(30)}
         assert len(seen) == 3
         await sh(node2, "service", "scale", "--detach", "sweb=5")
-        await wait_for(lambda: len(h.endpoints(port)) == 5, timeout=30, what="scaled to five")
-        assert set(h.endpoints(port)) == await running_tasks(node2, "sweb")
+        await wait_for(lambda: len(h.endpoints("sweb")) == 5, timeout=30, what="scaled to five")
+        assert set(h.endpoints("sweb")) == await running_tasks(node2, "sweb")
         await sh(node2, "service", "scale", "--detach", "sweb=2")
         await wait_for(
-            lambda: sum(s == "running" for s in h.endpoints(port).values()) == 2, timeout=30, what="down to two"
+            lambda: sum(s == "running" for s in h.endpoints("sweb").values()) == 2, timeout=30, what="down to two"
         )
-        await wait_for(lambda: len(h.endpoints(port)) == 2, timeout=30, what="old tasks gone")
+        await wait_for(lambda: len(h.endpoints("sweb")) == 2, timeout=30, what="old tasks gone")
         assert len({await http_get(port) for _ in range(20)}) == 2
         h.print_lags("swarm scale 3 -> 5 -> 2")
 
 
 async def test_swarm_update_force_under_load(node2, docker_lab):
-    port = free_port()
     await sh(node2, "network", "create", "--driver", "overlay", "--attachable", "meshnet", timeout=60)
     try:
         await sh(
             node2, "service", "create", "--detach", "--name", "supd", "--replicas", "3", "--network", "meshnet",
             "--update-parallelism", "1", "--update-delay", "0s", "--stop-grace-period", "5s",
-            "--label", f"mesh.publish=127.0.0.1:{port}:80", "--no-resolve-image", docker_lab.image_id,
+            "--label", PUBLISH, "--no-resolve-image", docker_lab.image_id,
             *GRACEFUL_HTTPD, timeout=120,
         )  # fmt: skip
         async with running_mesh(node2, converge_interval=0.2) as h:
-            await wait_for(lambda: len(h.endpoints(port)) == 3, timeout=30, what="three tasks routed")
+            await wait_for(lambda: len(h.endpoints("supd")) == 3, timeout=30, what="three tasks routed")
+            port = await h.port("supd")
             # overlay tasks are reached at their docker_gwbridge address
             gw = await sh(
                 node2, "network", "inspect", "-f", "{{range .IPAM.Config}}{{.Subnet}}{{end}}", "docker_gwbridge"
@@ -392,7 +404,7 @@ async def test_swarm_update_force_under_load(node2, docker_lab):
             prefix = gw.rsplit(".", 1)[0] + "."
             addrs = [e.address for _, r in h.table.routes() for e in r.endpoints]
             assert all(a.startswith(prefix) for a in addrs), (addrs, gw)
-            before = set(h.endpoints(port))
+            before = set(h.endpoints("supd"))
             stop = asyncio.Event()
             load = asyncio.create_task(load_loop(port, stop, max_requests=20000, max_seconds=90))
             await asyncio.sleep(0.5)
@@ -400,7 +412,7 @@ async def test_swarm_update_force_under_load(node2, docker_lab):
             await sh(node2, "service", "update", "--force", "--detach", "supd", timeout=60)
 
             async def replaced() -> bool:
-                eps = h.endpoints(port)
+                eps = h.endpoints("supd")
                 return len(eps) == 3 and not (set(eps) & before) and all(s == "running" for s in eps.values())
 
             await wait_for(replaced, timeout=90, interval=0.1, what="all tasks replaced")
@@ -459,13 +471,12 @@ async def test_compose_showcase_scale_five_behind_one_port(node1, docker_lab):
     compose = await asyncio.to_thread(_compose_cli)
     if compose is None:
         pytest.skip("neither docker-compose nor the docker compose plugin is available")
-    port = free_port()
     env = {
         **os.environ,
         "DOCKER_HOST": node1.host,
         "WEB_IMAGE": docker_lab.image_id,
         "MESH_LISTEN": "127.0.0.1",
-        "MESH_PORT": str(port),
+        "MESH_PORT": "0",  # any free port: read back from the data plane
     }
     base = [*compose, "-f", COMPOSE_FILE, "-p", "showcase"]
 
@@ -484,14 +495,14 @@ async def test_compose_showcase_scale_five_behind_one_port(node1, docker_lab):
         await run("up", "-d", "--scale", "web=5")
         async with running_mesh(node1) as h:
             # joins as the replicas turn healthy (Docker HEALTHCHECK every 2 s)
-            await wait_for(lambda: len(h.endpoints(port)) == 5, timeout=30, interval=0.1, what="five healthy")
-            assert set(h.endpoints(port)) == await asyncio.to_thread(replicas)
-            assert h.table.service("showcase-web") is not None
+            await wait_for(lambda: len(h.endpoints("showcase-web")) == 5, timeout=30, interval=0.1, what="five healthy")
+            assert set(h.endpoints("showcase-web")) == await asyncio.to_thread(replicas)
+            port = await h.port("showcase-web")
             seen = {await http_get(port) for _ in range(40)}
-            assert seen == {c[:12] for c in h.endpoints(port)}
+            assert seen == {c[:12] for c in h.endpoints("showcase-web")}
             await run("up", "-d", "--scale", "web=2")
-            await wait_for(lambda: len(h.endpoints(port)) == 2, timeout=30, interval=0.1, what="two left")
-            assert set(h.endpoints(port)) == await asyncio.to_thread(replicas)
+            await wait_for(lambda: len(h.endpoints("showcase-web")) == 2, timeout=30, interval=0.1, what="two left")
+            assert set(h.endpoints("showcase-web")) == await asyncio.to_thread(replicas)
             assert len({await http_get(port) for _ in range(20)}) == 2
             h.print_lags("compose --scale web=5 -> 2")
     finally:
@@ -501,13 +512,12 @@ async def test_compose_showcase_scale_five_behind_one_port(node1, docker_lab):
 async def test_swarm_agent_routes_only_to_its_own_nodes_tasks(node2, docker_lab):
     """Two-node swarm (node 3 joins node 2): a global service has a task on each node; the agent on
     the manager routes to the manager's task only (cross-node forwarding is the cluster issue)."""
-    port = free_port()
     worker_id = await asyncio.to_thread(docker_lab.swarm_join, 3, 2)
     try:
         manager_id = await sh(node2, "info", "--format", "{{.Swarm.NodeID}}")
         await sh(
             node2, "service", "create", "--detach", "--name", "sglobal", "--mode", "global",
-            "--label", f"mesh.publish=127.0.0.1:{port}:80", "--no-resolve-image", docker_lab.image_id, *HTTPD,
+            "--label", PUBLISH, "--no-resolve-image", docker_lab.image_id, *HTTPD,
             timeout=120,
         )  # fmt: skip
 
@@ -517,11 +527,11 @@ async def test_swarm_agent_routes_only_to_its_own_nodes_tasks(node2, docker_lab)
 
         await wait_for(both_running, timeout=60, interval=0.3, what="a task on each node")
         async with running_mesh(node2) as h:
-            await wait_for(lambda: len(h.endpoints(port)) == 1, timeout=30, what="the local task")
+            await wait_for(lambda: len(h.endpoints("sglobal")) == 1, timeout=30, what="the local task")
             (route,) = h.table.service("sglobal").routes
             assert [e.node for e in route.endpoints] == [manager_id]
             assert h.watcher.local_node == manager_id != worker_id
-            assert (await http_get(port)) != ""
+            assert (await http_get(await h.port("sglobal"))) != ""
     finally:
         await sh(node2, "service", "rm", "sglobal", timeout=60)
         await asyncio.to_thread(docker_lab.swarm_leave, 3, 2)
