@@ -767,3 +767,90 @@ async def test_mesh_local_host_gives_the_tunnel_the_data_planes_own_pool() -> No
     finally:
         await mesh.shutdown(0)
         await backend.stop()
+
+
+async def test_dialer_retries_a_tunnel_the_remote_agent_refuses_replaying_the_first_bytes() -> None:
+    """The dialling side: a remote agent that resets the tunnel before any byte came back (here: it does not
+    know the target) is treated like a failed connect: the connection goes to another host, and the bytes the
+    client already sent are sent again, so the client sees nothing (the sidecar issue's scale-up errors)."""
+    from mesh.listener import Listener
+
+    backend = await Backend().start()
+    refusing = TunnelServer(lambda target: None, {"127.0.0.1"}, "127.0.0.1", 0)
+    serving = TunnelServer(
+        {f"t2:{backend.port}": LocalTarget("127.0.0.1", backend.port)}.get, {"127.0.0.1"}, "127.0.0.1", 0
+    )
+    await refusing.start()
+    await serving.start()
+    eps = (
+        Endpoint("t1", "127.0.0.1", backend.port, node="n1", via=f"127.0.0.1:{refusing.port}"),
+        Endpoint("t2", "127.0.0.1", backend.port, node="n2", via=f"127.0.0.1:{serving.port}"),
+    )
+    pool = Pool("svc", Route(port=0, endpoints=eps, listen_host="127.0.0.1"), ServiceOptions(), rng=random.Random(1))
+    lst = Listener("127.0.0.1", 0, pool, service="svc")
+    lst.start()
+    try:
+        for i in range(4):  # some of them go to the refusing node first
+            reader, writer = await asyncio.open_connection("127.0.0.1", lst.port)
+            msg = f"hello {i} ".encode() * 100
+            writer.write(msg)  # sent before (and while) the first tunnel is refused
+            assert await asyncio.wait_for(reader.readexactly(len(msg)), 5) == msg
+            await _close(writer)
+        await wait_for(lambda: len(lst.registry) == 0, what="connections closed")
+        n = refusing.stats.refused.get("unknown_target", 0)
+        assert n >= 1 and refusing.stats.refused == {"unknown_target": n} and serving.stats.forwarded == 4
+        assert pool.stats.connect_failures == {"tunnel_refused": n} and pool.stats.retries == n
+        assert pool.stats.failed == {}
+        refused, served = pool.hosts
+        # counted on the dialling node like connect failures: three in a row eject the refusing host
+        assert refused.stats.ejections == (1 if n >= 3 else 0) and refused.active == 0 and served.active == 0
+        assert served.stats.bytes_in == sum(len(f"hello {i} ".encode() * 100) for i in range(4))
+    finally:
+        lst.close()
+        await refusing.stop()
+        await serving.stop()
+        await backend.stop()
+
+
+async def test_a_refusal_after_the_first_byte_came_back_is_not_retried() -> None:
+    """Once a byte came back from the replica, a reset is the replica's answer: never replayed elsewhere."""
+    from mesh.listener import Listener
+
+    class ResetAfterHello(asyncio.Protocol):
+        def connection_made(self, t):
+            self.t = t
+
+        def data_received(self, data):
+            self.t.write(b"hi")
+            asyncio.get_running_loop().call_later(0.05, self.t.abort)
+
+    loop = asyncio.get_running_loop()
+    replica = await loop.create_server(ResetAfterHello, "127.0.0.1", 0)
+    rport = replica.sockets[0].getsockname()[1]
+    srv = TunnelServer({f"t1:{rport}": LocalTarget("127.0.0.1", rport)}.get, {"127.0.0.1"}, "127.0.0.1", 0)
+    await srv.start()
+    other = await Backend().start()
+    eps = (
+        Endpoint("t1", "127.0.0.1", rport, node="n1", via=f"127.0.0.1:{srv.port}"),
+        Endpoint("t9", "127.0.0.1", other.port, node="n9"),
+    )
+    pool = Pool(
+        "svc", Route(port=0, endpoints=eps, listen_host="127.0.0.1"), ServiceOptions(locality="off"),
+        rng=random.Random(1),
+    )  # fmt: skip
+    lst = Listener("127.0.0.1", 0, pool, service="svc")
+    lst.start()
+    try:
+        got = []
+        for _ in range(2):
+            reader, writer = await asyncio.open_connection("127.0.0.1", lst.port)
+            writer.write(b"x")
+            got.append(await asyncio.wait_for(reader.read(100), 5))
+            await _close(writer)
+        assert sorted(got) == [b"hi", b"x"]  # one to the replica that answered and then reset, one echoed
+        assert pool.stats.connect_failures == {} and pool.stats.retries == 0
+    finally:
+        lst.close()
+        await srv.stop()
+        await other.stop()
+        replica.close()

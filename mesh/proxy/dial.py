@@ -62,7 +62,7 @@ async def dial(splice: Splice, host: Host) -> None:
     stats = pool.stats  # type: ignore[union-attr]
     timeout = opts.connect_timeout
     task = splice._dial_task
-    tried: list[Host] = []
+    tried: list[Host] = list(splice._tried) if splice._tried else []  # tunnels that refused it count too
     holding = True  # this task holds ``host.active += 1`` for ``host``
     try:
         while True:

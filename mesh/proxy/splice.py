@@ -37,6 +37,10 @@ State rules:
   when the service allows it (``zero_copy``) and nothing is queued that it could
   overtake; the transport's reading of that side stays paused from then on.
   Byte counts, backpressure, half-close and the idle timer work the same.
+- Through a tunnel (a host with ``via``), what the client sent is kept (up to
+  ``REPLAY_LIMIT``) until the first byte comes back: the remote agent refuses a
+  target it cannot serve with a reset before any byte, and that is retried on
+  another host like a failed connect (``tunnel_refused``), the kept bytes sent again.
 - Close: when the downstream transport, the dial task and the upstream transport
   are all gone, the host gets ``active -= 1`` and its stats (bytes, duration),
   the connection leaves the registry, the site hears ``released(splice)`` (access
@@ -80,6 +84,10 @@ IDLE_CHECKS = 4
 _PAUSE_BUFFER = 1  # the pre-connect buffer is full
 _PAUSE_UPSTREAM = 2  # the upstream's write buffer is full
 _PAUSE_KERNEL = 4  # this direction moved to the kernel path (mesh.proxy.zerocopy): for good
+
+# Through a tunnel, what the client sent is kept (up to this much) until the first byte comes back, so that a
+# refusal by the remote agent (a reset before any byte) can be retried on another host like a failed connect.
+REPLAY_LIMIT = 64 * 1024
 
 
 def _keepalive_time() -> float:
@@ -136,6 +144,8 @@ class Upstream(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.peer.write(data)
         n = len(data)
+        if not self.nbytes:
+            self.splice._first_byte(self.host)
         self.nbytes += n
         if n >= SPLICE_MIN:
             self.splice._kernel_up()
@@ -178,6 +188,8 @@ class Splice(asyncio.Protocol):
         "_idle_mark",
         "_idle_quiet",
         "_pending",
+        "_replay",
+        "_tried",
         "_up_eof",
         "_up_paused",
         "_zc_down",
@@ -226,6 +238,8 @@ class Splice(asyncio.Protocol):
         self._idle_quiet = 0
         self._zc_up: KernelPipe | None = None  # upstream -> downstream through the kernel
         self._zc_down: KernelPipe | None = None  # downstream -> upstream through the kernel
+        self._replay: bytearray | None = None  # through a tunnel: sent, no byte back yet (REPLAY_LIMIT)
+        self._tried: list[Host] | None = None  # hosts whose tunnel refused this connection
 
     # -- start (called by a front) -------------------------------------------------------------
     def _start(self, host: Host, buffered: bytes = b"") -> None:
@@ -256,7 +270,9 @@ class Splice(asyncio.Protocol):
         self.up = up
         self.up_transport = transport
         self.host = host = up.host
-        self.pool.report_success(host)  # type: ignore[union-attr]
+        if host.via is None:
+            self.pool.report_success(host)  # type: ignore[union-attr]
+        # else: a tunnel's connect proves only that the remote agent listens; success is its first byte
         host.stats.connections += 1
         if keepalive_useful(self.options.idle_timeout):
             keepalive(transport)
@@ -269,6 +285,8 @@ class Splice(asyncio.Protocol):
         if buf:
             transport.write(buf)
             self.nbytes += len(buf)
+        if host.via is not None and (buf is None or len(buf) <= REPLAY_LIMIT):
+            self._replay = bytearray(buf) if buf else bytearray()
         if self._down_eof:
             self._write_eof(transport)
         self._pause_down(False, _PAUSE_BUFFER)
@@ -296,7 +314,9 @@ class Splice(asyncio.Protocol):
             up.write(data)
             n = len(data)
             self.nbytes += n
-            if n >= SPLICE_MIN:
+            if self._replay is not None:
+                self._keep(data)
+            elif n >= SPLICE_MIN:
                 self._kernel_down()
             return
         buf = self._buf
@@ -359,6 +379,9 @@ class Splice(asyncio.Protocol):
     def _upstream_lost(self, up: Upstream, exc: Exception | None) -> None:
         if self.up is not up:
             return
+        if self._replay is not None and isinstance(exc, ConnectionResetError) and not self._down_lost:
+            if self._redial_after_refusal(up):
+                return
         if self.reason is None:
             self.reason = "upstream_closed"
         self._kernel_close()
@@ -366,6 +389,53 @@ class Splice(asyncio.Protocol):
         if not self._down_lost:
             self.transport.close()
         self._release()
+
+    def _first_byte(self, host: Host) -> None:
+        """The first byte came back from upstream: no retry from here on; through a tunnel, this is
+        the success the dialer reports (the remote agent accepted the target)."""
+        if host.via is not None and self._replay is not None:
+            self.pool.report_success(host)  # type: ignore[union-attr]
+        self._replay = None
+
+    def _keep(self, data: bytes) -> None:
+        replay = self._replay
+        if len(replay) + len(data) > REPLAY_LIMIT:  # type: ignore[arg-type]
+            self._replay = None  # too much to replay: a refusal now fails this connection
+        else:
+            replay += data  # type: ignore[operator]
+
+    def _redial_after_refusal(self, up: Upstream) -> bool:
+        """The agent on the replica's node reset the tunnel before any byte came back (it refuses by
+        reset: unknown target, no local replica answered): retry on another host like a failed
+        connect, replaying what the client sent.  False when no host is left to try."""
+        host = up.host
+        pool = self.pool
+        stats = pool.stats  # type: ignore[union-attr]
+        stats.connect_failed("tunnel_refused")
+        pool.report_failure(host)  # type: ignore[union-attr]
+        tried = self._tried if self._tried is not None else []
+        tried.append(host)
+        self._tried = tried
+        nxt = self._next_host(tried) if len(tried) <= self.options.retries else None
+        replay = self._replay
+        self._replay = None
+        if nxt is None:
+            stats.connection_failed("tunnel_refused")
+            if self.reason is None:
+                self.reason = "tunnel_refused"
+            return False
+        log.debug("%r: tunnel to %r refused; retrying on %r", self, host, nxt)
+        stats.retries += 1
+        self.nbytes -= len(replay)  # type: ignore[arg-type]  (counted again when they are sent again)
+        host.active -= 1
+        self.host = self.up = self.up_transport = None
+        self._up_eof = self._up_paused = False
+        self._buf = replay
+        nxt.active += 1
+        self._pending += 1  # the new dial task (the refused transport's share is released below)
+        self._dial_task = self.loop.create_task(dial(self, nxt))
+        self._release()
+        return True
 
     def _pause_down(self, pause: bool, reason: int) -> None:
         """Pause/resume reading downstream for ``reason`` (a ``_PAUSE_*`` bit); reading resumes
