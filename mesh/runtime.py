@@ -209,6 +209,11 @@ class Mesh:
             reason = f"protocol {key.protocol} is not served by this data plane (serves {', '.join(sorted(FRONTS))})"
             log.error("service %s %s: %s; skipping this port, the rest of the table applies", names, key, reason)
             return reason
+        if key.port == 0 and self.reuse_port:
+            # Each worker binds every port itself (SO_REUSEPORT): port 0 would give each its own port.
+            reason = "port 0 (any free port) cannot be shared by several workers; name a port"
+            log.error("service %s %s: %s; skipping this port, the rest of the table applies", names, key, reason)
+            return reason
         bindings = tuple(Binding(svc.name, route, self._new_pool(svc, route)) for svc, route in routes)
         lst = Listener(
             key.host,

@@ -358,7 +358,7 @@ def _run_command(args: argparse.Namespace) -> int:
     if args.config:
         from meshagent.reload import ConfigSource
 
-        source = ConfigSource(args.config, interval=args.watch_interval)
+        source = ConfigSource(args.config, interval=args.watch_interval, workers=args.workers)
         try:
             table = source.load_initial()
         except ConfigError as exc:

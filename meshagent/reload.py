@@ -59,10 +59,13 @@ def summarize(table: RoutingTable) -> str:
 class ConfigSource:
     """The static config file as a table source."""
 
-    def __init__(self, path: str | Path, publish: Publish | None = None, *, interval: float = 1.0) -> None:
+    def __init__(
+        self, path: str | Path, publish: Publish | None = None, *, interval: float = 1.0, workers: int = 1
+    ) -> None:
         if not interval > 0:
             raise ValueError(f"config watch interval must be > 0, got {interval!r}")
         self.path = str(path)
+        self.workers = workers  # --workers: above 1, a listen on port 0 is a configuration error
         self.interval = interval
         self.publish = publish  # set by the composition root before start()
         self.table: RoutingTable | None = None  # last published
@@ -82,7 +85,7 @@ class ConfigSource:
     def load_initial(self) -> RoutingTable:
         """Read the file for start-up (raises ``ConfigError``); publish it with ``start()``."""
         self._stamp = _stamp(self.path)
-        table = load_config(self.path, version=1)
+        table = load_config(self.path, version=1, workers=self.workers)
         self._pending = table
         return table
 
@@ -134,7 +137,7 @@ class ConfigSource:
             current = self.table
             next_version = (current.version if current else 0) + 1
             try:
-                table = load_config(self.path, version=next_version)
+                table = load_config(self.path, version=next_version, workers=self.workers)
             except ConfigError as exc:
                 self.last_error = exc
                 log.error(

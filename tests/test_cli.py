@@ -183,11 +183,6 @@ def test_bad_file_at_start_exits_2(tmp_path):
 
 
 @pytest.mark.uvloop_only
-@pytest.mark.xfail(
-    strict=True,
-    reason="meshagent does not yet tell the config reader the worker count: it should read the file with "
-    "mesh.config.load_config(path, workers=args.workers) (or check the table with mesh.config.check_workers)",
-)
 async def test_listen_port_0_with_several_workers_exits_2(tmp_path):
     """With --workers 2 every worker binds the listen address itself (SO_REUSEPORT): port 0 would give each
     a port of its own, so it is refused before anything starts, naming the file, line and service."""

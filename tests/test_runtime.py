@@ -268,3 +268,15 @@ async def test_health_checker_follows_the_options():
     assert pool.stats.connect_failures == {}
     await mesh.apply(RoutingTable(2, (svc("A", 0, a.port, dead, panic_threshold=0),)))
     assert not dead_host.health & FAILED_ACTIVE_HC  # check removed: its verdict no longer holds
+
+
+async def test_port_0_is_refused_where_workers_share_ports(caplog):
+    """A Mesh of a --workers process (reuse_port=True) cannot serve port 0: every worker would get another
+    port.  The route is reported as not bound, naming the service; the rest of the table applies."""
+    b = await Backend("b").start()
+    mesh = new_mesh(reuse_port=True)
+    with caplog.at_level(logging.ERROR, logger="mesh.runtime"):
+        await mesh.apply(RoutingTable(1, (svc("anyport", 0, b.port),)))
+    assert not mesh.ready() and mesh.listeners() == []
+    assert list(mesh.failed.values()) == ["port 0 (any free port) cannot be shared by several workers; name a port"]
+    assert any("service anyport" in r.getMessage() for r in caplog.records)
