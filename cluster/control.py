@@ -2,27 +2,41 @@
 
 Protocol (details in docs/cluster.md)::
 
-    GET /v1/cluster?after=<digest>&wait=<seconds>
-    Authorization: Bearer <token>
+    GET /v1/cluster?after=<digest>&wait=<seconds>[&delta=1]
+    Authorization: Bearer <token>       [Accept-Encoding: gzip]
 
     200  {"digest": ..., "table": {...}, "nodes": {...}}   the current state, when its
          digest differs from ``after`` (at once) or as soon as it changes
+    200  {"digest": ..., "base": <after>, "version": v, "services": {name: service | null},
+          "nodes": {id: node | null}}   with delta=1, when the server still holds the
+         state ``after`` names: only what changed since it
     204  nothing changed within ``wait`` (capped by the server's max_wait)
     400  bad query;  401  missing/wrong token;  503  shutting down
 
-Why long-poll and not a stream: every answer is a complete state, so there is no
-framing, no heartbeat and no per-subscriber cursor on the server; the server keeps
-no per-client state; a subscriber that was away asks with its last digest and
-gets the current state in one round trip; bursts of changes coalesce (a subscriber
-always receives the latest, not every intermediate).  The cost is one request per
-change or per ``wait`` seconds, which is nothing at the rate a swarm changes.  A
-manager that dies is seen at once (connection refused/reset); one that hangs is
-seen after ``wait`` + a grace, and meanwhile the subscriber keeps its last state.
+Why long-poll and not a stream: there is no framing, no heartbeat and no
+per-subscriber cursor on the server (its memory per subscriber is one waiting
+request); a subscriber that was away asks with its last digest and gets what it
+misses in one round trip; bursts of changes coalesce (a subscriber receives the
+latest, not every intermediate).  A manager that dies is seen at once (connection
+refused/reset); one that hangs is seen after ``wait`` + a grace, and meanwhile the
+subscriber keeps its last state.
+
+Scale (docs/cluster.md, "Limits"): the server keeps the last ``history`` states by
+digest; a subscriber whose ``after`` is one of them gets a delta (whole services
+that changed, nodes that changed), one that missed more (or that comes from a
+manager with other states) gets the full snapshot.  Digests are content hashes, so
+a delta works across managers that saw the same states.  Each answer body is built
+once per (state, base, encoding) and shared by every subscriber; bodies above 1 KiB
+are gzip-compressed for clients that accept it.  A publish wakes the waiting
+subscribers ``coalesce`` seconds later, so a burst of publishes is one wake-up.
 
 Client rules:
-- It asks one manager at a time; on any failure (connect, timeout, non-200/204,
-  401, malformed state) it moves to the next manager after a capped exponential
-  backoff with jitter (the first retry comes quickly so failover is fast).
+- It starts at a random manager of the list (several managers share the subscribers)
+  and asks one at a time; on any failure (connect, timeout, non-200/204, 401,
+  malformed state, a delta that does not give the announced digest) it moves to the
+  next manager after a capped exponential backoff with full jitter (the first retry
+  comes within ``backoff_base``, so failover is fast, and a herd that lost its manager
+  at the same moment comes back spread over the backoff window).
 - It never applies anything on failure: the last good state stays in use while no
   manager answers.  It never applies a state equal (by digest) to the last one it
   applied, so equal states from different managers apply once.
@@ -33,11 +47,13 @@ Client rules:
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hmac
 import inspect
 import json
 import logging
 import random
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -45,9 +61,9 @@ import aiohttp
 from aiohttp import web
 
 from mesh.errors import MeshError, ProtocolError
-from mesh.routing import TableError, format_hostport
+from mesh.routing import RoutingTable, Service, TableError, format_hostport
 
-from .state import ClusterState
+from .state import ClusterState, ServicePart, parse_node
 
 __all__ = [
     "DEFAULT_CONTROL_PORT",
@@ -66,6 +82,10 @@ PATH = "/v1/cluster"
 MAX_DIGEST_LENGTH = 128
 DEFAULT_MAX_WAIT = 25.0
 DEFAULT_MAX_RESPONSE = 32 * 1024 * 1024
+DEFAULT_HISTORY = 32  # states a server can answer deltas from
+DEFAULT_COALESCE = 0.02  # seconds from a publish to waking the subscribers
+COMPRESS_MIN = 1024  # bodies below this are sent as they are
+BACKLOG = 4096  # a restarted manager is reconnected to by every subscriber at about the same time
 
 
 class ControlAuthError(MeshError):
@@ -75,12 +95,13 @@ class ControlAuthError(MeshError):
 def backoff_delay(failures: int, rng: random.Random, base: float = 0.1, cap: float = 10.0) -> float:
     """Delay before the next attempt after ``failures`` consecutive failures.
 
-    0 after none; else min(cap, base * 2**(failures-1)) scaled by a random factor in
-    [0.5, 1.0) so that many subscribers do not retry in lock step.
+    0 after none; else uniform in [0, min(cap, base * 2**(failures-1))) ("full jitter"):
+    subscribers that failed at the same moment (their manager restarted) retry spread
+    over the whole window instead of in a wave at its end.
     """
     if failures <= 0:
         return 0.0
-    return min(cap, base * 2 ** min(failures - 1, 30)) * (0.5 + rng.random() / 2)
+    return min(cap, base * 2 ** min(failures - 1, 30)) * rng.random()
 
 
 def _bearer_ok(header: str | None, token_bytes: bytes) -> bool:
@@ -95,28 +116,38 @@ def _bearer_ok(header: str | None, token_bytes: bytes) -> bool:
 class ControlServerStats:
     """Plain counters, exported by metrics at scrape time."""
 
-    __slots__ = ("bad_requests", "changed", "requests", "unauthorized", "unchanged")
+    __slots__ = (
+        "bad_requests", "bytes_sent", "changed", "deltas", "publishes", "requests", "snapshots", "unauthorized",
+        "unchanged", "waiting", "wakeups",
+    )  # fmt: skip
 
     def __init__(self) -> None:
         self.requests = 0
         self.unauthorized = 0
         self.bad_requests = 0
-        self.changed = 0  # 200 answers
+        self.changed = 0  # 200 answers (= deltas + snapshots)
+        self.deltas = 0  # 200 answers that carried a delta
+        self.snapshots = 0  # 200 answers that carried the whole state
         self.unchanged = 0  # 204 answers
+        self.bytes_sent = 0  # bodies of 200 answers, as sent (compressed or not)
+        self.publishes = 0  # publishes that changed the digest
+        self.wakeups = 0  # times the waiting subscribers were woken (a burst of publishes is one)
+        self.waiting = 0  # gauge: subscribers waiting now
 
     def __repr__(self) -> str:
         return (
-            f"<ControlServerStats requests={self.requests} 200={self.changed} 204={self.unchanged} "
-            f"401={self.unauthorized} 400={self.bad_requests}>"
+            f"<ControlServerStats requests={self.requests} 200={self.changed} (delta {self.deltas}) "
+            f"204={self.unchanged} 401={self.unauthorized} 400={self.bad_requests} waiting={self.waiting}>"
         )
 
 
 class ControlServer:
     """Serves the latest published ``ClusterState`` to subscribers (long-poll).
 
-    ``publish(state)`` replaces the state and, when its digest changed, answers every
-    waiting subscriber.  Until the first publish, subscribers wait (a manager that
-    has not built its state yet never serves an empty one).
+    ``publish(state)`` replaces the state and, when its digest changed, wakes every
+    waiting subscriber ``coalesce`` seconds later (a burst is one wake-up).  Until the
+    first publish, subscribers wait (a manager that has not built its state yet never
+    serves an empty one).  ``history``: how many recent states deltas can start from.
     """
 
     def __init__(
@@ -127,20 +158,30 @@ class ControlServer:
         *,
         state: ClusterState | None = None,
         max_wait: float = DEFAULT_MAX_WAIT,
+        history: int = DEFAULT_HISTORY,
+        coalesce: float = DEFAULT_COALESCE,
     ) -> None:
         if not token:
             raise ValueError("ControlServer needs a non-empty token")
         if max_wait <= 0:
             raise ValueError(f"max_wait must be > 0, got {max_wait!r}")
+        if history < 1:
+            raise ValueError(f"history must be >= 1, got {history!r}")
+        if coalesce < 0:
+            raise ValueError(f"coalesce must be >= 0, got {coalesce!r}")
         self._token = token.encode()
         self.host = host
         self.port = port
         self.max_wait = max_wait
+        self.history = history
+        self.coalesce = coalesce
         self.stats = ControlServerStats()
         self._state: ClusterState | None = None
         self._digest = ""
-        self._body = b""
-        self._changed = asyncio.Event()
+        self._past: OrderedDict[str, ClusterState] = OrderedDict()  # digest -> state, oldest first
+        self._bodies: dict[tuple[str, bool], tuple[bytes, bool]] = {}  # (base or "", gzip) -> (body, is delta)
+        self._waiters: set[asyncio.Future[None]] = set()
+        self._wake: asyncio.TimerHandle | None = None
         self._closing = False
         self._runner: web.AppRunner | None = None
         if state is not None:
@@ -157,19 +198,43 @@ class ControlServer:
 
     def publish(self, state: ClusterState) -> bool:
         """Make ``state`` the served one.  Returns True when its digest differs from the
-        previous state's (only then are waiting subscribers answered)."""
+        previous state's (only then are waiting subscribers woken)."""
+        # services equal to the previous state's keep their serialised form
+        state.reuse(self._state)
         digest = state.digest
-        self._state = state
         changed = digest != self._digest
+        self._state = state
         self._digest = digest
-        # Serialised once per publish, shared by every subscriber.
-        body = state.to_dict()
-        body["digest"] = digest
-        self._body = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+        self._bodies = {}  # built on the first request for each (base, encoding)
+        self._past.pop(digest, None)
+        self._past[digest] = state
+        while len(self._past) > self.history:
+            self._past.popitem(last=False)
         if changed:
-            ev, self._changed = self._changed, asyncio.Event()
-            ev.set()
+            self.stats.publishes += 1
+            if self._waiters:
+                self._schedule_wake()
         return changed
+
+    def _schedule_wake(self) -> None:
+        if self._wake is not None:
+            return  # a wake-up is already due: this publish joins it
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # published before the loop runs: nobody is waiting yet
+        if self.coalesce > 0:
+            self._wake = loop.call_later(self.coalesce, self._wake_all)
+        else:
+            self._wake_all()
+
+    def _wake_all(self) -> None:
+        self._wake = None
+        self.stats.wakeups += 1
+        waiters, self._waiters = self._waiters, set()
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
 
     async def start(self) -> None:
         app = web.Application(client_max_size=1024)
@@ -184,7 +249,7 @@ class ControlServer:
             max_headers=32,
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
+        site = web.TCPSite(self._runner, self.host, self.port, backlog=BACKLOG)
         await site.start()
         server = site._server
         assert server is not None
@@ -194,10 +259,36 @@ class ControlServer:
     async def stop(self) -> None:
         """Answer waiting subscribers with 503 and close."""
         self._closing = True
-        self._changed.set()
+        if self._wake is not None:
+            self._wake.cancel()
+        self._wake_all()
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
+
+    def _answer(self, after: str, delta: bool, gz: bool) -> tuple[bytes, bool]:
+        """The body for a subscriber at ``after``: a delta when asked for and ``after`` is a state we
+        still hold (and the delta is smaller than the snapshot), else the snapshot.  Cached."""
+        base = after if delta and after in self._past else ""
+        key = (base, gz)
+        hit = self._bodies.get(key)
+        if hit is not None:
+            return hit
+        raw = self._bodies.get((base, False))
+        if raw is None:
+            assert self._state is not None
+            body, is_delta = self._state.wire(self._digest), False
+            if base:
+                d = _delta_body(self._past[base], self._state, self._digest, base)
+                if len(d) < len(body) // 2:
+                    body, is_delta = d, True
+            raw = self._bodies[(base, False)] = (body, is_delta)
+        if not gz or len(raw[0]) < COMPRESS_MIN:
+            hit = raw
+        else:
+            hit = (gzip.compress(raw[0], compresslevel=5, mtime=0), raw[1])
+        self._bodies[key] = hit
+        return hit
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.stats.requests += 1
@@ -213,25 +304,68 @@ class ControlServer:
         if len(after) > MAX_DIGEST_LENGTH or not after.isascii() or not (0 <= wait < float("inf")):
             self.stats.bad_requests += 1
             return web.Response(status=400, text="expected ?after=<digest>&wait=<seconds>\n")
+        delta = request.query.get("delta") == "1"
+        gz = "gzip" in request.headers.get("Accept-Encoding", "")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + min(wait, self.max_wait)
         while True:
             if self._closing:
                 return web.Response(status=503, text="shutting down\n")
-            if self._state is not None and self._digest != after:
+            # while a wake-up is due (a burst is being coalesced) a subscriber that can wait joins it
+            if self._state is not None and self._digest != after and (self._wake is None or loop.time() >= deadline):
+                body, is_delta = self._answer(after, delta, gz)
                 self.stats.changed += 1
-                return web.Response(body=self._body, content_type="application/json", headers={"ETag": self._digest})
+                if is_delta:
+                    self.stats.deltas += 1
+                else:
+                    self.stats.snapshots += 1
+                self.stats.bytes_sent += len(body)
+                headers = {"ETag": self._digest}
+                if gz and len(body) and body[:2] == b"\x1f\x8b":
+                    headers["Content-Encoding"] = "gzip"
+                return web.Response(body=body, content_type="application/json", headers=headers)
             remaining = deadline - loop.time()
             if remaining <= 0:
                 self.stats.unchanged += 1
                 return web.Response(status=204)
+            waiter = loop.create_future()
+            self._waiters.add(waiter)
+            timer = loop.call_at(deadline, _resolve, waiter)
+            self.stats.waiting += 1
             try:
-                await asyncio.wait_for(self._changed.wait(), remaining)
-            except TimeoutError:
-                pass
+                await waiter
+            finally:
+                self.stats.waiting -= 1
+                timer.cancel()
+                self._waiters.discard(waiter)
 
     def __repr__(self) -> str:
         return f"<ControlServer {format_hostport(self.host, self.port)} digest={self._digest or None}>"
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _delta_body(base: ClusterState, new: ClusterState, digest: str, base_digest: str) -> bytes:
+    """What changed from ``base`` to ``new``: whole services (their canonical JSON) and nodes."""
+    old = {s.name: p.hash for s, p in zip(base.table.services, base.parts(), strict=True)}
+    pieces = []
+    names = set()
+    for svc, part in zip(new.table.services, new.parts(), strict=True):
+        names.add(svc.name)
+        if old.get(svc.name) != part.hash:
+            pieces.append(json.dumps(svc.name).encode() + b":" + part.json)
+    for name in sorted(old.keys() - names):
+        pieces.append(json.dumps(name).encode() + b":null")
+    old_nodes, new_nodes = base.node_map(), new.node_map()
+    nodes = {nid: (n.to_dict() if n is not None else None)
+             for nid in sorted(old_nodes.keys() | new_nodes.keys())
+             if (n := new_nodes.get(nid)) != old_nodes.get(nid)}  # fmt: skip
+    return b'{"base":%s,"digest":%s,"nodes":%s,"services":{%s},"version":%d}' % (
+        json.dumps(base_digest).encode(), json.dumps(digest).encode(),
+        json.dumps(nodes, sort_keys=True, separators=(",", ":")).encode(), b",".join(pieces), new.version)  # fmt: skip
 
 
 ManagerList = Sequence[tuple[str, int]]
@@ -239,7 +373,7 @@ OnState = Callable[[ClusterState], Awaitable[None] | None]
 
 
 class ControlClientStats:
-    __slots__ = ("applied", "failovers", "failures", "polls", "unauthorized")
+    __slots__ = ("applied", "bytes_received", "deltas", "failovers", "failures", "polls", "snapshots", "unauthorized")
 
     def __init__(self) -> None:
         self.polls = 0
@@ -247,11 +381,14 @@ class ControlClientStats:
         self.failures = 0
         self.unauthorized = 0
         self.failovers = 0
+        self.deltas = 0  # 200 answers that were deltas
+        self.snapshots = 0  # 200 answers that were whole states
+        self.bytes_received = 0  # bodies of 200 answers, decompressed
 
     def __repr__(self) -> str:
         return (
             f"<ControlClientStats polls={self.polls} applied={self.applied} failures={self.failures} "
-            f"unauthorized={self.unauthorized} failovers={self.failovers}>"
+            f"unauthorized={self.unauthorized} failovers={self.failovers} deltas={self.deltas}>"
         )
 
 
@@ -295,7 +432,9 @@ class ControlClient:
         self.manager: tuple[str, int] | None = None  # the manager that answered last
         self._applied_digest = ""
         self._after = ""  # the digest the server sent last (opaque to us)
-        self._index = 0
+        self._received: ClusterState | None = None  # the state ``_after`` names (a delta's base)
+        # start at a random manager: the workers of a cluster spread over its managers
+        self._index = self._rng.randrange(1 << 16)
         self._failures = 0
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -360,6 +499,7 @@ class ControlClient:
                 await self._apply(state)
 
     def _failure(self, manager: tuple[str, int] | None, reason: str | None) -> None:
+        # the next manager may hold other states: ask it for what we applied, as a full snapshot if need be
         self.stats.failures += 1
         self._failures += 1
         self._index += 1
@@ -379,7 +519,7 @@ class ControlClient:
         assert self._session is not None
         self.stats.polls += 1
         url = f"http://{format_hostport(*manager)}{PATH}"
-        params = {"after": self._after, "wait": f"{self.wait:g}"}
+        params = {"after": self._after, "wait": f"{self.wait:g}", "delta": "1"}
         async with self._session.get(url, params=params, allow_redirects=False) as resp:
             if resp.status == 204:
                 return None
@@ -407,8 +547,43 @@ class ControlClient:
             # A correct server never answers 200 with the digest we already hold;
             # treating it as a failure keeps a broken one from making us spin.
             raise ProtocolError("answered 200 with an unchanged digest")
-        state = ClusterState.from_dict(data)
+        self.stats.bytes_received += len(body)
+        if "base" in data:
+            state = self._apply_delta(data, digest)
+            self.stats.deltas += 1
+        else:
+            state = ClusterState.from_dict(data)
+            _prime_parts(state, data)
+            self.stats.snapshots += 1
         self._after = digest
+        self._received = state
+        return state
+
+    def _apply_delta(self, data: dict[str, Any], digest: str) -> ClusterState:
+        """The state a delta describes, from the one it is based on; its content must hash to the
+        announced digest (else: ProtocolError, and the next poll asks for a full snapshot)."""
+        base = self._received
+        if base is None or data.get("base") != self._after:
+            self._after = ""  # we do not hold its base: ask for everything
+            raise ProtocolError("delta from a state we do not hold")
+        services, nodes, version = data.get("services"), data.get("nodes"), data.get("version")
+        if not isinstance(services, dict) or not isinstance(nodes, dict) or not isinstance(version, int):
+            raise ProtocolError("delta needs 'services' and 'nodes' objects and an integer 'version'")
+        changed_dicts = {name: d for name, d in services.items() if d is not None}
+        for name, d in changed_dicts.items():
+            if not isinstance(d, dict) or d.get("name") != name:
+                raise TableError(f"delta: service {name!r} is not a service object of that name")
+        parsed = RoutingTable.from_dict({"services": list(changed_dicts.values())}).services
+        changes: dict[str, tuple[Service, ServicePart] | None] = {
+            name: None for name, d in services.items() if d is None
+        }
+        for svc in parsed:
+            changes[svc.name] = (svc, ServicePart.of(changed_dicts[svc.name]))
+        node_changes = {nid: (None if n is None else parse_node(nid, n)) for nid, n in nodes.items()}
+        state = base.with_changes(version, changes, node_changes)
+        if state.digest != digest:
+            self._after = ""
+            raise ProtocolError(f"delta gives digest {state.digest}, not the announced {digest}")
         return state
 
     async def _apply(self, state: ClusterState) -> None:
@@ -430,3 +605,18 @@ class ControlClient:
     def __repr__(self) -> str:
         mgr = format_hostport(*self.manager) if self.manager else None
         return f"<ControlClient manager={mgr} digest={self._applied_digest or None} failures={self._failures}>"
+
+
+def _prime_parts(state: ClusterState, data: dict[str, Any]) -> None:
+    """Seed a received snapshot's per-service wire form from the JSON it came in (the server's
+    canonical form), so that its digest and the next delta do not serialise it again."""
+    by_name = {d.get("name"): d for d in data["table"].get("services", ()) if isinstance(d, dict)}
+    if len(by_name) != len(state.table.services):
+        return
+    parts = []
+    for svc in state.table.services:
+        d = by_name.get(svc.name)
+        if d is None:
+            return
+        parts.append(ServicePart.of(d))
+    object.__setattr__(state, "_parts", tuple(parts))

@@ -23,7 +23,14 @@ Localisation rules (see docs/cluster.md):
   bound and refuses with "no endpoint" rather than disappearing.
 
 ``ClusterState.digest`` covers the content and not the table version, so managers
-that see the same swarm publish states with equal digests.
+that see the same swarm publish states with equal digests.  It is built from one
+hash per service (of its canonical JSON) and one of the nodes, so a state derived
+from another by replacing a few services (``with_changes``, what a delta does)
+costs only the changed parts: unchanged services keep their JSON and hashes.
+
+``Localizer`` is ``localize`` with a memory: called again for the next state, it
+reuses the localised services whose content, nodes and local tasks did not change
+(the result is always equal to ``localize``'s).
 """
 
 from __future__ import annotations
@@ -31,12 +38,34 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from mesh.routing import Route, RoutingTable, Service, TableError, format_hostport
+from mesh.routing import RoutingTable, Service, TableError, format_hostport
 
-__all__ = ["NODE_AVAILABILITIES", "NODE_STATES", "ClusterState", "NodeInfo", "localize"]
+__all__ = ["NODE_AVAILABILITIES", "NODE_STATES", "ClusterState", "Localizer", "NodeInfo", "ServicePart", "localize"]
+
+
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePart:
+    """One service of a state in wire form: its canonical JSON and the hash of it."""
+
+    json: bytes
+    hash: str
+
+    @classmethod
+    def of(cls, service_dict: Mapping[str, Any]) -> ServicePart:
+        body = _canonical(service_dict)
+        return cls(body, _hash(body))
+
 
 # Swarm's own vocabulary (NodeStatus.State, NodeSpec.Availability).
 NODE_STATES = ("unknown", "down", "ready", "disconnected")
@@ -97,6 +126,10 @@ class ClusterState:
 
     table: RoutingTable
     nodes: tuple[NodeInfo, ...] = ()
+    # caches (never part of equality): per-service wire form, aligned with table.services; the nodes' JSON + hash
+    _parts: tuple[ServicePart, ...] | None = field(default=None, init=False, repr=False, compare=False)
+    _nodes_part: tuple[bytes, str] | None = field(default=None, init=False, repr=False, compare=False)
+    _digest: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         nodes = tuple(sorted(self.nodes, key=lambda n: n.id))
@@ -113,13 +146,76 @@ class ClusterState:
 
     @property
     def digest(self) -> str:
-        """Content hash (table without version + nodes): equal across managers."""
-        body = json.dumps(
-            {"services": self.table.to_dict()["services"], "nodes": self._nodes_dict()},
-            sort_keys=True,
-            separators=(",", ":"),
-        )
-        return hashlib.sha256(body.encode()).hexdigest()[:16]
+        """Content hash (table without version + nodes): equal across managers.  It hashes the
+        per-service hashes and the nodes' hash, so it is cheap for a state derived with
+        ``with_changes`` or primed with ``reuse``."""
+        if self._digest is None:
+            h = hashlib.sha256()
+            for svc, part in zip(self.table.services, self.parts(), strict=True):
+                h.update(f"{svc.name}={part.hash};".encode())
+            h.update(b"nodes=" + self.nodes_part()[1].encode())
+            object.__setattr__(self, "_digest", h.hexdigest()[:16])
+        assert self._digest is not None
+        return self._digest
+
+    def parts(self) -> tuple[ServicePart, ...]:
+        """Each service's canonical JSON and hash, aligned with ``table.services`` (computed once)."""
+        if self._parts is None:
+            object.__setattr__(self, "_parts", tuple(ServicePart.of(d) for d in self.table.to_dict()["services"]))
+        assert self._parts is not None
+        return self._parts
+
+    def nodes_part(self) -> tuple[bytes, str]:
+        """The nodes' canonical JSON (an object keyed by node id) and its hash (computed once)."""
+        if self._nodes_part is None:
+            body = _canonical(self._nodes_dict())
+            object.__setattr__(self, "_nodes_part", (body, _hash(body)))
+        assert self._nodes_part is not None
+        return self._nodes_part
+
+    def reuse(self, previous: ClusterState | None) -> ClusterState:
+        """Take the wire form of services (and nodes) that are unchanged since ``previous`` from it
+        instead of serialising them again (equal content: the same bytes).  Returns self."""
+        if previous is None or self._parts is not None:
+            return self
+        old = {s.name: (s, p) for s, p in zip(previous.table.services, previous.parts(), strict=True)}
+        parts = []
+        for svc in self.table.services:
+            hit = old.get(svc.name)
+            if hit is not None and (hit[0] is svc or hit[0] == svc):
+                parts.append(hit[1])
+            else:
+                parts.append(ServicePart.of(RoutingTable(services=(svc,)).to_dict()["services"][0]))
+        object.__setattr__(self, "_parts", tuple(parts))
+        if self._nodes_part is None and (previous.nodes is self.nodes or previous.nodes == self.nodes):
+            object.__setattr__(self, "_nodes_part", previous.nodes_part())
+        return self
+
+    def with_changes(
+        self,
+        version: int,
+        services: Mapping[str, tuple[Service, ServicePart] | None],
+        nodes: Mapping[str, NodeInfo | None] | None = None,
+    ) -> ClusterState:
+        """A new state: this one with ``services`` replaced (None removes one) and ``nodes`` changed
+        (None removes a node), at ``version``.  Unchanged services keep their objects and wire form."""
+        kept = [(s, p) for s, p in zip(self.table.services, self.parts(), strict=True) if s.name not in services]
+        kept += [v for v in services.values() if v is not None]
+        kept.sort(key=lambda sp: sp[0].name)
+        table = RoutingTable(version=version, services=tuple(s for s, _ in kept))
+        if nodes:
+            merged = self.node_map()
+            for nid, info in nodes.items():
+                if info is None:
+                    merged.pop(nid, None)
+                else:
+                    merged[nid] = info
+            new = ClusterState(table=table, nodes=tuple(merged.values()))
+        else:
+            new = ClusterState(table=table, nodes=self.nodes)
+            object.__setattr__(new, "_nodes_part", self.nodes_part())
+        object.__setattr__(new, "_parts", tuple(p for _, p in kept))
+        return new
 
     def _nodes_dict(self) -> dict[str, dict[str, Any]]:
         return {n.id: n.to_dict() for n in self.nodes}
@@ -131,6 +227,14 @@ class ClusterState:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 
+    def wire(self, digest: str | None = None) -> bytes:
+        """The canonical JSON of ``to_dict()`` plus ``digest`` (the control server's full answer), assembled
+        from the cached per-service parts: equal to ``json.dumps(..., sort_keys=True)`` of the same dict."""
+        d = _canonical(digest if digest is not None else self.digest)
+        services = b",".join(p.json for p in self.parts())
+        return b'{"digest":%s,"nodes":%s,"table":{"services":[%s],"version":%d}}' % (
+            d, self.nodes_part()[0], services, self.table.version)  # fmt: skip
+
     @classmethod
     def from_dict(cls, data: Any) -> ClusterState:
         """Build from the wire shape; raises ``TableError`` naming what is malformed."""
@@ -139,16 +243,7 @@ class ClusterState:
         raw_nodes = data.get("nodes", {})
         _check(isinstance(raw_nodes, dict), "cluster state: 'nodes' must be an object keyed by node id")
         table = RoutingTable.from_dict(data["table"])
-        nodes = []
-        for node_id, n in raw_nodes.items():
-            _check(isinstance(n, dict), f"cluster state: node {node_id!r} must be an object")
-            unknown = set(n) - {"addr", "state", "availability", "tunnel"}
-            _check(not unknown, f"cluster state: node {node_id!r} has unknown fields {sorted(unknown)}")
-            try:
-                nodes.append(NodeInfo(id=node_id, **n))
-            except TypeError as exc:
-                raise TableError(f"cluster state: node {node_id!r}: {exc}") from exc
-        return cls(table=table, nodes=tuple(nodes))
+        return cls(table=table, nodes=parse_nodes(raw_nodes))
 
     @classmethod
     def from_json(cls, text: str | bytes) -> ClusterState:
@@ -160,6 +255,20 @@ class ClusterState:
 
     def __repr__(self) -> str:
         return f"<ClusterState v{self.version} digest={self.digest} nodes={len(self.nodes)} services={len(self.table.services)}>"
+
+
+def parse_node(node_id: str, n: Any) -> NodeInfo:
+    _check(isinstance(n, dict), f"cluster state: node {node_id!r} must be an object")
+    unknown = set(n) - {"addr", "state", "availability", "tunnel"}
+    _check(not unknown, f"cluster state: node {node_id!r} has unknown fields {sorted(unknown)}")
+    try:
+        return NodeInfo(id=node_id, **n)
+    except TypeError as exc:
+        raise TableError(f"cluster state: node {node_id!r}: {exc}") from exc
+
+
+def parse_nodes(raw_nodes: Mapping[str, Any]) -> tuple[NodeInfo, ...]:
+    return tuple(parse_node(node_id, n) for node_id, n in raw_nodes.items())
 
 
 def localize(
@@ -178,30 +287,88 @@ def localize(
     Pure: same inputs, same table.
     """
     nodes = state.node_map()
-    services = []
-    for svc in state.table.services:
-        routes = []
-        for route in svc.routes:
-            endpoints = []
-            for ep in route.endpoints:
-                node = nodes.get(ep.node)
-                if node is None or not node.usable:
+    services = tuple(
+        _localize_service(svc, nodes, self_node_id, local_addresses, draining) for svc in state.table.services
+    )
+    return RoutingTable(version=state.table.version, services=services)
+
+
+def _localize_service(
+    svc: Service,
+    nodes: Mapping[str, NodeInfo],
+    self_node_id: str,
+    local_addresses: Mapping[str, str],
+    draining: Collection[str],
+) -> Service:
+    routes = []
+    for route in svc.routes:
+        endpoints = []
+        for ep in route.endpoints:
+            node = nodes.get(ep.node)
+            if node is None or not node.usable:
+                continue
+            if ep.node == self_node_id:
+                address = local_addresses.get(ep.id)
+                if address is None:
                     continue
-                if ep.node == self_node_id:
-                    address = local_addresses.get(ep.id)
-                    if address is None:
-                        continue
-                    st = "draining" if ep.id in draining else ep.state
-                    endpoints.append(replace(ep, address=address, via=None, state=st))
-                else:
-                    via = node.tunnel_addr
-                    if via is None:
-                        continue
-                    endpoints.append(replace(ep, via=via))
-            routes.append(
-                Route(
-                    port=route.port, endpoints=tuple(endpoints), listen_host=route.listen_host, protocol=route.protocol
-                )
-            )
-        services.append(Service(name=svc.name, routes=tuple(routes), options=svc.options))
-    return RoutingTable(version=state.table.version, services=tuple(services))
+                st = "draining" if ep.id in draining else ep.state
+                endpoints.append(replace(ep, address=address, via=None, state=st))
+            else:
+                via = node.tunnel_addr
+                if via is None:
+                    continue
+                endpoints.append(replace(ep, via=via))
+        routes.append(replace(route, endpoints=tuple(endpoints)))
+    return Service(name=svc.name, routes=tuple(routes), options=svc.options)
+
+
+class Localizer:
+    """``localize`` for a sequence of states of one node, reusing what did not change.
+
+    A service is localised again only when its content (its hash), a node one of its
+    endpoints is on, or the local address / draining mark of one of its tasks on this
+    node changed; the result is always equal to ``localize(state, ...)``.  One per node
+    (it remembers that node's last answers); not thread-safe.
+    """
+
+    __slots__ = ("_cache", "_nodes", "localized", "reused")
+
+    def __init__(self) -> None:
+        # service name -> (service hash, node ids it uses, local task ids, local key, localised service)
+        self._cache: dict[str, tuple[str, frozenset[str], tuple[str, ...], tuple, Service]] = {}
+        self._nodes: dict[str, NodeInfo] = {}
+        self.localized = 0  # services localised (counters, for tests and the benchmark)
+        self.reused = 0
+
+    def __call__(
+        self,
+        state: ClusterState,
+        self_node_id: str,
+        local_addresses: Mapping[str, str],
+        draining: Collection[str] = (),
+    ) -> RoutingTable:
+        nodes = state.node_map()
+        old = self._nodes
+        changed_nodes = {k for k in nodes.keys() | old.keys() if nodes.get(k) != old.get(k)} if nodes != old else set()
+        self._nodes = nodes
+        cache: dict[str, tuple[str, frozenset[str], tuple[str, ...], tuple, Service]] = {}
+        out = []
+        for svc, part in zip(state.table.services, state.parts(), strict=True):
+            hit = self._cache.get(svc.name)
+            if hit is not None and hit[0] == part.hash and not (hit[1] & changed_nodes):
+                local_ids = hit[2]
+                key = tuple((local_addresses.get(i), i in draining) for i in local_ids)
+                if key == hit[3]:
+                    cache[svc.name] = hit
+                    out.append(hit[4])
+                    self.reused += 1
+                    continue
+            used = frozenset(ep.node for r in svc.routes for ep in r.endpoints)
+            local_ids = tuple(sorted({ep.id for r in svc.routes for ep in r.endpoints if ep.node == self_node_id}))
+            key = tuple((local_addresses.get(i), i in draining) for i in local_ids)
+            loc = _localize_service(svc, nodes, self_node_id, local_addresses, draining)
+            self.localized += 1
+            cache[svc.name] = (part.hash, used, local_ids, key, loc)
+            out.append(loc)
+        self._cache = cache
+        return RoutingTable(version=state.table.version, services=tuple(out))

@@ -1,0 +1,289 @@
+"""The control plane's scale features: per-service wire form and digest, deltas with a full snapshot for a
+subscriber that missed versions, gzip, coalesced wake-ups, managers sharing subscribers, and the Localizer
+(always equal to ``localize``).  Pure parts table-driven; the protocol over real sockets on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import random
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from cluster.control import ControlClient, ControlServer
+from cluster.state import ClusterState, Localizer, NodeInfo, ServicePart, localize
+from mesh.routing import Endpoint, Match, Route, RoutingTable, Service, ServiceOptions
+from tests.util import wait_for
+
+TOKEN = "0123456789abcdef-scale-token"
+E = Endpoint
+NODES = (
+    NodeInfo("n1", "10.0.0.1", tunnel=7481),
+    NodeInfo("n2", "10.0.0.2", tunnel=7481),
+    NodeInfo("n3", "10.0.0.3", tunnel=7481),
+)
+
+
+def _svc(name: str, port: int, *endpoints: Endpoint, **route) -> Service:
+    return Service(name, (Route(port=port, endpoints=endpoints, **route),), ServiceOptions())
+
+
+def _st(version: int, *services: Service, nodes: tuple[NodeInfo, ...] = NODES) -> ClusterState:
+    return ClusterState(RoutingTable(version=version, services=services), nodes)
+
+
+A1 = _svc("a", 8080, E("a1", "10.1.0.1", 80, node="n1"), E("a2", "10.1.0.2", 80, node="n2"))
+A2 = _svc("a", 8080, E("a1", "10.1.0.1", 80, node="n1"), E("a3", "10.1.0.3", 80, node="n3"))
+B1 = _svc("b", 8081, E("b1", "10.2.0.1", 81, node="n2"))
+C1 = _svc("c", 8082, E("c1", "10.3.0.1", 82, node="n3"))
+BIG = _svc(
+    "big", 9000, *(E(f"t{i:04d}", f"10.9.{i // 250}.{i % 250 + 1}", 80, node=f"n{i % 3 + 1}") for i in range(400))
+)
+
+
+def _canonical(state: ClusterState) -> bytes:
+    return json.dumps(state.to_dict() | {"digest": state.digest}, sort_keys=True, separators=(",", ":")).encode()
+
+
+# -- the wire form and digest (pure) ------------------------------------------------------------------------------
+
+DERIVE_CASES = [
+    # (name, base, services changed (None removes), node changes, expected state)
+    ("a service changes", _st(1, A1, B1), {"a": A2}, None, _st(2, A2, B1)),
+    ("a service is added", _st(1, A1), {"c": C1}, None, _st(2, A1, C1)),
+    ("a service is removed", _st(1, A1, B1), {"b": None}, None, _st(2, A1)),
+    (
+        "a node goes down, nothing else",
+        _st(1, A1, B1),
+        {},
+        {"n2": NodeInfo("n2", "10.0.0.2", state="down", tunnel=7481)},
+        _st(2, A1, B1, nodes=(NODES[0], NodeInfo("n2", "10.0.0.2", state="down", tunnel=7481), NODES[2])),
+    ),
+    ("a node leaves", _st(1, A1), {}, {"n3": None}, _st(2, A1, nodes=NODES[:2])),
+]
+
+
+@pytest.mark.parametrize(
+    ("base", "services", "nodes", "expected"), [c[1:] for c in DERIVE_CASES], ids=[c[0] for c in DERIVE_CASES]
+)
+def test_with_changes_equals_a_fresh_state(base, services, nodes, expected) -> None:
+    changes = {
+        name: None if s is None else (s, ServicePart.of(RoutingTable(services=(s,)).to_dict()["services"][0]))
+        for name, s in services.items()
+    }
+    derived = base.with_changes(2, changes, nodes)
+    assert derived == expected
+    fresh = ClusterState(expected.table, expected.nodes)  # no caches
+    assert derived.digest == fresh.digest
+    assert derived.wire() == _canonical(fresh)
+    # unchanged services keep their objects (and so their wire form and localisation)
+    for svc in base.table.services:
+        if svc.name not in services and svc.name in {s.name for s in derived.table.services}:
+            assert derived.table.service(svc.name) is svc
+
+
+def test_digest_covers_content_not_version_and_reuse_gives_the_same_bytes() -> None:
+    s1, s2 = _st(1, A1, B1), _st(9, A1, B1)
+    assert s1.digest == s2.digest
+    assert _st(1, A2, B1).digest != s1.digest
+    assert _st(1, A1, B1, nodes=NODES[:2]).digest != s1.digest
+    primed = _st(2, A2, B1).reuse(s1)
+    assert primed.parts()[1] is s1.parts()[1]  # b unchanged: its serialised form is shared
+    assert primed.wire() == _canonical(_st(2, A2, B1))
+    assert json.loads(primed.wire())["digest"] == primed.digest
+
+
+def test_localize_keeps_route_match_rules() -> None:
+    svc = Service("web", (Route(port=80, protocol="http", match=Match(hosts=("shop.example.com",)),
+                                endpoints=(E("w1", "10.1.0.1", 80, node="n2"),)),))  # fmt: skip
+    out = localize(_st(1, svc), "n1", {})
+    assert out.services[0].routes[0].match == Match(hosts=("shop.example.com",))
+    assert out.services[0].routes[0].protocol == "http"
+
+
+def test_localizer_equals_localize_over_a_sequence_and_reuses_unchanged_services() -> None:
+    rng = random.Random(5)
+    loc = Localizer()
+    services = {"a": A1, "b": B1, "c": C1, "big": BIG}
+    nodes = {n.id: n for n in NODES}
+    local: dict[str, str] = {"a1": "172.17.0.2"}
+    draining: set[str] = set()
+    for step in range(60):
+        what = rng.choice(["service", "node", "local", "drain", "nothing"])
+        if what == "service":
+            name = rng.choice(sorted(services))
+            svc = services[name]
+            eps = list(svc.routes[0].endpoints)
+            eps[rng.randrange(len(eps))] = E(f"x{step}", "10.5.0.1", 80, node=rng.choice(sorted(nodes)))
+            services[name] = Service(name, (Route(port=svc.routes[0].port, endpoints=tuple(eps)),))
+        elif what == "node":
+            nid = rng.choice(sorted(nodes))
+            n = nodes[nid]
+            nodes[nid] = NodeInfo(nid, n.addr, state="down" if n.state == "ready" else "ready", tunnel=n.tunnel)
+        elif what == "local":
+            local = {**local, f"t{rng.randrange(400):04d}": "172.17.0.9"}
+        elif what == "drain" and local:
+            draining = {rng.choice(sorted(local))}
+        st = _st(step, *services.values(), nodes=tuple(nodes.values()))
+        assert loc(st, "n1", local, draining) == localize(st, "n1", local, draining), f"step {step}: {what}"
+    assert loc.reused > loc.localized  # most steps touch one service or none
+
+
+# -- the protocol over real sockets -------------------------------------------------------------------------------
+
+
+async def _server(state: ClusterState | None = None, **kw) -> ControlServer:
+    srv = ControlServer(TOKEN, "127.0.0.1", 0, state=state, **kw)
+    await srv.start()
+    return srv
+
+
+def _client(managers, applied: list, seed: int = 3, **kw) -> ControlClient:
+    kw.setdefault("wait", 10.0)
+    kw.setdefault("backoff_base", 0.02)
+    kw.setdefault("backoff_cap", 0.2)
+    return ControlClient(managers, TOKEN, applied.append, rng=random.Random(seed), **kw)
+
+
+async def test_subscriber_gets_deltas_and_applies_what_the_server_holds() -> None:
+    s1 = _st(1, A1, B1, BIG)
+    srv = await _server(s1)
+    applied: list[ClusterState] = []
+    cli = _client([srv.address], applied)
+    await cli.start()
+    try:
+        await wait_for(lambda: len(applied) == 1, what="first state")
+        assert srv.stats.snapshots == 1 and srv.stats.deltas == 0
+        await wait_for(lambda: srv.stats.waiting == 1, what="subscriber waiting")
+        s2 = _st(2, A2, B1, BIG)
+        srv.publish(s2)
+        await wait_for(lambda: len(applied) == 2, what="second state")
+        assert applied[1] == s2 and applied[1].digest == s2.digest
+        assert srv.stats.deltas == 1 and cli.stats.deltas == 1
+        # unchanged services are the very objects the subscriber already held
+        assert applied[1].table.service("big") is applied[0].table.service("big")
+        await wait_for(lambda: srv.stats.waiting == 1, what="subscriber waiting again")
+        s3 = _st(3, A2, B1, BIG, nodes=NODES[:2])  # a node leaves
+        srv.publish(s3)
+        await wait_for(lambda: len(applied) == 3, what="third state")
+        assert applied[2] == s3 and srv.stats.deltas == 2
+        # a delta carries the changed parts only
+        assert cli.stats.bytes_received < 3 * len(s1.wire())
+    finally:
+        await cli.stop()
+        await srv.stop()
+
+
+async def _get(port: int, query: str, **headers) -> tuple[int, dict, bytes]:
+    async with (
+        aiohttp.ClientSession(auto_decompress=False) as s,
+        s.get(
+            f"http://127.0.0.1:{port}/v1/cluster{query}", headers={"Authorization": f"Bearer {TOKEN}", **headers}
+        ) as r,
+    ):
+        return r.status, dict(r.headers), await r.read()
+
+
+async def test_missed_versions_beyond_history_get_a_snapshot_and_gzip_where_it_pays() -> None:
+    s1 = _st(1, A1, B1, BIG)
+    srv = await _server(s1, history=3)
+    try:
+        for v in range(2, 6):
+            srv.publish(_st(v, _svc("a", 8080, E(f"a{v}", "10.1.0.9", 80, node="n1")), B1, BIG))
+        cur = srv.state
+        assert cur is not None
+        # s1 left the 3-state history: a full snapshot, compressed, that parses to the current state
+        status, headers, body = await _get(
+            srv.port, f"?after={s1.digest}&wait=0&delta=1", **{"Accept-Encoding": "gzip"}
+        )
+        assert status == 200 and headers["Content-Encoding"] == "gzip"
+        assert len(body) < len(cur.wire()) / 3
+        data = json.loads(gzip.decompress(body))
+        assert "base" not in data and ClusterState.from_dict(data) == cur and data["digest"] == cur.digest
+        # a base still held: a delta with only service a, small enough to go as it is
+        prev = list(srv._past)[-2]
+        status, headers, body = await _get(srv.port, f"?after={prev}&wait=0&delta=1", **{"Accept-Encoding": "gzip"})
+        data = json.loads(body)
+        assert status == 200 and "Content-Encoding" not in headers and len(body) < 1024
+        assert data["base"] == prev and list(data["services"]) == ["a"] and data["nodes"] == {}
+        # an older subscriber (no delta=1) always gets the whole state
+        status, headers, body = await _get(srv.port, f"?after={prev}&wait=0", **{"Accept-Encoding": "identity"})
+        assert status == 200 and "Content-Encoding" not in headers and "base" not in json.loads(body)
+        assert srv.stats.deltas == 1 and srv.stats.snapshots == 2
+    finally:
+        await srv.stop()
+
+
+async def test_a_burst_of_publishes_is_one_wake_up() -> None:
+    srv = await _server(_st(1, A1), coalesce=0.05)
+    try:
+        first = srv.state.digest  # type: ignore[union-attr]
+        waiting = [asyncio.ensure_future(_get(srv.port, f"?after={first}&wait=5&delta=1")) for _ in range(5)]
+        await wait_for(lambda: srv.stats.waiting == 5, what="5 subscribers waiting")
+        for v in range(2, 5):
+            srv.publish(_st(v, _svc("a", 8080, E(f"a{v}", "10.1.0.9", 80, node="n1"))))
+        answers = await asyncio.wait_for(asyncio.gather(*waiting), 5)
+        assert srv.stats.wakeups == 1
+        last = srv.state.digest  # type: ignore[union-attr]
+        assert {json.loads(body)["digest"] for _, _, body in answers} == {last}
+        assert srv.stats.publishes == 4  # the first state and the burst
+    finally:
+        await srv.stop()
+
+
+async def test_a_delta_that_does_not_give_the_announced_digest_is_refused_then_a_snapshot_is_asked() -> None:
+    good = _st(1, A1, B1)
+    seen: list[str] = []
+
+    async def lying(request: web.Request) -> web.Response:
+        seen.append(request.query.get("after", ""))
+        if request.query.get("after"):
+            # a "delta" that changes service a but announces another digest
+            body = {"base": request.query["after"], "digest": "0" * 16, "version": 2, "nodes": {},
+                    "services": {"a": RoutingTable(services=(A2,)).to_dict()["services"][0]}}  # fmt: skip
+            return web.json_response(body)
+        return web.Response(body=good.wire(), content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/v1/cluster", lying)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    applied: list[ClusterState] = []
+    cli = _client([("127.0.0.1", port)], applied)
+    await cli.start()
+    try:
+        await wait_for(lambda: len(seen) >= 4, what="a few polls")
+        assert applied == [good]  # the bad delta was never applied
+        assert cli.stats.failures >= 1 and cli.stats.deltas == 0
+        # after the refused delta the subscriber asks for everything again
+        assert seen[0] == "" and seen[1] == good.digest and "" in seen[2:]
+    finally:
+        await cli.stop()
+        await runner.cleanup()
+
+
+async def test_subscribers_spread_over_managers_and_a_failed_one_is_left() -> None:
+    state = _st(1, A1, B1)
+    servers = [await _server(state) for _ in range(3)]
+    applied: list[ClusterState] = []
+    clients = [_client([s.address for s in servers], applied, seed=i) for i in range(24)]
+    for c in clients:
+        await c.start()
+    try:
+        await wait_for(lambda: sum(s.stats.waiting for s in servers) == 24, what="everybody subscribed")
+        per = [s.stats.waiting for s in servers]
+        assert all(n >= 3 for n in per), per  # a random first manager each: no manager takes them all
+        assert len({id(c.state) for c in clients}) == 24 and all(c.state == state for c in clients)
+        await servers[0].stop()
+        await wait_for(lambda: servers[1].stats.waiting + servers[2].stats.waiting == 24, what="moved over")
+    finally:
+        for c in clients:
+            await c.stop()
+        for s in servers:
+            await s.stop()
