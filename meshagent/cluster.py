@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cluster.control import DEFAULT_CONTROL_PORT, ControlClient, ControlServer
-from cluster.state import ClusterState, localize
+from cluster.state import ClusterState, Localizer
 from cluster.token import read_token
 from cluster.tunnel import DEFAULT_TUNNEL_PORT, LocalTarget, TunnelServer, host_tunnel_header
 from discovery.engine import Engine, EngineError, resolve_docker_host
@@ -143,6 +143,7 @@ class ClusterAgent:
         self._applied = asyncio.Event()  # set (and replaced) after each apply
         self._version = 0
         self._dirty = asyncio.Event()
+        self._localize = Localizer()  # localize() that re-localises only the services that changed
         self._tasks: list[asyncio.Task[Any]] = []
 
     def __repr__(self) -> str:
@@ -273,7 +274,7 @@ class ClusterAgent:
             self._dirty.clear()
             if self.state is None or not self.local.ready.is_set():
                 continue  # nothing to localise yet (the first state or listing sets _dirty again)
-            table = localize(self.state, self.node_id, self.local.addresses, self.local.draining)
+            table = self._localize(self.state, self.node_id, self.local.addresses, self.local.draining)
             if self.table is not None and table.same_content(self.table):
                 continue
             self._version += 1
