@@ -199,51 +199,54 @@ class StatsReader:
         fd_exhausted = self._fd_retired
         for listener in listeners.values():
             fd_exhausted += listener.fd_exhausted
-            pool = listener.pool
-            pool_now = pool.clock() if hasattr(pool, "clock") else now
-            led = self._ledger(pool)
-            live_pools.add(id(pool))
-            rs = pool.stats
-            hosts = []
-            n_current = len(pool.hosts)
-            for i, h in enumerate(led.sync()):
-                ep = h.endpoint
-                ejected_left = h.ejected_until - pool_now if h.health & _HEALTH_EJECTED else 0.0
-                row = {
-                    "id": ep.id,
-                    "address": ep.hostport,
-                    "via": h.via,
-                    "node": ep.node,
-                    "weight": h.weight,
-                    "active": h.active,
-                    "health": h.health,
-                    "draining": h.draining,
-                    "listed": i < n_current,  # departed hosts still carrying connections come last
-                    "ejected_seconds_left": max(0.0, ejected_left),
-                }
-                row.update(_counters(h.stats))
-                hosts.append(row)
-            routes.append(
-                {
-                    "service": pool.service,
-                    "port": pool.route.port,
-                    "listen_host": pool.route.listen_host,
-                    "protocol": getattr(listener, "protocol", "tcp"),
-                    # what the listener is bound to: the route's port, or the one chosen for port 0
-                    "bound_port": listener.port if listener.listening else None,
-                    "listening": bool(listener.listening),
-                    "accepted": rs.accepted,
-                    "no_endpoint": rs.no_endpoint,
-                    "retries": rs.retries,
-                    "overflow": rs.overflow_closed,
-                    "connect_failures": dict(rs.connect_failures),
-                    # client connections given up after the last connect attempt, by its reason (needs
-                    # RouteStats.failed; absent until the proxy counts it)
-                    "failed": dict(getattr(rs, "failed", None) or {}),
-                    "hosts": hosts,
-                    "removed": _counters(led.removed),
-                }
-            )
+            # every route served on the listener (a tcp port has one; http/tls ports may have several)
+            bindings = getattr(listener, "bindings", None)
+            pools = [b.pool for b in bindings] if bindings else [listener.pool]
+            for pool in pools:
+                pool_now = pool.clock() if hasattr(pool, "clock") else now
+                led = self._ledger(pool)
+                live_pools.add(id(pool))
+                rs = pool.stats
+                hosts = []
+                n_current = len(pool.hosts)
+                for i, h in enumerate(led.sync()):
+                    ep = h.endpoint
+                    ejected_left = h.ejected_until - pool_now if h.health & _HEALTH_EJECTED else 0.0
+                    row = {
+                        "id": ep.id,
+                        "address": ep.hostport,
+                        "via": h.via,
+                        "node": ep.node,
+                        "weight": h.weight,
+                        "active": h.active,
+                        "health": h.health,
+                        "draining": h.draining,
+                        "listed": i < n_current,  # departed hosts still carrying connections come last
+                        "ejected_seconds_left": max(0.0, ejected_left),
+                    }
+                    row.update(_counters(h.stats))
+                    hosts.append(row)
+                routes.append(
+                    {
+                        "service": pool.service,
+                        "port": pool.route.port,
+                        "listen_host": pool.route.listen_host,
+                        "protocol": getattr(listener, "protocol", "tcp"),
+                        # what the listener is bound to: the route's port, or the one chosen for port 0
+                        "bound_port": listener.port if listener.listening else None,
+                        "listening": bool(listener.listening),
+                        "accepted": rs.accepted,
+                        "no_endpoint": rs.no_endpoint,
+                        "retries": rs.retries,
+                        "overflow": rs.overflow_closed,
+                        "connect_failures": dict(rs.connect_failures),
+                        # client connections given up after the last connect attempt, by its reason (needs
+                        # RouteStats.failed; absent until the proxy counts it)
+                        "failed": dict(getattr(rs, "failed", None) or {}),
+                        "hosts": hosts,
+                        "removed": _counters(led.removed),
+                    }
+                )
         if self._unbound is not None:
             for service, listen_host, port, *protocol in self._unbound():
                 routes.append(_unbound_route(service, listen_host, port, *protocol))
