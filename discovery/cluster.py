@@ -19,6 +19,22 @@ builds the one cluster state that every agent localises (``cluster.state.localiz
   another node has no container event on this manager: a rolling update moves
   from slot to slot without a service event).
 
+Listings as the cluster grows (what Swarm's API allows: ``GET /tasks`` filters by
+``service``, ``node``, ``desired-state``, ``id``, ``name``, ``label``; there are no
+task events and no "changed since" filter, so polling is the only way to see a
+task of another node change):
+- The task poll is ONE ``GET /tasks`` for every mesh service that is not
+  converging, filtered to ``desired-state=running`` (Swarm keeps up to
+  ``task-history-limit`` dead tasks per slot, 5 by default: the filter leaves
+  them out), instead of a ``GET /services/<id>`` plus ``GET /tasks`` per service.
+  A service's spec only changes with a service event, which re-reads it.
+- Services that are converging (after a service event or a local task event)
+  keep the watcher's per-service re-listing of all their tasks every
+  ``converge_interval``: that is where old tasks still running with desired
+  state ``shutdown`` (draining) are seen.  A draining task the poll no longer
+  lists is kept until a listing of its service (converge or the backstop) says
+  it is gone.
+
 The subclass extends ``Watcher.event_filters`` with node events and hooks into
 a few of ``Watcher``'s internals (``_apply_info``, ``_event``, ``_next_due``,
 ``_full_listing``, ``_get_gwbridge``, ``_build_and_publish``, ``_mark``);
@@ -144,6 +160,9 @@ class ClusterWatcher(Watcher):
         super().__init__(engine, self._on_table, **options)
         self.task_poll = task_poll
         self._next_poll = 0.0
+        self._poll_due = False
+        self.task_listings = 0  # GET /tasks calls (counters for the benchmark and tests)
+        self.service_reads = 0  # GET /services/<id> calls
         self.tunnel_port = tunnel_port
         self.on_state = on_state
         self.node_id = ""  # this manager's own node id
@@ -157,14 +176,49 @@ class ClusterWatcher(Watcher):
         # Swarm has no task events, and a task on another node has no container event
         # here either: between service events (a rolling update moves on slot by slot
         # without one) the tasks of every mesh service are re-listed every task_poll.
+        # One listing covers every mesh service (see the module docstring).
         now = self._clock()
         if now >= self._next_poll:
             self._next_poll = now + self.task_poll
             if self._services:
-                self._dirty_services.update(self._services)
+                self._poll_due = True
+                # a dirty gwbridge makes the watcher sync without a request (our _get_gwbridge lists nothing)
+                self._dirty_gwbridge = True
                 if self._dirty_since is None:
                     self._dirty_since = now
         return min(super()._next_due(), self._next_poll)
+
+    async def _refresh(self, dirty_c: set[str], dirty_s: set[str], dirty_gw: bool) -> None:
+        if self._poll_due:
+            self._poll_due = False
+            await self._poll_tasks(set(self._services) - dirty_s - set(self._converge))
+        self.task_listings += len(dirty_s)
+        self.service_reads += len(dirty_s)
+        await super()._refresh(dirty_c, dirty_s, dirty_gw)
+
+    async def _full_listing(self) -> None:
+        self.task_listings += 1
+        await super()._full_listing()
+        await self._list_nodes()
+
+    async def _poll_tasks(self, service_ids: set[str]) -> None:
+        """One GET /tasks for these services, running ones only; draining tasks we hold are kept."""
+        if not service_ids:
+            return
+        self.task_listings += 1
+        listed: dict[str, list[TaskRecord]] = {sid: [] for sid in service_ids}
+        for d in await self.engine.tasks({"service": sorted(service_ids), "desired-state": ["running"]}):
+            t = TaskRecord.from_api(d)
+            if t.service_id in listed:
+                listed[t.service_id].append(t)
+        for sid, tasks in listed.items():
+            if sid not in self._services:
+                continue
+            ids = {t.id for t in tasks}
+            # still running with desired state shutdown: draining, not in this listing
+            tasks += [t for t in self._tasks.get(sid, ()) if t.desired_state != "running" and t.id not in ids
+                      and t.state == "running"]  # fmt: skip
+            self._tasks[sid] = tuple(tasks)
 
     def _apply_info(self, info: Mapping[str, Any]) -> None:
         super()._apply_info(info)
@@ -181,10 +235,6 @@ class ClusterWatcher(Watcher):
             self._mark(ev.time if ev.time is not None else self._wall(), ev.key)
             return
         super()._event(ev)
-
-    async def _full_listing(self) -> None:
-        await super()._full_listing()
-        await self._list_nodes()
 
     async def _get_gwbridge(self) -> Any:
         if self._nodes_dirty:
