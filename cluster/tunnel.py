@@ -523,4 +523,3 @@ class TunnelServer:
 
     def __repr__(self) -> str:
         return f"<TunnelServer {format_hostport(self.host, self.port)} {self.stats!r}>"
-
