@@ -35,15 +35,40 @@ reuses the localised services whose content, nodes and local tasks did not chang
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from mesh.routing import RoutingTable, Service, TableError, format_hostport
+from mesh.routing import Route, RoutingTable, Service, TableError, format_hostport
 
 __all__ = ["NODE_AVAILABILITIES", "NODE_STATES", "ClusterState", "Localizer", "NodeInfo", "ServicePart", "localize"]
+
+
+def _trusted(cls: type, **values: Any) -> Any:
+    """An instance of a frozen dataclass whose invariants the caller guarantees (built from parts of
+    already-validated objects), without running ``__post_init__`` again: validating a 5,000-endpoint
+    table once per subscriber per change is most of a delta's cost.  Falls back to the checked
+    constructor if the class gained fields this module does not know."""
+    if tuple(f.name for f in fields(cls)) != tuple(values):
+        return cls(**values)
+    obj = object.__new__(cls)
+    for name, value in values.items():
+        object.__setattr__(obj, name, value)
+    return obj
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _node_piece(node: NodeInfo) -> bytes:
+    return _canonical(node.id) + b":" + _canonical(node.to_dict())
+
+
+def _listen_keys(svc: Service | None) -> tuple | None:
+    if svc is None:
+        return None
+    return tuple((r.port, r.listen_host, r.protocol, r.match) for r in svc.routes)
 
 
 def _canonical(obj: Any) -> bytes:
@@ -168,7 +193,8 @@ class ClusterState:
     def nodes_part(self) -> tuple[bytes, str]:
         """The nodes' canonical JSON (an object keyed by node id) and its hash (computed once)."""
         if self._nodes_part is None:
-            body = _canonical(self._nodes_dict())
+            # the canonical JSON of _nodes_dict(), from one cached piece per node (a node change re-serialises one)
+            body = b"{%s}" % b",".join(_node_piece(n) for n in self.nodes)
             object.__setattr__(self, "_nodes_part", (body, _hash(body)))
         assert self._nodes_part is not None
         return self._nodes_part
@@ -202,7 +228,14 @@ class ClusterState:
         kept = [(s, p) for s, p in zip(self.table.services, self.parts(), strict=True) if s.name not in services]
         kept += [v for v in services.values() if v is not None]
         kept.sort(key=lambda sp: sp[0].name)
-        table = RoutingTable(version=version, services=tuple(s for s, _ in kept))
+        svcs = tuple(s for s, _ in kept)
+        old = {s.name: s for s in self.table.services}
+        # Changes of endpoints only (scale, update, node down) cannot make two routes conflict: the table is
+        # checked again only when a changed or added service listens differently from before.
+        if all(v is None or _listen_keys(old.get(name)) == _listen_keys(v[0]) for name, v in services.items()):
+            table = _trusted(RoutingTable, version=version, services=svcs)
+        else:
+            table = RoutingTable(version=version, services=svcs)
         if nodes:
             merged = self.node_map()
             for nid, info in nodes.items():
@@ -212,8 +245,8 @@ class ClusterState:
                     merged[nid] = info
             new = ClusterState(table=table, nodes=tuple(merged.values()))
         else:
-            new = ClusterState(table=table, nodes=self.nodes)
-            object.__setattr__(new, "_nodes_part", self.nodes_part())
+            new = _trusted(ClusterState, table=table, nodes=self.nodes, _parts=None, _nodes_part=self.nodes_part(),
+                           _digest=None)  # fmt: skip
         object.__setattr__(new, "_parts", tuple(p for _, p in kept))
         return new
 
@@ -299,7 +332,11 @@ def _localize_service(
     self_node_id: str,
     local_addresses: Mapping[str, str],
     draining: Collection[str],
+    memo: dict | None = None,
+    seen: dict | None = None,
 ) -> Service:
+    """One service of ``localize``.  ``memo`` (from the last call for this service) maps (endpoint,
+    address, via, state) to the localised endpoint made then; ``seen`` collects this call's for the next."""
     routes = []
     for route in svc.routes:
         endpoints = []
@@ -311,15 +348,22 @@ def _localize_service(
                 address = local_addresses.get(ep.id)
                 if address is None:
                     continue
-                st = "draining" if ep.id in draining else ep.state
-                endpoints.append(replace(ep, address=address, via=None, state=st))
+                key = (ep, address, None, "draining" if ep.id in draining else ep.state)
             else:
                 via = node.tunnel_addr
                 if via is None:
                     continue
-                endpoints.append(replace(ep, via=via))
-        routes.append(replace(route, endpoints=tuple(endpoints)))
-    return Service(name=svc.name, routes=tuple(routes), options=svc.options)
+                key = (ep, ep.address, via, ep.state)
+            out = memo.get(key) if memo is not None else None
+            if out is None:
+                out = replace(ep, address=key[1], via=key[2], state=key[3])
+            if seen is not None:
+                seen[key] = out
+            endpoints.append(out)
+        # the endpoints are a subset of a validated route's, already sorted: no need to check them again
+        routes.append(_trusted(Route, port=route.port, endpoints=tuple(endpoints), listen_host=route.listen_host,
+                               protocol=route.protocol, match=route.match))  # fmt: skip
+    return _trusted(Service, name=svc.name, routes=tuple(routes), options=svc.options)
 
 
 class Localizer:
@@ -331,11 +375,12 @@ class Localizer:
     (it remembers that node's last answers); not thread-safe.
     """
 
-    __slots__ = ("_cache", "_nodes", "localized", "reused")
+    __slots__ = ("_cache", "_memo", "_nodes", "localized", "reused")
 
     def __init__(self) -> None:
         # service name -> (service hash, node ids it uses, local task ids, local key, localised service)
         self._cache: dict[str, tuple[str, frozenset[str], tuple[str, ...], tuple, Service]] = {}
+        self._memo: dict[str, dict] = {}  # service name -> its localised endpoints (see _localize_service)
         self._nodes: dict[str, NodeInfo] = {}
         self.localized = 0  # services localised (counters, for tests and the benchmark)
         self.reused = 0
@@ -366,9 +411,14 @@ class Localizer:
             used = frozenset(ep.node for r in svc.routes for ep in r.endpoints)
             local_ids = tuple(sorted({ep.id for r in svc.routes for ep in r.endpoints if ep.node == self_node_id}))
             key = tuple((local_addresses.get(i), i in draining) for i in local_ids)
-            loc = _localize_service(svc, nodes, self_node_id, local_addresses, draining)
+            seen: dict = {}
+            loc = _localize_service(svc, nodes, self_node_id, local_addresses, draining, self._memo.get(svc.name), seen)
+            self._memo[svc.name] = seen
             self.localized += 1
             cache[svc.name] = (part.hash, used, local_ids, key, loc)
             out.append(loc)
         self._cache = cache
-        return RoutingTable(version=state.table.version, services=tuple(out))
+        for name in self._memo.keys() - cache.keys():
+            del self._memo[name]
+        # the services of a validated table, localised: same names, order and listeners
+        return _trusted(RoutingTable, version=state.table.version, services=tuple(out))
