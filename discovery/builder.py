@@ -17,10 +17,16 @@ Rules (docs/discovery.md has the user-facing version):
   address, else at its bridge address.
 - ``killed`` ids (container or task ids) and tasks whose desired state is no
   longer "running" become ``state="draining"`` while they still run.
-- Conflicts: two services with one name, or overlapping listen ports: the older
-  service keeps it (then the name decides); the other is reported and skipped
-  (only the conflicting route, for ports).  Published port 0 (any free port,
-  chosen when the data plane binds it) never conflicts.
+- Routes: one per (protocol, listen address, published port) of ``mesh.publish``
+  (``/tcp``, ``/udp``, ``/tls``); a ``/tls`` route matches the ``mesh.tls.sni``
+  names (none: the port's default service).
+- Conflicts: two services with one name, or routes that cannot share a listen
+  address (``mesh.routing.route_conflict``: per transport, so 53/tcp and 53/udp
+  never clash; tls routes of several services share a port when their SNI names
+  differ; tcp and tls never share one): the older service keeps it (then the name
+  decides); the other is reported and skipped (only the conflicting route, for
+  ports).  Published port 0 (any free port, chosen when the data plane binds it)
+  never conflicts.
 - A bad object is reported as a ``Problem`` and skipped; the others are built.
 """
 
@@ -29,9 +35,18 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
-from mesh.routing import Endpoint, Route, RoutingTable, Service, ServiceOptions, format_hostport
+from mesh.routing import (
+    Endpoint,
+    Match,
+    Route,
+    RoutingTable,
+    Service,
+    ServiceOptions,
+    format_hostport,
+    route_conflict,
+)
 
-from .labels import LabelError, MeshLabels, parse_labels
+from .labels import LabelError, MeshLabels, PublishSpec, parse_labels
 from .records import ContainerRecord, NetworkRecord, ServiceRecord, TaskRecord
 
 __all__ = ["Problem", "build_table"]
@@ -57,8 +72,16 @@ class _Candidate:
     name: str
     age: tuple[float, str]  # (created, id): smaller = older, wins conflicts
     options: ServiceOptions
-    routes: dict[tuple[str, int], list[Endpoint]]
+    routes: dict[RouteKey, list[Endpoint]]
     subject: str
+    sni: tuple[str, ...] = ()
+
+
+RouteKey = tuple[str, str, int]  # (protocol, listen host, published port)
+
+
+def _key(p: PublishSpec) -> RouteKey:
+    return (p.protocol, p.listen_host, p.published)
 
 
 def _container_subject(c: ContainerRecord) -> str:
@@ -129,10 +152,10 @@ def _containers_mode(
     out = []
     for name, members in groups.items():
         _, newest_ml = max(members, key=lambda m: (m[0].created, m[0].id))
-        routes: dict[tuple[str, int], list[Endpoint]] = {}
+        routes: dict[RouteKey, list[Endpoint]] = {}
         for c, ml in members:
             for p in ml.publish:
-                routes.setdefault((p.listen_host, p.published), [])
+                routes.setdefault(_key(p), [])
             if c.state != "running" or c.health not in (None, "healthy"):
                 continue
             addr = _container_address(c, ml, problems)
@@ -140,7 +163,7 @@ def _containers_mode(
                 continue
             state = "draining" if c.id in killed else "running"
             for p in ml.publish:
-                routes[(p.listen_host, p.published)].append(
+                routes[_key(p)].append(
                     Endpoint(id=c.id, address=addr, port=p.target, node=local_node, weight=ml.weight, state=state)
                 )
         oldest = min(members, key=lambda m: (m[0].created, m[0].id))[0]
@@ -151,6 +174,7 @@ def _containers_mode(
                 options=newest_ml.options,
                 routes=routes,
                 subject=f"service {name} (containers)",
+                sni=newest_ml.sni,
             )
         )
     return out
@@ -195,7 +219,7 @@ def _swarm_mode(
         if s.mode not in ("replicated", "global"):
             problems.append(Problem(subject, f"is a {s.mode} service; only replicated and global services are routed"))
             continue
-        routes: dict[tuple[str, int], list[Endpoint]] = {(p.listen_host, p.published): [] for p in ml.publish}
+        routes: dict[RouteKey, list[Endpoint]] = {_key(p): [] for p in ml.publish}
         for t in sorted(by_service.get(s.id, ()), key=lambda t: t.id):
             if t.state != "running" or (local_node and t.node_id != local_node):
                 continue
@@ -204,7 +228,7 @@ def _swarm_mode(
                 continue  # not reachable yet: the converge loop lists it again
             draining = t.desired_state != "running" or t.id in killed or (t.container_id and t.container_id in killed)
             for p in ml.publish:
-                routes[(p.listen_host, p.published)].append(
+                routes[_key(p)].append(
                     Endpoint(
                         id=t.id,
                         address=addr,
@@ -216,15 +240,11 @@ def _swarm_mode(
                 )
         out.append(
             _Candidate(
-                name=ml.service or s.name, age=(s.created, s.id), options=ml.options, routes=routes, subject=subject
+                name=ml.service or s.name, age=(s.created, s.id), options=ml.options, routes=routes, subject=subject,
+                sni=ml.sni,
             )
         )
     return out
-
-
-def _overlaps(a: str, b: str) -> bool:
-    wild = ("0.0.0.0", "::", "*")
-    return a == b or a in wild or b in wild
 
 
 def build_table(
@@ -255,7 +275,7 @@ def build_table(
     # oldest first: an existing service keeps its name and ports when a newcomer collides
     candidates.sort(key=lambda c: (c.age, c.name))
     names: dict[str, _Candidate] = {}
-    claimed: list[tuple[str, int, str]] = []
+    claimed: list[tuple[Route, str]] = []
     built: list[Service] = []
     for cand in candidates:
         if cand.name in names:
@@ -264,20 +284,27 @@ def build_table(
             )
             continue
         routes = []
-        for (host, port), endpoints in sorted(cand.routes.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-            clash = next((o for h, p, o in claimed if p == port and _overlaps(h, host)), None)
+        for (protocol, host, port), endpoints in sorted(cand.routes.items(), key=lambda kv: (kv[0][2], kv[0][1:])):
+            match = Match(hosts=cand.sni) if protocol == "tls" else Match()
+            route = Route(port=port, listen_host=host, protocol=protocol, match=match, endpoints=tuple(endpoints))
+            # port 0 (any free port, chosen at bind) never clashes: route_conflict says so
+            clash = next(
+                ((other, o, why) for other, o in claimed if (why := route_conflict(other, o, route, cand.name))), None
+            )
             if clash is not None:
-                problems.append(
-                    Problem(
-                        cand.subject,
-                        f"port {format_hostport(host, port)} is already published by service {clash!r}",
-                        "mesh.publish",
-                    )
-                )
+                other, owner, why = clash
+                if other.protocol == protocol == "tls":  # the same SNI name (or two defaults) on one port
+                    problems.append(Problem(cand.subject, why, "mesh.tls.sni"))
+                    continue
+                where = format_hostport(host, port)
+                if protocol == other.protocol == "tcp":
+                    msg = f"port {where} is already published by service {owner!r}"
+                else:
+                    msg = f"port {where} ({protocol}) is already published by service {owner!r} ({other.protocol})"
+                problems.append(Problem(cand.subject, msg, "mesh.publish"))
                 continue
-            routes.append(Route(port=port, listen_host=host, endpoints=tuple(endpoints)))
-            if port != 0:  # any free port, chosen at bind: never the same as another service's
-                claimed.append((host, port, cand.name))
+            routes.append(route)
+            claimed.append((route, cand.name))
         if not routes:
             continue
         names[cand.name] = cand

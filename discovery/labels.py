@@ -20,7 +20,7 @@ from typing import Any
 from mesh import options as schema
 from mesh.errors import ConfigError
 from mesh.options import OptionError
-from mesh.routing import HealthCheck, ServiceOptions, TableError
+from mesh.routing import HealthCheck, ServiceOptions, TableError, transport_of
 
 __all__ = ["KNOWN_LABELS", "LabelError", "MeshLabels", "PublishSpec", "parse_duration", "parse_labels"]
 
@@ -33,6 +33,7 @@ KNOWN_LABELS = (
     "mesh.service",
     "mesh.network",
     schema.ENDPOINT_WEIGHT.label,
+    schema.SNI.label,
     *_SERVICE_LABELS,
     "mesh.health",
     *_HEALTH_LABELS,
@@ -61,7 +62,8 @@ class PublishSpec:
 
 @dataclass(frozen=True, slots=True)
 class MeshLabels:
-    """The parsed ``mesh.*`` labels of one container or swarm service."""
+    """The parsed ``mesh.*`` labels of one container or swarm service.  ``sni``: the server names of
+    its ``/tls`` ports (``mesh.tls.sni``; empty = the default service of those ports)."""
 
     publish: tuple[PublishSpec, ...]
     options: ServiceOptions
@@ -69,6 +71,7 @@ class MeshLabels:
     weight: int = 1
     network: str | None = None
     warnings: tuple[str, ...] = ()
+    sni: tuple[str, ...] = ()
 
 
 def parse_duration(label: str, value: str, *, allow_zero: bool = False) -> float:
@@ -92,21 +95,29 @@ def _port(label: str, text: str, whole: str, *, any_port: bool = False) -> int:
 
 
 def parse_publish(value: str, label: str = "mesh.publish") -> tuple[PublishSpec, ...]:
-    """``[listen_ip:]published:target[/tcp]`` or ``published[/tcp]`` (target = published), comma-separated.
+    """``[listen_ip:]published:target[/proto]`` or ``published[/proto]`` (target = published),
+    comma-separated; ``proto`` is ``tcp`` (the default), ``udp`` or ``tls`` (passthrough routed by
+    SNI, ``mesh.tls.sni``).
 
     A published port of 0 means any free port, chosen when the data plane binds it (tests read it
     back from the listener); the target port, and a bare ``published`` (which is also the target),
-    are never 0.
+    are never 0.  One port may be published once per transport: ``53:53/tcp,53:53/udp`` is fine,
+    ``443/tcp,443/tls`` is not (both are TCP).
     """
     specs: list[PublishSpec] = []
     items = [p.strip() for p in value.split(",")]
     if not value.strip() or any(not p for p in items):
-        raise LabelError(label, value, "expected published:target[/tcp], several separated by commas, e.g. 8080:80")
+        raise LabelError(
+            label, value, "expected published:target[/tcp|/udp|/tls], several separated by commas, e.g. 8080:80"
+        )
     for item in items:
-        body, _, proto = item.partition("/")
-        proto = proto.strip().lower() or "tcp"
-        if proto != "tcp":
-            raise LabelError(label, value, f"only tcp is supported, got /{proto} in {item!r}")
+        body, slash, proto_text = item.partition("/")
+        proto = "tcp"
+        if slash:
+            try:
+                proto = schema.PROTOCOL.parse(proto_text)
+            except OptionError:
+                raise LabelError(label, value, f"expected /tcp, /udp or /tls, got /{proto_text} in {item!r}") from None
         host = "0.0.0.0"
         if body.startswith("["):  # [v6]:published:target
             end = body.find("]")
@@ -124,13 +135,15 @@ def parse_publish(value: str, label: str = "mesh.publish") -> tuple[PublishSpec,
             published, target = _port(label, parts[0], value, any_port=True), _port(label, parts[1], value)
         else:
             raise LabelError(label, value, f"expected published:target in {item!r}")
-        specs.append(PublishSpec(published=published, target=target, listen_host=host))
+        specs.append(PublishSpec(published=published, target=target, listen_host=host, protocol=proto))
     seen = set()
     for s in specs:
-        if s.published in seen:
-            raise LabelError(label, value, f"port {s.published} is published twice")
-        seen.add(s.published)
-    return tuple(sorted(specs, key=lambda s: (s.published, s.listen_host)))
+        transport = transport_of(s.protocol)
+        if (s.published, transport) in seen:
+            what = "udp" if transport == "udp" else "tcp (tcp and tls are both TCP)"
+            raise LabelError(label, value, f"port {s.published} is published twice for {what}")
+        seen.add((s.published, transport))
+    return tuple(sorted(specs, key=lambda s: (s.published, s.listen_host, s.protocol)))
 
 
 def _health(labels: Mapping[str, str]) -> HealthCheck | None:
@@ -179,7 +192,15 @@ def parse_labels(labels: Mapping[str, str] | Iterable[tuple[str, str]]) -> MeshL
         if not network or any(c.isspace() for c in network):
             raise LabelError("mesh.network", mine["mesh.network"], "expected a network name")
 
+    sni: tuple[str, ...] = ()
+    if schema.SNI.label in mine:
+        sni = _parse(schema.SNI.label, mine[schema.SNI.label], schema.SNI.type)
+        if not any(p.protocol == "tls" for p in publish):
+            raise LabelError(schema.SNI.label, mine[schema.SNI.label], "needs a /tls port in mesh.publish")
+
     opts = {o.field: _parse(label, mine[label], o.type) for label, o in _SERVICE_LABELS.items() if label in mine}
+    if "udp_balance" not in opts and "balance" in opts:
+        opts["udp_balance"] = opts["balance"]  # a udp port balances as told, else by client hash
     health = _health(mine)
     try:
         options = ServiceOptions(**opts, health_check=health)
@@ -188,5 +209,5 @@ def parse_labels(labels: Mapping[str, str] | Iterable[tuple[str, str]]) -> MeshL
         label = next((o.label for o in schema.SERVICE_OPTIONS if o.field == field), "mesh.*")
         raise LabelError(label, mine.get(label, ""), str(exc)) from exc
     return MeshLabels(
-        publish=publish, options=options, service=service, weight=weight, network=network, warnings=warnings
+        publish=publish, options=options, service=service, weight=weight, network=network, warnings=warnings, sni=sni
     )

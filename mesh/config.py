@@ -7,8 +7,14 @@ The file format (YAML shown; TOML has the same tree)::
     services:
       web:
         listen: 8080                # or "127.0.0.1:8080", or a list of them; 0 = any free port
+        protocol: tcp               # tcp | udp | tls (passthrough routed by SNI)
         balance: round-robin        # round-robin | least-conn | p2c | hash
         endpoints: ["127.0.0.1:9001", {address: 127.0.0.1, port: 9002, weight: 2}]
+      site-a:
+        listen: 8443
+        protocol: tls
+        sni: ["a.example.com", "*.a.example.com"]   # no sni: the port's default service
+        endpoints: ["127.0.0.1:9443"]
 
 See examples/mesh.yaml for every option.
 
@@ -25,6 +31,9 @@ Rules:
   the same schema the Docker label reader uses, so a value means the same thing
   here and in a label (docs/options.md).
 - A static endpoint's id is its "host:port" unless the file gives one.
+- ``protocol`` is one word per service (tcp, udp or tls); ``sni`` only with tls.  A
+  udp service balances with ``udp_balance``, which is ``balance`` when only that is
+  given (in the service or in ``defaults``), else ``hash``.
 - ``listen`` port 0 means any free port, chosen when the listener binds (tests:
   the admin API's ``/v1/table`` shows the bound port).  Only ``listen``: an
   endpoint's port is never 0.  With ``workers`` > 1 (``--workers N``) port 0 is
@@ -49,6 +58,7 @@ from mesh.options import OptionError, describe
 from mesh.routing import (
     Endpoint,
     HealthCheck,
+    Match,
     Route,
     RoutingTable,
     Service,
@@ -298,7 +308,7 @@ def _read_toml(text: str, source: str) -> tuple[Any, _Lines]:
 _OPTIONS = {o.key: o for o in schema.SERVICE_OPTIONS}
 _HEALTH = {o.key: o for o in schema.HEALTH_OPTIONS}
 _OPTION_KEYS = (*_OPTIONS, "health_check")
-_SERVICE_KEYS = ("listen", "endpoints", "protocol", *_OPTION_KEYS)
+_SERVICE_KEYS = ("listen", "endpoints", "protocol", schema.SNI.key, *_OPTION_KEYS)
 _HEALTH_KEYS = tuple(_HEALTH)
 _ENDPOINT_KEYS = ("address", "port", "weight", "id", "state")
 _TOP_KEYS = ("services", "defaults")
@@ -367,8 +377,8 @@ class _Builder:
             return RoutingTable(version, tuple(services))
         except TableError as exc:
             # The only table-level checks are duplicate names (impossible from a mapping) and
-            # listen conflicts: point at the listen key of the service named first in the message.
-            m = re.search(r"service '([^']+)'", str(exc))
+            # listen conflicts: point at the listen key of the service that came second (the newcomer).
+            m = re.search(r"services '[^']+' and '([^']+)'", str(exc)) or re.search(r"service '([^']+)'", str(exc))
             path: KeyPath = ("services", m.group(1), "listen") if m else ("services",)
             raise ConfigError(str(exc), source=self.source, line=self.lines(path)) from exc
 
@@ -383,11 +393,19 @@ class _Builder:
         endpoints = self.endpoints(svc["endpoints"], (*base, "endpoints"))
         opts = dict(defaults)
         for key, value in svc.items():
-            if key not in ("listen", "endpoints", "protocol"):
+            if key not in ("listen", "endpoints", "protocol", schema.SNI.key):
                 opts[_field(key)] = self.option(key, value, (*base, key))
-        protocol = svc.get("protocol", "tcp")
-        if protocol != "tcp":
-            raise self.error((*base, "protocol"), f"expected 'tcp' (the only protocol), got {describe(protocol)}")
+        if "udp_balance" not in opts and "balance" in opts:
+            opts["udp_balance"] = opts["balance"]  # a udp service balances as told, else by client hash
+        protocol = "tcp"
+        if "protocol" in svc:
+            protocol = self.parse(schema.PROTOCOL, svc["protocol"], (*base, "protocol"))
+        match = Match()
+        if schema.SNI.key in svc:
+            spath: KeyPath = (*base, schema.SNI.key)
+            if protocol != "tls":
+                raise self.error(spath, f"only applies to protocol tls (this service is {protocol})")
+            match = Match(hosts=self.parse(schema.SNI.type, svc[schema.SNI.key], spath))
         try:
             options = ServiceOptions(**opts)
         except TableError as exc:
@@ -397,7 +415,9 @@ class _Builder:
         for i, (host, port) in enumerate(listens):
             lpath: KeyPath = (*base, "listen", i) if isinstance(svc["listen"], list) else (*base, "listen")
             try:
-                routes.append(Route(port=port, endpoints=endpoints, listen_host=host))
+                routes.append(
+                    Route(port=port, endpoints=endpoints, listen_host=host, protocol=protocol, match=match)
+                )
             except TableError as exc:
                 raise self.error(lpath, str(exc)) from exc
         seen: dict[tuple[str, int], int] = {}

@@ -44,13 +44,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, Protocol
 
-from mesh.routing import BALANCERS, HEALTH_KINDS, HealthCheck, TableError
+from mesh.routing import BALANCERS, HEALTH_KINDS, HealthCheck, TableError, valid_host_pattern
 
 __all__ = [
     "ENDPOINT_WEIGHT",
     "HEALTH_OPTIONS",
     "HEALTH_SWITCH",
+    "PROTOCOL",
     "SERVICE_OPTIONS",
+    "SNI",
     "Boolean",
     "Choice",
     "Duration",
@@ -59,6 +61,7 @@ __all__ = [
     "Number",
     "Option",
     "OptionError",
+    "ServerNames",
     "Statuses",
     "WholeNumber",
     "blame",
@@ -319,6 +322,36 @@ class Statuses:
             raise OptionError(expected, value, sep=";") from None
 
 
+class ServerNames:
+    """TLS server names (SNI): "a.example.com" or "a.example.com,*.b.example.com"; in a file also a
+    list.  Each is a DNS name or a wildcard for its leading labels ("*.example.com"), any case."""
+
+    __slots__ = ()
+
+    expected = "expected DNS names or '*.name' wildcards, separated by commas, e.g. a.example.com,*.b.example.com"
+
+    def parse(self, value: object) -> tuple[str, ...]:
+        if isinstance(value, list | tuple):
+            items, listed = list(value), True
+        else:
+            text = _text(value)
+            if not text:
+                raise OptionError(self.expected, value, sep=";")
+            items, listed = text.split(","), False
+        out: list[str] = []
+        for i, item in enumerate(items):
+            name = _text(item)
+            name = name.lower().rstrip(".") if name is not None else None
+            if not name or not valid_host_pattern(name):
+                if listed:
+                    raise OptionError("expected a DNS name or '*.name'", item, index=i)
+                raise OptionError(self.expected, value, sep=";")
+            out.append(name)
+        if not out:
+            raise OptionError(self.expected, value, sep=";")
+        return tuple(sorted(set(out)))
+
+
 # -- the schema -------------------------------------------------------------------------------------
 
 
@@ -395,7 +428,39 @@ SERVICE_OPTIONS: tuple[Option, ...] = (
         Boolean(),
         "move a direction carrying a large transfer to the kernel (os.splice), like HAProxy's splice-auto",
     ),
+    _option(
+        "udp_balance",
+        "mesh.udp.balance",
+        _choice(BALANCERS),
+        "udp routes: how a new session chooses its replica (default: balance if given, else hash)",
+    ),
+    _option(
+        "udp_idle_timeout",
+        "mesh.udp.idle-timeout",
+        Duration(positive=True),
+        "udp routes: end a session without a datagram either way for this long",
+    ),
+    _option(
+        "udp_responses",
+        "mesh.udp.responses",
+        WholeNumber(0, 1000),
+        "udp routes: end a session once the replica sent this many datagrams per client datagram (0 = no limit)",
+    ),
+    _option(
+        "udp_max_sessions",
+        "mesh.udp.max-sessions",
+        WholeNumber(1, 1_000_000),
+        "udp routes: sessions per listener; beyond it the oldest idle session is evicted",
+    ),
 )
+
+#: What a service speaks: ``protocol:`` in a file, the ``/proto`` suffix of ``mesh.publish`` on a label.
+#: (The contract knows "http" too; this data plane has no front for it yet.)
+PROTOCOL = _choice(("tcp", "udp", "tls"), "expected tcp, udp or tls")
+
+#: TLS passthrough: ``sni:`` of a ``protocol: tls`` service in a file, ``mesh.tls.sni`` on a container or
+#: service publishing a ``/tls`` port.  Not a ``ServiceOptions`` field: it is the route's ``Match.hosts``.
+SNI = Option("sni", "sni", "mesh.tls.sni", ServerNames(), "tls routes: the server names this service takes")
 
 #: ``health_check`` in a file, ``mesh.health`` on a label: the kind of check, or none.
 HEALTH_SWITCH = _choice(

@@ -61,6 +61,8 @@ __all__ = [
     "TableError",
     "format_hostport",
     "parse_hostport",
+    "route_conflict",
+    "valid_host_pattern",
 ]
 
 BALANCERS = ("round-robin", "least-conn", "p2c", "hash")
@@ -158,6 +160,11 @@ class ServiceOptions:
     ``locality``: "prefer" local endpoints (cluster mode) or "off".
     ``zero_copy``: let a direction of a connection that carries a large transfer move to
     the kernel (``os.splice``, Linux), as HAProxy's ``option splice-auto`` does.
+    UDP routes (``mesh.udp``): ``udp_balance`` chooses a new session's replica (the readers set it
+    to ``balance`` when only that is given; else ``hash`` on the client IP, so a client keeps its
+    replica); a session ends after ``udp_idle_timeout`` seconds without a datagram either way, or
+    once the replica sent ``udp_responses`` datagrams per client datagram (0 = not limited; DNS: 1);
+    at most ``udp_max_sessions`` sessions per listener (beyond: the oldest idle one is evicted).
     """
 
     balance: str = "round-robin"
@@ -173,6 +180,10 @@ class ServiceOptions:
     health_check: HealthCheck | None = None
     locality: str = "prefer"
     zero_copy: bool = True
+    udp_balance: str = "hash"
+    udp_idle_timeout: float = 30.0
+    udp_responses: int = 0
+    udp_max_sessions: int = 10000
 
     def __post_init__(self) -> None:
         _check(self.balance in BALANCERS, f"balance must be one of {', '.join(BALANCERS)}; got {self.balance!r}")
@@ -191,6 +202,22 @@ class ServiceOptions:
         _check(0 <= self.panic_threshold <= 100, "panic_threshold must be within 0..100")
         _check(self.locality in ("prefer", "off"), f"locality must be 'prefer' or 'off', got {self.locality!r}")
         _check(isinstance(self.zero_copy, bool), f"zero_copy must be true or false, got {self.zero_copy!r}")
+        _check(
+            self.udp_balance in BALANCERS,
+            f"udp_balance must be one of {', '.join(BALANCERS)}; got {self.udp_balance!r}",
+        )
+        _check(self.udp_idle_timeout > 0, f"udp_idle_timeout must be > 0, got {self.udp_idle_timeout!r}")
+        _check(0 <= self.udp_responses <= 1000, f"udp_responses must be within 0..1000, got {self.udp_responses!r}")
+        _check(
+            1 <= self.udp_max_sessions <= 1_000_000,
+            f"udp_max_sessions must be within 1..1000000, got {self.udp_max_sessions!r}",
+        )
+
+    def for_protocol(self, protocol: str) -> ServiceOptions:
+        """The options a route of ``protocol`` runs with: a udp route balances with ``udp_balance``."""
+        if protocol != "udp" or self.udp_balance == self.balance:
+            return self
+        return replace(self, balance=self.udp_balance)
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,7 +258,7 @@ class Endpoint:
         return format_hostport(self.address, self.port)
 
 
-def _valid_host_pattern(name: str) -> bool:
+def valid_host_pattern(name: str) -> bool:
     """A DNS name ("shop.example.com") or a leading-label wildcard ("*.example.com")."""
     if name.startswith("*."):
         name = name[2:]
@@ -262,7 +289,7 @@ class Match:
     def __post_init__(self) -> None:
         hosts = tuple(sorted({str(h).strip().lower().rstrip(".") for h in self.hosts}))
         for h in hosts:
-            _check(_valid_host_pattern(h), f"match host must be a DNS name or '*.name', got {h!r}")
+            _check(valid_host_pattern(h), f"match host must be a DNS name or '*.name', got {h!r}")
         paths = tuple(sorted({str(p) for p in self.paths}))
         for p in paths:
             _check(
@@ -347,31 +374,10 @@ class RoutingTable:
         seen: list[tuple[Route, str]] = []
         for svc in self.services:
             for r in svc.routes:
-                if r.port == 0:
-                    continue  # any free port: never the same as another
                 for other, name in seen:
-                    if other.port != r.port or other.transport != r.transport:
-                        continue
-                    if not _hosts_overlap(other.listen_host, r.listen_host):
-                        continue
-                    where = format_hostport(r.listen_host, r.port)
-                    if r.protocol not in SHARED_PROTOCOLS or other.protocol != r.protocol:
-                        raise TableError(
-                            f"service {svc.name!r} listens on {where} ({r.protocol}), "
-                            f"already used by service {name!r} ({other.protocol})"
-                        )
-                    if other.listen_host != r.listen_host:
-                        raise TableError(
-                            f"services {name!r} and {svc.name!r} share port {r.port} ({r.protocol}) "
-                            f"with different listen addresses ({other.listen_host}, {r.listen_host})"
-                        )
-                    common = set(other.match.rules()) & set(r.match.rules())
-                    if common:
-                        host, path = min(common)
-                        raise TableError(
-                            f"services {name!r} and {svc.name!r} both claim host {host or '*'!r} "
-                            f"path {path or '/'!r} on {where} ({r.protocol})"
-                        )
+                    why = route_conflict(other, name, r, svc.name)
+                    if why is not None:
+                        raise TableError(why)
                 seen.append((r, svc.name))
 
     # -- derived views --------------------------------------------------------------
@@ -424,6 +430,38 @@ class RoutingTable:
             raise TableError(f"routing table is not JSON: {exc}") from exc
         _check(isinstance(data, dict), "routing table JSON must be an object")
         return cls.from_dict(data)
+
+
+def route_conflict(a: Route, a_service: str, b: Route, b_service: str) -> str | None:
+    """Why route ``b`` of ``b_service`` cannot be served next to route ``a`` of ``a_service``, naming
+    both services (and the rule both claim), or None when they can share (module docstring rules).
+    Used by the table itself and by the label builder, which skips the newcomer instead of failing."""
+    if a.port == 0 or b.port == 0 or a.port != b.port or a.transport != b.transport:
+        return None  # port 0: any free port, never the same as another
+    if not _hosts_overlap(a.listen_host, b.listen_host):
+        return None
+    where = format_hostport(b.listen_host, b.port)
+    if b.protocol not in SHARED_PROTOCOLS or a.protocol != b.protocol:
+        return (
+            f"service {b_service!r} listens on {where} ({b.protocol}), "
+            f"already used by service {a_service!r} ({a.protocol})"
+        )
+    if a.listen_host != b.listen_host:
+        return (
+            f"services {a_service!r} and {b_service!r} share port {b.port} ({b.protocol}) "
+            f"with different listen addresses ({a.listen_host}, {b.listen_host})"
+        )
+    common = set(a.match.rules()) & set(b.match.rules())
+    if not common:
+        return None
+    host, path = min(common)
+    if b.protocol == "tls":
+        what = f"SNI name {host!r}" if host else "no SNI name (the default service)"
+        return f"services {a_service!r} and {b_service!r} both claim {what} on {where} (tls)"
+    return (
+        f"services {a_service!r} and {b_service!r} both claim host {host or '*'!r} "
+        f"path {path or '/'!r} on {where} ({b.protocol})"
+    )
 
 
 def _hosts_overlap(a: str, b: str) -> bool:

@@ -26,7 +26,7 @@ GOOD = [
             balance: round-robin
             endpoints: ["127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003"]
         """,
-        RoutingTable(1, (Service("web", (Route(8080, (E1, E2, E3)),)),)),
+        RoutingTable(1, (Service("web", (Route(8080, (E1, E2, E3)),), ServiceOptions(udp_balance="round-robin")),)),
     ),
     (
         "lists.yml",
@@ -51,7 +51,7 @@ GOOD = [
                         Route(port, (E1, ep("127.0.0.1:9002", id="b", weight=5, state="draining")), host)
                         for host, port in (("127.0.0.1", 8080), ("0.0.0.0", 8081), ("0.0.0.0", 8082))
                     ),
-                    ServiceOptions(balance="hash"),
+                    ServiceOptions(balance="hash", udp_balance="hash"),
                 ),
                 Service("db", (Route(5432, (), "::1"),)),
             ),
@@ -101,6 +101,7 @@ GOOD = [
                     (Route(80, (E1,)),),
                     ServiceOptions(
                         balance="least-conn",
+                        udp_balance="least-conn",
                         proxy_protocol="v2",
                         connect_timeout=0.5,
                         idle_timeout=120.0,
@@ -140,7 +141,7 @@ GOOD = [
         balance = "p2c"
         endpoints = ["127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003"]
         """,
-        RoutingTable(1, (Service("web", (Route(8080, (E1, E2, E3)),), ServiceOptions(balance="p2c")),)),
+        RoutingTable(1, (Service("web", (Route(8080, (E1, E2, E3)),), ServiceOptions(balance="p2c", udp_balance="p2c")),)),
     ),
     (
         "full.toml",
@@ -259,9 +260,10 @@ BAD = [
     (
         "unknown-nohint.yaml",
         YAML_SVC + "    colour: blue\n",
-        "6: services.web.colour: unknown key 'colour'; expected one of: listen, endpoints, protocol, balance, "
+        "6: services.web.colour: unknown key 'colour'; expected one of: listen, endpoints, protocol, sni, balance, "
         "proxy_protocol, connect_timeout, idle_timeout, retries, consecutive_failures, base_ejection_time, "
-        "max_ejection_time, max_ejection_percent, panic_threshold, locality, zero_copy, health_check",
+        "max_ejection_time, max_ejection_percent, panic_threshold, locality, zero_copy, udp_balance, "
+        "udp_idle_timeout, udp_responses, udp_max_sessions, health_check",
     ),
     ("unknown-top.yaml", "servces: {}\n", "1: servces: unknown key 'servces' (did you mean 'services'?)"),
     (
@@ -425,8 +427,8 @@ BAD = [
     ),
     (
         "protocol.yaml",
-        YAML_SVC + "    protocol: udp\n",
-        "6: services.web.protocol: expected 'tcp' (the only protocol), got 'udp'",
+        YAML_SVC + "    protocol: sctp\n",
+        "6: services.web.protocol: expected tcp, udp or tls; got 'sctp'",
     ),
     (
         "merge.yaml",
@@ -509,10 +511,14 @@ def test_example_config_loads():
     assert [s.name for s in table.services] == ["api", "db", "web"]
     # every option is spelled out in the example with its default value
     web = table.service("web")
+    # (udp_balance follows a given balance: examples/mesh.yaml has no udp service yet)
     assert web.options == ServiceOptions(
-        health_check=HealthCheck(kind="http", path="/healthz", host="web.example.org", expect_status=(200, 204))
+        health_check=HealthCheck(kind="http", path="/healthz", host="web.example.org", expect_status=(200, 204)),
+        udp_balance="round-robin",
     )
-    assert table.service("api").options == ServiceOptions(balance="p2c", health_check=HealthCheck(interval=2.0))
+    assert table.service("api").options == ServiceOptions(
+        balance="p2c", udp_balance="p2c", health_check=HealthCheck(interval=2.0)
+    )
     assert table.service("db").options == ServiceOptions(balance="hash", idle_timeout=0.0)
 
 
@@ -572,3 +578,92 @@ def test_port_0_is_refused_with_several_workers():
         check_workers(table, 3)
     fixed = parse_config(ANY_PORT.replace("'127.0.0.1:0'", "'127.0.0.1:8081'"), workers=2)
     check_workers(fixed, 2)
+
+
+# -- udp and tls passthrough ---------------------------------------------------------------------
+
+ISSUE_EXAMPLE = """
+services:
+  dns:
+    listen: "127.0.0.1:5353"
+    protocol: udp                # tcp | http | udp | tls
+    balance: round-robin
+    endpoints: ["127.0.0.1:5301", "127.0.0.1:5302"]
+  site-a:
+    listen: 8443
+    protocol: tls                # TLS passthrough, routed by SNI
+    sni: ["a.example.com"]
+    endpoints: ["127.0.0.1:9443"]
+  site-b:
+    listen: 8443
+    protocol: tls
+    sni: ["b.example.com", "*.b.example.com"]
+    endpoints: ["127.0.0.1:9444"]
+"""
+
+
+def test_udp_and_tls_example_loads(tmp_path):
+    table = load_config(write(tmp_path, "mesh.yaml", ISSUE_EXAMPLE))
+    got = [(s.name, r.protocol, r.listen_host, r.port, r.match.hosts, s.options.udp_balance) for s, r in table.routes()]
+    assert got == [
+        ("dns", "udp", "127.0.0.1", 5353, (), "round-robin"),  # balance given: udp follows it
+        ("site-a", "tls", "0.0.0.0", 8443, ("a.example.com",), "hash"),
+        ("site-b", "tls", "0.0.0.0", 8443, ("*.b.example.com", "b.example.com"), "hash"),
+    ]
+    assert RoutingTable.from_json(table.to_json()) == table
+
+
+def test_udp_options_in_a_file():
+    table = parse_config(
+        "defaults:\n  balance: p2c\nservices:\n  dns:\n    listen: 53\n    protocol: udp\n    endpoints: []\n"
+        "    udp_idle_timeout: 5s\n    udp_responses: 1\n    udp_max_sessions: 100\n"
+        "  dns2:\n    listen: 54\n    protocol: UDP\n    endpoints: []\n    udp_balance: hash\n"
+    )
+    dns, dns2 = table.services
+    assert dns.options == ServiceOptions(
+        balance="p2c", udp_balance="p2c", udp_idle_timeout=5.0, udp_responses=1, udp_max_sessions=100
+    )
+    assert (dns2.options.balance, dns2.options.udp_balance, dns2.routes[0].protocol) == ("p2c", "hash", "udp")
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        (
+            "services:\n  a:\n    listen: 443\n    endpoints: []\n    sni: a.example.com\n",
+            "m.yaml:5: services.a.sni: only applies to protocol tls (this service is tcp)",
+        ),
+        (
+            "services:\n  a:\n    listen: 443\n    protocol: tls\n    endpoints: []\n    sni: ['a.example.com', 'x y']\n",
+            "m.yaml:6: services.a.sni[1]: expected a DNS name or '*.name', got 'x y'",
+        ),
+        (
+            "services:\n  a: {listen: 443, protocol: tls, sni: [a.example.com], endpoints: []}\n"
+            "  b: {listen: 443, protocol: tls, sni: [A.EXAMPLE.COM], endpoints: []}\n",
+            "m.yaml:3: services 'a' and 'b' both claim SNI name 'a.example.com' on 0.0.0.0:443 (tls)",
+        ),
+        (
+            "services:\n  plain: {listen: 443, endpoints: []}\n  site: {listen: 443, protocol: tls, endpoints: []}\n",
+            "m.yaml:3: service 'site' listens on 0.0.0.0:443 (tls), already used by service 'plain' (tcp)",
+        ),
+        (
+            "services:\n  a: {listen: 53, protocol: udp, endpoints: []}\n  b: {listen: 53, protocol: udp, endpoints: []}\n",
+            "m.yaml:3: service 'b' listens on 0.0.0.0:53 (udp), already used by service 'a' (udp)",
+        ),
+        (
+            "services:\n  a: {listen: 80, protocol: http, endpoints: []}\n",
+            "m.yaml:2: services.a.protocol: expected tcp, udp or tls; got 'http'",
+        ),
+    ],
+)
+def test_udp_tls_errors(text, error):
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, source="m.yaml")
+    assert str(info.value) == error
+
+
+def test_tcp_and_udp_services_share_a_port_number():
+    table = parse_config(
+        "services:\n  dns-tcp: {listen: 53, endpoints: []}\n  dns-udp: {listen: 53, protocol: udp, endpoints: []}\n"
+    )
+    assert [(s.name, r.protocol, r.port) for s, r in table.routes()] == [("dns-tcp", "tcp", 53), ("dns-udp", "udp", 53)]

@@ -252,7 +252,7 @@ def test_service_name_precedence_and_options_from_newest():
     assert problems == ()
     (svc,) = table.services
     assert svc.name == "api"
-    assert svc.options == ServiceOptions(balance="least-conn")
+    assert svc.options == ServiceOptions(balance="least-conn", udp_balance="least-conn")
     assert svc.routes[0].endpoints == (ep("new", "198.18.201.3", port=81, weight=3), ep("old", "198.18.201.2"))
 
 
@@ -299,13 +299,14 @@ def test_bad_labels_skip_only_that_container():
     cs = [
         ctr("a", WEB, ip="198.18.201.2", name="shop-web-1"),
         ctr("b", {**WEB, "mesh.weight": "lots"}, ip="198.18.201.3", name="shop-web-2"),
-        ctr("c", {"mesh.publish": "8080:80/udp"}, name="dns"),
+        ctr("c", {"mesh.publish": "8080:80/sctp"}, name="dns"),
         ctr("d", {"mesh.publish": "81", "mesh.network": "nope"}, name="lost"),
         ctr("e", {"mesh.publish": "82", "mesh.typo": "1"}, name="typo", ip="198.18.201.9"),
     ]
     table, problems = build_table(cs, local_node="n1")
     assert [str(p) for p in problems] == [
-        "container dns (c): label mesh.publish='8080:80/udp': only tcp is supported, got /udp in '8080:80/udp' - skipped",
+        "container dns (c): label mesh.publish='8080:80/sctp': expected /tcp, /udp or /tls, got /sctp in '8080:80/sctp'"
+        " - skipped",
         "container lost (d): has no address on network 'nope' (its networks: bridge) - skipped",
         "container shop-web-2 (b): label mesh.weight='lots': expected a whole number 1..1000 - skipped",
         "container typo (e): unknown label mesh.typo (ignored)",
@@ -448,3 +449,67 @@ def test_overlapping_ports_within_one_service():
     assert [str(p) for p in problems] == [
         "service s (containers): port 127.0.0.1:8080 is already published by service 's' - skipped"
     ]
+
+
+# -- udp and tls passthrough ------------------------------------------------------------
+
+
+def test_one_port_for_tcp_and_udp_of_one_service():
+    c = ctr("a", {"mesh.publish": "53:5353/tcp,53:5353/udp", "mesh.service": "dns"})
+    table, problems = build_table([c], local_node="n1")
+    assert problems == ()
+    assert [(r.protocol, r.port, [e.port for e in r.endpoints]) for r in table.services[0].routes] == [
+        ("tcp", 53, [5353]),
+        ("udp", 53, [5353]),
+    ]
+
+
+def test_tls_routes_of_several_services_share_a_port_by_sni():
+    cs = [
+        ctr("a", {"mesh.publish": "443:8443/tls", "mesh.tls.sni": "a.example.com", "mesh.service": "a"}),
+        ctr("b", {"mesh.publish": "443:8443/tls", "mesh.tls.sni": "b.example.com,*.b.example.com",
+                  "mesh.service": "b"}, ip="198.18.201.3", created=2.0),
+        ctr("d", {"mesh.publish": "443:9443/tls", "mesh.service": "fallback"}, ip="198.18.201.4", created=3.0),
+        ctr("u", {"mesh.publish": "443:443/udp", "mesh.service": "quic"}, ip="198.18.201.5", created=4.0),
+    ]
+    table, problems = build_table(cs, local_node="n1")
+    assert problems == ()
+    assert [(s.name, r.protocol, r.port, r.match.hosts) for s, r in table.routes()] == [
+        ("a", "tls", 443, ("a.example.com",)),
+        ("b", "tls", 443, ("*.b.example.com", "b.example.com")),
+        ("fallback", "tls", 443, ()),
+        ("quic", "udp", 443, ()),
+    ]
+
+
+def test_tls_conflicts_name_both_services_and_the_newer_is_skipped():
+    cs = [
+        ctr("a", {"mesh.publish": "443:8443/tls", "mesh.tls.sni": "a.example.com", "mesh.service": "a"}),
+        ctr("b", {"mesh.publish": "443:8443/tls", "mesh.tls.sni": "A.example.com", "mesh.service": "b"},
+            ip="198.18.201.3", created=2.0),
+        ctr("t", {"mesh.publish": "443:8443", "mesh.service": "plain"}, ip="198.18.201.4", created=3.0),
+        ctr("x", {"mesh.publish": "8443:8443", "mesh.service": "old-tcp"}, ip="198.18.201.6", created=0.5),
+        ctr("y", {"mesh.publish": "8443:8443/tls", "mesh.service": "new-tls"}, ip="198.18.201.7", created=5.0),
+    ]
+    table, problems = build_table(cs, local_node="n1")
+    assert [str(p) for p in problems] == [
+        "service b (containers): services 'a' and 'b' both claim SNI name 'a.example.com' on 0.0.0.0:443 (tls)"
+        " - skipped",
+        "service new-tls (containers): port 0.0.0.0:8443 (tls) is already published by service 'old-tcp' (tcp)"
+        " - skipped",
+        "service plain (containers): port 0.0.0.0:443 (tcp) is already published by service 'a' (tls) - skipped",
+    ]
+    assert [p.label for p in problems] == ["mesh.tls.sni", "mesh.publish", "mesh.publish"]
+    assert [s.name for s in table.services] == ["a", "old-tcp"]
+
+
+def test_swarm_service_publishes_udp():
+    svc = ServiceRecord(id="s1", name="dns", labels=frozen_labels({"mesh.publish": "53:53/udp"}))
+    task = TaskRecord(id="t1", service_id="s1", node_id="n1", state="running", desired_state="running",
+                      container_id="c-t1")  # fmt: skip
+    gw = NetworkRecord(id="gw", name="docker_gwbridge", containers=(("c-t1", "198.18.42.3"),))
+    table, problems = build_table(services=[svc], tasks=[task], gwbridge=gw, local_node="n1")
+    assert problems == ()
+    (route,) = table.services[0].routes
+    assert (route.protocol, route.port, route.endpoints[0].address) == ("udp", 53, "198.18.42.3")
+    assert table.services[0].options.udp_balance == "hash"

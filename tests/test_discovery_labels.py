@@ -24,6 +24,12 @@ from mesh.routing import HealthCheck, ServiceOptions
         ("0:80", (PublishSpec(0, 80),)),
         ("127.0.0.1:0:80", (PublishSpec(0, 80, listen_host="127.0.0.1"),)),
         ("0:80,8080:81", (PublishSpec(0, 80), PublishSpec(8080, 81))),
+        # udp and tls passthrough; one port for tcp and udp
+        ("53:53/udp", (PublishSpec(53, 53, protocol="udp"),)),
+        ("443:8443/tls", (PublishSpec(443, 8443, protocol="tls"),)),
+        ("443:8443/TLS", (PublishSpec(443, 8443, protocol="tls"),)),
+        ("53:53/udp,53:53/tcp", (PublishSpec(53, 53), PublishSpec(53, 53, protocol="udp"))),
+        ("127.0.0.1:5353:53/udp", (PublishSpec(5353, 53, listen_host="127.0.0.1", protocol="udp"),)),
     ],
 )
 def test_publish_valid(value, expected):
@@ -35,7 +41,10 @@ def test_publish_valid(value, expected):
     [
         ("", "expected published:target"),
         ("8080:80,", "expected published:target"),
-        ("8080:80/udp", "only tcp is supported, got /udp"),
+        ("8080:80/sctp", "expected /tcp, /udp or /tls, got /sctp in '8080:80/sctp'"),
+        ("8080:80/", "expected /tcp, /udp or /tls, got / in '8080:80/'"),
+        ("53:53/udp,53:54/udp", "port 53 is published twice for udp"),
+        ("443:443,443:8443/tls", "port 443 is published twice for tcp (tcp and tls are both TCP)"),
         ("0", "port '0' must be a number 1..65535"),  # a bare port is the target too
         ("8080:0", "port '0' must be a number 1..65535"),
         ("70000:80", "port '70000' must be a number 0..65535 (0 = any free port)"),
@@ -112,6 +121,7 @@ def test_every_option():
     assert (ml.service, ml.weight, ml.network) == ("shop.web", 5, "front")
     assert ml.options == ServiceOptions(
         balance="least-conn",
+        udp_balance="least-conn",
         proxy_protocol="v2",
         connect_timeout=0.25,
         idle_timeout=0.0,
@@ -171,3 +181,43 @@ def test_bad_label_names_label(extra, label, fragment):
     assert ei.value.label == label
     assert fragment in str(ei.value)
     assert isinstance(ei.value, ConfigError)
+
+
+def test_udp_balance_follows_balance_unless_given():
+    assert parse_labels({"mesh.publish": "53/udp"}).options.udp_balance == "hash"
+    assert parse_labels({"mesh.publish": "53/udp", "mesh.balance": "p2c"}).options.udp_balance == "p2c"
+    both = parse_labels({"mesh.publish": "53/udp", "mesh.balance": "p2c", "mesh.udp.balance": "round-robin"})
+    assert (both.options.balance, both.options.udp_balance) == ("p2c", "round-robin")
+
+
+def test_udp_options():
+    ml = parse_labels(
+        {"mesh.publish": "53/udp", "mesh.udp.idle-timeout": "5s", "mesh.udp.responses": "1",
+         "mesh.udp.max-sessions": "100"}
+    )  # fmt: skip
+    assert ml.options == ServiceOptions(udp_idle_timeout=5.0, udp_responses=1, udp_max_sessions=100)
+    assert ml.warnings == ()
+
+
+def test_tls_sni():
+    ml = parse_labels({"mesh.publish": "443:8443/tls", "mesh.tls.sni": "a.example.com,*.B.example.com"})
+    assert ml.publish == (PublishSpec(443, 8443, protocol="tls"),)
+    assert ml.sni == ("*.b.example.com", "a.example.com")
+    assert parse_labels({"mesh.publish": "443:8443/tls"}).sni == ()  # the port's default service
+
+
+@pytest.mark.parametrize(
+    ("labels", "label", "fragment"),
+    [
+        ({"mesh.publish": "443:8443", "mesh.tls.sni": "a.example.com"}, "mesh.tls.sni", "needs a /tls port"),
+        ({"mesh.publish": "443/tls", "mesh.tls.sni": "a..example.com"}, "mesh.tls.sni", "expected DNS names"),
+        ({"mesh.publish": "443/tls", "mesh.tls.sni": ""}, "mesh.tls.sni", "expected DNS names"),
+        ({"mesh.publish": "53/udp", "mesh.udp.responses": "-1"}, "mesh.udp.responses", "0..1000"),
+        ({"mesh.publish": "53/udp", "mesh.udp.idle-timeout": "0"}, "mesh.udp.idle-timeout", "> 0"),
+    ],
+)
+def test_udp_tls_label_errors(labels, label, fragment):
+    with pytest.raises(LabelError) as ei:
+        parse_labels(labels)
+    assert ei.value.label == label
+    assert fragment in str(ei.value)

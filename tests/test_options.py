@@ -37,6 +37,10 @@ LABEL = {
     "panic_threshold": "mesh.panic-threshold",
     "locality": "mesh.locality",
     "zero_copy": "mesh.zero-copy",
+    "udp_balance": "mesh.udp.balance",
+    "udp_idle_timeout": "mesh.udp.idle-timeout",
+    "udp_responses": "mesh.udp.responses",
+    "udp_max_sessions": "mesh.udp.max-sessions",
     "health_check": "mesh.health",
     "health_check.interval": "mesh.health.interval",
     "health_check.timeout": "mesh.health.timeout",
@@ -47,6 +51,7 @@ LABEL = {
     "health_check.expect_status": "mesh.health.status",
     "health_check.jitter": "mesh.health.jitter",
     "weight": "mesh.weight",
+    "sni": "mesh.tls.sni",
 }
 
 
@@ -60,6 +65,7 @@ DURATION = "expected a duration like 5, 0.5, '500ms', '5s' or '2m'"
 WHOLE_0_100 = "expected a whole number 0..100"
 PATH = "expected a path starting with / and without spaces"
 STATUSES = "expected HTTP status codes 100..599, e.g. 200,204"
+SNI = "expected DNS names or '*.name' wildcards, separated by commas, e.g. a.example.com,*.b.example.com"
 
 TABLE = [
     # durations: number[unit], unit ms|s|m|h right after the number, no unit = seconds
@@ -151,6 +157,31 @@ TABLE = [
     ("health_check", "off", None),
     ("health_check", "icmp", Bad("expected tcp, http or none")),
     ("health_check", "", Bad("expected tcp, http or none")),
+    # udp routes
+    ("udp_balance", "round-robin", "round-robin"),
+    ("udp_balance", "HASH", "hash"),
+    ("udp_balance", "sticky", Bad("expected one of round-robin, least-conn, p2c, hash")),
+    ("udp_idle_timeout", "5s", 5.0),
+    ("udp_idle_timeout", "250ms", 0.25),
+    ("udp_idle_timeout", "0", Bad("expected a duration > 0", file="must be > 0")),
+    ("udp_idle_timeout", "5 s", Bad(DURATION)),
+    ("udp_responses", "1", 1),
+    ("udp_responses", "0", 0),
+    ("udp_responses", "1001", Bad("expected a whole number 0..1000")),
+    ("udp_responses", "one", Bad("expected a whole number 0..1000")),
+    ("udp_max_sessions", "10000", 10000),
+    ("udp_max_sessions", "1", 1),
+    ("udp_max_sessions", "0", Bad("expected a whole number 1..1000000")),
+    ("udp_max_sessions", "1000001", Bad("expected a whole number 1..1000000")),
+    # tls server names (a route's match, not a service option)
+    ("sni", "a.example.com", ("a.example.com",)),
+    ("sni", "B.Example.com, *.b.example.com", ("*.b.example.com", "b.example.com")),
+    ("sni", "a.example.com.", ("a.example.com",)),
+    ("sni", "a b.example.com", Bad(SNI)),
+    ("sni", "*", Bad(SNI)),
+    ("sni", "a.*.example.com", Bad(SNI)),
+    ("sni", "a.example.com,", Bad(SNI)),
+    ("sni", "", Bad(SNI)),
     # text
     ("health_check.path", "/healthz", "/healthz"),
     ("health_check.path", "healthz", Bad(PATH)),
@@ -177,6 +208,8 @@ def yaml_file(option: str, text: str) -> tuple[str, int]:
     head = "services:\n  web:\n    listen: 8080\n"
     if option == "weight":
         return head + f"    endpoints:\n      - {{address: 127.0.0.1, port: 9001, weight: {_q(text)}}}\n", 5
+    if option == "sni":
+        return head + f"    endpoints: ['127.0.0.1:9001']\n    protocol: tls\n    sni: {_q(text)}\n", 6
     body = head + "    endpoints: ['127.0.0.1:9001']\n"
     if option.startswith("health_check."):
         return body + f"    health_check:\n      kind: http\n      {option.split('.')[1]}: {_q(text)}\n", 7
@@ -187,6 +220,8 @@ def toml_file(option: str, text: str) -> tuple[str, int]:
     head = "[services.web]\nlisten = 8080\n"
     if option == "weight":
         return head + f'endpoints = [{{ address = "127.0.0.1", port = 9001, weight = {_q(text)} }}]\n', 3
+    if option == "sni":
+        return head + f'endpoints = ["127.0.0.1:9001"]\nprotocol = "tls"\nsni = {_q(text)}\n', 5
     body = head + 'endpoints = ["127.0.0.1:9001"]\n'
     if option.startswith("health_check."):
         return body + f'[services.web.health_check]\nkind = "http"\n{option.split(".")[1]} = {_q(text)}\n', 6
@@ -197,6 +232,8 @@ def value_of(table, option: str):
     (service,) = table.services
     if option == "weight":
         return service.routes[0].endpoints[0].weight
+    if option == "sni":
+        return service.routes[0].match.hosts
     if option.startswith("health_check."):
         return getattr(service.options.health_check, option.split(".")[1])
     return getattr(service.options, option)
@@ -205,6 +242,8 @@ def value_of(table, option: str):
 def key_path(option: str) -> str:
     if option == "weight":
         return "services.web.endpoints[0].weight"
+    if option == "sni":
+        return "services.web.sni"
     return f"services.web.{option}"
 
 
@@ -219,7 +258,7 @@ def read_file(fmt: str, option: str, text: str):
 
 
 def labels_for(option: str, text: str) -> dict[str, str]:
-    labels = {"mesh.publish": "8080:9001", LABEL[option]: text}
+    labels = {"mesh.publish": "8080:9001/tls" if option == "sni" else "8080:9001", LABEL[option]: text}
     if option.startswith("health_check."):
         labels["mesh.health"] = "http"
     return labels
@@ -291,7 +330,7 @@ def test_label_reader(mode, option, text, expected):
 
 def test_table_covers_every_option_of_the_schema():
     options = {o.key for o in schema.SERVICE_OPTIONS} | {f"health_check.{o.key}" for o in schema.HEALTH_OPTIONS}
-    options = (options - {"health_check.kind"}) | {"health_check", "weight"}
+    options = (options - {"health_check.kind"}) | {"health_check", "weight", "sni"}
     assert set(LABEL) == options
     assert {row[0] for row in TABLE} == options
     # and every option has a good and a bad row
@@ -306,6 +345,7 @@ def test_schema_spellings_match_the_table():
     got |= {f"health_check.{o.key}": o.label for o in schema.HEALTH_OPTIONS}
     got["health_check"] = got.pop("health_check.kind")
     got["weight"] = schema.ENDPOINT_WEIGHT.label
+    got["sni"] = schema.SNI.label
     assert got == LABEL
 
 
@@ -330,6 +370,8 @@ def test_docs_table_lists_every_option_with_its_default():
             assert schema.HEALTH_SWITCH.parse(default.strip("` ")) is ServiceOptions().health_check
         elif key == "weight":
             assert schema.ENDPOINT_WEIGHT.parse(default.strip("` ")) == 1
+        elif key == "sni":
+            assert default.strip() == "none (the port's default service)"
         elif key == "health_check.host":
             assert HealthCheck().host is None
         else:

@@ -5,12 +5,14 @@ import pytest
 from mesh.routing import (
     Endpoint,
     HealthCheck,
+    Match,
     Route,
     RoutingTable,
     Service,
     ServiceOptions,
     TableError,
     parse_hostport,
+    route_conflict,
 )
 
 
@@ -105,3 +107,56 @@ def test_malformed_json():
         RoutingTable.from_json("{")
     with pytest.raises(TableError, match="malformed"):
         RoutingTable.from_json('{"services": [{"name": "x"}]}')
+
+
+def _svc(name, *routes):
+    return Service(name, routes)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "error"),
+    [
+        (Route(53, protocol="tcp"), Route(53, protocol="udp"), None),  # one port number, two transports
+        (Route(53, protocol="udp"), Route(53, protocol="udp"), "service 'b' listens on 0.0.0.0:53 (udp), already used by service 'a' (udp)"),
+        (Route(443, protocol="tls", match=Match(hosts=("a.example.com",))),
+         Route(443, protocol="tls", match=Match(hosts=("b.example.com", "*.b.example.com"))), None),
+        (Route(443, protocol="tls", match=Match(hosts=("a.example.com",))), Route(443, protocol="tls"), None),  # default
+        (Route(443, protocol="tls", match=Match(hosts=("a.example.com",))),
+         Route(443, protocol="tls", match=Match(hosts=("A.example.com.",))),
+         "services 'a' and 'b' both claim SNI name 'a.example.com' on 0.0.0.0:443 (tls)"),
+        (Route(443, protocol="tls"), Route(443, protocol="tls"),
+         "services 'a' and 'b' both claim no SNI name (the default service) on 0.0.0.0:443 (tls)"),
+        (Route(443, protocol="tcp"), Route(443, protocol="tls"), "service 'b' listens on 0.0.0.0:443 (tls), already used by service 'a' (tcp)"),
+        (Route(443, protocol="tls"), Route(443, protocol="tcp"), "service 'b' listens on 0.0.0.0:443 (tcp), already used by service 'a' (tls)"),
+        (Route(0, protocol="udp"), Route(0, protocol="udp"), None),
+    ],
+)  # fmt: skip
+def test_route_conflicts(a, b, error):
+    assert route_conflict(a, "a", b, "b") == error
+    if error is None:
+        RoutingTable(1, (_svc("a", a), _svc("b", b)))
+    else:
+        with pytest.raises(TableError) as info:
+            RoutingTable(1, (_svc("a", a), _svc("b", b)))
+        assert str(info.value) == error
+
+
+def test_tls_match_rules():
+    with pytest.raises(TableError, match="a tls route matches SNI names only"):
+        Route(443, protocol="tls", match=Match(paths=("/x",)))
+    with pytest.raises(TableError, match="a udp route cannot have host/path match rules"):
+        Route(53, protocol="udp", match=Match(hosts=("a.example.com",)))
+
+
+def test_udp_options_and_for_protocol():
+    o = ServiceOptions(balance="round-robin")
+    assert o.for_protocol("tcp") is o
+    assert o.for_protocol("udp").balance == "hash"
+    assert ServiceOptions(udp_balance="round-robin").for_protocol("udp").balance == "round-robin"
+    for kwargs, match in [({"udp_idle_timeout": 0}, "udp_idle_timeout"), ({"udp_max_sessions": 0}, "udp_max_sessions"),
+                          ({"udp_responses": 1001}, "udp_responses"), ({"udp_balance": "x"}, "udp_balance")]:  # fmt: skip
+        with pytest.raises(TableError, match=match):
+            ServiceOptions(**kwargs)
+    # older tables (no udp_* fields in their JSON) still load
+    old = '{"services":[{"name":"a","options":{"balance":"p2c"},"routes":[{"port":1,"endpoints":[]}]}],"version":1}'
+    assert RoutingTable.from_json(old).services[0].options == ServiceOptions(balance="p2c")
