@@ -54,8 +54,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import socket
-import struct
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any, NamedTuple
 
@@ -72,7 +70,7 @@ from mesh.proxy.preamble import (
     tunnel_header,
 )
 from mesh.proxy.registry import ConnectionRegistry
-from mesh.proxy.splice import _PAUSE_BUFFER, WRITE_HIGH, Splice
+from mesh.proxy.splice import _PAUSE_BUFFER, WRITE_HIGH, Splice, reset
 from mesh.routing import Endpoint, ServiceOptions, format_hostport
 from mesh.stats import RouteStats
 
@@ -154,9 +152,6 @@ class TunnelStats:
 Resolve = Callable[[str], "LocalTarget | Awaitable[LocalTarget | None] | None"]
 AllowedPeers = Callable[[str], bool] | Collection[str]
 
-_LINGER_ZERO = struct.pack("ii", 1, 0)
-
-
 def _peer_ip(peername: object) -> str:
     if not isinstance(peername, tuple) or not peername:
         return ""
@@ -167,17 +162,9 @@ def _peer_ip(peername: object) -> str:
 
 
 def _reset(transport: asyncio.BaseTransport | None) -> None:
-    """Close with a reset (RST) even when every byte was read: a refused dialer must see
-    "reset before any response byte", not an orderly close, so that it may retry."""
-    if transport is None:
-        return
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
-        except OSError:
-            pass
-    transport.abort()
+    """A refused dialer must see "reset before any response byte", not an orderly close, so that it may
+    retry (``mesh.proxy.splice.reset``)."""
+    reset(transport)
 
 
 class _Direct:

@@ -57,6 +57,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import struct
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -71,7 +72,7 @@ if TYPE_CHECKING:
     from mesh.host import Host
     from mesh.pool import Pool
 
-__all__ = ["IDLE_CHECKS", "PRECONNECT_LIMIT", "PRECONNECT_PAUSE", "WRITE_HIGH", "Splice", "Upstream"]
+__all__ = ["IDLE_CHECKS", "PRECONNECT_LIMIT", "PRECONNECT_PAUSE", "WRITE_HIGH", "Splice", "Upstream", "reset"]
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,23 @@ _PAUSE_KERNEL = 4  # this direction moved to the kernel path (mesh.proxy.zerocop
 # Through a tunnel, what the client sent is kept (up to this much) until the first byte comes back, so that a
 # refusal by the remote agent (a reset before any byte) can be retried on another host like a failed connect.
 REPLAY_LIMIT = 64 * 1024
+
+
+_LINGER_ZERO = struct.pack("ii", 1, 0)
+
+
+def reset(transport: asyncio.BaseTransport | None) -> None:
+    """Close ``transport`` with a reset (RST), not a FIN, even when every byte was read: a connection
+    the mesh cuts (idle timeout, grace over, refused) must not look complete to the peer."""
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+        except OSError:
+            pass  # already gone
+    transport.abort()
 
 
 def _keepalive_time() -> float:
@@ -546,7 +564,8 @@ class Splice(asyncio.Protocol):
             self.transport.close()
 
     def abort(self, reason: str = "shutdown") -> None:
-        """Abort both sides now (RST where possible); the connection then finishes as usual."""
+        """Cut both sides now, with a reset (``reset``): a transfer cut off by the idle timeout or the
+        end of a shutdown grace must not look complete.  The connection then finishes as usual."""
         if self.reason is None:
             self.reason = reason
         self._buf = None
@@ -555,9 +574,9 @@ class Splice(asyncio.Protocol):
         if task is not None:
             task.cancel()
         if not self._down_lost and self.transport is not None:
-            self.transport.abort()
+            reset(self.transport)
         if self.up_transport is not None:
-            self.up_transport.abort()
+            reset(self.up_transport)
 
     def _dial_timeout(self) -> None:
         """The connect deadline passed (a ``call_at`` handle of the dialer)."""
