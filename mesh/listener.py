@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from mesh.proxy.preamble import host_tunnel_header
 from mesh.proxy.registry import ConnectionRegistry
+from mesh.proxy.sni import tls_front
 from mesh.proxy.tcp import tcp_front
 from mesh.routing import Route, format_hostport
 
@@ -63,7 +64,7 @@ __all__ = [
 # What a listener of each protocol runs before the splice: ``FRONTS[protocol](listener)`` -> a
 # protocol factory ``factory(peer)``.  A protocol missing here is not served by this data plane
 # (the runtime reports its routes as not bound, naming the protocol).
-FRONTS: dict[str, Callable[[Any], Callable[[tuple | None], asyncio.Protocol]]] = {"tcp": tcp_front}
+FRONTS: dict[str, Callable[[Any], Callable[[tuple | None], asyncio.Protocol]]] = {"tcp": tcp_front, "tls": tls_front}
 
 # ``tunnel_header(host, client, local) -> bytes``: the first bytes towards a host with ``via`` set.
 TunnelHeaderFn = Callable[[Any, "tuple | None", "tuple | None"], bytes]
