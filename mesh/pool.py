@@ -27,6 +27,10 @@ State rules (one ``Pool`` per (service, route); one ``Host`` per ``Endpoint.key`
   (so a two-host route with the default 50 % can still shed its broken half).
   A host over the threshold that may not be ejected keeps counting and is
   ejected at its next failure once the bound allows it.
+- Last resort: when a connection's attempts failed and no usable host is left
+  to retry on, ``last_resort`` offers a live host it has not tried that is
+  ejected (or failing active checks), so two flapping endpoints fail a client
+  only when both fail it (unless panic is off: ``panic_threshold`` 0).
 - Ejections expire lazily: ``choose()`` compares the clock with the earliest
   expiry (one float compare on the common path) and un-ejects what is due.
 - The ejection count decays: it is halved for every full ``max_ejection_time``
@@ -147,6 +151,23 @@ class Pool:
             # Every preferred (local) host was tried: spill to the least loaded of the rest.
             host = self._least_loaded(exclude)
         return host
+
+    def last_resort(self, exclude: Collection[Host]) -> Host | None:
+        """For a connection whose attempts all failed and for which ``choose`` has nothing left: a live
+        host it has not tried that is ejected or failing its health checks (ejected first: a passive
+        verdict that may be stale; then the least loaded).  Better a maybe-broken endpoint than a
+        refused client.  None with ``panic_threshold`` 0 (panic off: refusing is what was asked for)."""
+        if self.options.panic_threshold == 0:
+            return None
+        best: Host | None = None
+        best_key: tuple[bool, float] | None = None
+        for h in self._live:
+            if h in exclude or not h.health:
+                continue
+            key = (bool(h.health & FAILED_ACTIVE_HC), h.active / h.weight)
+            if best_key is None or key < best_key:
+                best, best_key = h, key
+        return best
 
     def _local_overloaded(self) -> bool:
         """Locality spill-over: the local hosts carry more than their share of this pool's open

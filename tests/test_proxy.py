@@ -871,3 +871,37 @@ async def test_client_reset_during_a_kernel_transfer_closes_everything():
     reader.t.abort()  # RST while the kernel path moves bytes
     await finish(lst, b)
     await wait_for(lambda: _open_fds() <= before, what="the dups and the pipe closed")
+
+
+async def test_when_the_only_usable_endpoint_fails_the_last_resort_is_an_ejected_one():
+    """Two flapping replicas (the reliability issue): one ejected, the other refusing right now.  Rather than
+    refuse the client, the retry goes to the ejected one, which answers."""
+    b = await Backend("b").start()
+    pool = make_pool([closed_port(), b.port])
+    refusing, ejected = pool.hosts
+    for _ in range(pool.options.consecutive_failures):
+        pool.report_failure(ejected)
+    assert ejected.health & EJECTED and pool.usable == (refusing,)
+    lst = start_listener(pool)
+    r, w = await asyncio.open_connection("127.0.0.1", lst.port)
+    w.write(b"ping")
+    assert await asyncio.wait_for(r.readexactly(4), 5) == b"ping"
+    assert pool.stats.connect_failures == {"refused": 1} and pool.stats.retries == 1 and pool.stats.failed == {}
+    assert ejected.stats.connections == 1
+    w.close()
+    await finish(lst, b)
+
+
+async def test_no_last_resort_when_panic_is_off():
+    b = await Backend("b").start()
+    pool = make_pool([closed_port(), b.port], panic_threshold=0)
+    _refusing, ejected = pool.hosts
+    for _ in range(pool.options.consecutive_failures):
+        pool.report_failure(ejected)
+    lst = start_listener(pool)
+    r, w = await asyncio.open_connection("127.0.0.1", lst.port)
+    w.write(b"ping")
+    assert await asyncio.wait_for(r.read(), 5) == b""  # refused: panic off means "refuse rather than risk it"
+    assert pool.stats.failed == {"refused": 1} and ejected.stats.connections == 0
+    w.close()
+    await finish(lst, b)

@@ -272,8 +272,13 @@ class Splice(asyncio.Protocol):
             self._idle_handle = loop.call_at(loop.time() + idle / IDLE_CHECKS, self._idle_check)
 
     def _next_host(self, tried: list[Host]) -> Host | None:
-        """The host to retry on after ``tried`` failed (the dialer calls it; fronts may narrow it)."""
-        return self.pool.choose(self.client, tried)  # type: ignore[union-attr]
+        """The host to retry on after ``tried`` failed (the dialer calls it; fronts may narrow it): the
+        balancer's choice among the usable hosts left, else the pool's last resort (an ejected one)."""
+        pool = self.pool
+        host = pool.choose(self.client, tried)  # type: ignore[union-attr]
+        if host is None:
+            host = pool.last_resort(tried)  # type: ignore[union-attr]
+        return host
 
     def _dial_failed(self, reason: str) -> None:
         """Every attempt failed (or none was allowed): close the downstream side."""
