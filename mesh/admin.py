@@ -10,6 +10,11 @@ Endpoints:
                  enriched with a "runtime" object: active connections, health bits, ejection, draining,
                  counters, the port the route's listener is bound to; a top-level "runtime" lists the
                  listeners (service, protocol, host, configured and bound port); 503 before the first table
+  GET /ui/       the live dashboard (page and its files ship in ``mesh.dashboard``; ``GET /`` from a
+                 browser, i.e. with Accept: text/html, is redirected there)
+  GET /v1/dashboard         the dashboard's view as JSON (docs/observability.md, "Dashboard")
+  GET /v1/dashboard/stream  the same view pushed as Server-Sent Events, at most two a second, from one
+                 sampler shared by every watcher (``mesh.dashboard.Feed``); nothing runs while nobody watches
   GET <view>     read-only JSON views the composition root adds (``views=``), e.g. the cluster agent's
                  /v1/cluster/status
 
@@ -36,6 +41,7 @@ from typing import Any, Protocol
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from mesh.dashboard import ASSETS, Dashboard, asset, find_discovery
 from mesh.errors import ConfigError
 from mesh.metrics import (
     MetricsExporter,
@@ -75,6 +81,9 @@ ENDPOINTS = {
     "/healthz": "liveness: 200 while the process answers",
     "/readyz": "readiness: 200 once a routing table is applied and its listeners are up, else 503",
     "/v1/table": "the applied routing table as JSON, with runtime state per route and endpoint and the bound listeners",
+    "/ui/": "the live dashboard (HTML)",
+    "/v1/dashboard": "the dashboard's view as JSON: services x nodes, replicas with state, totals and rates",
+    "/v1/dashboard/stream": "the dashboard's view as Server-Sent Events (event 'view', at most two a second)",
 }
 
 
@@ -205,17 +214,23 @@ class AdminServer:
         registry: CollectorRegistry | None = None,
         metrics: bool = True,
         views: Mapping[str, View] | None = None,
+        dashboard: Dashboard | None = None,
+        discovery: Any = None,
     ) -> None:
         views = dict(views or {})
         for path in views:
-            if not path.startswith("/") or path in ENDPOINTS:
+            if not path.startswith("/") or path in ENDPOINTS or path.startswith(("/ui", "/v1/dashboard")):
                 raise ValueError(f"admin view path {path!r} must start with '/' and not be one of {sorted(ENDPOINTS)}")
         self.views = views
         self.state = state
         self.host = host
         self.port = port
         self.metrics = metrics
-        self._exporter = MetricsExporter(registry if registry is not None else make_registry()) if metrics else None
+        registry = registry if registry is not None else make_registry()
+        self._exporter = MetricsExporter(registry) if metrics else None
+        # ``dashboard``: the cluster agent passes its own (a manager's view covers every node); else one
+        # over ``state``, with the discovery lag of ``discovery`` or of the DiscoveryMetrics in ``registry``.
+        self.dashboard = dashboard or Dashboard(state, discovery=discovery or find_discovery(registry))
         self._runner: web.AppRunner | None = None
         self.address: tuple[str, int] | None = None
 
@@ -226,6 +241,11 @@ class AdminServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/v1/table", self._table)
+        app.router.add_get("/ui", self._ui_redirect)
+        app.router.add_get("/ui/", self._ui_asset)
+        app.router.add_get("/ui/{name}", self._ui_asset)
+        app.router.add_get("/v1/dashboard", self._dashboard)
+        app.router.add_get("/v1/dashboard/stream", self._dashboard_stream)
         for path, (_, provide) in self.views.items():
             app.router.add_get(path, self._view(provide))
         return app
@@ -262,13 +282,16 @@ class AdminServer:
             )
 
     async def stop(self) -> None:
-        """Stop serving (idempotent)."""
+        """Stop serving (idempotent); open dashboard streams end at once."""
         runner, self._runner = self._runner, None
         if runner is not None:
+            await self.dashboard.close()
             await runner.cleanup()
 
     # -- handlers -------------------------------------------------------------------------------------
     async def _index(self, request: web.Request) -> web.Response:
+        if "text/html" in request.headers.get("Accept", ""):
+            raise web.HTTPFound("/ui/")  # a browser: the dashboard; tools (curl, scripts) get the JSON list
         endpoints = {**ENDPOINTS, **{path: desc for path, (desc, _) in self.views.items()}}
         return web.json_response({"endpoints": endpoints, "metrics": self.metrics})
 
@@ -280,6 +303,40 @@ class AdminServer:
             return web.json_response(doc, dumps=_dumps)
 
         return handle
+
+    async def _ui_redirect(self, request: web.Request) -> web.Response:
+        raise web.HTTPFound("/ui/")
+
+    async def _ui_asset(self, request: web.Request) -> web.Response:
+        name = request.match_info.get("name") or "index.html"
+        if name not in ASSETS:
+            raise web.HTTPNotFound(text=f"no dashboard file {name!r}\n")
+        body = await asyncio.to_thread(asset, name)
+        # no-cache: after an upgrade the page and its script must not come from two versions
+        return web.Response(body=body, headers={"Content-Type": ASSETS[name], "Cache-Control": "no-cache"})
+
+    async def _dashboard(self, request: web.Request) -> web.Response:
+        body = await self.dashboard.feed.current()
+        return web.Response(body=body, headers={"Content-Type": "application/json", "Cache-Control": "no-store"})
+
+    async def _dashboard_stream(self, request: web.Request) -> web.StreamResponse:
+        feed = self.dashboard.feed
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+        )
+        await resp.prepare(request)
+        seq = feed.start_seq()
+        feed.subscribe()
+        try:
+            await resp.write(b"retry: 2000\n\n")  # the browser's EventSource reconnects after 2 s
+            while (seq := await feed.next(seq)) >= 0:
+                # one shared, already serialised event; a slow reader waits here and then gets the latest
+                await resp.write(feed.event)
+        except (ConnectionResetError, ConnectionError):
+            pass  # the watcher went away (noticed at the next write, within one interval)
+        finally:
+            feed.unsubscribe()
+        return resp
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")

@@ -4,7 +4,9 @@ It starts three local HTTP backends ("replicas", in a child process), writes a c
 front of them, runs the real mesh (``mesh run --config ...``) on a free loopback port, drives a short, bounded
 load through it (a fresh connection every few requests, so the balancer gets to choose often), shows live
 progress, and ends with the distribution per replica, requests/s, latency percentiles, and the mesh's own
-view of its endpoints from the admin API.  Everything listens on 127.0.0.1 and is stopped at the end.
+view of its endpoints from the admin API.  While it runs, the mesh's live dashboard (the admin API's /ui/)
+shows the replicas and their traffic: the demo prints its URL, and ``--linger S`` keeps the mesh (and the
+page) up S more seconds after the load.  Everything listens on 127.0.0.1 and is stopped at the end.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ __all__ = ["main"]
 LOOPBACK = "127.0.0.1"
 MAX_DURATION = 600.0
 MAX_CONNECTIONS = 1000
+MAX_LINGER = 3600.0
 
 
 # -- the replicas ---------------------------------------------------------------------------------------------
@@ -259,6 +262,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--balance", default="round-robin", help="round-robin, least-conn, p2c or hash")
     p.add_argument("--workers", type=int, default=1, help="mesh worker processes (default 1)")
     p.add_argument("--quiet", action="store_true", help="no live progress line")
+    p.add_argument(
+        "--linger",
+        type=float,
+        default=0.0,
+        help="seconds the mesh and its dashboard stay up after the load (default 0, at most 3600; Ctrl-C ends it)",
+    )
     return p
 
 
@@ -275,6 +284,8 @@ def _check_args(args: argparse.Namespace) -> str | None:
         return f"--balance must be round-robin, least-conn, p2c or hash; got {args.balance!r}"
     if not 1 <= args.workers <= 64:
         return f"--workers must be within 1..64, got {args.workers}"
+    if not 0 <= args.linger <= MAX_LINGER:
+        return f"--linger must be within 0..{MAX_LINGER:.0f} seconds, got {args.linger}"
     return None
 
 
@@ -363,6 +374,8 @@ def _demo(args: argparse.Namespace, tmp: Path, out: TextIO) -> int:
         out.write(f"           config:\n{_indent(config.read_text(), 14)}")
         out.flush()
         _wait_ready(admin, mesh, log, timeout=20)
+        out.write(f"\ndashboard: {admin}/ui/  (live while the demo runs; --linger S keeps it up after the load)\n")
+        out.flush()
 
         out.write(
             f"\ndriving {args.connections} clients for {args.duration:g}s, a new connection every "
@@ -391,6 +404,13 @@ def _demo(args: argparse.Namespace, tmp: Path, out: TextIO) -> int:
         if not ok:
             out.write("some replica got no traffic: see the mesh's log above\n")
             out.write(log.read_text(errors="replace"))
+        if args.linger > 0 and mesh.poll() is None:
+            out.write(f"\nthe dashboard stays live at {admin}/ui/ for {args.linger:g}s (Ctrl-C ends it)\n")
+            out.flush()
+            try:
+                mesh.wait(args.linger)
+            except subprocess.TimeoutExpired:
+                pass
         return 0 if ok else 1
     except RuntimeError as exc:
         print(f"mesh demo: {exc}", file=sys.stderr)
