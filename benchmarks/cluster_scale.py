@@ -33,7 +33,6 @@ import multiprocessing as mp
 import os
 import random
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -390,7 +389,7 @@ async def run_case(case: Case, *, log=print) -> dict[str, Any]:
         log(f"  initial fan-out to {case.subscribers} subscribers: {initial_sync:.2f}s")
 
         # -- changes
-        await pool.ask("records")  # forget the initial apply
+        await pool.ask("records", timeout=case.settle)  # forget the initial apply
         published: list[tuple[int, float, str]] = []
         bytes0 = _server_bytes(servers)
         fallback_bytes = 0
@@ -426,7 +425,7 @@ async def run_case(case: Case, *, log=print) -> dict[str, Any]:
         changed_now = sum(s.stats.changed for s in servers)
         fallback_bytes += (changed_now - changed0) * len(getattr(servers[0], "_body", b""))
         sent = _server_bytes(servers) - bytes0 if hasattr(servers[0].stats, "bytes_sent") else fallback_bytes
-        records = [r for part in await pool.ask("records") for r in part]
+        records = [r for part in await pool.ask("records", timeout=case.settle) for r in part]
         samples, last_per_change, missing = _latencies(published, records)
         log(f"  {case.changes} changes: apply p50 {_pct(samples, .5):.3f}s p99 {_pct(samples, .99):.3f}s "
             f"max {max(samples, default=float('nan')):.3f}s; {sent / case.changes / case.subscribers:.0f} B/change/sub; "
@@ -512,8 +511,12 @@ def state_at(sim: SyntheticCluster):
 async def _wait_progress(pool: _Pool, version: int, want: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if sum(await pool.ask("progress", version)) >= want:
-            return True
+        try:
+            # busy subscriber processes answer late: wait for them as long as the case allows
+            if sum(await pool.ask("progress", version, timeout=max(1.0, deadline - time.monotonic()) + 5)) >= want:
+                return True
+        except TimeoutError:
+            return False
         await asyncio.sleep(0.02)
     return False
 
