@@ -6,6 +6,7 @@ Workloads (names; groups in brackets):
   churn-<size>-c<N>    a new connection per request ("Connection: close")                          [churn]
   idle-<N>             N idle proxied connections: RSS growth per connection, fresh proxies        [idle]
   metrics-<size>-c<N>  mesh-1 with metrics on vs off (same load as ka-)                           [metrics]
+  watchers-<size>-c<N> mesh-1 with 100 dashboard streams open vs none (benchmarks/watchers.py)    [watchers]
   convergence          Docker event -> table applied (p50/p99); needs a Docker engine           [convergence]
 The latency a proxy adds at one connection is derived from ka-100b-c1 (p50 minus direct's p50).
 
@@ -52,16 +53,17 @@ GROUPS = {
     "idle": ["idle-10000"],
     "metrics": ["metrics-100b-c64", "metrics-16k-c64"],
     "convergence": ["convergence"],
+    "watchers": ["watchers-100b-c64"],
 }
 GROUPS["all"] = [w for g in ("keepalive", "churn", "idle", "metrics", "convergence") for w in GROUPS[g]]
 QUICK = ["ka-100b-c64", "ka-16k-c64", "ka-1m-c64", "ka-100b-c1", "churn-100b-c64", "idle-1000", "metrics-100b-c64"]
-_WL = re.compile(r"(ka|churn|metrics)-(100b|16k|1m)-c(\d+)|idle-(\d+)|convergence")
+_WL = re.compile(r"(ka|churn|metrics|watchers)-(100b|16k|1m)-c(\d+)|idle-(\d+)|convergence")
 
 
 @dataclass(frozen=True)
 class Workload:
     name: str
-    kind: str  # ka | churn | metrics | idle | convergence
+    kind: str  # ka | churn | metrics | watchers | idle | convergence
     size: str = "100b"
     connections: int = 0
 
@@ -261,7 +263,8 @@ class Suite:
 
     def run_throughput(self, wl: Workload, names: list[str]) -> None:
         """Interleaved repeats.  A name "<peer>+scrape" is that peer while a scraper GETs its /metrics twice a
-        second (ten times Prometheus' usual 1/15 s: the scrape cost made visible)."""
+        second (ten times Prometheus' usual 1/15 s: the scrape cost made visible); "<peer>+watch" while 100
+        dashboard streams are open on its admin API (benchmarks/watchers.py)."""
         for rep in range(self.args.repeat):
             for name in names:
                 base, _, scrape = name.partition("+")
@@ -272,14 +275,24 @@ class Suite:
                 if scrape and url is None:
                     self.skipped.setdefault(name, f"{base} has no admin API to scrape")
                     continue
-                scraper = Scraper(f"{url}/metrics", 0.5) if url else None
+                scraper = Scraper(f"{url}/metrics", 0.5) if url and scrape == "scrape" else None
+                watchers = None
+                if url and scrape == "watch":
+                    from benchmarks.watchers import Watchers
+
+                    watchers = Watchers(url, 100, cpus=self.load_cpus)
                 try:
                     r = self.load(addr, wl, self.args.duration, base)
                 finally:
                     if scraper is not None:
                         scraper.stop()
+                    watched = watchers.stop() if watchers is not None else None
                 if scraper is not None:
                     r["scrapes"], r["scrape_errors"] = scraper.count, scraper.errors
+                if watched is not None:
+                    r["watchers"], r["watch_events"], r["watch_errors"] = (
+                        watched["watchers"], watched["events"], watched["errors"]
+                    )  # fmt: skip
                 r.update(workload=wl.name, peer=name, rep=rep)
                 self.runs.append(r)
                 self.log(
@@ -495,6 +508,8 @@ def _main(args: argparse.Namespace, argv: list[str], log) -> int:
                 suite.run_throughput(wl, [n for n in names if n == "mesh-1" or suite.peer(n.split("+")[0])])
                 if "mesh-1-nometrics" not in peer_names:
                     suite.stop_peer("mesh-1-nometrics")
+            elif wl.kind == "watchers":
+                suite.run_throughput(wl, ["mesh-1", "mesh-1+watch"])
             elif wl.kind == "idle":
                 suite.run_idle(wl, peer_names)
             else:
@@ -505,7 +520,7 @@ def _main(args: argparse.Namespace, argv: list[str], log) -> int:
         suite.close()
 
     commit, dirty = report.git_commit()
-    extra = ("mesh-1-nometrics", "mesh-1+scrape")
+    extra = ("mesh-1-nometrics", "mesh-1+scrape", "mesh-1+watch")
     all_peers = [*peer_names, *(n for n in extra if n not in peer_names and any(r["peer"] == n for r in suite.runs))]
     subjects = [p for p in all_peers if p.startswith("mesh-") and "nometrics" not in p and "+" not in p]
     summary = report.summarize(suite.runs)
