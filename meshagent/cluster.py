@@ -14,7 +14,9 @@ Wiring (docs/cluster.md, "The agent")::
            TunnelServer: resolve(task) in the CURRENT localized table (local endpoints of mesh
            services only, draining ones included; a task the state places here that the local
            listing has not seen yet is waited for, up to 1 s); allowed peers = the nodes' addresses
-    admin API (mesh.admin.AdminServer): the data plane's /metrics, /v1/table ... and /v1/cluster/status
+    admin API (mesh.admin.AdminServer): the data plane's /metrics, /v1/table ... and /v1/cluster/status;
+    its dashboard (/ui/) on a manager shows every node (meshagent.clusterview: the manager asks each
+    node's NodeReport through the tunnel, target "@dashboard", only while someone watches)
 
 Rules:
 - The cluster state and the local tasks are two inputs; a change of either
@@ -44,9 +46,11 @@ from cluster.token import read_token
 from cluster.tunnel import DEFAULT_TUNNEL_PORT, LocalTarget, TunnelServer, host_tunnel_header
 from discovery.engine import Engine, EngineError, resolve_docker_host
 from discovery.localtasks import LocalTasks
+from mesh.dashboard import Dashboard
 from mesh.errors import ConfigError
 from mesh.proxy.preamble import endpoint_target
 from mesh.routing import RoutingTable, format_hostport, parse_hostport
+from meshagent.clusterview import DASHBOARD_TARGET, ClusterView, NodeReport
 
 __all__ = ["STATUS_PATH", "ClusterAgent", "ClusterSettings", "agent_admin", "run_cluster_agent"]
 
@@ -145,6 +149,8 @@ class ClusterAgent:
         self._dirty = asyncio.Event()
         self._localize = Localizer()  # localize() that re-localises only the services that changed
         self._tasks: list[asyncio.Task[Any]] = []
+        self.report = NodeReport(self._node_view, token)  # this node's dashboard view, for the managers
+        self.dashboard: Dashboard | None = None  # set in start(); agent_admin serves it
 
     def __repr__(self) -> str:
         role = "manager" if self.manager else "worker"
@@ -163,6 +169,12 @@ class ClusterAgent:
         self.advertise = self.advertise or str(swarm.get("NodeAddr") or "") or None
         self.managers = _manager_addresses(info, self.control_port)
         self.mesh = self._make_mesh()
+        from mesh.admin import MeshState
+
+        self.dashboard = Dashboard(
+            MeshState(self.mesh), node=self.node_id, info=self.dashboard_info, collect=ClusterView(self)
+        )
+        await self.report.start()
         await self.tunnel.start()
         if self.manager:
             from discovery.cluster import ClusterWatcher
@@ -202,6 +214,9 @@ class ClusterAgent:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         await self.tunnel.stop(grace)
+        await self.report.stop()
+        if self.dashboard is not None:
+            await self.dashboard.close()
         if self.mesh is not None:
             await self.mesh.shutdown(grace)
         await self.engine.close()
@@ -299,6 +314,8 @@ class ClusterAgent:
         return ip in self._peers
 
     def _resolve(self, target: str) -> LocalTarget | Awaitable[LocalTarget | None] | None:
+        if target == DASHBOARD_TARGET:  # a manager asks for this node's dashboard view (clusterview)
+            return LocalTarget("127.0.0.1", self.report.port) if self.report.port else None
         found = self._targets.get(target)
         if found is not None:
             return self._with_pool(target, found)
@@ -347,6 +364,23 @@ class ClusterAgent:
             f"its container went away {time.monotonic() - gone:.2f}s ago" if gone else "never seen running here",
             task in self._state_local,
         )
+
+    # -- dashboard ------------------------------------------------------------------
+    def dashboard_info(self) -> dict[str, Any]:
+        """The agent's facts on its dashboard: role, the managers it follows (and the one it polls now)."""
+        following = self.control_client.manager if self.control_client is not None else None
+        return {
+            "role": "manager" if self.manager else "worker",
+            "advertise": self.advertise,
+            "managers": [format_hostport(*m) for m in self.managers],
+            "following": format_hostport(*following) if following else None,
+            "state": None if self.state is None else {"digest": self.state.digest, "version": self.state.version},
+        }
+
+    async def _node_view(self) -> dict[str, Any]:
+        if self.dashboard is None:
+            raise RuntimeError("the agent has not started")
+        return await self.dashboard.node_view()
 
     # -- status ---------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -411,7 +445,7 @@ def agent_admin(agent: ClusterAgent, host: str, port: int, *, metrics: bool = Tr
     from mesh.admin import AdminServer, MeshState
 
     views = {STATUS_PATH: ("cluster agent: node, role, managers, cluster state, applied table, tunnel", agent.status)}
-    return AdminServer(MeshState(agent.mesh), host, port, metrics=metrics, views=views)
+    return AdminServer(MeshState(agent.mesh), host, port, metrics=metrics, views=views, dashboard=agent.dashboard)
 
 
 async def run_cluster_agent(

@@ -8,6 +8,7 @@ them); they skip, naming what is missing, only when the browser cannot run here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -545,3 +546,118 @@ async def test_page_shows_a_running_mesh_live(tmp_path, browser):
         await agent.stop()
         for b in backends:
             await b.close()
+
+
+# -- the cluster view (meshagent.clusterview) -----------------------------------------------------------------
+
+
+def _node_view(node: str, replicas: list[tuple[str, str, str | None, int]], accepted: int) -> dict:
+    """A node view with one service; replicas: (id, node, via, connections)."""
+    return {
+        "v": 1, "scope": "node", "node": node, "generated_at": 50.0, "nodes": [], "table": None, "cluster": None,
+        "listeners": [], "processes": 1, "fd_exhausted": 0, "discovery": None,
+        "services": [{
+            "name": "web", "port": 8080, "protocol": "tcp", "listen_host": "0.0.0.0", "bound_port": 8080,
+            "listening": True, "accepted": accepted, "active": 0, "connections": 0, "bytes_in": 0, "bytes_out": 0,
+            "retries": 0, "failed": {"refused": 1}, "connect_failures": {}, "healthy": 0, "endpoints": 0,
+            "ingress": {node: {"accepted": accepted, "failed": 1}},
+            "replicas": [
+                {"id": rid, "node": rnode, "address": "x", "via": via, "state": "running", "listed": True,
+                 "weight": 1, "active": 1, "connections": conns, "bytes_in": conns, "bytes_out": 10 * conns,
+                 "ejections": 0, "ejected_seconds_left": 0.0}
+                for rid, rnode, via, conns in replicas
+            ],
+        }],
+    }  # fmt: skip
+
+
+def test_merge_node_views_counts_each_replica_once_by_its_own_node():
+    from meshagent.clusterview import merge_node_views
+
+    own = _node_view("m1", [("a", "m1", None, 5), ("b", "w2", "10.0.0.2:7481", 99), ("c", "w3", "10.0.0.3:7481", 4)], 10)
+    w2 = _node_view("w2", [("b", "w2", None, 7), ("a", "m1", "10.0.0.1:7481", 3)], 6)
+    facts = {"m1": {"reachable": True}, "w2": {"reachable": True}, "w3": {"reachable": False, "error": "refused"}}
+    view = merge_node_views(own, {"w2": w2, "w3": None}, facts, now=51.0)
+    assert view["scope"] == "cluster" and view["generated_at"] == 51.0
+    assert [n["id"] for n in view["nodes"]] == ["m1", "w2", "w3"]
+    assert view["nodes"][2] == {"id": "w3", "self": False, "reachable": False, "error": "refused"}
+    (svc,) = view["services"]
+    # a: by m1 (5, not m1 + w2's remote view of it); b: by w2 itself (7, not m1's 99); c: w3 is silent, so
+    # m1's remote view of it
+    reps = {(r["node"], r["id"]): (r["connections"], r["via"]) for r in svc["replicas"]}
+    assert reps == {("m1", "a"): (5, None), ("w2", "b"): (7, None), ("w3", "c"): (4, "10.0.0.3:7481")}
+    assert (svc["accepted"], svc["connections"], svc["bytes_out"], svc["active"]) == (16, 16, 160, 3)
+    assert svc["failed"] == {"refused": 2}
+    assert svc["ingress"] == {"m1": {"accepted": 10, "failed": 1, "listening": True},
+                              "w2": {"accepted": 6, "failed": 1, "listening": True}}  # fmt: skip
+
+
+@pytest.mark.uvloop_only
+async def test_a_manager_reads_another_agents_view_through_its_tunnel(tmp_path):
+    from types import SimpleNamespace
+
+    from cluster.state import NodeInfo
+    from mesh.dashboard import Dashboard
+    from meshagent.cluster import ClusterAgent
+    from meshagent.clusterview import ClusterView, FetchError, fetch_node_view
+    from tests.fakeengine import FakeContainer, running_fake_engine
+
+    token = "0123456789abcdef0123456789abcdef"
+    gen = running_fake_engine(tmp_path)
+    fake = await gen.__anext__()
+    fake.swarm = {"LocalNodeState": "active", "NodeID": "nodew1", "ControlAvailable": False, "NodeAddr": "127.0.0.1"}
+    fake.add(FakeContainer(id="a" * 64, name="web.1.t1", labels={"com.docker.swarm.task.id": "t1"}, ip="172.17.0.5"))
+    worker = ClusterAgent(f"unix://{fake.sock}", token, tunnel_port=0, bind="127.0.0.1", control_wait=1.0)
+    b = await Backend().start()
+    manager_mesh = Mesh(local_node="nodem")
+    try:
+        await worker.start(info_timeout=5)
+        # the worker's data plane serves one replica of its own (applied directly: no manager runs here)
+        await worker.mesh.apply(RoutingTable(version=1, services=(Service("web", (Route(
+            port=0, listen_host="127.0.0.1",
+            endpoints=(Endpoint(id="t1", address="127.0.0.1", port=b.port, node="nodew1"),)),)),)))  # fmt: skip
+        (lst,) = worker.mesh.listeners()
+        for _ in range(4):
+            assert await echo(lst.port, b"z" * 300) == b"z" * 300
+        await wait_for(lambda: worker.mesh.connections() == 0, what="connections closed")
+
+        port = worker.tunnel.port
+        with pytest.raises(FetchError, match="reset"):  # no cluster state yet: no node is an allowed peer
+            await fetch_node_view("127.0.0.1", port, token)
+        assert worker.tunnel.stats.refused.get("peer") == 1
+        worker._peers = frozenset({"127.0.0.1"})  # what a cluster state listing this address as a node allows
+        view = await fetch_node_view("127.0.0.1", port, token)
+        assert view["node"] == "nodew1" and view["cluster"]["role"] == "worker"
+        (svc,) = view["services"]
+        assert [(r["id"], r["node"], r["connections"], r["bytes_in"]) for r in svc["replicas"]] == [
+            ("t1", "nodew1", 4, 1200)
+        ]
+        with pytest.raises(FetchError, match="HTTP 401"):
+            await fetch_node_view("127.0.0.1", port, "wrong-token-wrong-token-wrong")
+        assert worker.report.unauthorized == 1
+
+        # a manager's view: itself, the worker (through its tunnel) and a node whose agent is gone
+        nodes = [NodeInfo("nodem", "127.0.0.1", tunnel=1), NodeInfo("nodew1", "127.0.0.1", tunnel=port),
+                 NodeInfo("nodegone", "127.0.0.1", tunnel=closed_port())]  # fmt: skip
+        stub = SimpleNamespace(manager=True, state=SimpleNamespace(nodes=nodes), token=token, advertise="127.0.0.1")
+        cv = ClusterView(stub)
+        dash = Dashboard(MeshState(manager_mesh), node="nodem", collect=cv)
+        doc = json.loads(await dash.feed.current())
+        assert doc["scope"] == "cluster"
+        by_id = {n["id"]: n for n in doc["nodes"]}
+        assert [n["id"] for n in doc["nodes"]] == ["nodem", "nodegone", "nodew1"]
+        assert by_id["nodew1"]["reachable"] is True and by_id["nodew1"]["role"] == "worker"
+        assert by_id["nodegone"]["reachable"] is False and by_id["nodegone"]["error"]
+        (svc,) = doc["services"]
+        assert [(r["id"], r["node"], r["connections"]) for r in svc["replicas"]] == [("t1", "nodew1", 4)]
+        assert svc["ingress"]["nodew1"]["accepted"] == 4
+        fetched = cv.fetches
+        await dash.feed.sample()  # within a second: the nodes are not asked again
+        assert cv.fetches == fetched == 2
+        await dash.close()
+    finally:
+        await manager_mesh.shutdown(0.1)
+        await worker.stop(0.1)
+        await b.close()
+        with contextlib.suppress(StopAsyncIteration):
+            await gen.__anext__()
