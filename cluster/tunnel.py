@@ -475,6 +475,11 @@ class TunnelServer:
     def tunnel_header(self, host: Host, client: tuple | None, local: tuple | None) -> bytes:
         raise AssertionError("a tunnel never dials another tunnel")  # TunnelSplice._next_host keeps it local
 
+    def resources_exhausted(self, exc: OSError) -> None:
+        """A dial towards a local replica ran out of our own descriptors: pause accepting tunnels."""
+        if self._acceptor is not None:
+            self._acceptor.resources_exhausted(exc)
+
     def released(self, conn: Splice) -> None:
         st = self.stats
         st.active -= 1

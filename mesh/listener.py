@@ -344,16 +344,17 @@ class Acceptor:
         if not task.cancelled() and task.exception() is not None:
             log.debug("%r: setting up an accepted connection failed: %r", self, task.exception())
 
-    def _exhausted(self, exc: OSError) -> None:
+    def _exhausted(self, exc: OSError, what: str = "accept") -> None:
         self.fd_exhausted += 1
         self._unlogged += 1
         now = time.monotonic()
         if now - self._last_log >= LOG_INTERVAL:
             log.error(
-                "%s listener %s: accept failed %d time(s) since last report: %s; "
+                "%s listener %s: %s failed %d time(s) since last report: %s; "
                 "pausing accepts for %.2fs each time (raise the fd limit or reduce connections)",
                 self.name or "-",
                 format_hostport(self.host, self.port),
+                what,
                 self._unlogged,
                 exc.strerror or exc,
                 EXHAUSTED_PAUSE,
@@ -372,6 +373,15 @@ class Acceptor:
     def paused(self) -> bool:
         """Accepting is paused because descriptors (or memory) ran out."""
         return self._resume_handle is not None
+
+    def resources_exhausted(self, exc: OSError) -> None:
+        """Descriptors (or kernel memory) ran out elsewhere in this process (a dial): pause accepting
+        the same way, so new clients wait in the backlog instead of taking the last descriptors."""
+        if self._closed or self._resume_handle is not None:
+            return
+        if self._fast is not None:
+            self._go_careful("descriptors exhausted")
+        self._exhausted(exc, "a connect to an endpoint")
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("listening" if self._sock is not None else "new")
@@ -559,6 +569,10 @@ class Listener:
         await self.acceptor.wait_accepting_done()
 
     # -- what a splice asks of its site -------------------------------------------------------------
+    def resources_exhausted(self, exc: OSError) -> None:
+        """A dial of this listener ran out of our own descriptors: pause accepting (``Acceptor``)."""
+        self.acceptor.resources_exhausted(exc)
+
     def released(self, conn: Any) -> None:
         """A connection of this listener finished (``Splice._release``)."""
         if self.access_log:

@@ -905,3 +905,90 @@ async def test_no_last_resort_when_panic_is_off():
     assert pool.stats.failed == {"refused": 1} and ejected.stats.connections == 0
     w.close()
     await finish(lst, b)
+
+
+DIAL_EMFILE_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, resource, socket, sys, time
+    import uvloop
+    from mesh.listener import Listener
+    from mesh.pool import Pool
+    from mesh.routing import Endpoint, Route, ServiceOptions
+
+    class Echo(asyncio.Protocol):
+        def connection_made(self, t):
+            self.t = t
+        def data_received(self, d):
+            self.t.write(d)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        backend = await loop.create_server(Echo, "127.0.0.1", 0)
+        bport = backend.sockets[0].getsockname()[1]
+        pool = Pool("svc", Route(port=1, endpoints=(Endpoint("e", "127.0.0.1", bport),)), ServiceOptions())
+        lst = Listener("127.0.0.1", 0, pool, service="svc")
+        lst.start()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        hog = []
+        try:
+            while True:
+                hog.append(socket.socket())
+        except OSError:
+            pass
+        hog.pop().close()  # one descriptor left: the accept takes it, the dial to the endpoint finds none
+        print("PORT", lst.port, flush=True)
+        t0 = time.monotonic()
+        while not pool.stats.connect_failures.get("local_resources") and time.monotonic() - t0 < 5:
+            await asyncio.sleep(0.01)
+        print("STARVED", pool.stats.connect_failures, pool.hosts[0].consecutive_failures, lst.fd_exhausted,
+              lst.acceptor.paused, flush=True)
+        await asyncio.sleep(0.6)  # a few more retries while still starved
+        for s in hog[:8]:
+            s.close()
+        t0 = time.monotonic()
+        while pool.hosts[0].stats.connections < 1 and time.monotonic() - t0 < 5:
+            await asyncio.sleep(0.01)
+        print("CONNECTED", pool.hosts[0].stats.connections, pool.stats.failed, flush=True)
+        sys.stdin.readline()
+
+    (uvloop.run if sys.argv[1] == "uvloop" else asyncio.run)(main())
+    """
+)
+
+
+@pytest.mark.parametrize("loop_name", ["uvloop", "asyncio"])
+def test_our_own_fd_exhaustion_at_dial_is_not_the_endpoints_fault_and_the_client_waits(loop_name):
+    """EMFILE on the upstream socket (the reliability issue, item 2): counted as local_resources, never as
+    the endpoint's failure (no ejection), accepting pauses, and the accepted client is kept and served
+    once descriptors are free again, instead of being closed."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", DIAL_EMFILE_SCRIPT, loop_name],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=root,
+    )
+    try:
+        port = int(proc.stdout.readline().split()[1])
+        client = socket.create_connection(("127.0.0.1", port), timeout=5)
+        client.sendall(b"hello")
+        starved = proc.stdout.readline()
+        assert starved.startswith("STARVED {'local_resources':"), starved
+        words = starved.split()
+        assert words[-3:] == ["0", words[-2], "True"] and int(words[-2]) >= 1, starved  # no ejection, paused
+        connected = proc.stdout.readline().split()
+        assert connected == ["CONNECTED", "1", "{}"], connected
+        client.settimeout(5)
+        assert client.recv(5) == b"hello"  # the same client, served once descriptors were free
+        client.close()
+        proc.stdin.write("done\\n")
+        proc.stdin.flush()
+        _, err = proc.communicate(timeout=10)
+        # logged (once per interval: the accept or the dial, whichever met the exhaustion first)
+        assert err.count("Too many open files") == 1 and "pausing accepts" in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -14,7 +14,10 @@ first host already chosen and counted (``host.active += 1``).  Rules:
   connect succeeded, so a retry is always safe.
 - Running out of descriptors or kernel memory *here* (EMFILE, ENFILE, ENOBUFS,
   ENOMEM on our own socket) is not the endpoint's fault: it is counted as
-  "local_resources", never reported to the pool, and not retried elsewhere.
+  "local_resources", never reported to the pool, tells the site
+  (``resources_exhausted``: accepting pauses, counted as fd exhaustion), and the
+  same host is tried again every ``RESOURCES_RETRY`` seconds while the connect
+  timeout allows: the client waits rather than being closed.
 - Success hands the upstream transport to the splice (``Upstream.connection_made``
   -> ``Splice._upstream_made``), which then owns the host's active count.
 - The downstream going away cancels the task; whatever the task still holds is
@@ -38,6 +41,7 @@ log = logging.getLogger(__name__)
 
 _UNREACHABLE = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EHOSTDOWN, errno.ENETDOWN})
 _LOCAL_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+RESOURCES_RETRY = 0.25  # seconds between attempts while our own descriptors are exhausted
 
 
 def connect_failure_reason(exc: BaseException) -> str:
@@ -63,6 +67,7 @@ async def dial(splice: Splice, host: Host) -> None:
     timeout = opts.connect_timeout
     task = splice._dial_task
     tried: list[Host] = list(splice._tried) if splice._tried else []  # tunnels that refused it count too
+    started = loop.time()
     holding = True  # this task holds ``host.active += 1`` for ``host``
     try:
         while True:
@@ -88,15 +93,23 @@ async def dial(splice: Splice, host: Host) -> None:
                 if err is None:
                     host.stats.connect_time.observe(loop.time() - t0)
                 return
-            holding = False
-            host.active -= 1
             reason = connect_failure_reason(err)
             stats.connect_failed(reason)
             log.debug("%r: connect to %r failed: %s (%r)", splice, host, reason, err)
             if reason == "local_resources":
-                stats.connection_failed(reason)
-                splice._dial_failed(reason)
-                return
+                # Our own descriptors (or kernel memory) ran out: accepting pauses, and this client
+                # waits and tries the same host again, within the connect timeout overall.
+                exhausted = getattr(splice.site, "resources_exhausted", None)
+                if exhausted is not None:
+                    exhausted(err)
+                if splice._down_lost or loop.time() - started + RESOURCES_RETRY > timeout:
+                    stats.connection_failed(reason)
+                    splice._dial_failed(reason)
+                    return
+                await asyncio.sleep(RESOURCES_RETRY)
+                continue
+            holding = False
+            host.active -= 1
             pool.report_failure(host)  # type: ignore[union-attr]
             if splice._down_lost:
                 splice._dial_failed(reason)
