@@ -17,7 +17,10 @@ Rules of ``Mesh.apply(table)``:
   active counts, health and ejections; new options apply to NEW connections (each
   connection read its options once when accepted).  A route that is new on a
   kept key gets a new pool; one that is gone stops getting connections.
-- A tcp key that moves to another service is treated as removed + added.
+- A tcp or udp key that moves to another service is treated as removed + added.
+- Protocol "udp" has no front (datagrams are not spliced): its key gets a
+  ``mesh.udp.UdpListener`` (a session table) with the same surface.  Its pool
+  balances with ``udp_balance`` (``ServiceOptions.for_protocol``).
 - Health checkers follow the options: started for services with
   ``health_check``, restarted when the check changes, stopped when it goes away
   or the key is removed.
@@ -45,6 +48,7 @@ from mesh.pool import Pool
 from mesh.proxy.preamble import host_tunnel_header
 from mesh.proxy.registry import ConnectionRegistry
 from mesh.routing import Match, Route, RoutingTable, Service, format_hostport
+from mesh.udp import UdpListener
 
 __all__ = ["ListenKey", "Mesh"]
 
@@ -93,7 +97,7 @@ class Mesh:
         self.table: RoutingTable | None = None
         self.applied_at: float | None = None  # wall-clock time of the last apply()
         self.registry = ConnectionRegistry()
-        self.by_key: dict[ListenKey, Listener] = {}
+        self.by_key: dict[ListenKey, Listener | UdpListener] = {}
         self.failed: dict[ListenKey, str] = {}  # keys of the current table that could not be bound -> reason
         self._rng = rng if rng is not None else random.Random()
         self._checkers: dict[Pool, HealthChecker] = {}
@@ -118,13 +122,18 @@ class Mesh:
             for b in lst.bindings:
                 yield b.pool
 
-    def local_host(self, endpoint_id: str, port: int) -> tuple[Pool, Host] | None:
+    def local_host(self, endpoint_id: str, port: int, transport: str = "stream") -> tuple[Pool, Host] | None:
         """The pool and host of a local (not tunnelled) endpoint with this id and target port: what
-        the cluster tunnel dials for a target "<endpoint id>:<port>", sharing its health and counts."""
-        for pool in self.pools():
-            for host in pool.hosts:
-                if host.via is None and host.port == port and host.endpoint.id == endpoint_id:
-                    return pool, host
+        the cluster tunnel dials for a target "<endpoint id>:<port>", sharing its health and counts.
+        ``transport``: "stream" (the TCP tunnel: tcp/tls routes) or "udp" (the UDP tunnel) -- a task
+        may publish one port for both."""
+        for lst in self.by_key.values():
+            if (lst.protocol == "udp") != (transport == "udp"):
+                continue
+            for pool in (b.pool for b in lst.bindings):
+                for host in pool.hosts:
+                    if host.via is None and host.port == port and host.endpoint.id == endpoint_id:
+                        return pool, host
         return None
 
     def connections(self) -> int:
@@ -175,9 +184,9 @@ class Mesh:
         )
 
     @staticmethod
-    def _keeps(lst: Listener, routes: list[tuple[Service, Route]]) -> bool:
-        """A tcp listener is kept only by the same service; a shared one by any routes."""
-        if lst.protocol != "tcp":
+    def _keeps(lst: Listener | UdpListener, routes: list[tuple[Service, Route]]) -> bool:
+        """A tcp or udp listener is kept only by the same service; a shared one by any routes."""
+        if lst.protocol not in ("tcp", "udp"):
             return True
         return {svc.name for svc, _ in routes} == {b.service for b in lst.bindings}
 
@@ -189,7 +198,7 @@ class Mesh:
             if b is None:
                 b = Binding(svc.name, route, self._new_pool(svc, route))
             else:
-                b.pool.update(route, svc.options)
+                b.pool.update(route, svc.options.for_protocol(route.protocol))
                 b.route = route
             self._sync_checker(b.pool, svc)
             bindings.append(b)
@@ -198,14 +207,15 @@ class Mesh:
         lst.set_bindings(tuple(bindings))
 
     def _new_pool(self, svc: Service, route: Route) -> Pool:
-        pool = Pool(svc.name, route, svc.options, rng=self._rng, local_node=self.local_node)
+        options = svc.options.for_protocol(route.protocol)
+        pool = Pool(svc.name, route, options, rng=self._rng, local_node=self.local_node)
         for hook in self.on_pool:
             hook(pool)
         return pool
 
     def _add(self, key: ListenKey, routes: list[tuple[Service, Route]]) -> str | None:
         names = ", ".join(svc.name for svc, _ in routes)
-        if key.protocol not in FRONTS:
+        if key.protocol not in FRONTS and key.protocol != "udp":
             reason = f"protocol {key.protocol} is not served by this data plane (serves {', '.join(sorted(FRONTS))})"
             log.error("service %s %s: %s; skipping this port, the rest of the table applies", names, key, reason)
             return reason
@@ -215,10 +225,11 @@ class Mesh:
             log.error("service %s %s: %s; skipping this port, the rest of the table applies", names, key, reason)
             return reason
         bindings = tuple(Binding(svc.name, route, self._new_pool(svc, route)) for svc, route in routes)
-        lst = Listener(
+        kind = UdpListener if key.protocol == "udp" else Listener
+        lst = kind(
             key.host,
             key.port,
-            protocol=key.protocol,
+            **({} if kind is UdpListener else {"protocol": key.protocol}),
             bindings=bindings,
             registry=self.registry,
             reuse_port=self.reuse_port,
