@@ -159,19 +159,22 @@ def test_tunnel_refuses_strangers_bad_headers_and_foreign_tasks(swarm: SwarmLab)
     local1 = next(t for t, (n, _) in tasks.items() if n == node1)
     foreign = next(t for t, (n, _) in tasks.items() if n != node1)
     before = swarm.status(1)["tunnel"]
+    # targets in the one format "<task id>:<target port>" (mesh.proxy.preamble.endpoint_target)
     # 1. from the test process (198.18.200.1: not a swarm node) a valid header is refused at accept
-    got = _tunnel_probe_here(swarm.nodes[1].addr, local1)
+    got = _tunnel_probe_here(swarm.nodes[1].addr, f"{local1}:80")
     assert got == "reset", got
-    # 2.-4. from node 3 (a cluster node): malformed header, a task that is not on node 1, a local one
-    probes = {"garbage": "", "foreign": foreign, "local": local1}
+    # 2.-5. from node 3 (a cluster node): malformed header, a task that is not on node 1, a local one, and
+    # a local one named by its bare task id (not the target format: refused as unknown)
+    probes = {"garbage": "", "foreign": f"{foreign}:80", "local": f"{local1}:80", "bare": local1}
     out = _tunnel_probes_from(swarm, 3, swarm.nodes[1].addr, probes)
     assert out["garbage"] == "reset", out
     assert out["foreign"] == "reset", out
+    assert out["bare"] == "reset", out
     host, proxy = parse_answer(out["local"])
     assert host == tasks[local1][1] and proxy[:3] == ["PROXY", "TCP4", "203.0.113.9"], out
     after = swarm.status(1)["tunnel"]
     refused = {k: after["refused"].get(k, 0) - before["refused"].get(k, 0) for k in after["refused"]}
-    assert {k: v for k, v in refused.items() if v} == {"peer": 1, "signature": 1, "unknown_target": 1}
+    assert {k: v for k, v in refused.items() if v} == {"peer": 1, "signature": 1, "unknown_target": 2}
     assert after["forwarded"] > before["forwarded"]
     # the agent keeps serving
     assert len(_answers(swarm, 1, 10)) == 10
