@@ -49,6 +49,7 @@ from mesh.metrics import (
     failed_by_reason,
     make_registry,
     merge_snapshots,
+    route_key,
     snapshot,
 )
 from mesh.routing import RoutingTable, format_hostport
@@ -425,10 +426,10 @@ def table_with_runtime(table: RoutingTable, merged: dict[str, Any], now: float |
     """
     now = time.time() if now is None else now
     doc = table.to_dict()
-    by_route = {(r["service"], r["port"]): r for r in merged["routes"]}
+    by_route = {route_key(r): r for r in merged["routes"]}  # (service, port, transport): tcp and udp apart
     for svc in doc["services"]:
         for route in svc["routes"]:
-            r = by_route.get((svc["name"], route["port"]))
+            r = by_route.get(route_key({"service": svc["name"], **route}))
             if r is None:
                 route["runtime"] = None
                 for ep in route["endpoints"]:
@@ -445,6 +446,7 @@ def table_with_runtime(table: RoutingTable, merged: dict[str, Any], now: float |
                 "failed": dict(failed_by_reason(r)),
                 "connect_failures": r["connect_failures"],
                 "healthy_endpoints": sum(1 for h in r["hosts"] if h["up"]),
+                "udp": r.get("udp"),  # udp routes: sessions active/created/evicted, drops by reason
                 "departed": [
                     {"id": h["id"], "address": h["address"], "runtime": _host_runtime(h)}
                     for h in r["hosts"]

@@ -202,6 +202,7 @@ class StatsReader:
             # every route served on the listener (a tcp port has one; http/tls ports may have several)
             bindings = getattr(listener, "bindings", None)
             pools = [b.pool for b in bindings] if bindings else [listener.pool]
+            udp_site = listener if getattr(listener, "protocol", "tcp") == "udp" else None
             for pool in pools:
                 pool_now = pool.clock() if hasattr(pool, "clock") else now
                 led = self._ledger(pool)
@@ -212,7 +213,7 @@ class StatsReader:
                 for i, h in enumerate(led.sync()):
                     ep = h.endpoint
                     ejected_left = h.ejected_until - pool_now if h.health & _HEALTH_EJECTED else 0.0
-                    row = {
+                    row: dict[str, Any] = {
                         "id": ep.id,
                         "address": ep.hostport,
                         "via": h.via,
@@ -225,9 +226,10 @@ class StatsReader:
                         "ejected_seconds_left": max(0.0, ejected_left),
                     }
                     row.update(_counters(h.stats))
+                    if udp_site is not None:
+                        row["udp"] = _udp_host(udp_site, h)
                     hosts.append(row)
-                routes.append(
-                    {
+                route_row = {
                         "service": pool.service,
                         "port": pool.route.port,
                         "listen_host": pool.route.listen_host,
@@ -246,7 +248,12 @@ class StatsReader:
                         "hosts": hosts,
                         "removed": _counters(led.removed),
                     }
-                )
+                if udp_site is not None:
+                    route_row["udp"] = _udp_route(udp_site)
+                sni = getattr(listener, "sni_stats", None)
+                if sni is not None and pool is pools[0]:  # listener-wide: on its first route only
+                    route_row["tls"] = {"routed": sni.routed, "closed": dict(sni.closed)}
+                routes.append(route_row)
         if self._unbound is not None:
             for service, listen_host, port, *protocol in self._unbound():
                 routes.append(_unbound_route(service, listen_host, port, *protocol))
@@ -262,6 +269,56 @@ class StatsReader:
             "fd_exhausted": fd_exhausted,
             "routes": routes,
         }
+
+
+def _udp_host(site: Any, host: Any) -> dict[str, int]:
+    """A udp route's counters of one host: ended sessions (``site.host_stats``) plus the open ones."""
+    hs = site.host_stats.get(host)
+    out = hs.as_dict() if hs is not None else dict.fromkeys(_UDP_HOST_KEYS, 0)
+    n, di, do, bi, bo = site.live(host)
+    out["sessions_active"] = n
+    out["sessions"] += n
+    out["datagrams_in"] += di
+    out["datagrams_out"] += do
+    out["bytes_in"] += bi
+    out["bytes_out"] += bo
+    return out
+
+
+_UDP_HOST_KEYS = ("bytes_in", "bytes_out", "datagrams_in", "datagrams_out", "refused", "sessions")
+
+
+def _udp_route(site: Any) -> dict[str, Any]:
+    st = site.stats
+    removed = site.removed_stats.as_dict() if hasattr(site, "removed_stats") else dict.fromkeys(_UDP_HOST_KEYS, 0)
+    return {
+        "sessions_active": len(site.sessions),
+        "sessions_created": st.sessions_created,
+        "sessions_evicted": st.sessions_evicted,
+        "sessions_moved": st.sessions_moved,
+        "sessions_ended": dict(st.sessions_ended),
+        "dropped": dict(st.dropped),
+        "removed": removed,
+    }
+
+
+def _sum_into(into: dict[str, Any], other: dict[str, Any]) -> None:
+    """Add the ints (and dicts of ints) of ``other`` to ``into``."""
+    for k, v in other.items():
+        if isinstance(v, dict):
+            _sum_into(into.setdefault(k, {}), v)
+        elif isinstance(v, int) and not isinstance(v, bool):
+            into[k] = into.get(k, 0) + v
+
+
+def _copy_nested(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _copy_nested(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def route_key(r: dict[str, Any]) -> tuple[str, int, str]:
+    """What routes of snapshots merge by: (service, port, transport) -- one service may publish a
+    port for tcp and for udp."""
+    return (r["service"], r["port"], "udp" if r.get("protocol") == "udp" else "stream")
 
 
 def _unbound_route(service: str, listen_host: str, port: int, protocol: str = "tcp") -> dict[str, Any]:
@@ -368,8 +425,8 @@ def merge_snapshots(snaps: Sequence[dict[str, Any]]) -> dict[str, Any]:
     applied time the latest among processes on that version.  ``processes`` counts the inputs.
     Raises ``ValueError`` for a snapshot of another format version or other histogram buckets.
     """
-    routes: dict[tuple[str, int], dict[str, Any]] = {}
-    hosts_of: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
+    routes: dict[tuple[str, int, str], dict[str, Any]] = {}
+    hosts_of: dict[tuple[str, int, str], dict[str, dict[str, Any]]] = {}
     buckets = None
     versions: list[tuple[int, float]] = []
     fd_exhausted = 0
@@ -384,7 +441,7 @@ def merge_snapshots(snaps: Sequence[dict[str, Any]]) -> dict[str, Any]:
             versions.append((snap["table_version"], snap.get("table_applied") or 0.0))
         fd_exhausted += snap.get("fd_exhausted", 0)
         for r in snap["routes"]:
-            key = (r["service"], r["port"])
+            key = route_key(r)
             into = routes.get(key)
             if into is None:
                 into = routes[key] = {
@@ -402,8 +459,14 @@ def merge_snapshots(snaps: Sequence[dict[str, Any]]) -> dict[str, Any]:
                     "failed": dict(r["failed"]),
                     "removed": _copy_counters(r["removed"]),
                 }
+                for extra in ("udp", "tls"):
+                    if extra in r:
+                        into[extra] = _copy_nested(r[extra])
                 hosts_of[key] = {}
             else:
+                for extra in ("udp", "tls"):
+                    if extra in r:
+                        _sum_into(into.setdefault(extra, {}), r[extra])
                 if into["listen_host"] != r["listen_host"]:
                     into["listen_host"] = ",".join(sorted({*into["listen_host"].split(","), r["listen_host"]}))
                 into["listening"] = into["listening"] or r["listening"]
@@ -420,10 +483,14 @@ def merge_snapshots(snaps: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 mine = hosts.get(h["id"])
                 if mine is None:
                     mine = hosts[h["id"]] = _copy_counters(h)
+                    if "udp" in h:
+                        mine["udp"] = dict(h["udp"])
                     mine["up"] = _up(h)
                     mine["healthy"] = _healthy(h)
                     continue
                 _add_counters(mine, h)
+                if "udp" in h:
+                    _sum_into(mine.setdefault("udp", {}), h["udp"])
                 mine["active"] += h["active"]
                 mine["health"] |= h["health"]
                 mine["draining"] = mine["draining"] or h["draining"]
@@ -435,7 +502,7 @@ def merge_snapshots(snaps: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for key, r in routes.items():
         r["hosts"] = sorted(hosts_of[key].values(), key=lambda h: h["id"])
         out_routes.append(r)
-    out_routes.sort(key=lambda r: (r["service"], r["port"]))
+    out_routes.sort(key=lambda r: (r["service"], r["port"], r.get("protocol") or ""))
     version = applied = None
     if versions:
         version = min(v for v, _ in versions)
@@ -518,7 +585,34 @@ _HELP = {
     "mesh_table_applied_timestamp_seconds": ("gauge", "When that table was applied (Unix time)."),
     "mesh_fd_exhausted_total": ("counter", "Accepts that failed for lack of file descriptors."),
     "mesh_data_plane_processes": ("gauge", "Data-plane processes that answered this scrape."),
+    # udp routes (their series are apart: one service may publish a port for tcp and for udp)
+    "mesh_udp_listener_up": ("gauge", "1 when the udp route's port is bound."),
+    "mesh_udp_new_sessions_total": ("counter", "UDP sessions created (a client's first datagram)."),
+    "mesh_udp_sessions_evicted_total": ("counter", "UDP sessions evicted beyond udp_max_sessions (oldest idle)."),
+    "mesh_udp_sessions_moved_total": ("counter", "UDP sessions moved to another endpoint (refused, or removed)."),
+    "mesh_udp_sessions_ended_total": (
+        "counter",
+        "UDP sessions ended, by reason: idle, responses, evicted, refused, removed, closed, error.",
+    ),
+    "mesh_udp_dropped_total": ("counter", "UDP datagrams dropped, by reason."),
+    "mesh_udp_sessions_active": ("gauge", "Open UDP sessions on the endpoint."),
+    "mesh_udp_endpoint_up": ("gauge", "1 when the endpoint may get new UDP sessions."),
+    "mesh_udp_endpoint_sessions_total": ("counter", "UDP sessions the endpoint got."),
+    "mesh_udp_received_datagrams_total": ("counter", "Datagrams from clients sent on to the endpoint."),
+    "mesh_udp_sent_datagrams_total": ("counter", "Datagrams from the endpoint sent back to clients."),
+    "mesh_udp_received_bytes_total": ("counter", "Payload bytes from clients sent on to the endpoint."),
+    "mesh_udp_sent_bytes_total": ("counter", "Payload bytes from the endpoint sent back to clients."),
+    "mesh_udp_refused_total": ("counter", "ICMP port unreachable (ECONNREFUSED) from the endpoint."),
+    # tls passthrough: the hello phase of a shared port (per-SNI-route series are the connection series)
+    "mesh_tls_routed_total": ("counter", "TLS connections routed by their ClientHello, per listener."),
+    "mesh_tls_closed_total": (
+        "counter",
+        "TLS connections closed before routing, by reason: not_tls, bad_hello, timeout, incomplete, no_route.",
+    ),
 }
+
+
+_ONLY_WHEN_USED = ("mesh_udp_", "mesh_tls_")
 
 
 def _esc(value: str) -> str:
@@ -550,6 +644,14 @@ def render_text(merged: dict[str, Any]) -> str:
     ejected = lines["mesh_endpoint_ejected"]
     for r in merged["routes"]:
         rl = f'service="{_esc(r["service"])}",port="{r["port"]}"'
+        if r.get("protocol") == "udp":
+            _render_udp(lines, rl, r)
+            continue
+        if "tls" in r:
+            tl = f'port="{r["port"]}",listen_host="{_esc(r["listen_host"])}"'
+            lines["mesh_tls_routed_total"].append(f"mesh_tls_routed_total{{{tl}}} {r['tls']['routed']}\n")
+            for reason, n in sorted(r["tls"]["closed"].items()):
+                lines["mesh_tls_closed_total"].append(f'mesh_tls_closed_total{{{tl},reason="{reason}"}} {n}\n')
         accepted.append(f"mesh_connections_accepted_total{{{rl}}} {r['accepted']}\n")
         retries.append(f"mesh_retries_total{{{rl}}} {r['retries']}\n")
         listening.append(f"mesh_listener_up{{{rl}}} {1 if r['listening'] else 0}\n")
@@ -586,9 +688,37 @@ def render_text(merged: dict[str, Any]) -> str:
     lines["mesh_data_plane_processes"].append(f"mesh_data_plane_processes {merged.get('processes', 1)}\n")
     out = []
     for name, (kind, doc) in _HELP.items():
+        if not lines[name] and name.startswith(_ONLY_WHEN_USED):
+            continue  # udp and tls families appear once such a route exists
         out.append(f"# HELP {name} {doc}\n# TYPE {name} {kind}\n")
         out.extend(lines[name])
     return "".join(out)
+
+
+def _render_udp(lines: dict[str, list[str]], rl: str, r: dict[str, Any]) -> None:
+    u = r.get("udp") or {}
+    lines["mesh_udp_listener_up"].append(f"mesh_udp_listener_up{{{rl}}} {1 if r['listening'] else 0}\n")
+    for key, name in (("sessions_created", "mesh_udp_new_sessions_total"),
+                      ("sessions_evicted", "mesh_udp_sessions_evicted_total"),
+                      ("sessions_moved", "mesh_udp_sessions_moved_total")):  # fmt: skip
+        lines[name].append(f"{name}{{{rl}}} {u.get(key, 0)}\n")
+    for reason, n in sorted((u.get("sessions_ended") or {}).items()):
+        lines["mesh_udp_sessions_ended_total"].append(f'mesh_udp_sessions_ended_total{{{rl},reason="{reason}"}} {n}\n')
+    for reason, n in sorted((u.get("dropped") or {}).items()):
+        lines["mesh_udp_dropped_total"].append(f'mesh_udp_dropped_total{{{rl},reason="{reason}"}} {n}\n')
+    rows = [(h["id"], h.get("udp") or {}, h) for h in r["hosts"]]
+    removed = u.get("removed") or {}
+    if any(removed.values()):
+        rows.append((REMOVED_ENDPOINT, removed, None))
+    for ep_id, c, h in rows:
+        hl = f'{rl},endpoint="{_esc(ep_id)}"'
+        if h is not None:
+            lines["mesh_udp_sessions_active"].append(f"mesh_udp_sessions_active{{{hl}}} {c.get('sessions_active', 0)}\n")
+            lines["mesh_udp_endpoint_up"].append(f"mesh_udp_endpoint_up{{{hl}}} {1 if h['up'] else 0}\n")
+        for key, name in (("sessions", "mesh_udp_endpoint_sessions_total"), ("datagrams_in", "mesh_udp_received_datagrams_total"),
+                          ("datagrams_out", "mesh_udp_sent_datagrams_total"), ("bytes_in", "mesh_udp_received_bytes_total"),
+                          ("bytes_out", "mesh_udp_sent_bytes_total"), ("refused", "mesh_udp_refused_total")):  # fmt: skip
+            lines[name].append(f"{name}{{{hl}}} {c.get(key, 0)}\n")
 
 
 def _render_endpoint_counters(lines, hl, c, ct_bounds, du_bounds) -> None:
@@ -622,7 +752,7 @@ class WorkerStats:
     def __init__(self) -> None:
         self._last: dict[int, dict[str, Any]] = {}
         self._retired: dict[str, Any] | None = None
-        self._retired_hosts: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        self._retired_hosts: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
 
     def combine(self, snapshots: Sequence[dict[str, Any]], live_pids: Iterable[int | None]) -> list[dict[str, Any]]:
         live = {p for p in live_pids if p is not None}
@@ -637,7 +767,7 @@ class WorkerStats:
             if self._retired is not None:
                 parts.append(self._retired)
             self._retired = _retire(merge_snapshots(parts))
-            self._retired_hosts = {(r["service"], r["port"]): r["hosts"] for r in self._retired["routes"]}
+            self._retired_hosts = {route_key(r): r["hosts"] for r in self._retired["routes"]}
         out = list(self._last.values())
         if self._retired is not None:
             out.append(self._retired_view(out))
@@ -645,17 +775,17 @@ class WorkerStats:
 
     def _retired_view(self, live: list[dict[str, Any]]) -> dict[str, Any]:
         # Hosts no live worker knows any more go to the route's "removed" totals, like in a StatsReader.
-        served: dict[tuple[str, int], set[str]] = {}
+        served: dict[tuple[str, int, str], set[str]] = {}
         for snap in live:
             for r in snap["routes"]:
-                served.setdefault((r["service"], r["port"]), set()).update(h["id"] for h in r["hosts"])
+                served.setdefault(route_key(r), set()).update(h["id"] for h in r["hosts"])
         routes = []
         for r in self._retired["routes"]:  # type: ignore[index]
-            ids = served.get((r["service"], r["port"]))
+            ids = served.get(route_key(r))
             if ids is None:
                 continue
             r = dict(r, removed=_copy_counters(r["removed"]), hosts=[])
-            for h in self._retired_hosts[(r["service"], r["port"])]:
+            for h in self._retired_hosts[route_key(r)]:
                 if h["id"] in ids:
                     r["hosts"].append(h)
                 else:
@@ -674,6 +804,10 @@ def _retire(merged: dict[str, Any]) -> dict[str, Any]:
         for h in r["hosts"]:
             h.update(active=0, health=0, draining=False, listed=False, ejected_seconds_left=0.0, up=False)
             h["healthy"] = False
+            if "udp" in h:
+                h["udp"]["sessions_active"] = 0
+        if "udp" in r:
+            r["udp"]["sessions_active"] = 0
     return merged
 
 

@@ -427,3 +427,31 @@ def test_tls_and_tcp_on_one_port_are_refused_by_the_table():
     with pytest.raises(TableError, match=r"service 'site' listens on 0.0.0.0:8443 \(tls\), already used by service 'plain' \(tcp\)"):
         RoutingTable(1, (Service("site", (Route(8443, protocol="tls"),)), Service("plain", (Route(8443),))))
 
+
+
+async def test_sni_metrics(ca, servers):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from mesh.metrics import merge_snapshots, render_text, snapshot
+
+    a, _, d = servers
+    mesh = Mesh()
+    try:
+        port = await one_port(mesh, [tls_service("site-a", [a.port], ("a.example.com",)),
+                                     tls_service("fallback", [d.port])])  # fmt: skip
+        await ask(port, client_ctx(ca), "a.example.com")
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(b"SSH-2.0-x\r\n")
+        await r.read()
+        w.close()
+        merged = merge_snapshots([snapshot(mesh)])
+        text = render_text(merged)
+        got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(text) for s in f.samples}  # fmt: skip
+        tl = (("listen_host", "127.0.0.1"), ("port", str(port)))
+        assert got[("mesh_tls_routed_total", tl)] == 1
+        assert got[("mesh_tls_closed_total", (*tl, ("reason", "not_tls")))] == 1
+        assert got[("mesh_connections_accepted_total", (("port", str(port)), ("service", "site-a")))] == 1
+        assert got[("mesh_connections_accepted_total", (("port", str(port)), ("service", "fallback")))] == 0
+    finally:
+        await mesh.shutdown(1)

@@ -429,3 +429,46 @@ async def test_removed_listener_ends_its_sessions():
     await mesh.apply(RoutingTable(2, ()))
     assert not lst.listening and not lst.sessions and host.active == 0
     assert lst.stats.sessions_ended == {"closed": 1}
+
+
+async def test_metrics_and_admin_table_show_udp_listeners_and_sessions():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from mesh.admin import table_with_runtime
+    from mesh.metrics import merge_snapshots, render_text, snapshot
+
+    (_a, pa), (_b, pb) = await echo("A"), await echo("B")
+    mesh, port = await serve(udp_service("dns", [pa, pb], udp_balance="round-robin", udp_max_sessions=2))
+    c1, c2, c3 = client(), client(), client()
+    for c in (c1, c2, c1):
+        await exchange(c, port, b"12345")
+    await exchange(c3, port, b"xy")  # evicts c2's session (the oldest idle)
+    merged = merge_snapshots([snapshot(mesh)])
+    (row,) = merged["routes"]
+    assert row["protocol"] == "udp" and row["bound_ports"] == [port]
+    u = row["udp"]
+    assert (u["sessions_active"], u["sessions_created"], u["sessions_evicted"]) == (2, 3, 1)
+    assert u["sessions_ended"] == {"evicted": 1}
+    hosts = {h["id"]: h["udp"] for h in row["hosts"]}
+    total_in = sum(h["datagrams_in"] for h in hosts.values())
+    assert total_in == 4 and sum(h["datagrams_out"] for h in hosts.values()) == 4
+    assert sum(h["bytes_in"] for h in hosts.values()) == 17 and sum(h["sessions"] for h in hosts.values()) == 3
+    assert sum(h["sessions_active"] for h in hosts.values()) == 2
+
+    text = render_text(merged)
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in fams.values() for s in f.samples}
+    rl = (("port", "0"), ("service", "dns"))
+    assert got[("mesh_udp_new_sessions_total", rl)] == 3
+    assert got[("mesh_udp_sessions_evicted_total", rl)] == 1
+    assert got[("mesh_udp_listener_up", rl)] == 1
+    assert sum(v for (n, _), v in got.items() if n == "mesh_udp_received_datagrams_total") == 4
+    assert sum(v for (n, _), v in got.items() if n == "mesh_udp_sessions_active") == 2
+    assert got[("mesh_udp_dropped_total", tuple(sorted((*rl, ("reason", "no_endpoint")))))] == 0
+    assert "mesh_connections_accepted_total" not in {n for n, _ in got}  # tcp series stay apart
+
+    doc = table_with_runtime(mesh.table, merged)
+    (listener,) = doc["runtime"]["listeners"]
+    assert (listener["protocol"], listener["bound_port"], listener["listening"]) == ("udp", port, True)
+    runtime = doc["services"][0]["routes"][0]["runtime"]
+    assert runtime["udp"]["sessions_active"] == 2 and runtime["bound_port"] == port
