@@ -32,8 +32,8 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NoReturn
 
 from mesh import __version__
 from mesh.errors import ConfigError
@@ -437,6 +437,24 @@ def _docker_source(host_arg: str | None) -> _DockerSource:
     return _DockerSource(host_arg, url)
 
 
+def force_exit(sig: signal.Signals, pids: Iterable[int | None] = ()) -> NoReturn:
+    """Exit at once (code 128 + signal number), after SIGKILL to ``pids`` (the workers): what a second
+    SIGTERM/SIGINT during the drain does.  Open connections are cut by the kernel closing the sockets."""
+    log.warning("%s again: exiting now, without waiting for open connections", sig.name)
+    for pid in pids:
+        if pid:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+    for handler in logging.getLogger().handlers:
+        try:
+            handler.flush()
+        except Exception:
+            pass
+    os._exit(128 + int(sig))
+
+
 async def _serve(args: argparse.Namespace, source: Any, admin_addr: tuple[str, int] | None) -> int:
     from mesh.admin import AdminServer, MeshState, WorkerPoolState
     from mesh.metrics import DiscoveryMetrics, make_registry
@@ -446,8 +464,10 @@ async def _serve(args: argparse.Namespace, source: Any, admin_addr: tuple[str, i
     got: list[str] = []
 
     def on_stop(sig: signal.Signals) -> None:
-        if not stop.is_set():
-            log.info("%s: stop accepting, draining open connections for up to %.1fs", sig.name, args.grace)
+        if stop.is_set():
+            # A second SIGTERM/SIGINT while draining: the operator means "now" (the reliability issue).
+            force_exit(sig, pids=pool.pids() if pool is not None else ())
+        log.info("%s: stop accepting, draining open connections for up to %.1fs", sig.name, args.grace)
         got.append(sig.name)
         stop.set()
 

@@ -469,8 +469,17 @@ async def run_cluster_agent(
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_stop(sig: signal.Signals) -> None:
+        if stop.is_set():
+            from meshagent.cli import force_exit
+
+            force_exit(sig)  # a second signal while draining: now
+        log.info("%s: stopping, draining open connections for up to %.1fs", sig.name, settings.grace)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_stop, sig)
     admin_server = None
     try:
         await agent.start()

@@ -302,8 +302,16 @@ async def worker_main(control_fd: int, index: int, *, grace: float, node: str | 
     reader, writer = await asyncio.open_unix_connection(sock=sock, limit=MAX_MESSAGE)
     mesh = _make_mesh(Mesh, node=node, access_log=access_log)
     stop = asyncio.Event()
+
+    def on_stop(sig: signal.Signals) -> None:
+        if stop.is_set():
+            from meshagent.cli import force_exit
+
+            force_exit(sig)  # a second signal: now
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_stop, sig)
     # SIGHUP is the parent's business (reload); a terminal hangup must not kill the workers.
     loop.add_signal_handler(signal.SIGHUP, lambda: None)
 

@@ -666,6 +666,64 @@ async def test_sigterm_cuts_connections_after_grace(tmp_path, backends):
         await agent.stop()
 
 
+@needs_runtime
+@pytest.mark.uvloop_only
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_a_second_sigterm_exits_at_once(tmp_path, backends, workers):
+    """Draining with a long grace, a second SIGTERM means "now" (the reliability issue): exit 128+15 at
+    once, the open connection cut, and with --workers no worker left behind."""
+    path = tmp_path / "mesh.yaml"
+    b0, _ = backends
+    with reserved_port() as fixed:
+        if workers == 1:
+            agent, ports = await start_agent(path, {"a": (0, [b0.port])}, "--grace", "60")
+            port = ports["a"]
+        else:
+            port = fixed
+            write_atomic(
+                path, f"services:\n  a:\n    listen: '127.0.0.1:{port}'\n    endpoints: ['127.0.0.1:{b0.port}']\n"
+            )
+            agent = await Agent("--config", str(path), "--admin", "off", "--grace", "60", "--workers", "2").start()
+        try:
+            await wait_for(lambda: try_connect(port), timeout=10, what="listening")
+            conn = await Conn.open(port)
+            assert await conn.echo(b"one\n") == b"one\n"
+            children = _children(agent.proc.pid)
+            assert len(children) == (2 if workers == 2 else 0)
+            agent.signal(signal.SIGTERM)
+            await agent.wait_log("SIGTERM: stop accepting")
+            t0 = time.monotonic()
+            agent.signal(signal.SIGTERM)
+            assert await agent.wait(5) == 128 + signal.SIGTERM
+            assert time.monotonic() - t0 < 3
+            assert "SIGTERM again: exiting now" in agent.log
+            try:
+                data = await asyncio.wait_for(conn.reader.read(100), 5)
+            except ConnectionError:
+                data = b""
+            assert data == b""
+            await conn.close()
+            await wait_for(lambda: not any(_alive(pid) for pid in children), timeout=5, what="workers gone")
+        finally:
+            await agent.stop()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def _socket_inodes(pid: int) -> set[int]:
     out = set()
     fd_dir = f"/proc/{pid}/fd"
