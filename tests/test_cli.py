@@ -250,6 +250,49 @@ async def test_config_source_versions_and_bad_reload(tmp_path):
     assert [t.version for t in published] == [1, 2, 3]
     assert [s.name for s in published[-1].services] == ["b"]
     assert src.last_error is None
+    # a valid file without services (one caught mid-write) does not take every listener down
+    write_atomic(path, "services: {}\n")
+    assert await src.reload() is False
+    assert src.table is published[-1] and "no services in the file" in str(src.last_error)
+
+
+async def test_config_reload_parses_off_the_loop(tmp_path, monkeypatch):
+    """A reload parses in a thread (5,000 endpoints take ~1 s): the loop keeps running meanwhile."""
+    import threading
+
+    import meshagent.reload as reload_mod
+    from meshagent.reload import ConfigSource
+
+    path = tmp_path / "mesh.yaml"
+    write_atomic(path, config_text({"a": (8080, [9001])}))
+    real = reload_mod.load_config
+    seen = []
+
+    def slow_load(*args, **kw):
+        seen.append(threading.current_thread() is threading.main_thread())
+        time.sleep(0.3)
+        return real(*args, **kw)
+
+    async def publish(table):
+        pass
+
+    src = ConfigSource(path, publish, interval=3600)
+    src.load_initial()
+    await src.start()
+    monkeypatch.setattr(reload_mod, "load_config", slow_load)
+    write_atomic(path, config_text({"a": (8080, [9002])}))
+    ticks = 0
+
+    async def tick():
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    assert await src.reload() is True
+    ticker.cancel()
+    assert seen == [False] and ticks >= 10  # parsed in a worker thread while the loop kept ticking
 
 
 async def test_config_source_watches_file_and_poke(tmp_path):
