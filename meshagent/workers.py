@@ -8,8 +8,10 @@ per line (UTF-8, "\\n"-terminated), documented in docs/ARCHITECTURE.md ("Worker 
 
     parent -> worker  {"type": "table", "table": {...RoutingTable.to_dict()...}}
                       {"type": "stats", "id": 7}
+                      {"type": "ping", "id": 8}
                       {"type": "shutdown", "grace": 10.0}
     worker -> parent  {"type": "hello", "pid": 1234, "index": 0}
+                      {"type": "pong", "id": 8}
                       {"type": "applied", "version": 3}
                       {"type": "stats", "id": 7, "snapshot": {...mesh.metrics.snapshot()...}}
                       {"type": "error", "message": "...", "id": 7}   (a message it could not handle;
@@ -20,6 +22,11 @@ Supervision rules:
   backoff resets once a worker has lived 30 s) and is sent the current table at once.
 - More than ``max_restarts`` restarts of one slot within ``restart_window`` seconds is a crash loop: the pool
   gives up and sets ``failed`` (the CLI then exits 1 so an outer supervisor sees it).
+- Liveness: every ``heartbeat`` seconds the parent pings each worker; any message counts as a sign of life.
+  A worker silent for ``hang_timeout`` seconds (stopped, or its loop stuck) still holds its share of every
+  SO_REUSEPORT group, so new connections would stall there: the parent SIGKILLs it (the kernel closes its
+  listening sockets, and their share goes to the other workers) and the restart rule above brings a new one.
+  ``ready()`` is False while a worker is silent.
 - ``shutdown(grace)`` sends SIGTERM to every worker (each stops accepting and drains for its grace), waits up
   to grace + 5 s, then SIGKILLs what is left.  A worker whose control channel closes (the parent died) drains
   and exits on its own.
@@ -68,6 +75,8 @@ class _Worker:
         self.starts = 0
         self.pending: dict[int, asyncio.Future[dict[str, Any] | None]] = {}
         self.task: asyncio.Task[None] | None = None
+        self.last_seen = 0.0  # monotonic time of the last message from the current process
+        self.hangs = 0  # times a silent process of this slot was killed
 
     @property
     def pid(self) -> int | None:
@@ -101,6 +110,8 @@ class WorkerPool:
         backoff_initial: float = 0.1,
         backoff_max: float = 5.0,
         python: str = sys.executable,
+        heartbeat: float = 1.0,
+        hang_timeout: float = 3.0,
     ) -> None:
         if n < 1:
             raise ValueError(f"number of workers must be >= 1, got {n}")
@@ -111,6 +122,10 @@ class WorkerPool:
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.python = python
+        self.heartbeat = heartbeat
+        self.hang_timeout = hang_timeout
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._pings: set[asyncio.Task[None]] = set()
         self.table: RoutingTable | None = None
         self.failed = asyncio.Event()
         self.workers = [_Worker(i) for i in range(n)]
@@ -126,6 +141,7 @@ class WorkerPool:
         for w in self.workers:
             await self._spawn(w)
             w.task = asyncio.create_task(self._supervise(w), name=f"worker-{w.index}")
+        self._heartbeat_task = asyncio.create_task(self._heartbeats(), name="worker-heartbeats")
 
     async def publish(self, table: RoutingTable) -> None:
         """Make ``table`` current and send it to every running worker (``publish`` of a table source)."""
@@ -134,8 +150,13 @@ class WorkerPool:
         await asyncio.gather(*(w.send(msg) for w in self.workers))
 
     def ready(self) -> bool:
-        """True when every worker has applied the current table."""
-        return self.table is not None and all(w.applied_version == self.table.version for w in self.workers)
+        """True when every worker has applied the current table and none is silent."""
+        if self.table is None:
+            return False
+        now = time.monotonic()
+        return all(
+            w.applied_version == self.table.version and now - w.last_seen <= self.hang_timeout for w in self.workers
+        )
 
     def pids(self) -> list[int | None]:
         return [w.pid for w in self.workers]
@@ -163,6 +184,8 @@ class WorkerPool:
     async def shutdown(self, grace: float) -> None:
         """Drain every worker: SIGTERM, wait up to grace + 5 s, SIGKILL the rest."""
         self._stopping = True
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
         for w in self.workers:
             if w.proc is not None and w.proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -209,7 +232,7 @@ class WorkerPool:
         reader, writer = await asyncio.open_unix_connection(sock=parent_sock, limit=MAX_MESSAGE)
         w.writer = writer
         w.applied_version = None
-        w.started_at = time.monotonic()
+        w.started_at = w.last_seen = time.monotonic()
         w.starts += 1
         log.info("started worker %d, pid %d", w.index, w.proc.pid, extra={"worker": w.index, "pid": w.proc.pid})
         w.reader = reader
@@ -225,6 +248,7 @@ class WorkerPool:
                 return
             if not line:
                 return
+            w.last_seen = time.monotonic()
             try:
                 msg = json.loads(line)
                 kind = msg["type"]
@@ -239,11 +263,44 @@ class WorkerPool:
                     fut.set_result(msg.get("snapshot") or {})
             elif kind == "hello":
                 log.debug("worker %d says hello from pid %s", w.index, msg.get("pid"))
+            elif kind == "pong":
+                pass  # a sign of life (last_seen)
             elif kind == "error":
                 log.error("worker %d: %s", w.index, msg.get("message"))
                 fut = w.pending.get(msg.get("id"))
                 if fut is not None and not fut.done():
                     fut.set_result(None)  # the request failed: do not wait for the timeout
+
+    async def _heartbeats(self) -> None:
+        """Ping every worker; kill one that stayed silent for ``hang_timeout`` (see the module docstring)."""
+        while not self._stopping:
+            await asyncio.sleep(self.heartbeat)
+            now = time.monotonic()
+            for w in self.workers:
+                proc = w.proc
+                if proc is None or proc.returncode is not None:
+                    continue
+                silent = now - w.last_seen
+                if silent > self.hang_timeout:
+                    w.hangs += 1
+                    log.error(
+                        "worker %d (pid %d) silent for %.1fs (stopped or stuck): killing it so that its share of "
+                        "new connections goes to the others; it is restarted",
+                        w.index,
+                        proc.pid,
+                        silent,
+                    )
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+                    continue
+                # Not awaited together: a worker that does not read must not hold up the others' pings.
+                task = asyncio.get_running_loop().create_task(self._ping(w))
+                self._pings.add(task)
+                task.add_done_callback(self._pings.discard)
+
+    async def _ping(self, w: _Worker) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(w.send({"type": "ping", "id": next(self._ids)}), self.hang_timeout)
 
     async def _supervise(self, w: _Worker) -> None:
         backoff = self.backoff_initial
@@ -347,6 +404,8 @@ async def worker_main(control_fd: int, index: int, *, grace: float, node: str | 
                     await send({"type": "applied", "version": table.version})
                 elif kind == "stats":
                     await send({"type": "stats", "id": msg.get("id"), "snapshot": snapshot(mesh)})
+                elif kind == "ping":
+                    await send({"type": "pong", "id": msg.get("id")})
                 elif kind == "shutdown":
                     break
                 else:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import importlib.util
 import json
+import logging
 import os
 import signal
 import socket
@@ -994,6 +995,38 @@ async def test_worker_pool_tables_and_stats(tmp_path, backends):
         await pool.shutdown(5.0)
         held.close()
     assert all(w.proc.returncode == 0 for w in pool.workers)
+
+
+@needs_runtime
+@pytest.mark.uvloop_only
+async def test_a_stopped_worker_is_killed_and_replaced_so_new_connections_do_not_stall(tmp_path, backends, caplog):
+    """The reliability issue, item 4: a SIGSTOPped worker kept its share of new connections (43% of probes
+    timed out) and /readyz stayed 200.  The parent notices the silence, is not ready meanwhile, kills it
+    (its listening sockets close, the kernel stops sending it connections) and starts a new one."""
+    from mesh.config import parse_config
+    from meshagent.workers import WorkerPool
+
+    held = contextlib.ExitStack()
+    port = held.enter_context(reserved_port())
+    table = parse_config(config_text({"a": (port, [backends[0].port])}), version=1, workers=2)
+    pool = WorkerPool(2, ["--grace", "1", "--log-level", "warning"], heartbeat=0.2, hang_timeout=1.0)
+    await pool.start()
+    try:
+        await pool.publish(table)
+        await wait_for(pool.ready, timeout=20, what="both workers applied the table")
+        victim = pool.workers[0]
+        old_pid = victim.pid
+        os.kill(old_pid, signal.SIGSTOP)
+        await wait_for(lambda: not pool.ready(), timeout=3, what="not ready while a worker is silent")
+        with caplog.at_level(logging.ERROR, logger="meshagent.workers"):
+            await wait_for(lambda: victim.pid != old_pid, timeout=10, what="the silent worker replaced")
+        assert victim.hangs == 1 and any("silent for" in r.getMessage() for r in caplog.records)
+        await wait_for(pool.ready, timeout=20, what="the new worker applied the table")
+        for _ in range(40):  # every new connection is served (none hashed to a stopped worker)
+            assert await asyncio.wait_for(echo_once(port), 2) == b"ping\n"
+    finally:
+        await pool.shutdown(5.0)
+        held.close()
 
 
 @needs_runtime
