@@ -210,7 +210,7 @@ class Session:
 
     __slots__ = (
         "b_in", "b_out", "client", "dg_in", "dg_out", "host", "idle", "key", "last", "pool", "prefix",
-        "replies", "reply_to", "requests", "sock", "started",
+        "replies", "reply_to", "requests", "sock", "started", "tag",
     )  # fmt: skip
 
     def __init__(self, key: Any, client: tuple, reply_to: tuple, pool: Pool, now: float) -> None:
@@ -220,7 +220,8 @@ class Session:
         self.pool = pool
         self.host: Host = None  # type: ignore[assignment]
         self.sock: socket.socket = None  # type: ignore[assignment]
-        self.prefix = b""
+        self.prefix = b""  # what each datagram towards the host starts with (tunnel or PROXY header)
+        self.tag = b""  # the tunnel: the header each datagram from the sending agent starts with
         self.idle = pool.options.udp_idle_timeout
         self.started = self.last = now
         self.requests = self.replies = 0

@@ -44,6 +44,7 @@ from cluster.control import DEFAULT_CONTROL_PORT, ControlClient, ControlServer
 from cluster.state import ClusterState, Localizer
 from cluster.token import read_token
 from cluster.tunnel import DEFAULT_TUNNEL_PORT, LocalTarget, TunnelServer, host_tunnel_header
+from cluster.udp_tunnel import UdpTunnelServer
 from discovery.engine import Engine, EngineError, resolve_docker_host
 from discovery.localtasks import LocalTasks
 from mesh.dashboard import Dashboard
@@ -138,6 +139,7 @@ class ClusterAgent:
         self.mesh: Any = None
         self.local = LocalTasks(self.engine, self._changed)
         self.tunnel = TunnelServer(self._resolve, self._peer_allowed, host=bind, port=tunnel_port)
+        self.udp_tunnel: UdpTunnelServer | None = None  # the same port number over UDP, bound at start()
         self.control_server: ControlServer | None = None
         self.control_client: ControlClient | None = None
         self.watcher: Any = None
@@ -176,6 +178,8 @@ class ClusterAgent:
         )
         await self.report.start()
         await self.tunnel.start()
+        self.udp_tunnel = UdpTunnelServer(self._resolve_udp, self._peer_allowed, host=self.bind, port=self.tunnel.port)
+        self.udp_tunnel.start()
         if self.manager:
             from discovery.cluster import ClusterWatcher
 
@@ -213,6 +217,8 @@ class ClusterAgent:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        if self.udp_tunnel is not None:
+            self.udp_tunnel.close()
         await self.tunnel.stop(grace)
         await self.report.stop()
         if self.dashboard is not None:
@@ -313,6 +319,13 @@ class ClusterAgent:
     def _peer_allowed(self, ip: str) -> bool:
         return ip in self._peers
 
+    def _resolve_udp(self, target: str) -> tuple[Any, Any] | None:
+        """A UDP tunnel target: a local udp endpoint of a mesh service, as the data plane's own (pool, host)."""
+        ep_id, _, port = target.rpartition(":")
+        if self.mesh is None or not port.isdigit():
+            return None
+        return self.mesh.local_host(ep_id, int(port), "udp")
+
     def _resolve(self, target: str) -> LocalTarget | Awaitable[LocalTarget | None] | None:
         if target == DASHBOARD_TARGET:  # a manager asks for this node's dashboard view (clusterview)
             return LocalTarget("127.0.0.1", self.report.port) if self.report.port else None
@@ -405,6 +418,7 @@ class ClusterAgent:
                 "bytes_out": t.bytes_out,
                 "refused": dict(t.refused),
             },
+            "udp_tunnel": None if self.udp_tunnel is None else self.udp_tunnel.status(),
         }
         if self.control_client is not None:
             s = self.control_client.stats
