@@ -500,7 +500,13 @@ async def _serve(args: argparse.Namespace, source: Any, admin_addr: tuple[str, i
         source.metrics = DiscoveryMetrics()
         registry = make_registry(discovery=source.metrics)
     admin = (
-        AdminServer(state, *admin_addr, registry=registry, metrics=not args.no_metrics)
+        AdminServer(
+            state,
+            *admin_addr,
+            registry=registry,
+            metrics=not args.no_metrics,
+            discovery=getattr(source, "metrics", None),
+        )
         if admin_addr is not None
         else None
     )
