@@ -2,8 +2,8 @@
 
 - ``direct``: no proxy; the load goes straight to the backend (the baseline).
 - ``mesh-<N>``: this project, ``python -m meshagent run --config FILE --workers N``; ``mesh-1-nometrics`` is the
-  same with metrics switched off (when the CLI has a switch for it); ``mesh-1-copy`` with ``zero_copy: false``
-  (every byte through user space).
+  same with metrics switched off (when the CLI has a switch for it); ``mesh-1-zerocopy`` with ``zero_copy: true``
+  (large transfers through os.splice).
 - ``haproxy`` / ``haproxy-256k``: HAProxy ``mode tcp``, ``nbthread 1``, default buffers / ``tune.bufsize 262144``;
   ``haproxy-256k-splice`` adds ``option splice-auto`` (the kernel's splice for large transfers).
 - ``nginx``: nginx ``stream`` module, one worker.
@@ -228,18 +228,18 @@ class MeshPeer(Peer):
         cpus: str | None = None,
         workers: int = 1,
         metrics: bool = True,
-        zero_copy: bool = True,
+        zero_copy: bool = False,
     ) -> None:
         super().__init__(workdir, cpus)
         self.workers = workers
         self.metrics = metrics
         self.zero_copy = zero_copy
         self.admin_url: str | None = None  # the admin API (GET /metrics) of the running instance
-        self.name = f"mesh-{workers}" + ("" if metrics else "-nometrics") + ("" if zero_copy else "-copy")
+        self.name = f"mesh-{workers}" + ("" if metrics else "-nometrics") + ("-zerocopy" if zero_copy else "")
         self.label = (
             f"this mesh, {workers} worker{'s' if workers > 1 else ''}"
             + ("" if metrics else ", metrics off")
-            + ("" if zero_copy else ", zero_copy off")
+            + (", zero_copy on" if zero_copy else "")
         )
 
     def unavailable(self) -> str | None:
@@ -265,7 +265,7 @@ services:
   bench:
     listen: "{LOOPBACK}:{port}"
     health_check: {{kind: tcp, interval: 5s}}
-{"    zero_copy: false" + chr(10) if not self.zero_copy else ""}    endpoints: ["{target[0]}:{target[1]}"]
+{"    zero_copy: true" + chr(10) if self.zero_copy else ""}    endpoints: ["{target[0]}:{target[1]}"]
 """
 
     def start(self, target: tuple[str, int]) -> tuple[str, int]:
@@ -335,7 +335,7 @@ def _first_line(argv: list[str]) -> str:
 
 
 def make_peer(name: str, workdir: Path, *, proxy_cpus: str | None = None) -> Peer:
-    """Peer by name: direct, mesh-<N>[-nometrics][-copy], haproxy, haproxy-<K>k[-splice], nginx, pproxy."""
+    """Peer by name: direct, mesh-<N>[-nometrics][-zerocopy], haproxy, haproxy-<K>k[-splice], nginx, pproxy."""
     if name == "direct":
         return Direct(workdir)
     if name == "haproxy":
@@ -347,7 +347,7 @@ def make_peer(name: str, workdir: Path, *, proxy_cpus: str | None = None) -> Pee
         return NginxStream(workdir, proxy_cpus)
     if name == "pproxy":
         return Pproxy(workdir, proxy_cpus)
-    m = re.fullmatch(r"mesh-(\d+)(-nometrics)?(-copy)?", name)
+    m = re.fullmatch(r"mesh-(\d+)(-nometrics)?(-zerocopy)?", name)
     if m:
         workers = int(m.group(1))
         if workers < 1:
@@ -358,9 +358,9 @@ def make_peer(name: str, workdir: Path, *, proxy_cpus: str | None = None) -> Pee
             proxy_cpus if workers == 1 else None,
             workers=workers,
             metrics=not m.group(2),
-            zero_copy=not m.group(3),
+            zero_copy=bool(m.group(3)),
         )
     raise BenchError(
-        f"unknown peer {name!r}: expected direct, mesh-<N>[-nometrics][-copy], haproxy, haproxy-<K>k[-splice], nginx "
+        f"unknown peer {name!r}: expected direct, mesh-<N>[-nometrics][-zerocopy], haproxy, haproxy-<K>k[-splice], nginx "
         "or pproxy"
     )

@@ -159,7 +159,8 @@ class ServiceOptions:
     share of endpoints are usable, balance over all of them instead of refusing.
     ``locality``: "prefer" local endpoints (cluster mode) or "off".
     ``zero_copy``: let a direction of a connection that carries a large transfer move to
-    the kernel (``os.splice``, Linux), as HAProxy's ``option splice-auto`` does.
+    the kernel (``os.splice``, Linux), as HAProxy's ``option splice-auto`` does.  Off by
+    default: it saves CPU but measured lower throughput at 1 MiB x 64 connections (docs/benchmarks.md).
     UDP routes (``mesh.udp``): ``udp_balance`` chooses a new session's replica (the readers set it
     to ``balance`` when only that is given; else ``hash`` on the client IP, so a client keeps its
     replica); a session ends after ``udp_idle_timeout`` seconds without a datagram either way, or
@@ -179,7 +180,7 @@ class ServiceOptions:
     panic_threshold: int = 50
     health_check: HealthCheck | None = None
     locality: str = "prefer"
-    zero_copy: bool = True
+    zero_copy: bool = False
     udp_balance: str = "hash"
     udp_idle_timeout: float = 30.0
     udp_responses: int = 0

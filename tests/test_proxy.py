@@ -770,7 +770,7 @@ def _pattern_hash(block: bytes, total: int):
 async def test_large_download_moves_to_the_kernel_byte_identical_with_exact_counts():
     total = 64 << 20
     b = await Backend("push", "push", push_bytes=total).start()
-    lst = start_listener(make_pool([b.port]))
+    lst = start_listener(make_pool([b.port], zero_copy=True))
     loop = asyncio.get_running_loop()
     before = _open_fds()
     _, reader = await loop.create_connection(_Reader, "127.0.0.1", lst.port)
@@ -792,7 +792,7 @@ async def test_large_upload_moves_to_the_kernel_with_backpressure_and_half_close
     total = 64 << 20
     recv_hash = hashlib.blake2b()
     b = await Backend("sink", "sink", hasher=recv_hash).start()
-    lst = start_listener(make_pool([b.port]))
+    lst = start_listener(make_pool([b.port], zero_copy=True))
     block = pattern(CHUNK)
     _r, w = await asyncio.open_connection("127.0.0.1", lst.port)
     await wait_for(lambda: len(lst.registry) == 1 and _proxy_conn(lst).up_transport is not None, what="connected")
@@ -836,10 +836,11 @@ async def test_large_upload_moves_to_the_kernel_with_backpressure_and_half_close
 
 
 @pytest.mark.skipif(not zerocopy.AVAILABLE, reason="os.splice needs Linux")
-async def test_zero_copy_off_keeps_every_byte_in_user_space():
+@pytest.mark.parametrize("opts", [{}, {"zero_copy": False}], ids=["default", "off"])
+async def test_zero_copy_off_keeps_every_byte_in_user_space(opts):
     total = 16 << 20
     b = await Backend("push", "push", push_bytes=total).start()
-    lst = start_listener(make_pool([b.port], zero_copy=False))
+    lst = start_listener(make_pool([b.port], **opts))
     loop = asyncio.get_running_loop()
     _, reader = await loop.create_connection(_Reader, "127.0.0.1", lst.port)
     await wait_for(lambda: len(lst.registry) == 1, what="accepted")
@@ -862,7 +863,7 @@ async def test_zero_copy_off_keeps_every_byte_in_user_space():
 @pytest.mark.skipif(not zerocopy.AVAILABLE, reason="os.splice needs Linux")
 async def test_client_reset_during_a_kernel_transfer_closes_everything():
     b = await Backend("push", "push", push_bytes=1 << 30).start()
-    lst = start_listener(make_pool([b.port]))
+    lst = start_listener(make_pool([b.port], zero_copy=True))
     loop = asyncio.get_running_loop()
     before = _open_fds()
     _, reader = await loop.create_connection(_Reader, "127.0.0.1", lst.port)

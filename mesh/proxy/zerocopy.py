@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 AVAILABLE = sys.platform.startswith("linux") and hasattr(os, "splice")
 SPLICE_MIN = 128 * 1024  # a read this large switches its direction to the kernel path
 PIPE_SIZE = 1024 * 1024  # asked for with F_SETPIPE_SZ (the default is 64 KiB)
+READS_PER_CALLBACK = 16  # splices from the source per readiness callback, at most
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
@@ -147,25 +148,31 @@ class KernelPipe:
 
     # -- moving bytes -------------------------------------------------------------------------------
     def _on_readable(self) -> None:
-        room = self._cap - self._inpipe
-        if room <= 0:
-            self._read_off()
-            return
-        try:
-            n = os.splice(self._src, self._pw, room, flags=_FLAGS)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._fail(exc, src=True)
-            return
-        if n == 0:
-            self._src_eof = True
-            self._read_off()
-        else:
+        # Move what the source has, through the pipe, until the source is empty (EAGAIN), the
+        # destination is full, or the pipe is: one callback per burst rather than one per splice.
+        for _ in range(READS_PER_CALLBACK):
+            room = self._cap - self._inpipe
+            if room <= 0:
+                self._read_off()
+                return
+            try:
+                n = os.splice(self._src, self._pw, room, flags=_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._fail(exc, src=True)
+                return
+            if n == 0:
+                self._src_eof = True
+                self._read_off()
+                self._flush()
+                return
             self._inpipe += n
-        self._flush()
+            self._flush()
+            if self.closed or self._writing or not self._reading:
+                return  # the destination is full (or we are done): wait for it
         if self._inpipe >= self._cap:
-            self._read_off()  # full: the destination has to take some first
+            self._read_off()
 
     def _on_writable(self) -> None:
         self._flush()
