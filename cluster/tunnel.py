@@ -62,6 +62,7 @@ from mesh.listener import Acceptor
 from mesh.proxy.preamble import (
     MAX_HEADER_BODY,
     PP2_TYPE_MESH_TARGET,
+    TunnelAuth,
     TunnelHeader,
     TunnelRefused,
     host_tunnel_header,
@@ -81,6 +82,7 @@ __all__ = [
     "PP2_TYPE_MESH_TARGET",
     "REFUSE_REASONS",
     "LocalTarget",
+    "TunnelAuth",
     "TunnelHeader",
     "TunnelRefused",
     "TunnelServer",
@@ -106,6 +108,9 @@ REFUSE_REASONS = (
     "target",  # target TLV missing or not a valid id
     "timeout",  # header incomplete after header_timeout
     "incomplete",  # peer closed before the header was complete
+    "auth",  # the header is not sealed with this cluster's token (TunnelAuth), or badly
+    "stale",  # the seal's timestamp is outside the window
+    "replay",  # the sealed header was already accepted
     "unknown_target",  # resolve() found no local mesh endpoint for the target
     "overflow",  # too many bytes after the header before the local connect finished
     "connect",  # every local endpoint tried refused / timed out
@@ -291,6 +296,13 @@ class _HeaderPhase(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        auth = self._server.auth
+        if auth is not None:
+            try:
+                auth.check(bytes(self._buf[:consumed]), header)
+            except TunnelRefused as exc:
+                self._refuse(exc.reason, str(exc))
+                return
         self.header = header
         del self._buf[:consumed]
         try:
@@ -383,7 +395,9 @@ class TunnelServer:
     stays paused until it comes; the caller bounds how long).  ``allowed_peers``: a
     predicate on the peer IP, or a collection of IPs (a set may be updated in place, or
     ``allowed_peers`` reassigned, as nodes come and go).  ``header_timeout``: seconds
-    for the whole header to arrive.  ``connect_timeout`` / ``idle_timeout``: for a
+    for the whole header to arrive.  ``auth``: a ``TunnelAuth`` of the cluster token; every header must
+    then be sealed with it (the node-address check alone cannot tell an agent from a container on that
+    node, whose traffic leaves masqueraded to the node's address).  ``connect_timeout`` / ``idle_timeout``: for a
     target given as an address only (a target with a pool uses its service's options).
     """
 
@@ -398,6 +412,7 @@ class TunnelServer:
         connect_timeout: float = 3.0,
         idle_timeout: float = 3600.0,
         max_pending: int = 256 * 1024,
+        auth: TunnelAuth | None = None,
     ) -> None:
         if header_timeout <= 0:
             raise ValueError(f"header_timeout must be > 0, got {header_timeout!r}")
@@ -410,6 +425,7 @@ class TunnelServer:
         self.header_timeout = header_timeout
         self.connect_timeout = connect_timeout
         self.max_pending = max_pending
+        self.auth = auth  # cluster mode: every header must be sealed with the cluster token
         self.stats = TunnelStats()
         self.route_stats = RouteStats()  # connect failures of address-only targets
         self.registry = ConnectionRegistry()

@@ -43,7 +43,7 @@ from typing import Any
 from cluster.control import DEFAULT_CONTROL_PORT, ControlClient, ControlServer
 from cluster.state import ClusterState, Localizer
 from cluster.token import read_token
-from cluster.tunnel import DEFAULT_TUNNEL_PORT, LocalTarget, TunnelServer, host_tunnel_header
+from cluster.tunnel import DEFAULT_TUNNEL_PORT, LocalTarget, TunnelAuth, TunnelServer
 from cluster.udp_tunnel import UdpTunnelServer
 from discovery.engine import Engine, EngineError, resolve_docker_host
 from discovery.localtasks import LocalTasks
@@ -138,7 +138,12 @@ class ClusterAgent:
         self.applies = 0
         self.mesh: Any = None
         self.local = LocalTasks(self.engine, self._changed)
-        self.tunnel = TunnelServer(self._resolve, self._peer_allowed, host=bind, port=tunnel_port)
+        # Every tunnel header is sealed with the cluster token and checked (mesh.proxy.preamble.TunnelAuth):
+        # the node-address check alone cannot tell an agent from a container on that node.
+        self.tunnel_auth = TunnelAuth(token)
+        self.tunnel = TunnelServer(
+            self._resolve, self._peer_allowed, host=bind, port=tunnel_port, auth=self.tunnel_auth
+        )
         self.udp_tunnel: UdpTunnelServer | None = None  # the same port number over UDP, bound at start()
         self.control_server: ControlServer | None = None
         self.control_client: ControlClient | None = None
@@ -238,13 +243,13 @@ class ClusterAgent:
 
     def _make_mesh(self) -> Any:
         if self._mesh_factory is not None:
-            return self._mesh_factory(local_node=self.node_id, tunnel_header=host_tunnel_header)
+            return self._mesh_factory(local_node=self.node_id, tunnel_header=self.tunnel_auth.host_header)
         from mesh.runtime import Mesh
 
         params = inspect.signature(Mesh).parameters
         if "tunnel_header" not in params:
             raise ConfigError("mesh.runtime.Mesh has no tunnel_header parameter: cluster mode cannot dial tunnels")
-        return Mesh(local_node=self.node_id, tunnel_header=host_tunnel_header)
+        return Mesh(local_node=self.node_id, tunnel_header=self.tunnel_auth.host_header)
 
     async def _first_info(self, timeout: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout

@@ -35,7 +35,7 @@ from typing import Any
 
 from aiohttp import web
 
-from mesh.proxy.preamble import tunnel_header
+from mesh.proxy.preamble import TunnelAuth, tunnel_header
 
 __all__ = [
     "DASHBOARD_TARGET",
@@ -110,7 +110,7 @@ async def _fetch(addr: str, port: int, token: str) -> dict[str, Any]:
     try:
         local = writer.get_extra_info("sockname")[:2]
         peer = writer.get_extra_info("peername")[:2]
-        writer.write(tunnel_header(local, peer, DASHBOARD_TARGET))
+        writer.write(tunnel_header(local, peer, DASHBOARD_TARGET, auth=TunnelAuth(token)))
         writer.write(
             f"GET {NODE_PATH} HTTP/1.1\r\nHost: mesh-agent\r\nAuthorization: Bearer {token}\r\n"
             "Accept: application/json\r\nConnection: close\r\n\r\n".encode()

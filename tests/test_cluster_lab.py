@@ -161,32 +161,38 @@ def test_tunnel_refuses_strangers_bad_headers_and_foreign_tasks(swarm: SwarmLab)
     before = swarm.status(1)["tunnel"]
     # targets in the one format "<task id>:<target port>" (mesh.proxy.preamble.endpoint_target)
     # 1. from the test process (198.18.200.1: not a swarm node) a valid header is refused at accept
-    got = _tunnel_probe_here(swarm.nodes[1].addr, f"{local1}:80")
+    got = _tunnel_probe_here(swarm, swarm.nodes[1].addr, f"{local1}:80")
     assert got == "reset", got
-    # 2.-5. from node 3 (a cluster node): malformed header, a task that is not on node 1, a local one, and
-    # a local one named by its bare task id (not the target format: refused as unknown)
-    probes = {"garbage": "", "foreign": f"{foreign}:80", "local": f"{local1}:80", "bare": local1}
+    # 2.-6. from node 3 (a cluster node): malformed header, a task that is not on node 1, a local one, a local
+    # one named by its bare task id (not the target format: refused as unknown), and a local one with a header
+    # that is not sealed with the cluster token: what a container on node 3 could send, with a forged client
+    probes = {"garbage": "", "foreign": f"{foreign}:80", "local": f"{local1}:80", "bare": local1,
+              "unsealed": f"{local1}:80"}  # fmt: skip
     out = _tunnel_probes_from(swarm, 3, swarm.nodes[1].addr, probes)
     assert out["garbage"] == "reset", out
     assert out["foreign"] == "reset", out
     assert out["bare"] == "reset", out
+    assert out["unsealed"] == "reset", out
     host, proxy = parse_answer(out["local"])
     assert host == tasks[local1][1] and proxy[:3] == ["PROXY", "TCP4", "203.0.113.9"], out
     after = swarm.status(1)["tunnel"]
     refused = {k: after["refused"].get(k, 0) - before["refused"].get(k, 0) for k in after["refused"]}
-    assert {k: v for k, v in refused.items() if v} == {"peer": 1, "signature": 1, "unknown_target": 2}
+    assert {k: v for k, v in refused.items() if v} == {"peer": 1, "signature": 1, "unknown_target": 2, "auth": 1}
     assert after["forwarded"] > before["forwarded"]
     # the agent keeps serving
     assert len(_answers(swarm, 1, 10)) == 10
 
 
-def _tunnel_probe_here(addr: str, target: str) -> str:
-    return _probe_script_result([sys.executable, "-c", PROBE, addr, str(TUNNEL_PORT), json.dumps({"x": target})])["x"]
+def _tunnel_probe_here(sl: SwarmLab, addr: str, target: str) -> str:
+    argv = [sys.executable, "-c", PROBE, addr, str(TUNNEL_PORT), json.dumps({"x": target}), str(sl.token_file)]
+    return _probe_script_result(argv)["x"]
 
 
 def _tunnel_probes_from(sl: SwarmLab, i: int, addr: str, probes: dict[str, str]) -> dict[str, str]:
+    """Probes from node i's network namespace: the node's address, as traffic from any container on that node
+    arrives (masqueraded).  Headers are sealed with the cluster token, except probes named "unsealed*"."""
     cmd = ["nsenter", f"--net=/run/netns/{sl.nodes[i].netns}", "--",
-           sys.executable, "-c", PROBE, addr, str(TUNNEL_PORT), json.dumps(probes)]  # fmt: skip
+           sys.executable, "-c", PROBE, addr, str(TUNNEL_PORT), json.dumps(probes), str(sl.token_file)]  # fmt: skip
     return _probe_script_result(cmd)
 
 
@@ -203,8 +209,9 @@ def _probe_script_result(cmd: list[str]) -> dict[str, str]:
 # naming the target (or garbage when the target is ""), and report the answer or "reset".
 PROBE = """
 import json, socket, sys
-from cluster.tunnel import tunnel_header
+from cluster.tunnel import TunnelAuth, tunnel_header
 addr, port, probes = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+auth = TunnelAuth(open(sys.argv[4]).read().strip()) if len(sys.argv) > 4 else None
 out = {}
 for name, target in probes.items():
     s = None
@@ -213,7 +220,8 @@ for name, target in probes.items():
         s = socket.create_connection((addr, port), timeout=10)
         s.settimeout(10)
         if target:
-            s.sendall(tunnel_header(("203.0.113.9", 40000), (addr, 18080), target) + b"hi\\n")
+            sealed = auth if not name.startswith("unsealed") else None
+            s.sendall(tunnel_header(("203.0.113.9", 40000), (addr, 18080), target, auth=sealed) + b"hi\\n")
         else:
             s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
         data = b""

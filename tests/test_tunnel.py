@@ -14,6 +14,7 @@ import pytest
 from cluster.tunnel import (
     MAX_HEADER_BODY,
     LocalTarget,
+    TunnelAuth,
     TunnelRefused,
     TunnelServer,
     host_tunnel_header,
@@ -854,3 +855,115 @@ async def test_a_refusal_after_the_first_byte_came_back_is_not_retried() -> None
         await srv.stop()
         await other.stop()
         replica.close()
+
+
+# -- authentication: headers sealed with the cluster token -----------------------------------------------
+
+
+def _auth(token: str = "cluster-token", now: list[float] | None = None, nonces=None) -> TunnelAuth:
+    clock = now if now is not None else [1_000_000.0]
+    seq = iter(nonces) if nonces is not None else None
+    return TunnelAuth(
+        token,
+        clock=lambda: clock[0],
+        nonce=(lambda n: next(seq)) if seq is not None else (lambda n: b"\x01" * n),
+    )
+
+
+def _check(auth: TunnelAuth, raw: bytes) -> None:
+    header, n = parse_tunnel_header(raw)
+    auth.check(raw[:n], header)
+
+
+def test_a_sealed_header_checks_and_carries_the_same_addresses_and_target() -> None:
+    sender, receiver = _auth(), _auth(nonces=[])
+    raw = tunnel_header(CLIENT, PUBLISHED, "task1:80", auth=sender)
+    header, n = parse_tunnel_header(raw)
+    assert (header.source, header.destination, header.target, n) == (CLIENT, PUBLISHED, "task1:80", len(raw))
+    assert header.auth is not None and len(header.auth) == 48
+    receiver.check(raw, header)
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        ("unsealed", "auth"),
+        ("other token", "auth"),
+        ("client address changed", "auth"),
+        ("target changed", "auth"),
+        ("mac flipped", "auth"),
+        ("31 s early", "stale"),
+        ("31 s late", "stale"),
+    ],
+)
+def test_a_header_that_is_not_sealed_right_is_refused(make: str, reason: str) -> None:
+    now = [1_000_000.0]
+    receiver = _auth(now=now)
+    if make == "unsealed":
+        raw = tunnel_header(CLIENT, PUBLISHED, "task1:80")
+    elif make == "other token":
+        raw = tunnel_header(CLIENT, PUBLISHED, "task1:80", auth=_auth("another-cluster"))
+    else:
+        sealed = bytearray(tunnel_header(CLIENT, PUBLISHED, "task1:80", auth=_auth(now=[now[0]])))
+        if make == "client address changed":
+            sealed[16] ^= 0x01  # first byte of the source address (a forged client)
+        elif make == "target changed":
+            i = bytes(sealed).index(b"task1:80")
+            sealed[i + 4] = ord("9")
+        elif make == "mac flipped":
+            sealed[-1] ^= 0xFF
+        raw = bytes(sealed)
+        if make == "31 s early":
+            raw = tunnel_header(CLIENT, PUBLISHED, "task1:80", auth=_auth(now=[now[0] + 31]))
+        elif make == "31 s late":
+            raw = tunnel_header(CLIENT, PUBLISHED, "task1:80", auth=_auth(now=[now[0] - 31]))
+    with pytest.raises(TunnelRefused) as info:
+        _check(receiver, raw)
+    assert info.value.reason == reason
+
+
+def test_a_replayed_header_is_refused_and_the_replay_cache_is_bounded() -> None:
+    now = [1_000_000.0]
+    receiver = _auth(now=now)
+    sender = _auth(now=now, nonces=[bytes([i]) * 8 for i in range(10)])
+    first = tunnel_header(CLIENT, PUBLISHED, "task1:80", auth=sender)
+    _check(receiver, first)
+    with pytest.raises(TunnelRefused) as info:
+        _check(receiver, first)  # the same bytes again: a replay
+    assert info.value.reason == "replay"
+    _check(receiver, tunnel_header(CLIENT, PUBLISHED, "task1:80", auth=sender))  # a new nonce: fine
+    now[0] += 40  # the window passed: the old entries are forgotten, and the old header is stale anyway
+    with pytest.raises(TunnelRefused) as info:
+        _check(receiver, first)
+    assert info.value.reason == "stale"
+    _check(receiver, tunnel_header(CLIENT, PUBLISHED, "task1:80", auth=sender))
+    assert len(receiver._seen) == 1  # only what is still inside the window is kept
+    with pytest.raises(ValueError):
+        TunnelAuth("")
+
+
+async def test_a_server_with_auth_refuses_unsealed_and_foreign_headers_by_reset_and_serves_sealed() -> None:
+    backend = await Backend().start()
+    auth = TunnelAuth("the-cluster-token")
+    srv = TunnelServer(
+        {"task1:80": LocalTarget("127.0.0.1", backend.port)}.get, {"127.0.0.1"}, "127.0.0.1", 0, auth=auth
+    )
+    await srv.start()
+    try:
+        for raw in (
+            tunnel_header(CLIENT, PUBLISHED, "task1:80"),  # unsealed: what a container on a node could send
+            tunnel_header(CLIENT, PUBLISHED, "task1:80", auth=TunnelAuth("guessed-token")),
+        ):
+            reader, writer = await _dial(srv)
+            writer.write(raw + b"forged")
+            assert await _closed_by_server(reader)
+            await _close(writer)
+        assert srv.stats.refused == {"auth": 2} and backend.connections == 0
+        reader, writer = await _dial(srv)
+        writer.write(tunnel_header(CLIENT, PUBLISHED, "task1:80", auth=TunnelAuth("the-cluster-token")) + b"ping")
+        assert await asyncio.wait_for(reader.readexactly(4), 5) == b"ping"
+        await _close(writer)
+        assert srv.stats.forwarded == 1
+    finally:
+        await srv.stop()
+        await backend.stop()

@@ -19,6 +19,16 @@ Two preambles, both built on the PROXY protocol codec (``mesh.proxyproto``):
   against its own table.  Other TLV types may follow and are ignored, as the
   PROXY spec requires.
 
+**Authentication** (``TunnelAuth``, cluster mode): a tunnel header also carries one TLV of type
+``PP2_TYPE_MESH_AUTH`` (0xE1), last, of 48 bytes: an 8-byte timestamp (unix milliseconds, big
+endian), an 8-byte random nonce and a 32-byte HMAC-SHA256 over the whole header with those 32 bytes
+zero.  The key is derived from the cluster token (HMAC-SHA256(token, "mesh tunnel v1")), so any agent
+of the cluster can seal and check, and nothing else can: a container on a node, whose traffic leaves
+masqueraded to the node's address, cannot forge the client address a replica trusts.  A receiver with
+a key refuses a header without the TLV, with a bad MAC ("auth"), with a timestamp more than
+``AUTH_WINDOW`` seconds off its clock ("stale"), or whose (timestamp, nonce) it already accepted within
+the window ("replay").  No extra round trip: the seal travels in the header.
+
 The decoder for the tunnel (``parse_tunnel_header``) is strict and incremental:
 the 12-byte signature is checked on every byte as it arrives; the version must
 be 2 and the command PROXY; the family TCP over IPv4 or IPv6; the length at
@@ -29,8 +39,14 @@ UTF-8 bytes.  Each refusal names its reason (``TunnelRefused.reason``).
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
+import os
 import struct
+import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,9 +55,12 @@ from mesh.errors import ProtocolError
 from mesh.proxyproto import PP2_TYPE_MESH_TARGET, V2_SIGNATURE, encode_v1, encode_v2
 
 __all__ = [
+    "AUTH_WINDOW",
     "MAX_HEADER_BODY",
     "MAX_TARGET_LENGTH",
+    "PP2_TYPE_MESH_AUTH",
     "PP2_TYPE_MESH_TARGET",
+    "TunnelAuth",
     "TunnelHeader",
     "TunnelRefused",
     "endpoint_target",
@@ -53,6 +72,10 @@ __all__ = [
 ]
 
 MAX_TARGET_LENGTH = 255
+PP2_TYPE_MESH_AUTH = 0xE1  # timestamp (8) + nonce (8) + HMAC-SHA256 (32), the last TLV of a sealed header
+_AUTH_LEN = 48
+_AUTH_TLV_HEAD = bytes((PP2_TYPE_MESH_AUTH, 0, _AUTH_LEN))
+AUTH_WINDOW = 30.0  # seconds a sealed header's timestamp may differ from the receiver's clock
 # Address block (36 bytes for IPv6) + one target TLV (3 + 255) + room for a few
 # small TLVs a future dialer might add (e.g. a CRC32C or unique id).
 MAX_HEADER_BODY = 512
@@ -91,15 +114,18 @@ class TunnelRefused(ProtocolError):
 class TunnelHeader:
     source: tuple[str, int]  # the original client
     destination: tuple[str, int]  # the published address the client connected to
-    target: str  # task id of the replica
+    target: str  # "<task id>:<target port>" of the replica
+    auth: bytes | None = None  # the PP2_TYPE_MESH_AUTH value, when the header is sealed
 
 
-def tunnel_header(client_addr: tuple[str, int], dst_addr: tuple[str, int], target_id: str) -> bytes:
+def tunnel_header(
+    client_addr: tuple[str, int], dst_addr: tuple[str, int], target_id: str, auth: TunnelAuth | None = None
+) -> bytes:
     """The bytes a dialer sends first on a tunnel connection.
 
     ``client_addr``: the original client (ip, port); ``dst_addr``: the address the
-    client connected to; ``target_id``: the task id of the chosen replica.
-    Raises ``ValueError`` naming the bad argument.
+    client connected to; ``target_id``: "<task id>:<target port>" of the chosen replica;
+    ``auth``: seal it (cluster mode).  Raises ``ValueError`` naming the bad argument.
     """
     target = target_id.encode("utf-8")
     if not 0 < len(target) <= MAX_TARGET_LENGTH or not target_id.isprintable():
@@ -112,7 +138,9 @@ def tunnel_header(client_addr: tuple[str, int], dst_addr: tuple[str, int], targe
             ok = False
         if not ok:
             raise ValueError(f"tunnel header {what} must be (ip, port 0-65535), got {addr!r}")
-    return proxyproto.encode_v2(client_addr, dst_addr, ((PP2_TYPE_MESH_TARGET, target),))
+    if auth is None:
+        return proxyproto.encode_v2(client_addr, dst_addr, ((PP2_TYPE_MESH_TARGET, target),))
+    return auth.seal(client_addr, dst_addr, target)
 
 
 def host_tunnel_header(host: Any, client: tuple | None, local: tuple | None) -> bytes:
@@ -166,7 +194,11 @@ def parse_tunnel_header(buf: bytes | bytearray) -> tuple[TunnelHeader, int] | No
         raise TunnelRefused("target", f"no target TLV (type {PP2_TYPE_MESH_TARGET:#04x})")
     if len(targets) > 1:
         raise TunnelRefused("tlv", "more than one target TLV")
-    return TunnelHeader(header.src, header.dst, _decode_target(targets[0])), consumed
+    auths = [v for t, v in header.tlvs if t == PP2_TYPE_MESH_AUTH]
+    if len(auths) > 1:
+        raise TunnelRefused("tlv", "more than one auth TLV")
+    auth = auths[0] if auths else None
+    return TunnelHeader(header.src, header.dst, _decode_target(targets[0]), auth), consumed
 
 
 def _decode_target(raw: bytes) -> str:
@@ -179,3 +211,74 @@ def _decode_target(raw: bytes) -> str:
     if not text.isprintable():
         raise TunnelRefused("target", "target id has control characters")
     return text
+
+
+class TunnelAuth:
+    """Seals tunnel headers and checks them (see the module docstring): HMAC-SHA256 with a key derived
+    from the cluster token, a timestamp window and a replay cache of the (timestamp, nonce) pairs
+    accepted within it (at most ``max_seen``; beyond that the oldest are forgotten first).
+
+    ``clock`` (seconds, ``time.time``) and ``nonce`` (8 bytes, ``os.urandom``) are injectable for tests.
+    """
+
+    def __init__(
+        self,
+        token: str | bytes,
+        *,
+        window: float = AUTH_WINDOW,
+        max_seen: int = 1 << 16,
+        clock: Callable[[], float] = time.time,
+        nonce: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        raw = token.encode() if isinstance(token, str) else bytes(token)
+        if not raw:
+            raise ValueError("tunnel authentication needs a non-empty cluster token")
+        self._key = hmac.new(raw, b"mesh tunnel v1", hashlib.sha256).digest()
+        self.window = window
+        self.max_seen = max_seen
+        self._clock = clock
+        self._nonce = nonce
+        self._seen: set[bytes] = set()
+        self._order: deque[tuple[int, bytes]] = deque()
+
+    def _mac(self, unsealed: bytes) -> bytes:
+        return hmac.new(self._key, unsealed, hashlib.sha256).digest()
+
+    def seal(self, client: tuple[str, int], dst: tuple[str, int], target: bytes) -> bytes:
+        """A tunnel header for ``target`` with the auth TLV last and its MAC filled in."""
+        stamp = int(self._clock() * 1000).to_bytes(8, "big") + self._nonce(8)
+        unsealed = proxyproto.encode_v2(
+            client, dst, ((PP2_TYPE_MESH_TARGET, target), (PP2_TYPE_MESH_AUTH, stamp + bytes(32)))
+        )
+        return unsealed[:-32] + self._mac(unsealed)
+
+    def host_header(self, host: Any, client: tuple | None, local: tuple | None) -> bytes:
+        """``host_tunnel_header``, sealed: what ``Mesh(tunnel_header=...)`` sends to another node."""
+        if client is None or local is None:
+            raise ValueError(f"tunnel header for {host!r} needs the client and local addresses")
+        return tunnel_header(client, local, endpoint_target(host.endpoint), auth=self)
+
+    def check(self, raw: bytes, header: TunnelHeader) -> None:
+        """Raise ``TunnelRefused`` ("auth", "stale" or "replay") unless ``raw`` (the whole header as
+        received) is sealed by a holder of the cluster token, recently, and not seen before."""
+        value = header.auth
+        if value is None:
+            raise TunnelRefused("auth", "header is not sealed (no auth TLV)")
+        if len(value) != _AUTH_LEN or raw[-(_AUTH_LEN + 3) : -_AUTH_LEN] != _AUTH_TLV_HEAD:
+            raise TunnelRefused("auth", "the auth TLV must be the last TLV, 48 bytes")
+        mac = raw[-32:]
+        if not hmac.compare_digest(mac, self._mac(raw[:-32] + bytes(32))):
+            raise TunnelRefused("auth", "bad MAC (not sealed with this cluster's token)")
+        stamp_ms = int.from_bytes(value[:8], "big")
+        now_ms = int(self._clock() * 1000)
+        window_ms = int(self.window * 1000)
+        if abs(now_ms - stamp_ms) > window_ms:
+            raise TunnelRefused("stale", f"timestamp {(stamp_ms - now_ms) / 1000:+.1f}s off this node's clock")
+        key = value[:16]
+        order = self._order
+        while order and (order[0][0] < now_ms - window_ms or len(order) >= self.max_seen):
+            self._seen.discard(order.popleft()[1])
+        if key in self._seen:
+            raise TunnelRefused("replay", "this sealed header was already accepted")
+        self._seen.add(key)
+        order.append((stamp_ms, key))
