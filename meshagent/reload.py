@@ -44,12 +44,16 @@ def _stamp(path: str) -> FileStamp:
 
 
 def summarize(table: RoutingTable) -> str:
-    """One line per route: ``web  0.0.0.0:8080  round-robin  3 endpoints``."""
+    """One line per route: ``web  0.0.0.0:8080  round-robin  -> endpoints`` (with the protocol and the
+    match rules when not plain tcp)."""
     lines = []
     for svc, route in table.routes():
         host = f"[{route.listen_host}]" if ":" in route.listen_host else route.listen_host
         eps = ", ".join(e.hostport + ("" if e.state == "running" else f" ({e.state})") for e in route.endpoints)
-        lines.append(f"{svc.name}  {host}:{route.port}  {svc.options.balance}  -> {eps or '(no endpoints)'}")
+        balance = svc.options.udp_balance if route.protocol == "udp" else svc.options.balance
+        proto = "" if route.protocol == "tcp" else f"/{route.protocol}"
+        rules = f"  sni={','.join(route.match.hosts)}" if route.protocol == "tls" and route.match.hosts else ""
+        lines.append(f"{svc.name}  {host}:{route.port}{proto}{rules}  {balance}  -> {eps or '(no endpoints)'}")
     for svc in table.services:
         if not svc.routes:
             lines.append(f"{svc.name}  (no listen address)")

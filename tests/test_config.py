@@ -508,10 +508,10 @@ def test_example_config_loads():
     from pathlib import Path
 
     table = load_config(Path(__file__).parent.parent / "examples" / "mesh.yaml")
-    assert [s.name for s in table.services] == ["api", "db", "web"]
+    assert [s.name for s in table.services] == ["api", "db", "dns", "site-a", "site-b", "web"]
     # every option is spelled out in the example with its default value
     web = table.service("web")
-    # (udp_balance follows a given balance: examples/mesh.yaml has no udp service yet)
+    # (udp_balance follows a given balance)
     assert web.options == ServiceOptions(
         health_check=HealthCheck(kind="http", path="/healthz", host="web.example.org", expect_status=(200, 204)),
         udp_balance="round-robin",
@@ -520,6 +520,12 @@ def test_example_config_loads():
         balance="p2c", udp_balance="p2c", health_check=HealthCheck(interval=2.0)
     )
     assert table.service("db").options == ServiceOptions(balance="hash", idle_timeout=0.0)
+    dns = table.service("dns")
+    assert [r.protocol for r in dns.routes] == ["udp"] and dns.options == ServiceOptions(
+        udp_balance="hash", udp_idle_timeout=30.0, udp_responses=1, udp_max_sessions=10000
+    )
+    tls = [(r.protocol, r.port, r.match.hosts) for name in ("site-a", "site-b") for r in table.service(name).routes]
+    assert tls == [("tls", 9443, ("a.example.com",)), ("tls", 9443, ("*.b.example.com", "b.example.com"))]
 
 
 @pytest.mark.parametrize(
