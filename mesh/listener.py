@@ -87,21 +87,25 @@ _EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _TRANSIENT = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR, errno.EAGAIN})
 
 
-def bind_socket(host: str, port: int, *, reuse_port: bool = False, backlog: int = BACKLOG) -> socket.socket:
-    """A non-blocking listening TCP socket on (host, port).  "::" listens dual-stack.
+def bind_socket(
+    host: str, port: int, *, reuse_port: bool = False, backlog: int = BACKLOG, udp: bool = False
+) -> socket.socket:
+    """A non-blocking socket bound to (host, port): listening TCP, or UDP with ``udp``.  "::" is dual-stack.
 
     Raises OSError (e.g. EADDRINUSE) with the address in the message.
     """
+    socktype = socket.SOCK_DGRAM if udp else socket.SOCK_STREAM
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(host, port, type=socktype, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise OSError(exc.errno, f"cannot resolve listen address {host!r}: {exc.strerror}") from exc
     family, type_, proto, _, addr = infos[0]
     sock = socket.socket(family, type_, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        # Accepted sockets inherit SO_KEEPALIVE from the listening one (Linux): no setsockopt per accept.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if not udp:
+            # Accepted sockets inherit SO_KEEPALIVE from the listening one (Linux): no setsockopt per accept.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
@@ -109,8 +113,10 @@ def bind_socket(host: str, port: int, *, reuse_port: bool = False, backlog: int 
         try:
             sock.bind(addr)
         except OSError as exc:
-            raise OSError(exc.errno, f"cannot bind {format_hostport(host, port)}: {exc.strerror}") from exc
-        sock.listen(backlog)
+            where = f"{'udp ' if udp else ''}{format_hostport(host, port)}"
+            raise OSError(exc.errno, f"cannot bind {where}: {exc.strerror}") from exc
+        if not udp:
+            sock.listen(backlog)
         sock.setblocking(False)
     except BaseException:
         sock.close()

@@ -62,6 +62,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from mesh.listener import bind_socket
 from mesh.proxy.preamble import endpoint_target
 from mesh.proxy.registry import ConnectionRegistry
 from mesh.proxyproto import encode_v2
@@ -182,27 +183,7 @@ def dgram_proxy_header(client: tuple | None, local: tuple | None) -> bytes:
 
 def bind_udp(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     """A non-blocking UDP socket bound to (host, port); "::" is dual-stack.  OSError names the address."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise OSError(exc.errno, f"cannot resolve listen address {host!r}: {exc.strerror}") from exc
-    family, type_, proto, _, addr = infos[0]
-    sock = socket.socket(family, type_, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if host in ("::", "") else 1)
-        try:
-            sock.bind(addr)
-        except OSError as exc:
-            raise OSError(exc.errno, f"cannot bind udp {format_hostport(host, port)}: {exc.strerror}") from exc
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    return bind_socket(host, port, reuse_port=reuse_port, udp=True)
 
 
 class Session:

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import json
 import socket
-from collections.abc import Iterator
 
 import aiohttp
 import pytest
@@ -25,7 +24,7 @@ from mesh.pool import Pool
 from mesh.routing import Endpoint, Route, RoutingTable, Service, ServiceOptions
 from mesh.runtime import Mesh
 from tests.backends import Backend, closed_port
-from tests.util import wait_for
+from tests.util import reserved_port, wait_for
 
 
 class Plane:
@@ -59,19 +58,6 @@ class Plane:
         return lst.port
 
 
-@contextlib.contextmanager
-def reserved_port() -> Iterator[int]:
-    """A fixed port for ``--workers N`` (each worker binds the route's own port, so port 0 cannot be used).
-
-    The socket is bound with SO_REUSEPORT and held, never listening, for the whole block: no other
-    process can take the port in the meantime (a bind without SO_REUSEPORT, or by another user, fails,
-    and the kernel never hands it out as an ephemeral port), while the workers (SO_REUSEPORT, same user)
-    can bind it.  It takes no connections: only listening sockets do.
-    """
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        s.bind(("127.0.0.1", 0))
-        yield s.getsockname()[1]
 
 
 def table_for(version: int, ports: dict[str, tuple[int, list[int]]], **opts) -> RoutingTable:

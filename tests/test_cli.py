@@ -19,7 +19,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -27,7 +26,7 @@ import pytest
 
 from meshagent.cli import parse_args
 from tests.dockerlab import IMAGE, docker_lab  # noqa: F401  (fixture)
-from tests.util import wait_for
+from tests.util import reserved_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,19 +37,6 @@ needs_runtime = pytest.mark.skipif(
 )
 
 
-@contextlib.contextmanager
-def reserved_port() -> Iterator[int]:
-    """A fixed port for ``--workers N`` (each worker binds the route's own port, so port 0 cannot be used).
-
-    The socket is bound with SO_REUSEPORT and held, never listening, for the whole block: no other
-    process can take the port in the meantime (a bind without SO_REUSEPORT, or by another user, fails,
-    and the kernel never hands it out as an ephemeral port), while the workers (SO_REUSEPORT, same user)
-    can bind it.  It takes no connections: only listening sockets do.
-    """
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        s.bind(("127.0.0.1", 0))
-        yield s.getsockname()[1]
 
 
 def clean_env(**extra: str) -> dict[str, str]:
