@@ -30,13 +30,21 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from mesh.udp import DROP_REASONS, Session, UdpSite, dgram_proxy_header, parse_tunnel_datagram
+from mesh.proxy.preamble import TunnelRefused, endpoint_target
+from mesh.udp import (
+    DROP_REASONS,
+    TUNNEL_MAGIC_SEALED,
+    Session,
+    UdpSite,
+    dgram_proxy_header,
+    parse_tunnel_datagram,
+)
 
 __all__ = ["TUNNEL_DROP_REASONS", "UdpTunnelServer"]
 
 log = logging.getLogger(__name__)
 
-TUNNEL_DROP_REASONS = (*DROP_REASONS, "peer", "malformed", "unknown_target")
+TUNNEL_DROP_REASONS = (*DROP_REASONS, "peer", "malformed", "auth", "unknown_target")
 MAX_TUNNEL_SESSIONS = 50_000
 
 
@@ -58,8 +66,11 @@ class UdpTunnelServer(UdpSite):
         host: str = "0.0.0.0",
         port: int = 0,
         max_sessions: int = MAX_TUNNEL_SESSIONS,
+        auth: Any = None,
     ) -> None:
         super().__init__(host, port, name="udp tunnel", drops=TUNNEL_DROP_REASONS)
+        # cluster mode: a mesh.proxy.preamble.TunnelAuth; every session's header must be sealed with it
+        self.auth = auth
         self.resolve = resolve
         self.allowed = allowed
         self.max_sessions = max_sessions
@@ -78,6 +89,20 @@ class UdpTunnelServer(UdpSite):
             self.stats.drop("malformed")
             log.debug("udp tunnel: datagram from %s dropped: %s", addr, exc)
             return
+        if self.auth is not None:
+            try:
+                if data[:3] != TUNNEL_MAGIC_SEALED:
+                    raise TunnelRefused("auth", "UDP tunnel header not sealed")
+                self.auth.check_datagram_header(bytes(data[:n]))
+            except TunnelRefused as exc:
+                self.stats.drop("auth")
+                log.debug("udp tunnel: datagram from %s dropped: %s", addr, exc)
+                return
+            if s is not None and s.client == client and endpoint_target(s.host.endpoint) == target:
+                # the sender resealed its header (every few seconds): the same session, its socket kept
+                s.tag = bytes(data[:n])
+                self._forward(s, data[n:], now)
+                return
         try:
             found = self.resolve(target)
         except Exception:

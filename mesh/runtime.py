@@ -39,7 +39,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from mesh.health import HealthChecker
 from mesh.host import Host
@@ -86,8 +86,12 @@ class Mesh:
         reuse_port: bool = False,
         tunnel_header: TunnelHeaderFn = host_tunnel_header,
         access_log: bool = False,
+        tunnel_auth: Any = None,
     ) -> None:
         self.local_node = local_node
+        # cluster mode: the cluster token's TunnelAuth, which seals the UDP tunnel's headers (the TCP tunnel's
+        # are sealed by ``tunnel_header``, e.g. ``TunnelAuth.host_header``)
+        self.tunnel_auth = tunnel_auth
         # Called with each new Pool right after it is created (the metrics reader tracks pools from birth,
         # so an endpoint that comes and goes before the first scrape is still counted).
         self.on_pool: list[Callable[[Pool], None]] = []
@@ -229,7 +233,7 @@ class Mesh:
         lst = kind(
             key.host,
             key.port,
-            **({} if kind is UdpListener else {"protocol": key.protocol}),
+            **({"auth": self.tunnel_auth} if kind is UdpListener else {"protocol": key.protocol}),
             bindings=bindings,
             registry=self.registry,
             reuse_port=self.reuse_port,

@@ -77,6 +77,7 @@ __all__ = [
     "DROP_REASONS",
     "MAX_DATAGRAM",
     "TUNNEL_MAGIC",
+    "TUNNEL_MAGIC_SEALED",
     "Session",
     "UdpHostStats",
     "UdpListener",
@@ -94,7 +95,10 @@ MAX_DATAGRAM = 65535
 BATCH = 64  # datagrams per readiness callback, so one busy socket cannot starve the loop
 SWEEP_MAX = 1.0  # the sweep runs every quarter of the idle timeout, at least once a second
 SWEEP_MIN = 0.02
-TUNNEL_MAGIC = b"MU\x01"
+TUNNEL_MAGIC = b"MU\x01"  # version 1: unsealed
+TUNNEL_MAGIC_SEALED = b"MU\x02"  # version 2: the same fields, then a timestamp (8) and an HMAC (32)
+_INF = float("inf")
+RESEAL_AFTER = 10.0  # seconds a sender uses one sealed header (well inside TunnelAuth's 30 s window)
 DROP_REASONS = ("no_endpoint", "upstream_busy", "client_busy", "local_resources", "resolving", "send_error")
 _EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
@@ -137,8 +141,9 @@ class UdpHostStats:
         return {k: getattr(self, k) for k in self.__slots__}
 
 
-def udp_tunnel_header(client: tuple, target: str) -> bytes:
-    """The UDP tunnel header (module docstring) naming ``client`` (ip, port, ...) and ``target``."""
+def udp_tunnel_header(client: tuple, target: str, auth: Any = None) -> bytes:
+    """The UDP tunnel header (module docstring) naming ``client`` (ip, port, ...) and ``target``; sealed
+    (version 2) with ``auth`` (a ``mesh.proxy.preamble.TunnelAuth`` of the cluster token)."""
     ip = ipaddress.ip_address(str(client[0]).split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
@@ -146,12 +151,18 @@ def udp_tunnel_header(client: tuple, target: str) -> bytes:
     if not 0 < len(raw) <= 255:
         raise ValueError(f"tunnel target must be 1..255 bytes, got {len(raw)}")
     fam = 4 if ip.version == 4 else 6
-    return TUNNEL_MAGIC + bytes([fam]) + ip.packed + struct.pack("!HB", int(client[1]), len(raw)) + raw
+    fields = bytes([fam]) + ip.packed + struct.pack("!HB", int(client[1]), len(raw)) + raw
+    if auth is None:
+        return TUNNEL_MAGIC + fields
+    return auth.seal_datagram_header(TUNNEL_MAGIC_SEALED + fields)
 
 
 def parse_tunnel_datagram(data: bytes) -> tuple[tuple[str, int], str, int]:
-    """(client, target, header length) of a tunnel datagram.  Raises ValueError naming what is wrong."""
-    if data[:3] != TUNNEL_MAGIC:
+    """(client, target, header length) of a tunnel datagram, version 1 or 2 (for 2 the length includes the
+    timestamp and the MAC: check them with ``TunnelAuth.check_datagram_header(data[:n])``).  Raises
+    ValueError naming what is wrong."""
+    sealed = data[:3] == TUNNEL_MAGIC_SEALED
+    if data[:3] != TUNNEL_MAGIC and not sealed:
         raise ValueError("not a mesh UDP tunnel datagram (magic/version)")
     if len(data) < 4 or data[3] not in (4, 6):
         raise ValueError("bad address family")
@@ -170,7 +181,12 @@ def parse_tunnel_datagram(data: bytes) -> tuple[tuple[str, int], str, int]:
         raise ValueError("target is not UTF-8") from None
     if not target.isprintable():
         raise ValueError("target is not printable")
-    return (ip, port), target, p + n
+    n = p + n
+    if sealed:
+        if len(data) < n + 40:
+            raise ValueError("truncated seal")
+        n += 40
+    return (ip, port), target, n
 
 
 def dgram_proxy_header(client: tuple | None, local: tuple | None) -> bytes:
@@ -191,7 +207,7 @@ class Session:
 
     __slots__ = (
         "b_in", "b_out", "client", "dg_in", "dg_out", "host", "idle", "key", "last", "pool", "prefix",
-        "replies", "reply_to", "requests", "sock", "started", "tag",
+        "replies", "reply_to", "requests", "reseal_at", "sock", "started", "tag",
     )  # fmt: skip
 
     def __init__(self, key: Any, client: tuple, reply_to: tuple, pool: Pool, now: float) -> None:
@@ -202,6 +218,7 @@ class Session:
         self.host: Host = None  # type: ignore[assignment]
         self.sock: socket.socket = None  # type: ignore[assignment]
         self.prefix = b""  # what each datagram towards the host starts with (tunnel or PROXY header)
+        self.reseal_at = _INF  # when a sealed tunnel prefix is made again (RESEAL_AFTER)
         self.tag = b""  # the tunnel: the header each datagram from the sending agent starts with
         self.idle = pool.options.udp_idle_timeout
         self.started = self.last = now
@@ -312,6 +329,9 @@ class UdpSite:
         s.last = now
         s.requests += 1
         self.sessions.move_to_end(s.key)
+        if now >= s.reseal_at:
+            s.prefix = self._prefix(s.host, s.client)
+            s.reseal_at = now + RESEAL_AFTER
         try:
             s.sock.send(s.prefix + payload if s.prefix else payload)
         except (BlockingIOError, InterruptedError):
@@ -396,6 +416,8 @@ class UdpSite:
         s.sock = sock
         s.host = host
         s.prefix = prefix
+        sealed = host.via is not None and getattr(self, "auth", None) is not None
+        s.reseal_at = s.last + RESEAL_AFTER if sealed else _INF
         host.active += 1
         host.stats.connections += 1
         self.loop.add_reader(sock.fileno(), self._on_upstream, s)  # type: ignore[union-attr]
@@ -543,8 +565,10 @@ class UdpListener(UdpSite):
         reuse_port: bool = False,
         tunnel_header: Callable | None = None,
         access_log: bool = False,
+        auth: Any = None,
     ) -> None:
         super().__init__(host, port, reuse_port=reuse_port)
+        self.auth = auth  # seals the UDP tunnel header towards other nodes (cluster mode)
         self.registry = registry if registry is not None else ConnectionRegistry()
         self.access_log = access_log
         self.bindings: tuple[Binding, ...] = ()
@@ -611,7 +635,7 @@ class UdpListener(UdpSite):
 
     def _prefix(self, host: Host, client: tuple) -> bytes:
         if host.via is not None:
-            return udp_tunnel_header(client, endpoint_target(host.endpoint))
+            return udp_tunnel_header(client, endpoint_target(host.endpoint), self.auth)
         if self.pool.options.proxy_protocol is not None:
             return dgram_proxy_header(client, self.sockname)
         return b""

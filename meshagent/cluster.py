@@ -183,7 +183,9 @@ class ClusterAgent:
         )
         await self.report.start()
         await self.tunnel.start()
-        self.udp_tunnel = UdpTunnelServer(self._resolve_udp, self._peer_allowed, host=self.bind, port=self.tunnel.port)
+        self.udp_tunnel = UdpTunnelServer(
+            self._resolve_udp, self._peer_allowed, host=self.bind, port=self.tunnel.port, auth=self.tunnel_auth
+        )
         self.udp_tunnel.start()
         if self.manager:
             from discovery.cluster import ClusterWatcher
@@ -249,7 +251,7 @@ class ClusterAgent:
         params = inspect.signature(Mesh).parameters
         if "tunnel_header" not in params:
             raise ConfigError("mesh.runtime.Mesh has no tunnel_header parameter: cluster mode cannot dial tunnels")
-        return Mesh(local_node=self.node_id, tunnel_header=self.tunnel_auth.host_header)
+        return Mesh(local_node=self.node_id, tunnel_header=self.tunnel_auth.host_header, tunnel_auth=self.tunnel_auth)
 
     async def _first_info(self, timeout: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout

@@ -36,7 +36,8 @@ def test_tunnel_header_round_trip(client, target):
     ("data", "why"),
     [
         (b"", "magic"),
-        (b"MU\x02\x04" + b"\x00" * 10, "magic"),
+        (b"MU\x03\x04" + b"\x00" * 10, "magic"),  # version 3 does not exist (1: unsealed, 2: sealed)
+        (b"MU\x02\x04\x01\x02\x03\x04\x00\x35\x04t1:5" + b"\x00" * 39, "truncated seal"),
         (b"XX\x01\x04", "magic"),
         (b"MU\x01\x05" + b"\x00" * 10, "family"),
         (b"MU\x01\x04\x01\x02\x03\x04\x00", "truncated"),
@@ -472,3 +473,26 @@ async def test_metrics_and_admin_table_show_udp_listeners_and_sessions():
     assert (listener["protocol"], listener["bound_port"], listener["listening"]) == ("udp", port, True)
     runtime = doc["services"][0]["routes"][0]["runtime"]
     assert runtime["udp"]["sessions_active"] == 2 and runtime["bound_port"] == port
+
+
+def test_a_sealed_tunnel_header_round_trips_and_checks() -> None:
+    from mesh.proxy.preamble import TunnelAuth, TunnelRefused
+
+    now = [1_000_000.0]
+    auth = TunnelAuth("cluster-token", clock=lambda: now[0])
+    header = udp_tunnel_header(("203.0.113.7", 5353), "t1:53", auth)
+    assert header[:3] == b"MU\x02"
+    client, target, n = parse_tunnel_datagram(header + b"query")
+    assert (client, target, n) == (("203.0.113.7", 5353), "t1:53", len(header))
+    auth.check_datagram_header(header)  # sealed with the token, now
+    for bad in (
+        udp_tunnel_header(("203.0.113.7", 5353), "t1:53", TunnelAuth("another-token", clock=lambda: now[0])),
+        header[:4] + bytes([header[4] ^ 1]) + header[5:],  # a forged client address
+    ):
+        with pytest.raises(TunnelRefused) as info:
+            auth.check_datagram_header(bad)
+        assert info.value.reason == "auth"
+    now[0] += 31
+    with pytest.raises(TunnelRefused) as info:
+        auth.check_datagram_header(header)
+    assert info.value.reason == "stale"

@@ -23,7 +23,7 @@ async def _close_servers():
         _SERVERS.pop().close()
 
 
-async def two_nodes(*, proxy: str | None = None, allowed=("127.0.0.1",)):
+async def two_nodes(*, proxy: str | None = None, allowed=("127.0.0.1",), auth=None):
     """B: a data plane with the local replica (task t1, port P) and its UDP tunnel; A: a data plane whose
     endpoint for t1 is via B's tunnel.  Returns (replica, A's published port, tunnel, B's mesh)."""
     replica, rport = await echo("R", proxy=proxy is not None)
@@ -32,10 +32,10 @@ async def two_nodes(*, proxy: str | None = None, allowed=("127.0.0.1",)):
     _MESHES.append(b)
     await b.apply(RoutingTable(1, (Service("dns", (Route(0, (Endpoint("t1", "127.0.0.1", rport, node="nB"),),
                                                          "127.0.0.1", protocol="udp"),), opts),)))  # fmt: skip
-    tunnel = UdpTunnelServer(lambda target: _resolve(b, target), lambda ip: ip in allowed, host="127.0.0.1")
+    tunnel = UdpTunnelServer(lambda target: _resolve(b, target), lambda ip: ip in allowed, host="127.0.0.1", auth=auth)
     _SERVERS.append(tunnel)
     tunnel.start()
-    a = Mesh(local_node="nA")
+    a = Mesh(local_node="nA", tunnel_auth=auth)
     _MESHES.append(a)
     ep = Endpoint("t1", "198.18.0.9", rport, node="nB", via=f"127.0.0.1:{tunnel.port}")
     await a.apply(RoutingTable(1, (Service("dns", (Route(0, (ep,), "127.0.0.1", protocol="udp"),), opts),)))
@@ -74,3 +74,31 @@ async def test_malformed_and_non_node_datagrams_are_dropped_and_counted():
     send(good, udp_tunnel_header(("198.18.0.1", 5), f"t1:{rport}") + b"x", tunnel.port)
     data, addr = await recv(good)
     assert data == b"R x" and addr == ("127.0.0.1", tunnel.port)
+
+
+async def test_with_the_cluster_token_headers_are_sealed_checked_and_resealed_on_one_session(monkeypatch):
+    """Cluster mode: A seals every session's header with the cluster token; B drops unsealed and foreign
+    ones (counted "auth": what a container on a node could send, masqueraded to the node's address) and
+    serves sealed ones; A reseals its header every RESEAL_AFTER and B keeps the same session (and socket)."""
+    import mesh.udp as udp_mod
+    from mesh.proxy.preamble import TunnelAuth
+
+    ticks = iter(range(10**6))
+    auth = TunnelAuth("the-cluster-token", clock=lambda: 1_000_000.0 + next(ticks) / 1000)  # 1 ms per call
+    seals = []
+    real_seal = auth.seal_datagram_header
+    monkeypatch.setattr(auth, "seal_datagram_header", lambda h: seals.append(real_seal(h)) or seals[-1])
+    replica, port, tunnel, b = await two_nodes(auth=auth)
+    rport = b.listeners()[0].pool.hosts[0].port
+    node = client("127.0.0.1")
+    send(node, udp_tunnel_header(("198.18.0.1", 5), f"t1:{rport}") + b"x", tunnel.port)  # unsealed
+    send(node, udp_tunnel_header(("198.18.0.1", 5), f"t1:{rport}", TunnelAuth("guess")) + b"x", tunnel.port)
+    await wait_for(lambda: tunnel.stats.dropped.get("auth", 0) == 2, what="two drops")
+    assert replica.senders == [] and not tunnel.sessions
+    monkeypatch.setattr(udp_mod, "RESEAL_AFTER", 0.0)  # reseal before every datagram
+    c = client("127.0.0.7")
+    for i in range(3):
+        assert await exchange(c, port, f"q{i}".encode()) == f"R q{i}".encode()
+    assert len(set(seals)) >= 3  # a new seal for each datagram (each one differs)
+    assert tunnel.stats.sessions_created == 1 and len(tunnel.sessions) == 1  # resealed: the same session
+    assert len(set(replica.senders)) == 1  # and the same socket towards the replica

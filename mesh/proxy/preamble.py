@@ -258,6 +258,21 @@ class TunnelAuth:
             raise ValueError(f"tunnel header for {host!r} needs the client and local addresses")
         return tunnel_header(client, local, endpoint_target(host.endpoint), auth=self)
 
+    def seal_datagram_header(self, unsealed: bytes) -> bytes:
+        """The UDP tunnel's sealed header (``mesh.udp``): ``unsealed`` + timestamp (8) + HMAC (32) over both."""
+        head = unsealed + int(self._clock() * 1000).to_bytes(8, "big")
+        return head + self._mac(head)
+
+    def check_datagram_header(self, sealed: bytes) -> None:
+        """Raise ``TunnelRefused`` ("auth" or "stale") unless ``sealed`` (a UDP tunnel header whose last 40
+        bytes are the timestamp and the MAC) is sealed with this cluster's token, recently.  No replay cache:
+        a UDP service copes with duplicate datagrams, and a sender reseals its header every few seconds."""
+        if len(sealed) < 41 or not hmac.compare_digest(sealed[-32:], self._mac(sealed[:-32])):
+            raise TunnelRefused("auth", "UDP tunnel header not sealed with this cluster's token")
+        stamp_ms = int.from_bytes(sealed[-40:-32], "big")
+        if abs(int(self._clock() * 1000) - stamp_ms) > int(self.window * 1000):
+            raise TunnelRefused("stale", "UDP tunnel header timestamp outside the window")
+
     def check(self, raw: bytes, header: TunnelHeader) -> None:
         """Raise ``TunnelRefused`` ("auth", "stale" or "replay") unless ``raw`` (the whole header as
         received) is sealed by a holder of the cluster token, recently, and not seen before."""
