@@ -220,24 +220,29 @@ def test_malformed_and_non_node_tunnel_datagrams_are_dropped_and_counted(swarm):
     s.bind((CLIENT_ADDR, 0))
     s.sendto(udp_tunnel_header((CLIENT_ADDR, 1), target) + b"x", (sl.nodes[1].addr, TUNNEL_PORT))
     s.close()
-    # from node 3 (a cluster node): garbage, and a target that is not a local endpoint of node 1
+    # from node 3 (a cluster node, as a container there would be): garbage, a header for a local endpoint that is
+    # not sealed with the cluster token (a forged client), and a sealed one whose target is not local to node 1
     n3 = sl.nodes[3]
     root, dst = str(Path(__file__).resolve().parent.parent), (sl.nodes[1].addr, TUNNEL_PORT)
     script = (
         f"import socket, sys; sys.path.insert(0, {root!r})\n"
         "from mesh.udp import udp_tunnel_header\n"
+        "from mesh.proxy.preamble import TunnelAuth\n"
+        f"auth = TunnelAuth(open({str(sl.token_file)!r}).read().strip())\n"
         "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
         f"dst = {dst!r}\n"
         "s.sendto(b'not a tunnel datagram', dst)\n"
         "s.sendto(b'MU\\x01\\x04\\x01', dst)\n"
-        "s.sendto(udp_tunnel_header(('198.18.0.1', 5), 'nosuchtask:53') + b'x', dst)\n"
+        f"s.sendto(udp_tunnel_header(('198.18.0.1', 5), {target!r}) + b'x', dst)\n"
+        "s.sendto(udp_tunnel_header(('198.18.0.1', 5), 'nosuchtask:53', auth) + b'x', dst)\n"
     )
     subprocess.run(["nsenter", f"--net=/run/netns/{n3.netns}", "--", "python3", "-c", script], check=True, timeout=30)
 
     def counted() -> bool:
         d = _udp_tunnel(sl, 1).get("dropped") or {}
         return (d.get("peer", 0) - before["peer"], d.get("malformed", 0) - before["malformed"],
-                d.get("unknown_target", 0) - before["unknown_target"]) == (1, 2, 1)  # fmt: skip
+                d.get("auth", 0) - before.get("auth", 0),
+                d.get("unknown_target", 0) - before["unknown_target"]) == (1, 2, 1, 1)  # fmt: skip
 
     sl.wait(counted, 10, "drops counted on node 1's udp tunnel")
     # and the service still answers
