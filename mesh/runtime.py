@@ -102,6 +102,7 @@ class Mesh:
         self.applied_at: float | None = None  # wall-clock time of the last apply()
         self.registry = ConnectionRegistry()
         self.by_key: dict[ListenKey, Listener | UdpListener] = {}
+        self._local_index: dict[tuple[str, int, str], tuple[Pool, Host]] | None = None
         self.failed: dict[ListenKey, str] = {}  # keys of the current table that could not be bound -> reason
         self._rng = rng if rng is not None else random.Random()
         self._checkers: dict[Pool, HealthChecker] = {}
@@ -130,15 +131,18 @@ class Mesh:
         """The pool and host of a local (not tunnelled) endpoint with this id and target port: what
         the cluster tunnel dials for a target "<endpoint id>:<port>", sharing its health and counts.
         ``transport``: "stream" (the TCP tunnel: tcp/tls routes) or "udp" (the UDP tunnel) -- a task
-        may publish one port for both."""
-        for lst in self.by_key.values():
-            if (lst.protocol == "udp") != (transport == "udp"):
-                continue
-            for pool in (b.pool for b in lst.bindings):
-                for host in pool.hosts:
-                    if host.via is None and host.port == port and host.endpoint.id == endpoint_id:
-                        return pool, host
-        return None
+        may publish one port for both.  O(1): an index built on the first look-up after each apply."""
+        index = self._local_index
+        if index is None:
+            index = {}
+            for lst in self.by_key.values():
+                kind = "udp" if lst.protocol == "udp" else "stream"
+                for pool in (b.pool for b in lst.bindings):
+                    for host in pool.hosts:
+                        if host.via is None:
+                            index.setdefault((host.endpoint.id, host.port, kind), (pool, host))
+            self._local_index = index
+        return index.get((endpoint_id, port, "udp" if transport == "udp" else "stream"))
 
     def connections(self) -> int:
         """Open proxied connections (including those of removed listeners still draining)."""
@@ -178,6 +182,7 @@ class Mesh:
                 failed[key] = reason
         self.failed = failed
         self.table = table
+        self._local_index = None  # Mesh.local_host rebuilds it on its next look-up
         self.applied_at = time.time()
         log.info(
             "applied table version %d: %d listener(s), %d open connection(s)%s",
