@@ -8,8 +8,9 @@ Rules of ``Mesh.apply(table)``:
 - A key only in the new table gets a new ``Listener`` (and a ``Pool`` per route).
   If the port cannot be bound, or no front serves the protocol
   (``mesh.listener.FRONTS``), that is logged (service, address, reason) and the
-  key is skipped; the rest of the table still applies, and the next ``apply``
-  tries it again.
+  key is skipped; the rest of the table still applies, and it is tried again
+  after 0.5 s, doubling to 30 s (``REBIND_*``), and by the next ``apply``: a port
+  another process held comes back without a new table.
 - A key no longer in the table stops accepting at once; its open connections
   continue (they are tracked in the mesh-wide ``ConnectionRegistry``).
 - A key kept with the same services updates its pools in place
@@ -53,6 +54,9 @@ from mesh.udp import UdpListener
 __all__ = ["ListenKey", "Mesh"]
 
 log = logging.getLogger(__name__)
+
+REBIND_INITIAL = 0.5  # seconds before a port that could not be bound is tried again (doubling)
+REBIND_MAX = 30.0
 
 
 class ListenKey(NamedTuple):
@@ -103,6 +107,8 @@ class Mesh:
         self.registry = ConnectionRegistry()
         self.by_key: dict[ListenKey, Listener | UdpListener] = {}
         self._local_index: dict[tuple[str, int, str], tuple[Pool, Host]] | None = None
+        self._rebind_handle: asyncio.TimerHandle | None = None
+        self._rebind_delay = REBIND_INITIAL
         self.failed: dict[ListenKey, str] = {}  # keys of the current table that could not be bound -> reason
         self._rng = rng if rng is not None else random.Random()
         self._checkers: dict[Pool, HealthChecker] = {}
@@ -183,6 +189,7 @@ class Mesh:
         self.failed = failed
         self.table = table
         self._local_index = None  # Mesh.local_host rebuilds it on its next look-up
+        self._schedule_rebind(reset=True)
         self.applied_at = time.time()
         log.info(
             "applied table version %d: %d listener(s), %d open connection(s)%s",
@@ -191,6 +198,42 @@ class Mesh:
             len(self.registry),
             f", {len(failed)} port(s) not bound" if failed else "",
         )
+
+    # -- ports that could not be bound: retried with backoff -----------------------------------------
+    def _schedule_rebind(self, reset: bool = False) -> None:
+        """While some port of the current table is not bound, try again after REBIND_INITIAL seconds,
+        doubling to REBIND_MAX (a port freed by another process comes back without a new table)."""
+        if reset:
+            self._rebind_delay = REBIND_INITIAL
+            if self._rebind_handle is not None:
+                self._rebind_handle.cancel()
+                self._rebind_handle = None
+        if not self.failed or self._closed or self._rebind_handle is not None:
+            return
+        loop = asyncio.get_running_loop()
+        self._rebind_handle = loop.call_later(self._rebind_delay, self._rebind)
+        self._rebind_delay = min(self._rebind_delay * 2, REBIND_MAX)
+
+    def _rebind(self) -> None:
+        self._rebind_handle = None
+        table = self.table
+        if self._closed or table is None or not self.failed:
+            return
+        wanted: dict[ListenKey, list[tuple[Service, Route]]] = {}
+        for svc, route in table.routes():
+            wanted.setdefault(listen_key(svc, route), []).append((svc, route))
+        for key in list(self.failed):
+            if key in self.by_key or key not in wanted:
+                self.failed.pop(key, None)
+                continue
+            reason = self._add(key, wanted[key])
+            if reason is None:
+                self.failed.pop(key, None)
+                self._local_index = None
+                log.info("%s: bound on retry; the table is fully applied again", key)
+            else:
+                self.failed[key] = reason
+        self._schedule_rebind()
 
     @staticmethod
     def _keeps(lst: Listener | UdpListener, routes: list[tuple[Service, Route]]) -> bool:
@@ -302,6 +345,9 @@ class Mesh:
     async def shutdown(self, grace: float) -> None:
         """Stop accepting everywhere, wait up to ``grace`` seconds for open connections, abort the rest."""
         self._closed = True
+        if self._rebind_handle is not None:
+            self._rebind_handle.cancel()
+            self._rebind_handle = None
         stops = [c.stop() for c in self._checkers.values()]
         self._checkers.clear()
         listeners = list(self.by_key.values())

@@ -280,3 +280,28 @@ async def test_port_0_is_refused_where_workers_share_ports(caplog):
     assert not mesh.ready() and mesh.listeners() == []
     assert list(mesh.failed.values()) == ["port 0 (any free port) cannot be shared by several workers; name a port"]
     assert any("service anyport" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_port_that_could_not_be_bound_is_retried_without_a_new_table(monkeypatch, caplog):
+    """The reliability issue, item 5: a failed bind was retried only when the table changed, so the port
+    stayed refused after the other process let it go.  Now it is retried with backoff."""
+    import mesh.runtime as runtime_mod
+
+    monkeypatch.setattr(runtime_mod, "REBIND_INITIAL", 0.05)
+    b = await Backend("b").start()
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    port = holder.getsockname()[1]
+    mesh = new_mesh()
+    await mesh.apply(RoutingTable(1, (svc("late", port, b.port),)))
+    assert not mesh.ready() and list(mesh.failed) == [ListenKey("tcp", "127.0.0.1", port)]
+    await asyncio.sleep(0.2)  # a few retries while the port is still taken: still failed, still serving others
+    assert not mesh.ready()
+    holder.close()
+    with caplog.at_level(logging.INFO, logger="mesh.runtime"):
+        await wait_for(mesh.ready, timeout=5, what="the port bound on a retry")
+    assert any("bound on retry" in r.getMessage() for r in caplog.records)
+    c = await Client.open(port)
+    assert await c.echo(b"x") == b"x"
+    await c.close()
