@@ -47,12 +47,18 @@ from mesh.routing import Route, RoutingTable, Service, TableError, format_hostpo
 __all__ = ["NODE_AVAILABILITIES", "NODE_STATES", "ClusterState", "Localizer", "NodeInfo", "ServicePart", "localize"]
 
 
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
 def _trusted(cls: type, **values: Any) -> Any:
     """An instance of a frozen dataclass whose invariants the caller guarantees (built from parts of
     already-validated objects), without running ``__post_init__`` again: validating a 5,000-endpoint
     table once per subscriber per change is most of a delta's cost.  Falls back to the checked
     constructor if the class gained fields this module does not know."""
-    if tuple(f.name for f in fields(cls)) != tuple(values):
+    names = _FIELDS.get(cls)
+    if names is None:
+        names = _FIELDS[cls] = tuple(f.name for f in fields(cls))
+    if names != tuple(values):
         return cls(**values)
     obj = object.__new__(cls)
     for name, value in values.items():
@@ -81,15 +87,18 @@ def _hash(data: bytes) -> str:
 
 @dataclass(frozen=True, slots=True)
 class ServicePart:
-    """One service of a state in wire form: its canonical JSON and the hash of it."""
+    """One service of a state in wire form: its canonical JSON and the hash of it.  ``piece`` is what the
+    state digest hashes for it (``name=hash;``), kept so that a digest joins bytes instead of formatting."""
 
     json: bytes
     hash: str
+    piece: bytes = b""
 
     @classmethod
     def of(cls, service_dict: Mapping[str, Any]) -> ServicePart:
         body = _canonical(service_dict)
-        return cls(body, _hash(body))
+        h = _hash(body)
+        return cls(body, h, f"{service_dict['name']}={h};".encode())
 
 
 # Swarm's own vocabulary (NodeStatus.State, NodeSpec.Availability).
@@ -155,6 +164,17 @@ class ClusterState:
     _parts: tuple[ServicePart, ...] | None = field(default=None, init=False, repr=False, compare=False)
     _nodes_part: tuple[bytes, str] | None = field(default=None, init=False, repr=False, compare=False)
     _digest: str | None = field(default=None, init=False, repr=False, compare=False)
+    # service name -> position; node id -> NodeInfo (shared read-only between derived states); node id ->
+    # position; each node's canonical JSON piece, aligned with nodes
+    _index: dict[str, int] | None = field(default=None, init=False, repr=False, compare=False)
+    _by_id: dict[str, NodeInfo] | None = field(default=None, init=False, repr=False, compare=False)
+    _node_index: dict[str, int] | None = field(default=None, init=False, repr=False, compare=False)
+    _node_pieces: tuple[bytes, ...] | None = field(default=None, init=False, repr=False, compare=False)
+    # set by with_changes: (digest of the state it was derived from, names of the services it replaced or
+    # removed, ids of the nodes it changed), so that Localizer looks at those only
+    _lineage: tuple[str, frozenset[str], frozenset[str]] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         nodes = tuple(sorted(self.nodes, key=lambda n: n.id))
@@ -167,7 +187,26 @@ class ClusterState:
         return self.table.version
 
     def node_map(self) -> dict[str, NodeInfo]:
-        return {n.id: n for n in self.nodes}
+        return dict(self._nodes_by_id())
+
+    def _nodes_by_id(self) -> dict[str, NodeInfo]:
+        """Nodes by id, computed once and shared with derived states: never mutate it."""
+        if self._by_id is None:
+            object.__setattr__(self, "_by_id", {n.id: n for n in self.nodes})
+        assert self._by_id is not None
+        return self._by_id
+
+    def _service_index(self) -> dict[str, int]:
+        if self._index is None:
+            object.__setattr__(self, "_index", {s.name: i for i, s in enumerate(self.table.services)})
+        assert self._index is not None
+        return self._index
+
+    def _pieces(self) -> tuple[bytes, ...]:
+        if self._node_pieces is None:
+            object.__setattr__(self, "_node_pieces", tuple(_node_piece(n) for n in self.nodes))
+        assert self._node_pieces is not None
+        return self._node_pieces
 
     @property
     def digest(self) -> str:
@@ -175,11 +214,10 @@ class ClusterState:
         per-service hashes and the nodes' hash, so it is cheap for a state derived with
         ``with_changes`` or primed with ``reuse``."""
         if self._digest is None:
-            h = hashlib.sha256()
-            for svc, part in zip(self.table.services, self.parts(), strict=True):
-                h.update(f"{svc.name}={part.hash};".encode())
-            h.update(b"nodes=" + self.nodes_part()[1].encode())
-            object.__setattr__(self, "_digest", h.hexdigest()[:16])
+            pieces = [p.piece or f"{s.name}={p.hash};".encode() for s, p in zip(self.table.services, self.parts(),
+                                                                                 strict=True)]  # fmt: skip
+            pieces.append(b"nodes=" + self.nodes_part()[1].encode())
+            object.__setattr__(self, "_digest", hashlib.sha256(b"".join(pieces)).hexdigest()[:16])
         assert self._digest is not None
         return self._digest
 
@@ -194,7 +232,7 @@ class ClusterState:
         """The nodes' canonical JSON (an object keyed by node id) and its hash (computed once)."""
         if self._nodes_part is None:
             # the canonical JSON of _nodes_dict(), from one cached piece per node (a node change re-serialises one)
-            body = b"{%s}" % b",".join(_node_piece(n) for n in self.nodes)
+            body = b"{%s}" % b",".join(self._pieces())
             object.__setattr__(self, "_nodes_part", (body, _hash(body)))
         assert self._nodes_part is not None
         return self._nodes_part
@@ -224,31 +262,66 @@ class ClusterState:
         nodes: Mapping[str, NodeInfo | None] | None = None,
     ) -> ClusterState:
         """A new state: this one with ``services`` replaced (None removes one) and ``nodes`` changed
-        (None removes a node), at ``version``.  Unchanged services keep their objects and wire form."""
-        kept = [(s, p) for s, p in zip(self.table.services, self.parts(), strict=True) if s.name not in services]
-        kept += [v for v in services.values() if v is not None]
-        kept.sort(key=lambda sp: sp[0].name)
-        svcs = tuple(s for s, _ in kept)
-        old = {s.name: s for s in self.table.services}
-        # Changes of endpoints only (scale, update, node down) cannot make two routes conflict: the table is
-        # checked again only when a changed or added service listens differently from before.
-        if all(v is None or _listen_keys(old.get(name)) == _listen_keys(v[0]) for name, v in services.items()):
-            table = _trusted(RoutingTable, version=version, services=svcs)
+        (None removes a node), at ``version``.  Unchanged services keep their objects and wire form.
+
+        What a delta does, so its cost follows the change: replacing services and nodes that exist is done
+        in place (positions, indexes and the other nodes' JSON pieces are shared); adding or removing some
+        rebuilds the lists (still without serialising or validating the unchanged services again)."""
+        old_svcs, old_parts, index = self.table.services, self.parts(), self._service_index()
+        svcs, parts = list(old_svcs), list(old_parts)
+        in_place = True
+        relisten = False  # a changed or added service listens differently: the table is checked again
+        for name, v in services.items():
+            i = index.get(name)
+            if v is None or i is None:
+                in_place = False
+                relisten = relisten or v is not None
+                continue
+            svcs[i], parts[i] = v
+            relisten = relisten or _listen_keys(old_svcs[i]) != _listen_keys(v[0])
+        new_index: dict[str, int] | None = index
+        if not in_place:
+            kept = [(s, p) for s, p in zip(old_svcs, old_parts, strict=True) if s.name not in services]
+            kept += [v for v in services.values() if v is not None]
+            kept.sort(key=lambda sp: sp[0].name)
+            svcs, parts = [s for s, _ in kept], [p for _, p in kept]
+            new_index = None
+        # Changes of endpoints only (scale, update, node down) cannot make two routes conflict.
+        if relisten:
+            table = RoutingTable(version=version, services=tuple(svcs))
         else:
-            table = RoutingTable(version=version, services=svcs)
+            table = _trusted(RoutingTable, version=version, services=tuple(svcs))
+        caches: dict[str, Any] = {"_nodes_part": self._nodes_part, "_by_id": self._by_id,
+                                  "_node_index": self._node_index, "_node_pieces": self._node_pieces}  # fmt: skip
+        new_nodes = self.nodes
         if nodes:
-            merged = self.node_map()
-            for nid, info in nodes.items():
-                if info is None:
-                    merged.pop(nid, None)
-                else:
-                    merged[nid] = info
-            new = ClusterState(table=table, nodes=tuple(merged.values()))
-        else:
-            new = _trusted(ClusterState, table=table, nodes=self.nodes, _parts=None, _nodes_part=self.nodes_part(),
-                           _digest=None)  # fmt: skip
-        object.__setattr__(new, "_parts", tuple(p for _, p in kept))
-        return new
+            by_id = self._nodes_by_id()
+            if all(info is not None and info.id == nid and nid in by_id for nid, info in nodes.items()):
+                # the same node ids, so the same order: replace them where they are
+                nidx = self._node_index
+                if nidx is None:
+                    nidx = {n.id: i for i, n in enumerate(self.nodes)}
+                    object.__setattr__(self, "_node_index", nidx)
+                listed, pieces, merged = list(self.nodes), list(self._pieces()), dict(by_id)
+                for nid, info in nodes.items():
+                    assert info is not None
+                    i = nidx[nid]
+                    listed[i], pieces[i], merged[nid] = info, _node_piece(info), info
+                new_nodes = tuple(listed)
+                caches = {"_nodes_part": None, "_by_id": merged, "_node_index": nidx, "_node_pieces": tuple(pieces)}
+            else:
+                merged = dict(by_id)
+                for nid, info in nodes.items():
+                    if info is None:
+                        merged.pop(nid, None)
+                    else:
+                        merged[nid] = info
+                new_nodes = ClusterState(table=table, nodes=tuple(merged.values())).nodes  # sorted and checked
+                caches = {"_nodes_part": None, "_by_id": None, "_node_index": None, "_node_pieces": None}
+        lineage = (self.digest, frozenset(services), frozenset(nodes or ()))
+        return _trusted(ClusterState, table=table, nodes=new_nodes, _parts=tuple(parts), _nodes_part=caches["_nodes_part"],
+                        _digest=None, _index=new_index, _by_id=caches["_by_id"], _node_index=caches["_node_index"],
+                        _node_pieces=caches["_node_pieces"], _lineage=lineage)  # fmt: skip
 
     def _nodes_dict(self) -> dict[str, dict[str, Any]]:
         return {n.id: n.to_dict() for n in self.nodes}
@@ -338,19 +411,24 @@ def _localize_service(
     """One service of ``localize``.  ``memo`` (from the last call for this service) maps (endpoint,
     address, via, state) to the localised endpoint made then; ``seen`` collects this call's for the next."""
     routes = []
+    vias: dict[str, str | None] = {}  # node id -> its tunnel "addr:port", or None when it takes nothing
     for route in svc.routes:
         endpoints = []
         for ep in route.endpoints:
-            node = nodes.get(ep.node)
-            if node is None or not node.usable:
-                continue
             if ep.node == self_node_id:
+                node = nodes.get(ep.node)
+                if node is None or not node.usable:
+                    continue
                 address = local_addresses.get(ep.id)
                 if address is None:
                     continue
                 key = (ep, address, None, "draining" if ep.id in draining else ep.state)
             else:
-                via = node.tunnel_addr
+                try:
+                    via = vias[ep.node]
+                except KeyError:
+                    node = nodes.get(ep.node)
+                    via = vias[ep.node] = node.tunnel_addr if node is not None and node.usable else None
                 if via is None:
                     continue
                 key = (ep, ep.address, via, ep.state)
@@ -371,17 +449,23 @@ class Localizer:
 
     A service is localised again only when its content (its hash), a node one of its
     endpoints is on, or the local address / draining mark of one of its tasks on this
-    node changed; the result is always equal to ``localize(state, ...)``.  One per node
-    (it remembers that node's last answers); not thread-safe.
+    node changed; the result is always equal to ``localize(state, ...)``.  A state that
+    ``with_changes`` derived from the last one localised (what a delta gives) names what
+    it changed, so only those services, the services on changed nodes and the services
+    with tasks on this node are looked at: the cost follows the change, not the cluster.
+    One per node (it remembers that node's last answers); not thread-safe.
     """
 
-    __slots__ = ("_cache", "_memo", "_nodes", "localized", "reused")
+    __slots__ = ("_cache", "_digest", "_local", "_memo", "_nodes", "_self", "localized", "reused")
 
     def __init__(self) -> None:
         # service name -> (service hash, node ids it uses, local task ids, local key, localised service)
         self._cache: dict[str, tuple[str, frozenset[str], tuple[str, ...], tuple, Service]] = {}
         self._memo: dict[str, dict] = {}  # service name -> its localised endpoints (see _localize_service)
         self._nodes: dict[str, NodeInfo] = {}
+        self._local: set[str] = set()  # services with tasks on this node (they depend on local_addresses)
+        self._digest = ""  # of the last state localised
+        self._self = ""
         self.localized = 0  # services localised (counters, for tests and the benchmark)
         self.reused = 0
 
@@ -392,33 +476,83 @@ class Localizer:
         local_addresses: Mapping[str, str],
         draining: Collection[str] = (),
     ) -> RoutingTable:
-        nodes = state.node_map()
-        old = self._nodes
-        changed_nodes = {k for k in nodes.keys() | old.keys() if nodes.get(k) != old.get(k)} if nodes != old else set()
+        nodes = state._nodes_by_id()
+        lineage = state._lineage
+        if lineage is not None and lineage[0] == self._digest and self_node_id == self._self and self._digest:
+            out = self._follow(state, lineage[1], lineage[2], nodes, local_addresses, draining)
+        else:
+            out = self._all(state, nodes, self_node_id, local_addresses, draining)
         self._nodes = nodes
-        cache: dict[str, tuple[str, frozenset[str], tuple[str, ...], tuple, Service]] = {}
+        self._digest = state.digest
+        self._self = self_node_id
+        # the services of a validated table, localised: same names, order and listeners
+        return _trusted(RoutingTable, version=state.table.version, services=out)
+
+    def _localize(self, svc: Service, part: ServicePart, nodes: Mapping[str, NodeInfo], self_node_id: str,
+                  local_addresses: Mapping[str, str], draining: Collection[str]) -> Service:  # fmt: skip
+        used = frozenset(ep.node for r in svc.routes for ep in r.endpoints)
+        local_ids = tuple(sorted({ep.id for r in svc.routes for ep in r.endpoints if ep.node == self_node_id}))
+        key = tuple((local_addresses.get(i), i in draining) for i in local_ids)
+        seen: dict = {}
+        loc = _localize_service(svc, nodes, self_node_id, local_addresses, draining, self._memo.get(svc.name), seen)
+        self._memo[svc.name] = seen
+        self.localized += 1
+        self._cache[svc.name] = (part.hash, used, local_ids, key, loc)
+        if local_ids:
+            self._local.add(svc.name)
+        else:
+            self._local.discard(svc.name)
+        return loc
+
+    def _follow(self, state: ClusterState, changed: frozenset[str], changed_nodes: frozenset[str],
+                nodes: Mapping[str, NodeInfo], local_addresses: Mapping[str, str],
+                draining: Collection[str]) -> tuple[Service, ...]:  # fmt: skip
+        """The next state of the one localised last: look at what it says changed, and at local tasks."""
+        cache = self._cache
+        again = set(changed)
+        if changed_nodes:
+            again.update(name for name, hit in cache.items() if hit[1] & changed_nodes)
+        for name in self._local:
+            hit = cache[name]
+            if tuple((local_addresses.get(i), i in draining) for i in hit[2]) != hit[3]:
+                again.add(name)
+        index = state._service_index()
+        services, parts = state.table.services, state.parts()
+        for name in again:
+            i = index.get(name)
+            if i is None:  # removed
+                cache.pop(name, None)
+                self._memo.pop(name, None)
+                self._local.discard(name)
+            else:
+                self._localize(services[i], parts[i], nodes, self._self, local_addresses, draining)
+        self.reused += len(services) - len(again & index.keys())
+        return tuple(cache[s.name][4] for s in services)
+
+    def _all(self, state: ClusterState, nodes: Mapping[str, NodeInfo], self_node_id: str,
+             local_addresses: Mapping[str, str], draining: Collection[str]) -> tuple[Service, ...]:  # fmt: skip
+        old = self._nodes
+        changed_nodes = (
+            {k for k in nodes.keys() | old.keys() if nodes.get(k) != old.get(k)}
+            if nodes is not old and nodes != old
+            else set()
+        )
+        previous, self._cache = self._cache, {}
+        if self_node_id != self._self:
+            previous, self._memo = {}, {}
+        self._local = set()
         out = []
         for svc, part in zip(state.table.services, state.parts(), strict=True):
-            hit = self._cache.get(svc.name)
+            hit = previous.get(svc.name)
             if hit is not None and hit[0] == part.hash and not (hit[1] & changed_nodes):
-                local_ids = hit[2]
-                key = tuple((local_addresses.get(i), i in draining) for i in local_ids)
-                if key == hit[3]:
-                    cache[svc.name] = hit
+                if tuple((local_addresses.get(i), i in draining) for i in hit[2]) == hit[3]:
+                    self._cache[svc.name] = hit
+                    if hit[2]:
+                        self._local.add(svc.name)
                     out.append(hit[4])
                     self.reused += 1
                     continue
-            used = frozenset(ep.node for r in svc.routes for ep in r.endpoints)
-            local_ids = tuple(sorted({ep.id for r in svc.routes for ep in r.endpoints if ep.node == self_node_id}))
-            key = tuple((local_addresses.get(i), i in draining) for i in local_ids)
-            seen: dict = {}
-            loc = _localize_service(svc, nodes, self_node_id, local_addresses, draining, self._memo.get(svc.name), seen)
-            self._memo[svc.name] = seen
-            self.localized += 1
-            cache[svc.name] = (part.hash, used, local_ids, key, loc)
-            out.append(loc)
-        self._cache = cache
-        for name in self._memo.keys() - cache.keys():
+            out.append(self._localize(svc, part, nodes, self_node_id, local_addresses, draining))
+        for name in self._memo.keys() - self._cache.keys():
             del self._memo[name]
-        # the services of a validated table, localised: same names, order and listeners
-        return _trusted(RoutingTable, version=state.table.version, services=tuple(out))
+        return tuple(out)
