@@ -53,11 +53,12 @@ import inspect
 import json
 import logging
 import random
+import zlib
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
+from urllib.parse import quote
 
-import aiohttp
 from aiohttp import web
 
 from mesh.errors import MeshError, ProtocolError
@@ -359,10 +360,12 @@ def _delta_body(base: ClusterState, new: ClusterState, digest: str, base_digest:
             pieces.append(json.dumps(svc.name).encode() + b":" + part.json)
     for name in sorted(old.keys() - names):
         pieces.append(json.dumps(name).encode() + b":null")
-    old_nodes, new_nodes = base.node_map(), new.node_map()
-    nodes = {nid: (n.to_dict() if n is not None else None)
-             for nid in sorted(old_nodes.keys() | new_nodes.keys())
-             if (n := new_nodes.get(nid)) != old_nodes.get(nid)}  # fmt: skip
+    nodes: dict[str, Any] = {}
+    if base.nodes is not new.nodes and base.nodes != new.nodes:
+        old_nodes, new_nodes = base._nodes_by_id(), new._nodes_by_id()
+        nodes = {nid: (n.to_dict() if n is not None else None)
+                 for nid in sorted(old_nodes.keys() | new_nodes.keys())
+                 if (n := new_nodes.get(nid)) != old_nodes.get(nid)}  # fmt: skip
     return b'{"base":%s,"digest":%s,"nodes":%s,"services":{%s},"version":%d}' % (
         json.dumps(base_digest).encode(), json.dumps(digest).encode(),
         json.dumps(nodes, sort_keys=True, separators=(",", ":")).encode(), b",".join(pieces), new.version)  # fmt: skip
@@ -370,6 +373,231 @@ def _delta_body(base: ClusterState, new: ClusterState, digest: str, base_digest:
 
 ManagerList = Sequence[tuple[str, int]]
 OnState = Callable[[ClusterState], Awaitable[None] | None]
+
+MAX_RESPONSE_HEAD = 16 * 1024  # status line and headers of an answer
+MAX_RESPONSE_HEADERS = 64
+
+
+class _Answer(NamedTuple):
+    status: int
+    headers: dict[str, str]  # names lower-cased
+    body: bytes  # as sent (not decompressed)
+
+
+class _Closed(ConnectionResetError):
+    """The connection closed before any byte of the answer (a keep-alive connection the server had just
+    closed): the request may be sent again on a new connection."""
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection to a manager, one request at a time.
+
+    Rules: an answer is a status line and headers (at most ``MAX_RESPONSE_HEAD`` bytes, ``MAX_RESPONSE_HEADERS``
+    lines), then a body framed by Content-Length, chunked transfer coding, or the end of the connection (then
+    the connection is not reused; nor after ``Connection: close`` or HTTP/1.0).  204, 304 and 1xx have no body.
+    A body larger than ``max_body`` bytes, bytes nobody asked for, or a malformed head end the connection with
+    ``ProtocolError``.
+
+    Why not aiohttp's client: a long-poll answer is one small response per change, and aiohttp's client
+    request (URL and header building, timers, connection pool, response object) cost more CPU than all the
+    rest of what a subscriber does per delta (docs/cluster.md, "Limits").
+    """
+
+    __slots__ = ("_body", "_buf", "_chunk", "_framing", "_fut", "_got", "_head", "_max", "_timer", "closed",
+                 "keep", "transport")  # fmt: skip
+
+    def __init__(self, max_body: int) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.keep = True  # may carry another request after this answer
+        self._max = max_body
+        self._buf = bytearray()
+        self._fut: asyncio.Future[_Answer] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._head: tuple[int, dict[str, str]] | None = None
+        self._framing: int | str = 0  # bytes of body expected, "chunked" or "close"
+        self._chunk = -1  # chunked: bytes left of the current chunk (-1: at a size line)
+        self._body = bytearray()
+        self._got = False  # a byte of the current answer arrived
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # a TCP transport (uvloop's is no subclass)
+
+    async def request(self, head: bytes, timeout: float) -> _Answer:
+        assert self.transport is not None and self._fut is None and not self.closed
+        loop = asyncio.get_running_loop()
+        self._fut = fut = loop.create_future()
+        self._got = False
+        self._head = None
+        self._body = bytearray()
+        self._timer = loop.call_later(timeout, self._fail, TimeoutError(f"no answer within {timeout:g}s"))
+        self.transport.write(head)
+        try:
+            return await fut
+        finally:
+            self._timer.cancel()
+            self._fut = self._timer = None
+
+    def data_received(self, data: bytes) -> None:
+        if self._fut is None or self._fut.done():
+            self._fail(ProtocolError("manager sent bytes nobody asked for"))
+            return
+        self._got = True
+        self._buf += data
+        try:
+            self._parse()
+        except ProtocolError as exc:
+            self._fail(exc)
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.keep = False
+        if self._fut is None or self._fut.done():
+            return
+        if self._head is not None and self._framing == "close":
+            self._done(bytes(self._body))
+        elif not self._got:
+            self._fut.set_exception(_Closed("connection closed before the answer"))
+        else:
+            self._fut.set_exception(ProtocolError("connection closed in the middle of the answer"))
+
+    def close(self) -> None:
+        self.closed = True
+        self.keep = False
+        if self.transport is not None:
+            self.transport.close()
+
+    def _fail(self, exc: Exception) -> None:
+        if self._fut is not None and not self._fut.done():
+            self._fut.set_exception(exc)
+        self.close()
+
+    def _done(self, body: bytes) -> None:
+        assert self._head is not None and self._fut is not None
+        self._fut.set_result(_Answer(self._head[0], self._head[1], body))
+        if self._buf:
+            self.close()  # more than one answer to one request
+        elif not self.keep:
+            self.close()
+
+    def _parse(self) -> None:
+        buf = self._buf
+        if self._head is None:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > MAX_RESPONSE_HEAD:
+                    raise ProtocolError("answer head too large")
+                return
+            if end > MAX_RESPONSE_HEAD:
+                raise ProtocolError("answer head too large")
+            lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
+            del buf[: end + 4]
+            version, _, rest = lines[0].partition(" ")
+            code = rest[:3]
+            if not version.startswith("HTTP/1.") or len(code) != 3 or not code.isdigit():
+                raise ProtocolError(f"not an HTTP answer: {lines[0][:80]!r}")
+            if len(lines) - 1 > MAX_RESPONSE_HEADERS:
+                raise ProtocolError("too many headers in the answer")
+            headers: dict[str, str] = {}
+            for line in lines[1:]:
+                name, sep, value = line.partition(":")
+                if not sep or not name or name != name.strip():
+                    raise ProtocolError(f"malformed header line {line[:80]!r}")
+                headers[name.lower()] = value.strip()
+            status = int(code)
+            self.keep = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
+            if 100 <= status < 200:
+                raise ProtocolError(f"unexpected HTTP {status}")
+            te = headers.get("transfer-encoding", "").lower()
+            if status in (204, 304):
+                self._framing = 0
+            elif te:
+                if te != "chunked":
+                    raise ProtocolError(f"unsupported Transfer-Encoding {te!r}")
+                self._framing, self._chunk = "chunked", -1
+            elif "content-length" in headers:
+                length = headers["content-length"]
+                if not length.isdigit():
+                    raise ProtocolError(f"bad Content-Length {length!r}")
+                if int(length) > self._max:
+                    raise ProtocolError(f"state too large ({length} bytes)")
+                self._framing = int(length)
+            else:
+                self._framing = "close"
+                self.keep = False
+            self._head = (status, headers)
+        framing = self._framing
+        if isinstance(framing, int):
+            if len(buf) >= framing:
+                body = bytes(buf[:framing])
+                del buf[:framing]
+                self._done(body)
+        elif framing == "close":
+            self._body += buf
+            buf.clear()
+            if len(self._body) > self._max:
+                raise ProtocolError(f"state larger than {self._max} bytes")
+        else:
+            self._parse_chunks()
+
+    def _parse_chunks(self) -> None:
+        buf = self._buf
+        while True:
+            if self._chunk == -1:
+                end = buf.find(b"\r\n")
+                if end < 0:
+                    if len(buf) > 1024:
+                        raise ProtocolError("chunk size line too long")
+                    return
+                size = bytes(buf[:end]).split(b";", 1)[0].strip()
+                try:
+                    n = int(size, 16)
+                except ValueError:
+                    raise ProtocolError(f"bad chunk size {size[:20]!r}") from None
+                if n < 0 or len(self._body) + n > self._max:
+                    raise ProtocolError(f"state larger than {self._max} bytes")
+                del buf[: end + 2]
+                if n == 0:
+                    self._chunk = -2  # trailers until an empty line
+                else:
+                    self._chunk = n
+            if self._chunk == -2:
+                if buf.startswith(b"\r\n"):
+                    del buf[:2]
+                    self._done(bytes(self._body))
+                    return
+                end = buf.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(buf) > MAX_RESPONSE_HEAD:
+                        raise ProtocolError("chunked trailers too large")
+                    return
+                del buf[: end + 4]
+                self._done(bytes(self._body))
+                return
+            if len(buf) < self._chunk + 2:
+                return
+            if buf[self._chunk : self._chunk + 2] != b"\r\n":
+                raise ProtocolError("chunk not followed by CRLF")
+            self._body += buf[: self._chunk]
+            del buf[: self._chunk + 2]
+            self._chunk = -1
+
+
+def _gunzip(body: bytes, limit: int) -> bytes:
+    """A gzip body, decompressed to at most ``limit`` bytes (a small body must not inflate without bound)."""
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        out = d.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise ProtocolError(f"bad gzip body: {exc}") from exc
+    if len(out) > limit:
+        raise ProtocolError(f"state larger than {limit} bytes")
+    if not d.eof:
+        raise ProtocolError("truncated gzip body")
+    return out
 
 
 class ControlClientStats:
@@ -417,6 +645,8 @@ class ControlClient:
     ) -> None:
         if not token:
             raise ValueError("ControlClient needs a non-empty token")
+        if any(c in token for c in "\r\n\0"):
+            raise ValueError("ControlClient token must not contain CR, LF or NUL")
         self._managers = managers if callable(managers) else (lambda m=tuple(managers): m)
         self._token = token
         self._on_state = on_state
@@ -437,19 +667,12 @@ class ControlClient:
         self._index = self._rng.randrange(1 << 16)
         self._failures = 0
         self._task: asyncio.Task[None] | None = None
-        self._session: aiohttp.ClientSession | None = None
+        self._conn: _Connection | None = None  # kept alive to ``_conn_to`` between polls
+        self._conn_to: tuple[str, int] | None = None
 
     async def start(self) -> None:
         if self._task is not None:
             raise RuntimeError("ControlClient already started")
-        self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(
-                total=self.connect_timeout + self.wait + self.grace,
-                connect=self.connect_timeout,
-                sock_read=self.wait + self.grace,
-            ),
-            headers={"Authorization": f"Bearer {self._token}", "User-Agent": "mesh-agent"},
-        )
         self._task = asyncio.create_task(self._run(), name="cluster-control-client")
 
     async def stop(self) -> None:
@@ -460,9 +683,12 @@ class ControlClient:
                 await task
             except asyncio.CancelledError:
                 pass
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
+        self._disconnect()
+
+    def _disconnect(self) -> None:
+        conn, self._conn, self._conn_to = self._conn, None, None
+        if conn is not None:
+            conn.close()
 
     async def _run(self) -> None:
         while True:
@@ -488,7 +714,7 @@ class ControlClient:
                 log.error("control: manager %s rejected our token: %s", format_hostport(*manager), exc)
                 self._failure(manager, None)
                 continue
-            except (aiohttp.ClientError, TimeoutError, OSError, ProtocolError, TableError) as exc:
+            except (TimeoutError, OSError, ProtocolError, TableError) as exc:
                 self._failure(manager, f"{type(exc).__name__}: {exc}")
                 continue
             if self.manager != manager:
@@ -499,7 +725,9 @@ class ControlClient:
                 await self._apply(state)
 
     def _failure(self, manager: tuple[str, int] | None, reason: str | None) -> None:
-        # the next manager may hold other states: ask it for what we applied, as a full snapshot if need be
+        # the next manager may hold other states: ask it for what we applied, as a full snapshot if need be.
+        # The connection stays open when only the answer was bad (a transport error closed it already); it
+        # is closed when the next attempt goes to another manager.
         self.stats.failures += 1
         self._failures += 1
         self._index += 1
@@ -516,24 +744,21 @@ class ControlClient:
 
     async def _poll(self, manager: tuple[str, int]) -> ClusterState | None:
         """One long-poll.  Returns the new state, or None when nothing changed."""
-        assert self._session is not None
         self.stats.polls += 1
-        url = f"http://{format_hostport(*manager)}{PATH}"
-        params = {"after": self._after, "wait": f"{self.wait:g}", "delta": "1"}
-        async with self._session.get(url, params=params, allow_redirects=False) as resp:
-            if resp.status == 204:
-                return None
-            if resp.status == 401:
-                raise ControlAuthError("HTTP 401; check the cluster token secret")
-            if resp.status != 200:
-                raise ProtocolError(f"unexpected HTTP {resp.status}")
-            if resp.content_length is not None and resp.content_length > self.max_response:
-                raise ProtocolError(f"state too large ({resp.content_length} bytes)")
-            body = bytearray()
-            async for chunk in resp.content.iter_chunked(65536):
-                body += chunk
-                if len(body) > self.max_response:
-                    raise ProtocolError(f"state larger than {self.max_response} bytes")
+        query = f"after={quote(self._after, safe='')}&wait={self.wait:g}&delta=1"
+        answer = await self._request(manager, f"{PATH}?{query}")
+        if answer.status == 204:
+            return None
+        if answer.status == 401:
+            raise ControlAuthError("HTTP 401; check the cluster token secret")
+        if answer.status != 200:
+            raise ProtocolError(f"unexpected HTTP {answer.status}")
+        body = answer.body
+        encoding = answer.headers.get("content-encoding", "identity").lower()
+        if encoding == "gzip":
+            body = _gunzip(body, self.max_response)
+        elif encoding != "identity":
+            raise ProtocolError(f"unsupported Content-Encoding {encoding!r}")
         try:
             data: Any = json.loads(body)
         except ValueError as exc:
@@ -558,6 +783,41 @@ class ControlClient:
         self._after = digest
         self._received = state
         return state
+
+    async def _request(self, manager: tuple[str, int], target: str) -> _Answer:
+        """GET ``target`` from ``manager`` on the kept-alive connection (a new one if there is none).  A kept
+        connection that the server closed before answering is replaced once: that is not a failure."""
+        head = (f"GET {target} HTTP/1.1\r\nHost: {format_hostport(*manager)}\r\n"
+                f"Authorization: Bearer {self._token}\r\nUser-Agent: mesh-agent\r\n"
+                "Accept-Encoding: gzip\r\n\r\n").encode("utf-8", "surrogateescape")  # fmt: skip
+        for _ in range(2):
+            conn = self._conn
+            reused = conn is not None and self._conn_to == manager and not conn.closed
+            if not reused:
+                self._disconnect()
+                conn = await self._connect(manager)
+            assert conn is not None
+            try:
+                answer = await conn.request(head, self.wait + self.grace)
+            except _Closed:
+                self._disconnect()
+                if reused:
+                    continue
+                raise
+            except BaseException:
+                self._disconnect()
+                raise
+            if not conn.keep:
+                self._disconnect()
+            return answer
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _connect(self, manager: tuple[str, int]) -> _Connection:
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(self.connect_timeout):
+            _, conn = await loop.create_connection(lambda: _Connection(self.max_response), *manager)
+        self._conn, self._conn_to = conn, manager
+        return conn
 
     def _apply_delta(self, data: dict[str, Any], digest: str) -> ClusterState:
         """The state a delta describes, from the one it is based on; its content must hash to the
