@@ -13,8 +13,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from cluster.control import ControlClient, ControlServer
+from cluster.control import ControlClient, ControlServer, _Connection, _delta_body, _gunzip
 from cluster.state import ClusterState, Localizer, NodeInfo, ServicePart, localize
+from mesh.errors import ProtocolError
 from mesh.routing import Endpoint, Match, Route, RoutingTable, Service, ServiceOptions
 from tests.util import wait_for
 
@@ -130,6 +131,255 @@ def test_localizer_equals_localize_over_a_sequence_and_reuses_unchanged_services
         st = _st(step, *services.values(), nodes=tuple(nodes.values()))
         assert loc(st, "n1", local, draining) == localize(st, "n1", local, draining), f"step {step}: {what}"
     assert loc.reused > loc.localized  # most steps touch one service or none
+
+
+# -- random sequences of deltas against full snapshots (pure) -----------------------------------------------------
+
+
+def _random_step(rng: random.Random, services: dict[str, Service], nodes: dict[str, NodeInfo], step: int):
+    """One random change of a cluster: returns (changed services (None = removed), changed nodes (None = removed))
+    and applies it to ``services`` / ``nodes``."""
+    svc_changes: dict[str, Service | None] = {}
+    node_changes: dict[str, NodeInfo | None] = {}
+    for _ in range(rng.choice((1, 1, 1, 2, 3))):
+        what = rng.choice(("endpoint", "endpoint", "endpoint", "add-service", "remove-service", "relisten",
+                           "node-state", "node-state", "add-node", "remove-node"))  # fmt: skip
+        node_ids = sorted(nodes)
+        if what == "endpoint" and services:
+            name = rng.choice(sorted(services))
+            svc = services[name]
+            eps = list(svc.routes[0].endpoints)
+            if eps and rng.random() < 0.5:
+                eps.pop(rng.randrange(len(eps)))
+            eps.append(E(f"x{step}-{rng.randrange(1000)}", "10.5.0.1", 80, node=rng.choice(node_ids)))
+            eps.sort(key=lambda e: e.id)
+            services[name] = svc_changes[name] = _svc(name, svc.routes[0].port, *dict.fromkeys(eps))
+        elif what == "add-service":
+            name = f"s{step}-{len(svc_changes)}"
+            port = 10000 + step * 8 + len(svc_changes)
+            services[name] = svc_changes[name] = _svc(name, port, E(f"{name}-1", "10.6.0.1", 80, node=node_ids[0]))
+        elif what == "remove-service" and len(services) > 1:
+            name = rng.choice(sorted(services))
+            del services[name]
+            svc_changes[name] = None
+        elif what == "relisten" and services:
+            name = rng.choice(sorted(services))
+            svc = services[name]
+            services[name] = svc_changes[name] = _svc(
+                name, 20000 + step * 8 + len(svc_changes), *svc.routes[0].endpoints
+            )
+        elif what == "node-state":
+            nid = rng.choice(node_ids)
+            n = nodes[nid]
+            nodes[nid] = node_changes[nid] = NodeInfo(nid, n.addr, state="down" if n.state == "ready" else "ready",
+                                                      tunnel=n.tunnel)  # fmt: skip
+        elif what == "add-node":
+            nid = f"n{100 + step}"
+            nodes[nid] = node_changes[nid] = NodeInfo(nid, f"10.0.1.{step % 250 + 1}", tunnel=7481)
+        elif what == "remove-node" and len(nodes) > 2:
+            nid = rng.choice(node_ids[1:])
+            del nodes[nid]
+            node_changes[nid] = None
+    return svc_changes, node_changes
+
+
+def _part(svc: Service) -> tuple[Service, ServicePart]:
+    return svc, ServicePart.of(RoutingTable(services=(svc,)).to_dict()["services"][0])
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5, 6])
+def test_random_deltas_give_the_state_digest_and_bytes_of_full_snapshots(seed: int) -> None:
+    rng = random.Random(seed)
+    services = {s.name: s for s in (A1, B1, C1, BIG)}
+    nodes = {n.id: n for n in NODES}
+    state = _st(1, *services.values(), nodes=tuple(nodes.values()))
+    for step in range(2, 60):
+        svc_changes, node_changes = _random_step(rng, services, nodes, step)
+        derived = state.with_changes(step, {k: None if v is None else _part(v) for k, v in svc_changes.items()},
+                                     node_changes)  # fmt: skip
+        fresh = ClusterState(RoutingTable(version=step, services=tuple(sorted(services.values(),
+                                                                               key=lambda s: s.name))),
+                             tuple(nodes.values()))  # fmt: skip
+        assert derived == fresh, f"step {step}"
+        assert derived.digest == fresh.digest, f"step {step}"
+        assert derived.wire() == fresh.wire() == _canonical(fresh), f"step {step}"
+        assert derived.node_map() == fresh.node_map() and derived.nodes == fresh.nodes
+        assert ClusterState.from_json(derived.wire()) == fresh
+        state = derived
+
+
+@pytest.mark.parametrize("seed", [7, 8, 9, 10])
+def test_random_deltas_over_the_wire_body_apply_to_the_servers_state(seed: int) -> None:
+    """What the server sends (``_delta_body``) and what the subscriber makes of it (``_apply_delta``): the same
+    state and digest as the server's, for states the server built from scratch each time (as the watcher does)."""
+    rng = random.Random(seed)
+    services = {s.name: s for s in (A1, B1, C1, BIG)}
+    nodes = {n.id: n for n in NODES}
+    server_state = _st(1, *services.values(), nodes=tuple(nodes.values()))
+    cli = ControlClient([("127.0.0.1", 1)], TOKEN, lambda st: None)
+    held = ClusterState.from_json(server_state.wire())
+    loc = Localizer()
+    local = {"a1": "172.17.0.2", "t0000": "172.17.0.3"}
+    for step in range(2, 50):
+        _random_step(rng, services, nodes, step)
+        new = ClusterState(RoutingTable(version=step, services=tuple(sorted(services.values(),
+                                                                             key=lambda s: s.name))),
+                           tuple(nodes.values())).reuse(server_state)  # fmt: skip
+        body = _delta_body(server_state, new, new.digest, server_state.digest)
+        cli._after, cli._received = server_state.digest, held
+        got = cli._apply_delta(json.loads(body), new.digest)
+        assert got == new and got.digest == new.digest and got.wire() == new.wire(), f"step {step}"
+        # the Localizer follows the delta's lineage and still equals localize()
+        assert loc(got, "n1", local) == localize(got, "n1", local), f"step {step}"
+        server_state, held = new, got
+    assert loc.reused > loc.localized
+
+
+def test_a_tampered_delta_is_refused_and_the_next_poll_asks_for_everything() -> None:
+    s1 = _st(1, A1, B1)
+    s2 = _st(2, A2, B1).reuse(s1)
+    cli = ControlClient([("127.0.0.1", 1)], TOKEN, lambda st: None)
+    cli._after, cli._received = s1.digest, ClusterState.from_json(s1.wire())
+    data = json.loads(_delta_body(s1, s2, s2.digest, s1.digest))
+    data["services"]["a"]["routes"][0]["endpoints"][0]["port"] = 81  # not what the digest covers
+    with pytest.raises(ProtocolError, match="delta gives digest"):
+        cli._apply_delta(data, s2.digest)
+    assert cli._after == ""
+
+
+def test_localizer_on_deltas_looks_only_at_what_changed() -> None:
+    """A state derived with ``with_changes`` names what changed: the Localizer localises those services, the ones
+    on changed nodes and the ones whose local tasks changed, and reuses the rest without looking at them."""
+    s1 = _st(1, A1, B1, C1, BIG)
+    loc = Localizer()
+    local = {"a1": "172.17.0.2"}
+    assert loc(s1, "n1", local) == localize(s1, "n1", local)
+    n = loc.localized
+    cases = [
+        # (what, services changed, node changes, local addresses, expected services localised)
+        ("one service", {"c": _svc("c", 8082, E("c2", "10.3.0.2", 82, node="n3"))}, None, local, 1),
+        ("nothing of ours", {}, None, local, 0),
+        ("a node of b and big", {}, {"n2": NodeInfo("n2", "10.0.0.2", state="down", tunnel=7481)}, local, 3),
+        ("a local task's address", {}, None, {"a1": "172.17.0.9"}, 1),  # big's tasks on n1 are still unknown
+        ("a service removed", {"b": None}, None, {"a1": "172.17.0.9"}, 0),
+    ]
+    state = s1
+    for what, svcs, node_changes, addrs, expected in cases:
+        state = state.with_changes(state.version + 1, {k: None if v is None else _part(v) for k, v in svcs.items()},
+                                   node_changes)  # fmt: skip
+        assert loc(state, "n1", addrs) == localize(state, "n1", addrs), what
+        assert loc.localized - n == expected, what
+        n = loc.localized
+
+
+# -- the subscriber's HTTP connection (pure: a fake transport) ------------------------------------------------------
+
+
+class _FakeTransport:
+    def __init__(self) -> None:
+        self.written = b""
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def close(self) -> None:
+        self.closed = True
+
+
+GZ = gzip.compress(b'{"x":1}')
+ANSWERS = [
+    # (name, bytes the server sends, closes after, expected (status, body) or error, connection reusable)
+    ("content-length", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", False, (200, b"hello"), True),
+    ("204 has no body", b"HTTP/1.1 204 No Content\r\n\r\n", False, (204, b""), True),
+    (
+        "chunked",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n1;x=y\r\n!\r\n0\r\n\r\n",
+        False,
+        (200, b"hello!"),
+        True,
+    ),
+    (
+        "chunked with trailers",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX: y\r\n\r\n",
+        False,
+        (200, b"ok"),
+        True,
+    ),
+    ("until close", b"HTTP/1.1 200 OK\r\n\r\nall of it", True, (200, b"all of it"), False),
+    (
+        "connection: close",
+        b"HTTP/1.1 401 Unauthorized\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+        False,
+        (401, b""),
+        False,
+    ),
+    ("HTTP/1.0", b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", False, (200, b"ok"), False),
+    ("too large", b"HTTP/1.1 200 OK\r\nContent-Length: 99999\r\n\r\n", False, "state too large", False),
+    ("not HTTP", b"SSH-2.0-OpenSSH\r\n\r\n", False, "not an HTTP answer", False),
+    ("bad header", b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n", False, "malformed header", False),
+    ("bad length", b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", False, "bad Content-Length", False),
+    ("bad chunk", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", False, "bad chunk size", False),
+    ("closed midway", b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nhal", True, "in the middle", False),
+    ("two answers", b"HTTP/1.1 204 No Content\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n", False, (204, b""), False),
+]
+
+
+@pytest.mark.parametrize(
+    ("raw", "close", "expected", "reusable"), [a[1:] for a in ANSWERS], ids=[a[0] for a in ANSWERS]
+)
+async def test_connection_reads_one_answer(raw: bytes, close: bool, expected, reusable: bool) -> None:
+    for step in (len(raw), 1, 7):  # all at once, byte by byte, in odd pieces
+        conn = _Connection(max_body=1000)
+        transport = _FakeTransport()
+        conn.connection_made(transport)  # type: ignore[arg-type]
+        task = asyncio.ensure_future(conn.request(b"GET / HTTP/1.1\r\n\r\n", 5.0))
+        await asyncio.sleep(0)
+        for i in range(0, len(raw), step):
+            conn.data_received(raw[i : i + step])
+        if close:
+            conn.connection_lost(None)
+        if isinstance(expected, str):
+            with pytest.raises(ProtocolError, match=expected):
+                await task
+        else:
+            answer = await task
+            assert (answer.status, answer.body) == expected
+        assert (not conn.closed and not transport.closed and conn.keep) == reusable
+        assert transport.written == b"GET / HTTP/1.1\r\n\r\n"
+
+
+async def test_connection_closed_before_any_answer_may_be_retried_and_a_silent_one_times_out() -> None:
+    conn = _Connection(max_body=1000)
+    conn.connection_made(_FakeTransport())  # type: ignore[arg-type]
+    task = asyncio.ensure_future(conn.request(b"GET / HTTP/1.1\r\n\r\n", 5.0))
+    await asyncio.sleep(0)
+    conn.connection_lost(None)
+    with pytest.raises(ConnectionResetError):  # _Closed: the client sends the request again on a new connection
+        await task
+    conn = _Connection(max_body=1000)
+    transport = _FakeTransport()
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    with pytest.raises(TimeoutError):
+        await conn.request(b"GET / HTTP/1.1\r\n\r\n", 0.01)
+    assert transport.closed
+
+
+@pytest.mark.parametrize(
+    ("body", "limit", "expected"),
+    [
+        (GZ, 100, b'{"x":1}'),
+        (gzip.compress(b"0" * 100_000), 1000, "larger than 1000"),  # a small body must not inflate without bound
+        (GZ[:-4], 100, "truncated"),
+        (b"not gzip", 100, "bad gzip"),
+    ],
+)
+def test_gunzip_is_bounded(body: bytes, limit: int, expected) -> None:
+    if isinstance(expected, bytes):
+        assert _gunzip(body, limit) == expected
+    else:
+        with pytest.raises(ProtocolError, match=expected):
+            _gunzip(body, limit)
 
 
 # -- the protocol over real sockets -------------------------------------------------------------------------------
