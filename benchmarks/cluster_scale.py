@@ -201,12 +201,31 @@ def subscriber_main(conn, index: int, node_ids: list[str], managers: list[tuple[
         runner.run(_subscribers(conn, index, node_ids, managers, case))
 
 
+class _GcClock:
+    """CPU time this process spent in the cyclic garbage collector (hundreds of subscribers' states in one
+    process make its full collections far longer than one agent's)."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self._t0 = 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = time.process_time()
+        else:
+            self.total += time.process_time() - self._t0
+
+
 async def _subscribers(conn, index: int, node_ids: list[str], managers: list[tuple[str, int]], case: Case) -> None:
+    import gc
+
     import cluster.state as cstate
     from cluster.control import ControlClient
     from mesh.routing import Route, RoutingTable, Service
     from mesh.runtime import Mesh
 
+    gc_clock = _GcClock()
+    gc.callbacks.append(gc_clock)
     loop = asyncio.get_running_loop()
     backend = await loop.create_server(_Echo, "127.0.0.1", 0)
     conn.send(("backend", backend.sockets[0].getsockname()[1]))
@@ -310,7 +329,7 @@ async def _subscribers(conn, index: int, node_ids: list[str], managers: list[tup
             elif cmd == "stats":
                 keys = ("polls", "applied", "failures", "failovers")
                 conn.send({k: sum(getattr(c.stats, k) for c in clients) for k in keys} | {
-                    "rss": _rss(), "cpu": time.process_time()})  # fmt: skip
+                    "rss": _rss(), "cpu": time.process_time(), "gc": gc_clock.total})  # fmt: skip
             elif cmd == "stop":
                 break
     finally:
@@ -394,6 +413,7 @@ async def run_case(case: Case, *, log=print) -> dict[str, Any]:
         bytes0 = _server_bytes(servers)
         fallback_bytes = 0
         changed0 = sum(s.stats.changed for s in servers)
+        sub0 = await pool.ask("stats")
         cpu0 = time.process_time()
         start = time.monotonic()
         interval = 1.0 / case.rate
@@ -422,6 +442,11 @@ async def run_case(case: Case, *, log=print) -> dict[str, Any]:
         final = sim.version
         settled = await _wait_progress(pool, final, case.subscribers, case.settle)
         cpu = time.process_time() - cpu0
+        sub1 = await pool.ask("stats")
+        # the subscribers' own CPU while the changes were applied (HTTP, parse, digest check, localisation)
+        sub_cpu = sum(b["cpu"] - a["cpu"] for a, b in zip(sub0, sub1, strict=True))
+        sub_applied = sum(b["applied"] - a["applied"] for a, b in zip(sub0, sub1, strict=True))
+        sub_gc = sum(b["gc"] - a["gc"] for a, b in zip(sub0, sub1, strict=True))
         changed_now = sum(s.stats.changed for s in servers)
         fallback_bytes += (changed_now - changed0) * len(getattr(servers[0], "_body", b""))
         sent = _server_bytes(servers) - bytes0 if hasattr(servers[0].stats, "bytes_sent") else fallback_bytes
@@ -429,7 +454,9 @@ async def run_case(case: Case, *, log=print) -> dict[str, Any]:
         samples, last_per_change, missing = _latencies(published, records)
         log(f"  {case.changes} changes: apply p50 {_pct(samples, .5):.3f}s p99 {_pct(samples, .99):.3f}s "
             f"max {max(samples, default=float('nan')):.3f}s; {sent / case.changes / case.subscribers:.0f} B/change/sub; "
-            f"manager CPU {cpu / case.changes * 1000:.1f} ms/change")  # fmt: skip
+            f"manager CPU {cpu / case.changes * 1000:.1f} ms/change; subscriber CPU "
+            f"{sub_cpu / max(1, sub_applied) * 1000:.2f} ms per applied state ({sub_applied} applied; "
+            f"{sub_gc / max(1, sub_applied) * 1000:.2f} ms of it in the garbage collector)")  # fmt: skip
 
         # -- restart: every subscriber keeps its last table; the probe data planes keep serving
         probe_window = case.down + 40.0  # an upper bound: ended once everybody resubscribed
@@ -478,6 +505,9 @@ async def run_case(case: Case, *, log=print) -> dict[str, Any]:
             "bytes_per_change": round(sent / case.changes / case.subscribers, 1),
             "manager_cpu_per_change_s": round(cpu / case.changes, 5),
             "manager_rss_per_subscriber_bytes": round(mem_per_sub),
+            "subscriber_cpu_per_apply_s": round(sub_cpu / max(1, sub_applied), 6),
+            "subscriber_gc_per_apply_s": round(sub_gc / max(1, sub_applied), 6),
+            "subscriber_applies": sub_applied,
             "resubscribe_s": None if resubscribe is None else round(resubscribe, 4),
             "outage_s": None if outage is None else round(outage, 4),
             "restart_down_s": case.down,
