@@ -157,6 +157,7 @@ class TunnelStats:
 Resolve = Callable[[str], "LocalTarget | Awaitable[LocalTarget | None] | None"]
 AllowedPeers = Callable[[str], bool] | Collection[str]
 
+
 def _peer_ip(peername: object) -> str:
     if not isinstance(peername, tuple) or not peername:
         return ""
