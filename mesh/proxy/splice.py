@@ -89,6 +89,7 @@ _PAUSE_KERNEL = 4  # this direction moved to the kernel path (mesh.proxy.zerocop
 # Through a tunnel, what the client sent is kept (up to this much) until the first byte comes back, so that a
 # refusal by the remote agent (a reset before any byte) can be retried on another host like a failed connect.
 REPLAY_LIMIT = 64 * 1024
+_NEVER = 1 << 62  # a read size no socket delivers: this direction never moves to the kernel
 
 
 _LINGER_ZERO = struct.pack("ii", 1, 0)
@@ -144,12 +145,13 @@ def keepalive(transport: asyncio.BaseTransport) -> None:
 class Upstream(asyncio.Protocol):
     """The endpoint side of a ``Splice``."""
 
-    __slots__ = ("host", "made", "nbytes", "peer", "splice", "transport")
+    __slots__ = ("host", "made", "nbytes", "peer", "splice", "transport", "zc_min")
 
     def __init__(self, splice: Splice, host: Host) -> None:
         self.splice = splice
         self.host = host
         self.peer = splice.transport  # the downstream transport
+        self.zc_min = splice._zc_min  # a read this large moves this direction to the kernel
         self.transport: asyncio.Transport | None = None
         self.made = False
         self.nbytes = 0  # endpoint -> downstream
@@ -165,7 +167,7 @@ class Upstream(asyncio.Protocol):
         if not self.nbytes:
             self.splice._first_byte(self.host)
         self.nbytes += n
-        if n >= SPLICE_MIN:
+        if n >= self.zc_min:
             self.splice._kernel_up()
 
     def eof_received(self) -> bool:
@@ -211,6 +213,7 @@ class Splice(asyncio.Protocol):
         "_up_eof",
         "_up_paused",
         "_zc_down",
+        "_zc_min",
         "_zc_up",
         "client",
         "host",
@@ -254,6 +257,7 @@ class Splice(asyncio.Protocol):
         self._idle_handle: asyncio.TimerHandle | None = None
         self._idle_mark = -1
         self._idle_quiet = 0
+        self._zc_min = _NEVER  # a read this large moves its direction to the kernel (set by _start)
         self._zc_up: KernelPipe | None = None  # upstream -> downstream through the kernel
         self._zc_down: KernelPipe | None = None  # downstream -> upstream through the kernel
         self._replay: bytearray | None = None  # through a tunnel: sent, no byte back yet (REPLAY_LIMIT)
@@ -265,6 +269,8 @@ class Splice(asyncio.Protocol):
         ``buffered``: downstream bytes a front already read (they go first)."""
         loop = self.loop
         self._buf = bytearray(buffered)
+        # Decided once per connection, so a service without zero_copy pays one int compare per chunk.
+        self._zc_min = SPLICE_MIN if self.options.zero_copy and ZERO_COPY_AVAILABLE else _NEVER
         self._pending += 1
         self._dial_task = loop.create_task(dial(self, host))
         idle = self.options.idle_timeout
@@ -339,7 +345,7 @@ class Splice(asyncio.Protocol):
             self.nbytes += n
             if self._replay is not None:
                 self._keep(data)
-            elif n >= SPLICE_MIN:
+            elif n >= self._zc_min:
                 self._kernel_down()
             return
         buf = self._buf
