@@ -688,9 +688,15 @@ def test_fd_exhaustion_counted_logged_no_busy_loop_then_recovers(loop_name, fd_l
     finally:
         for c in clients:
             c.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _reap(proc)
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    """Kill a helper process that is still running and close its pipes, so that a failed test leaves no
+    unclosed file for the garbage collector to warn about in a later test."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.communicate()
 
 
 LIMITS_SCRIPT = textwrap.dedent(
@@ -950,7 +956,9 @@ DIAL_EMFILE_SCRIPT = textwrap.dedent(
         while pool.hosts[0].stats.connections < 1 and time.monotonic() - t0 < 5:
             await asyncio.sleep(0.01)
         print("CONNECTED", pool.hosts[0].stats.connections, pool.stats.failed, flush=True)
-        sys.stdin.readline()
+        # Wait for the parent off the loop: the dial task (and the echo backend, on this same loop) may
+        # still have a step to run after connection_made counted the connection.
+        await loop.run_in_executor(None, sys.stdin.readline)
 
     (uvloop.run if sys.argv[1] == "uvloop" else asyncio.run)(main())
     """
@@ -971,6 +979,7 @@ def test_our_own_fd_exhaustion_at_dial_is_not_the_endpoints_fault_and_the_client
         text=True,
         cwd=root,
     )
+    client = None
     try:
         port = int(proc.stdout.readline().split()[1])
         client = socket.create_connection(("127.0.0.1", port), timeout=5)
@@ -984,12 +993,12 @@ def test_our_own_fd_exhaustion_at_dial_is_not_the_endpoints_fault_and_the_client
         client.settimeout(5)
         assert client.recv(5) == b"hello"  # the same client, served once descriptors were free
         client.close()
-        proc.stdin.write("done\\n")
+        proc.stdin.write("done\n")
         proc.stdin.flush()
         _, err = proc.communicate(timeout=10)
         # logged (once per interval: the accept or the dial, whichever met the exhaustion first)
         assert err.count("Too many open files") == 1 and "pausing accepts" in err, err
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        if client is not None:
+            client.close()
+        _reap(proc)
