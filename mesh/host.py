@@ -46,6 +46,7 @@ class Host:
         "ejections",
         "endpoint",
         "health",
+        "idle",
         "key",
         "local",
         "port",
@@ -72,6 +73,7 @@ class Host:
         self.endpoint = endpoint
         self.weight = endpoint.weight
         self.draining = endpoint.state == "draining"
+        self.idle: list | None = None  # http routes: idle keep-alive upstream connections, newest last
 
     def _set_endpoint(self, endpoint: Endpoint) -> None:
         # Same key, so address/port/via are unchanged; weight, node and state may differ.

@@ -78,6 +78,44 @@ class TableError(ValueError):
     """A table (or a part of one) violates the contract.  The message says which field."""
 
 
+HTTP_RETRY_STATUSES = (502, 503, 504)
+_TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+# Options added after tables were first published: left out of the JSON while at their default, so a
+# table that does not use them keeps the JSON (and digest) it had before they existed.
+_OMIT_WHEN_DEFAULT = frozenset(
+    {
+        "slow_start", "accept_proxy", "http_head_timeout", "http_max_head", "http_max_headers", "http_max_body",
+        "http_response_timeout", "http_keepalive_timeout", "http_pool_max_idle", "http_pool_idle_timeout",
+        "http_trusted", "http_retry_on", "http_retry_budget", "http_hash_key", "http_sticky", "http_sticky_name",
+        "http_sticky_max_age", "http_sticky_secure", "http_sticky_samesite", "http_max_inflight", "http_queue",
+        "http_queue_timeout",
+    }
+)  # fmt: skip
+_TUPLE_OPTIONS = ("accept_proxy", "http_trusted", "http_retry_on")
+
+
+def _valid_token(text: object) -> bool:
+    """An RFC 9110 token (a header or cookie name)."""
+    return isinstance(text, str) and bool(text) and all(c in _TOKEN_CHARS for c in text)
+
+
+def _valid_hash_key(text: object) -> bool:
+    if not isinstance(text, str) or ":" not in text:
+        return False
+    kind, _, name = text.partition(":")
+    return kind in ("header", "cookie") and _valid_token(name)
+
+
+def _valid_cidr(text: object) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_network(str(text), strict=False)
+    except ValueError:
+        return False
+    return True
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise TableError(msg)
@@ -185,6 +223,30 @@ class ServiceOptions:
     udp_idle_timeout: float = 30.0
     udp_responses: int = 0
     udp_max_sessions: int = 10000
+    # -- every protocol ------------------------------------------------------------------------
+    slow_start: float = 0.0
+    accept_proxy: tuple[str, ...] = ()
+    # -- http routes (mesh.proxy.http) -----------------------------------------------------------
+    http_head_timeout: float = 10.0
+    http_max_head: int = 65536
+    http_max_headers: int = 100
+    http_max_body: int = 0
+    http_response_timeout: float = 60.0
+    http_keepalive_timeout: float = 75.0
+    http_pool_max_idle: int = 64
+    http_pool_idle_timeout: float = 1.5
+    http_trusted: tuple[str, ...] = ()
+    http_retry_on: tuple[int, ...] = ()
+    http_retry_budget: int = 20
+    http_hash_key: str | None = None
+    http_sticky: str | None = None
+    http_sticky_name: str = "mesh_sticky"
+    http_sticky_max_age: int = 0
+    http_sticky_secure: bool = False
+    http_sticky_samesite: str = "lax"
+    http_max_inflight: int = 0
+    http_queue: int = 100
+    http_queue_timeout: float = 5.0
 
     def __post_init__(self) -> None:
         _check(self.balance in BALANCERS, f"balance must be one of {', '.join(BALANCERS)}; got {self.balance!r}")
@@ -213,6 +275,68 @@ class ServiceOptions:
             1 <= self.udp_max_sessions <= 1_000_000,
             f"udp_max_sessions must be within 1..1000000, got {self.udp_max_sessions!r}",
         )
+        object.__setattr__(self, "accept_proxy", tuple(self.accept_proxy))
+        object.__setattr__(self, "http_trusted", tuple(self.http_trusted))
+        object.__setattr__(self, "http_retry_on", tuple(sorted(set(self.http_retry_on))))
+        _check(self.slow_start >= 0, f"slow_start must be >= 0 (0 = off), got {self.slow_start!r}")
+        for name in ("accept_proxy", "http_trusted"):
+            for cidr in getattr(self, name):
+                _check(_valid_cidr(cidr), f"{name}: {cidr!r} is not an IP network (e.g. 10.0.0.0/8, ::1)")
+        _check(self.http_head_timeout > 0, f"http_head_timeout must be > 0, got {self.http_head_timeout!r}")
+        _check(
+            1024 <= self.http_max_head <= 1 << 20,
+            f"http_max_head must be within 1024..1048576, got {self.http_max_head!r}",
+        )
+        _check(
+            1 <= self.http_max_headers <= 1000,
+            f"http_max_headers must be within 1..1000, got {self.http_max_headers!r}",
+        )
+        _check(self.http_max_body >= 0, f"http_max_body must be >= 0 (0 = no limit), got {self.http_max_body!r}")
+        _check(self.http_response_timeout > 0, f"http_response_timeout must be > 0, got {self.http_response_timeout!r}")
+        _check(
+            self.http_keepalive_timeout > 0, f"http_keepalive_timeout must be > 0, got {self.http_keepalive_timeout!r}"
+        )
+        _check(
+            0 <= self.http_pool_max_idle <= 10000,
+            f"http_pool_max_idle must be within 0..10000, got {self.http_pool_max_idle!r}",
+        )
+        _check(
+            self.http_pool_idle_timeout > 0, f"http_pool_idle_timeout must be > 0, got {self.http_pool_idle_timeout!r}"
+        )
+        _check(
+            all(c in HTTP_RETRY_STATUSES for c in self.http_retry_on),
+            f"http_retry_on takes {', '.join(map(str, HTTP_RETRY_STATUSES))}; got {self.http_retry_on!r}",
+        )
+        _check(
+            0 <= self.http_retry_budget <= 100,
+            f"http_retry_budget must be within 0..100, got {self.http_retry_budget!r}",
+        )
+        _check(
+            self.http_hash_key is None or _valid_hash_key(self.http_hash_key),
+            f"http_hash_key must be header:<name> or cookie:<name>, got {self.http_hash_key!r}",
+        )
+        _check(
+            self.http_sticky in (None, "cookie"), f"http_sticky must be 'cookie' (or unset), got {self.http_sticky!r}"
+        )
+        _check(
+            _valid_token(self.http_sticky_name),
+            f"http_sticky_name must be a cookie name, got {self.http_sticky_name!r}",
+        )
+        _check(
+            0 <= self.http_sticky_max_age <= 10**9,
+            f"http_sticky_max_age must be >= 0 (0 = session cookie), got {self.http_sticky_max_age!r}",
+        )
+        _check(isinstance(self.http_sticky_secure, bool), "http_sticky_secure must be true or false")
+        _check(
+            self.http_sticky_samesite in ("lax", "strict", "none"),
+            f"http_sticky_samesite must be lax, strict or none, got {self.http_sticky_samesite!r}",
+        )
+        _check(
+            0 <= self.http_max_inflight <= 100000,
+            f"http_max_inflight must be within 0..100000 (0 = no limit), got {self.http_max_inflight!r}",
+        )
+        _check(0 <= self.http_queue <= 100000, f"http_queue must be within 0..100000, got {self.http_queue!r}")
+        _check(self.http_queue_timeout > 0, f"http_queue_timeout must be > 0, got {self.http_queue_timeout!r}")
 
     def for_protocol(self, protocol: str) -> ServiceOptions:
         """The options a route of ``protocol`` runs with: a udp route balances with ``udp_balance``."""
@@ -474,8 +598,19 @@ def _plain(obj: Any) -> dict[str, Any]:
     return {f.name: getattr(obj, f.name) for f in fields(obj)}
 
 
+_DEFAULT_OPTIONS: dict[str, Any] = {}
+
+
 def _service_to_dict(s: Service) -> dict[str, Any]:
     opts = _plain(s.options)
+    if not _DEFAULT_OPTIONS:
+        _DEFAULT_OPTIONS.update(_plain(ServiceOptions()))
+    for name in _OMIT_WHEN_DEFAULT:
+        if opts[name] == _DEFAULT_OPTIONS[name]:
+            del opts[name]
+    for name in _TUPLE_OPTIONS:
+        if name in opts:
+            opts[name] = list(opts[name])
     if s.options.health_check is not None:
         hc = _plain(s.options.health_check)
         hc["expect_status"] = list(hc["expect_status"])
@@ -483,9 +618,7 @@ def _service_to_dict(s: Service) -> dict[str, Any]:
     return {
         "name": s.name,
         "options": opts,
-        "routes": [
-            _route_to_dict(r) for r in s.routes
-        ],
+        "routes": [_route_to_dict(r) for r in s.routes],
     }
 
 
@@ -510,6 +643,9 @@ def _service_from_dict(d: dict[str, Any]) -> Service:
         if "expect_status" in hc:
             hc["expect_status"] = tuple(hc["expect_status"])
         opts["health_check"] = HealthCheck(**hc)
+    for name in _TUPLE_OPTIONS:
+        if name in opts:
+            opts[name] = tuple(opts[name])
     routes = tuple(
         Route(
             port=r["port"],
