@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from mesh.proxy.http import http_front
 from mesh.proxy.preamble import host_tunnel_header
 from mesh.proxy.registry import ConnectionRegistry
 from mesh.proxy.sni import tls_front
@@ -64,7 +65,11 @@ __all__ = [
 # What a listener of each protocol runs before the splice: ``FRONTS[protocol](listener)`` -> a
 # protocol factory ``factory(peer)``.  A protocol missing here is not served by this data plane
 # (the runtime reports its routes as not bound, naming the protocol).
-FRONTS: dict[str, Callable[[Any], Callable[[tuple | None], asyncio.Protocol]]] = {"tcp": tcp_front, "tls": tls_front}
+FRONTS: dict[str, Callable[[Any], Callable[[tuple | None], asyncio.Protocol]]] = {
+    "tcp": tcp_front,
+    "tls": tls_front,
+    "http": http_front,
+}
 
 # ``tunnel_header(host, client, local) -> bytes``: the first bytes towards a host with ``via`` set.
 TunnelHeaderFn = Callable[[Any, "tuple | None", "tuple | None"], bytes]
@@ -280,7 +285,9 @@ class Acceptor:
     def _go_careful(self, why: str, retry_after: float = 0.0) -> None:
         if self._fast is None or self._closed:
             return
-        log.info("%s listener %s: accepting in Python (%s)", self.name or "-", format_hostport(self.host, self.port), why)
+        log.info(
+            "%s listener %s: accepting in Python (%s)", self.name or "-", format_hostport(self.host, self.port), why
+        )
         self._stop_fast()
         self.mode_changes += 1
         self._fast_after = self._loop.time() + retry_after
@@ -568,8 +575,12 @@ class Listener:
         self.acceptor.start()
 
     def close(self) -> None:
-        """Stop accepting now; accepted connections continue."""
+        """Stop accepting now; accepted connections continue (an http listener's idle pooled
+        upstream connections are closed: no new request will use them)."""
         self.acceptor.close()
+        front = getattr(self, "http", None)
+        if front is not None:
+            front.close_idle()
 
     async def wait_accepting_done(self) -> None:
         await self.acceptor.wait_accepting_done()

@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-__all__ = ["ACCESS_LOGGER", "LEVELS", "JsonFormatter", "TextFormatter", "log_access", "setup_logging"]
+__all__ = ["ACCESS_LOGGER", "LEVELS", "JsonFormatter", "TextFormatter", "log_access", "log_request", "setup_logging"]
 
 LEVELS = ("debug", "info", "warning", "error", "critical")
 FORMATS = ("text", "json")
@@ -133,5 +133,42 @@ def log_access(
             "sent_bytes": sent,
             "duration_seconds": round(duration, 6),
             "reason": reason,
+        },
+    )
+
+
+def log_request(
+    service: str,
+    port: int,
+    client: tuple[str, int] | None,
+    host: str,
+    method: str,
+    path: str,
+    status: int,
+    sent: int,
+    duration: float,
+    endpoint: str | None,
+    retries: int,
+) -> None:
+    """One line per HTTP request on the ``mesh.access`` logger (http listeners; off unless asked for).
+
+    Fields (``extra``, so the text and JSON formatters print them): service ("-" when no route matched),
+    port, client ("ip:port"), host (the Host the request named), method, path (the request target), status
+    (the one the client got; generated ones included), sent_bytes (to the client, head included),
+    duration_seconds, endpoint (the last one tried, or "-"), retries."""
+    _access.info(
+        "request",
+        extra={
+            "service": service,
+            "port": port,
+            "client": f"{client[0]}:{client[1]}" if client else "-",
+            "host": host or "-",
+            "method": method,
+            "path": path,
+            "status": status,
+            "sent_bytes": sent,
+            "duration_seconds": round(duration, 6),
+            "endpoint": endpoint or "-",
+            "retries": retries,
         },
     )

@@ -277,6 +277,31 @@ class Splice(asyncio.Protocol):
         if idle > 0:
             self._idle_handle = loop.call_at(loop.time() + idle / IDLE_CHECKS, self._idle_check)
 
+    def adopt(self, host: Host, up_transport: asyncio.Transport, to_up: bytes = b"", to_down: bytes = b"") -> None:
+        """Join an already connected pair (an HTTP upgrade after its 101): ``host.active`` was counted
+        for the request and is now this splice's.  ``to_up``/``to_down``: bytes either side sent
+        before the hand-over, written first."""
+        loop = self.loop
+        self._zc_min = SPLICE_MIN if self.options.zero_copy and ZERO_COPY_AVAILABLE else _NEVER
+        up = self.upstream_protocol(self, host)
+        up.made = True
+        up.transport = up_transport
+        up_transport.set_protocol(up)
+        self._pending += 1
+        self.up = up
+        self.up_transport = up_transport
+        self.host = host
+        self._buf = None
+        if to_up:
+            up_transport.write(to_up)
+            self.nbytes += len(to_up)
+        if to_down:
+            self.transport.write(to_down)
+            up.nbytes += len(to_down)
+        idle = self.options.idle_timeout
+        if idle > 0:
+            self._idle_handle = loop.call_at(loop.time() + idle / IDLE_CHECKS, self._idle_check)
+
     def _next_host(self, tried: list[Host]) -> Host | None:
         """The host to retry on after ``tried`` failed (the dialer calls it; fronts may narrow it): the
         balancer's choice among the usable hosts left, else the pool's last resort (an ejected one)."""
