@@ -2,7 +2,9 @@
 
 Both return a ``LoadResult``: requests, bytes, errors and latency percentiles in milliseconds.  Every run is
 bounded by its duration (wrk is also killed after duration + 30 s).  ``close=True`` sends
-``Connection: close`` so that every request opens a new connection (the churn workload).
+``Connection: close`` so that every request opens a new connection (the churn workload).  ``hosts`` (the HTTP
+suite's Host-routed workload) sends successive requests with ``Host:`` cycling through those names (wrk: a Lua
+``request()`` returning prebuilt requests; the Python client: prebuilt requests taken in turn).
 """
 
 from __future__ import annotations
@@ -33,6 +35,32 @@ done = function(summary, latency, requests)
     latency:percentile(99.9)))
 end
 """
+
+# Prebuilt requests, one per host name, taken in turn (wrk.format copies the -H headers, e.g. Connection: close).
+WRK_HOSTS_LUA = r"""
+local hosts = {%s}
+local reqs = {}
+local n = 0
+init = function(args)
+  for i, h in ipairs(hosts) do
+    local headers = {}
+    for k, v in pairs(wrk.headers) do headers[k] = v end
+    headers["Host"] = h
+    reqs[i] = wrk.format(nil, nil, headers)
+  end
+end
+request = function()
+  n = n %% #reqs + 1
+  return reqs[n]
+end
+"""
+
+
+def _lua_hosts(hosts: list[str]) -> str:
+    for h in hosts:
+        if not h or any(c in h for c in '"\\\r\n '):
+            raise BenchError(f"host name {h!r} cannot go into a request")
+    return WRK_HOSTS_LUA % ", ".join(f'"{h}"' for h in hosts)
 
 
 @dataclass
@@ -77,13 +105,14 @@ def run_wrk(
     threads: int = 1,
     cpus: str | None = None,
     workdir: Path | None = None,
+    hosts: list[str] | None = None,
 ) -> LoadResult:
     """Run ``wrk -t THREADS -c CONNECTIONS -d DURATION`` against http://host:port/path."""
     if duration < 1:
         raise BenchError(f"wrk duration must be at least 1 s, got {duration}")
     threads = max(1, min(threads, connections))
-    script = (workdir or Path("/tmp")) / "meshbench-wrk.lua"
-    script.write_text(WRK_LUA)
+    script = (workdir or Path("/tmp")) / ("meshbench-wrk-hosts.lua" if hosts else "meshbench-wrk.lua")
+    script.write_text((_lua_hosts(hosts) if hosts else "") + WRK_LUA)
     argv = [
         *pin_prefix(cpus),
         "wrk",
@@ -150,7 +179,12 @@ class _HttpClient(asyncio.Protocol):
     def _send(self) -> None:
         assert self.transport is not None
         self.sent = time.perf_counter_ns()
-        self.transport.write(self.driver.request)
+        d = self.driver
+        if d.rotate:
+            d.turn = (d.turn + 1) % len(d.rotate)
+            self.transport.write(d.rotate[d.turn])
+        else:
+            self.transport.write(d.request)
 
     def data_received(self, data: bytes) -> None:
         d = self.driver
@@ -195,10 +229,18 @@ class _HttpClient(asyncio.Protocol):
 
 
 class _Driver:
-    def __init__(self, host: str, port: int, path: str, close: bool, deadline_ns: int) -> None:
+    def __init__(
+        self, host: str, port: int, path: str, close: bool, deadline_ns: int, hosts: list[str] | None = None
+    ) -> None:
         self.host, self.port, self.close, self.deadline_ns = host, port, close, deadline_ns
         conn = b"close" if close else b"keep-alive"
         self.request = b"GET %s HTTP/1.1\r\nHost: %s\r\nConnection: %s\r\n\r\n" % (path.encode(), host.encode(), conn)
+        # With host names: successive requests (of any connection) take them in turn.
+        self.rotate = [
+            b"GET %s HTTP/1.1\r\nHost: %s\r\nConnection: %s\r\n\r\n" % (path.encode(), h.encode(), conn)
+            for h in hosts or ()
+        ]
+        self.turn = -1
         self.requests = self.bytes = self.errors = 0
         self.latencies = array.array("Q")
         self.live = 0
@@ -243,7 +285,8 @@ class _Driver:
 
 
 def _worker_main(argv: list[str]) -> int:
-    """``python -m benchmarks.load HOST PORT PATH CONNECTIONS DURATION CLOSE OUTFILE [CPUS]``: one client process.
+    """``python -m benchmarks.load HOST PORT PATH CONNECTIONS DURATION CLOSE OUTFILE [CPUS [HOSTS]]``: one client
+    process (HOSTS: comma-separated Host names taken in turn).
 
     Latencies (microseconds, uint64) go to OUTFILE; the counters are printed as one ``RESULT {json}`` line.
     """
@@ -254,8 +297,9 @@ def _worker_main(argv: list[str]) -> int:
     host, port, path, conns, duration, close, out = argv[:7]
     if len(argv) > 7 and argv[7]:
         os.sched_setaffinity(0, parse_cpus(argv[7]))
+    hosts = [h for h in argv[8].split(",") if h] if len(argv) > 8 else None
     start_ns = time.perf_counter_ns()
-    drv = _Driver(host, int(port), path, close == "1", start_ns + int(float(duration) * 1e9))
+    drv = _Driver(host, int(port), path, close == "1", start_ns + int(float(duration) * 1e9), hosts)
     uvloop.run(drv.run(int(conns), float(duration)))
     elapsed = (time.perf_counter_ns() - start_ns) / 1e9
     Path(out).write_bytes(drv.latencies.tobytes())
@@ -281,6 +325,7 @@ def run_python(
     close: bool = False,
     procs: int = 1,
     cpus: str | None = None,
+    hosts: list[str] | None = None,
 ) -> LoadResult:
     """The fallback client: ``procs`` processes share ``connections`` and report merged results."""
     procs = max(1, min(procs, connections))
@@ -302,6 +347,7 @@ def run_python(
                 "1" if close else "0",
                 str(out),
                 cpus or "",
+                ",".join(hosts or ()),
             ]
             popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=python_env())
             workers.append((popen, out))
@@ -356,12 +402,15 @@ def run_load(
     cpus: str | None = None,
     workdir: Path | None = None,
     procs: int = 1,
+    hosts: list[str] | None = None,
 ) -> LoadResult:
     """``tool``: "wrk" or "python"."""
     if tool == "wrk":
-        return run_wrk(host, port, path, connections, max(1, round(duration)), close=close, cpus=cpus, workdir=workdir)
+        return run_wrk(
+            host, port, path, connections, max(1, round(duration)), close=close, cpus=cpus, workdir=workdir, hosts=hosts
+        )
     if tool == "python":
-        return run_python(host, port, path, connections, duration, close=close, procs=procs, cpus=cpus)
+        return run_python(host, port, path, connections, duration, close=close, procs=procs, cpus=cpus, hosts=hosts)
     raise BenchError(f"load tool must be wrk or python, got {tool!r}")
 
 

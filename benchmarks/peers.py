@@ -11,6 +11,18 @@
 
 Each peer runs as its own process tree with a generated config in the run's temp directory; ``pids()`` is that
 tree, for RSS and CPU accounting.  A peer that is not installed is skipped with ``unavailable()`` saying why.
+
+The HTTP suite's peers (``make_http_peer``: the same names, HTTP-aware configs) forward to ``HttpTargets``, a
+service of several replicas on one port (keep-alive and close workloads) and ten host-routed services on a second
+port (``Host: h0.bench`` ... ``h9.bench``, each with replicas of its own):
+
+- ``direct``: straight to the first replica (of the first host's set on the second port: no routing).
+- ``mesh-<N>``: ``protocol: http`` services (``hosts:`` on the second port), every HTTP option at its default.
+- ``haproxy`` / ``haproxy-<K>k``: HAProxy ``mode http``, ``http-reuse safe``, ``option forwardfor``, ``nbthread
+  1``; the host port routes with a map (``use_backend %[req.hdr(host),lower,map(FILE)]``).  ``-always``:
+  ``http-reuse always`` (with ``safe`` a client's first request never reuses an idle server connection).
+- ``nginx``: ``proxy_pass`` to an ``upstream`` with ``keepalive 64``, ``proxy_http_version 1.1``,
+  ``proxy_set_header Connection ""``, ``X-Forwarded-For``, 1 worker; the host port routes with ``server_name``.
 """
 
 from __future__ import annotations
@@ -20,6 +32,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
@@ -283,6 +296,261 @@ services:
         wait_port(LOOPBACK, port, self.proc, timeout=20)
         self.addr = (LOOPBACK, port)
         return self.addr
+
+
+# -- the HTTP suite's peers --------------------------------------------------------------------------------------
+
+Addr = tuple[str, int]
+
+
+@dataclass
+class HttpTargets:
+    """What the HTTP peers forward to: the replicas of the service on the first port, and of each host-routed
+    service on the second port (host name -> replicas)."""
+
+    default: list[Addr]
+    hosts: dict[str, list[Addr]] = field(default_factory=dict)
+
+
+class HttpPeer(Peer):
+    """``start(targets)`` returns the first port's address; ``hosts_addr`` is the host-routed port."""
+
+    def __init__(self, workdir: Path, cpus: str | None = None) -> None:
+        super().__init__(workdir, cpus)
+        self.hosts_addr: Addr | None = None
+
+    def stop(self) -> None:
+        super().stop()
+        self.hosts_addr = None
+
+    def _listen(self, argv: list[str], cfg_dir: Path, ports: tuple[int, int], timeout: float = 10.0, env=None) -> Addr:
+        self.proc = Proc(self.name, argv, cfg_dir / "stderr.log", cpus=self.cpus, env=env)
+        for port in ports:
+            wait_port(LOOPBACK, port, self.proc, timeout=timeout)
+        self.addr, self.hosts_addr = (LOOPBACK, ports[0]), (LOOPBACK, ports[1])
+        return self.addr
+
+
+class HttpDirect(HttpPeer):
+    name = "direct"
+    label = "direct to a backend replica"
+
+    def start(self, target: HttpTargets) -> Addr:  # type: ignore[override]
+        self.addr = target.default[0]
+        self.hosts_addr = next(iter(target.hosts.values()))[0] if target.hosts else target.default[0]
+        return self.addr
+
+
+class HAProxyHttp(HttpPeer):
+    """``reuse``: ``safe`` (HAProxy's default: the first request of a client connection never takes an idle server
+    connection, so a client that closes after each request gets a new server connection each time) or
+    ``always`` (every request may take one: the pooled HAProxy of the close workload)."""
+
+    def __init__(self, workdir: Path, cpus: str | None = None, bufsize: int | None = None, reuse: str = "safe") -> None:
+        super().__init__(workdir, cpus)
+        self.bufsize = bufsize
+        self.reuse = reuse
+        self.name = ("haproxy" if bufsize is None else f"haproxy-{bufsize // 1024}k") + (
+            "" if reuse == "safe" else f"-{reuse}"
+        )
+        self.label = f"HAProxy mode http, nbthread 1, http-reuse {reuse}, option forwardfor" + (
+            "" if bufsize is None else f", tune.bufsize {bufsize}"
+        )
+
+    unavailable = HAProxy.unavailable
+    version = HAProxy.version
+
+    def config_text(self, ports: tuple[int, int], target: HttpTargets, mapfile: Path) -> str:
+        tune = f"    tune.bufsize {self.bufsize}\n" if self.bufsize else ""
+        maxconn = max(256, int((nofile_limit() - 200) / 2))
+
+        def backend(name: str, replicas: list[Addr]) -> str:
+            servers = "".join(f"    server r{i} {a[0]}:{a[1]}\n" for i, a in enumerate(replicas))
+            return f"backend {name}\n    balance roundrobin\n{servers}"
+
+        backends = [backend("be", target.default)]
+        backends += [backend(f"be_{i}", replicas) for i, replicas in enumerate(target.hosts.values())]
+        return f"""global
+    nbthread 1
+    maxconn {maxconn}
+{tune}
+defaults
+    mode http
+    option forwardfor
+    http-reuse {self.reuse}
+    timeout connect 3s
+    timeout client 1h
+    timeout server 1h
+
+frontend fe
+    bind {LOOPBACK}:{ports[0]}
+    default_backend be
+
+frontend fe_hosts
+    bind {LOOPBACK}:{ports[1]}
+    use_backend %[req.hdr(host),lower,map({mapfile})]
+
+""" + "\n".join(backends)
+
+    def start(self, target: HttpTargets) -> Addr:  # type: ignore[override]
+        d = self._dir()
+        ports = (free_port(), free_port())
+        mapfile = d / "hosts.map"
+        mapfile.write_text("".join(f"{h} be_{i}\n" for i, h in enumerate(target.hosts)))
+        cfg = d / "haproxy.cfg"
+        cfg.write_text(self.config_text(ports, target, mapfile))
+        return self._listen(["haproxy", "-db", "-f", str(cfg)], d, ports)
+
+
+class NginxHttp(HttpPeer):
+    name = "nginx"
+    label = "nginx proxy_pass, upstream keepalive 64, HTTP/1.1 upstream, 1 worker"
+
+    def unavailable(self) -> str | None:
+        return None if shutil.which("nginx") else "nginx is not installed (apt-get install nginx-light)"
+
+    version = NginxStream.version
+
+    def config_text(self, d: Path, ports: tuple[int, int], target: HttpTargets) -> str:
+        def upstream(name: str, replicas: list[Addr]) -> str:
+            servers = "".join(f"        server {a[0]}:{a[1]};\n" for a in replicas)
+            # keepalive_requests/timeout: nginx >= 1.19.10 recycles an upstream connection after 1000 requests
+            # (and 60 s idle); HAProxy and the mesh do not, so neither does this peer.
+            return (
+                f"    upstream {name} {{\n{servers}        keepalive 64;\n"
+                f"        keepalive_requests 1000000000;\n        keepalive_timeout 600s;\n    }}\n"
+            )
+
+        def server(listen: str, upstream_name: str | None, server_name: str = "") -> str:
+            names = f"        server_name {server_name};\n" if server_name else ""
+            body = f"location / {{ proxy_pass http://{upstream_name}; }}" if upstream_name else "return 404;"
+            return f"    server {{\n        listen {listen};\n{names}        {body}\n    }}\n"
+
+        hosts = list(target.hosts)
+        upstreams = upstream("bench", target.default) + "".join(
+            upstream(f"h{i}", target.hosts[h]) for i, h in enumerate(hosts)
+        )
+        servers = server(f"{LOOPBACK}:{ports[0]} backlog=4096", "bench")
+        # An unknown Host on the routed port is a 404 (an error for the load generator), not the first server.
+        servers += server(f"{LOOPBACK}:{ports[1]} backlog=4096 default_server", None)
+        servers += "".join(server(f"{LOOPBACK}:{ports[1]}", f"h{i}", h) for i, h in enumerate(hosts))
+        return f"""user root;
+worker_processes 1;
+worker_rlimit_nofile {nofile_limit()};
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections {nofile_limit() - 100}; multi_accept on; }}
+http {{
+    access_log off;
+    server_tokens off;
+    # Client side: no recycling of keep-alive connections (nginx's default closes one after 1000 requests).
+    keepalive_requests 1000000000;
+    keepalive_timeout 600s;
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";
+    proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+    client_body_temp_path {d}/tmp_body;
+    proxy_temp_path {d}/tmp_proxy;
+    fastcgi_temp_path {d}/tmp_fcgi;
+    uwsgi_temp_path {d}/tmp_uwsgi;
+    scgi_temp_path {d}/tmp_scgi;
+{upstreams}{servers}}}
+"""
+
+    def start(self, target: HttpTargets) -> Addr:  # type: ignore[override]
+        d = self._dir()
+        ports = (free_port(), free_port())
+        cfg = d / "nginx.conf"
+        cfg.write_text(self.config_text(d, ports, target))
+        return self._listen(["nginx", "-p", str(d), "-c", str(cfg), "-g", "daemon off;"], d, ports)
+
+
+@cache
+def mesh_http_missing() -> str | None:
+    """None when the mesh's data plane serves ``protocol: http`` (``'http' in mesh.listener.FRONTS`` once the
+    runtime, which registers the fronts, is imported), else why not.  Checked in a child process: the harness
+    itself does not import the product."""
+    code = "import mesh.runtime\nfrom mesh.listener import FRONTS\nassert 'http' in FRONTS, sorted(FRONTS)\n"
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+            env=python_env(),
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"could not ask the mesh which protocols it serves: {exc}"
+    if out.returncode == 0:
+        return None
+    last = (out.stderr.strip().splitlines() or ["?"])[-1]
+    return f"the mesh has no HTTP front yet ('http' not in mesh.listener.FRONTS: {last})"
+
+
+class MeshHttpPeer(HttpPeer, MeshPeer):
+    """The mesh with ``protocol: http`` services: one on the first port, ``h0`` ... ``h9`` with ``hosts:`` on the
+    second; every HTTP option at its default (upstream pool, keep-alive, timeouts), plus a TCP health check as
+    the TCP peer has."""
+
+    def __init__(self, workdir: Path, cpus: str | None = None, workers: int = 1, metrics: bool = True) -> None:
+        MeshPeer.__init__(self, workdir, cpus, workers=workers, metrics=metrics)
+        self.hosts_addr = None
+        self.label += ", protocol http"
+
+    def unavailable(self) -> str | None:
+        return MeshPeer.unavailable(self) or mesh_http_missing()
+
+    def config_text(self, ports: tuple[int, int], target: HttpTargets) -> str:  # type: ignore[override]
+        def service(name: str, port: int, replicas: list[Addr], host: str | None) -> str:
+            eps = ", ".join(f'"{a[0]}:{a[1]}"' for a in replicas)
+            hosts = f'    hosts: ["{host}"]\n' if host else ""
+            return (
+                f'  {name}:\n    listen: "{LOOPBACK}:{port}"\n    protocol: http\n{hosts}'
+                f"    health_check: {{kind: tcp, interval: 5s}}\n    endpoints: [{eps}]\n"
+            )
+
+        text = "# generated by benchmarks/peers.py (HTTP suite)\nservices:\n"
+        text += service("bench", ports[0], target.default, None)
+        for i, (host, replicas) in enumerate(target.hosts.items()):
+            text += service(f"h{i}", ports[1], replicas, host)
+        return text
+
+    def start(self, target: HttpTargets) -> Addr:  # type: ignore[override]
+        d = self._dir()
+        ports = (free_port(), free_port())
+        cfg = d / "mesh.yaml"
+        cfg.write_text(self.config_text(ports, target))
+        argv = [sys.executable, "-m", "meshagent", "run", "--config", str(cfg), "--workers", str(self.workers)]
+        admin = admin_args()
+        self.admin_url = f"http://{admin[1]}" if admin else None
+        argv += ["--max-fds", str(nofile_limit()), "--log-level", "warning", *admin]
+        if not self.metrics:
+            argv += metrics_off_flag() or []
+        return self._listen(argv, d, ports, timeout=20, env=python_env())
+
+
+def make_http_peer(name: str, workdir: Path, *, proxy_cpus: str | None = None) -> HttpPeer:
+    """The HTTP suite's peer by name: direct, mesh-<N>[-nometrics], haproxy[-<K>k][-always], nginx."""
+    if name == "direct":
+        return HttpDirect(workdir)
+    m = re.fullmatch(r"haproxy(?:-(\d+)k)?(-always)?", name)
+    if m:
+        bufsize = int(m.group(1)) * 1024 if m.group(1) else None
+        return HAProxyHttp(workdir, proxy_cpus, bufsize=bufsize, reuse="always" if m.group(2) else "safe")
+    if name == "nginx":
+        return NginxHttp(workdir, proxy_cpus)
+    m = re.fullmatch(r"mesh-(\d+)(-nometrics)?", name)
+    if m:
+        workers = int(m.group(1))
+        if workers < 1:
+            raise BenchError(f"peer {name!r}: the mesh needs at least 1 worker")
+        return MeshHttpPeer(workdir, proxy_cpus if workers == 1 else None, workers=workers, metrics=not m.group(2))
+    why = " (pproxy has no reverse-proxy HTTP mode: it is a peer of the TCP suite only)" if name == "pproxy" else ""
+    raise BenchError(
+        f"unknown HTTP suite peer {name!r}{why}: expected direct, mesh-<N>[-nometrics], haproxy[-<K>k][-always] or nginx"
+    )
 
 
 def _find(module: str):

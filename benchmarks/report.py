@@ -1,7 +1,8 @@
 """Turn raw runs into medians, spreads, ratios, target checks, a text table, a JSON document and a PNG plot;
 compare a run with the last committed one.
 
-The JSON document (``benchmarks/results/<date>_<commit>.json``)::
+The JSON document (``benchmarks/results/<date>_<commit>.json``; the HTTP suite's ``http-<date>_<commit>.json``,
+with ``settings.suite`` "http")::
 
     {"schema": 1, "date": ..., "commit": ..., "dirty": bool, "command": "...", "machine": {...},
      "settings": {...}, "skipped": {peer_or_workload: reason}, "runs": [one dict per measurement],
@@ -205,6 +206,91 @@ def check_targets(summary: dict[str, Any], subject: str = "mesh-1") -> list[dict
     return out
 
 
+HTTP_TARGET_RPS = 1.0  # mesh req/s / HAProxy mode http req/s, at least, at 64 connections
+HTTP_TARGET_CPU = 1.5  # mesh CPU per request / HAProxy's, at most
+HTTP_PEERS = ("haproxy", "haproxy-always", "nginx")  # the HTTP headline's columns, those that ran
+
+
+def _med(summary: dict[str, Any], wl: str, peer: str, metric: str) -> float | None:
+    try:
+        return summary[wl][peer][metric]["median"]
+    except KeyError:
+        return None
+
+
+def check_http_targets(summary: dict[str, Any], subject: str = "mesh-1") -> list[dict[str, Any]]:
+    """The HTTP mode's targets at 64 connections: req/s >= 1.0x HAProxy mode http's, CPU per request <= 1.5x
+    HAProxy's.  Against ``haproxy`` (http-reuse safe) on every row; on the close row also against
+    ``haproxy-always`` when it ran (with safe, HAProxy opens a server connection per closing client)."""
+    out: list[dict[str, Any]] = []
+    for wl in summary:
+        if not (wl.startswith("http-") and wl.endswith("-c64")):
+            continue
+        for peer in ("haproxy", "haproxy-always") if wl.startswith("http-close-") else ("haproxy",):
+            for metric, what, limit, ok_if in (
+                ("rps", "req/s", HTTP_TARGET_RPS, ">="),
+                ("proxy_us_per_req", "proxy CPU per request", HTTP_TARGET_CPU, "<="),
+            ):
+                m, h = _med(summary, wl, subject, metric), _med(summary, wl, peer, metric)
+                if not m or not h:
+                    continue
+                v = m / h
+                out.append(
+                    {"name": f"{subject} / {peer} {what}, {wl}", "value": round(v, 4), "limit": f"{ok_if} {limit}",
+                     "ok": v >= limit if ok_if == ">=" else v <= limit, "workload": wl, "peer": peer,
+                     "metric": metric}
+                )  # fmt: skip
+    return out
+
+
+def format_http(doc: dict[str, Any], subject: str = "mesh-1") -> list[str]:
+    """The HTTP suite's headline: per workload the mesh's req/s and its ratio to each peer, its CPU per request
+    and that ratio, its p50/p99, and the target verdicts at 64 connections (the other tables give the peers'
+    own figures)."""
+    summary = doc["summary"]
+    subjects = doc["settings"].get("subjects") or []
+    if subject not in subjects:
+        subject = subjects[0] if subjects else subject
+    if not any(subject in summary[wl] for wl in summary):
+        why = doc.get("skipped", {}).get(subject, "not in --peers")
+        return [f"HTTP mode: no mesh rows ({subject}: {why}); the targets are evaluated once the mesh runs", ""]
+    peers = [p for p in HTTP_PEERS if any(p in summary[wl] for wl in summary)]
+    short = {"haproxy": "hap", "haproxy-always": "hap-alw", "nginx": "nginx"}
+    lines = [
+        f"HTTP mode: {subject} against {', '.join(peers)}; target at 64 connections: req/s >= "
+        f"{HTTP_TARGET_RPS:.2f}x haproxy's, CPU per request <= {HTTP_TARGET_CPU:.2f}x haproxy's",
+        f"{'workload':<22}{'req/s':>8}"
+        + "".join(f"{'x ' + short.get(p, p):>11}" for p in peers)
+        + f"{'us/req':>9}"
+        + "".join(f"{'cpu x ' + short.get(p, p):>14}" for p in peers)
+        + f"{'p50/p99 ms':>15}  target",
+    ]
+    for wl, by_peer in summary.items():
+        if "rps" not in by_peer.get(subject, {}):
+            continue
+        rps, us = by_peer[subject]["rps"]["median"], _med(summary, wl, subject, "proxy_us_per_req")
+        row = f"{wl:<22}{_fmt_rate(rps):>8}"
+        for p in peers:
+            r = _med(summary, wl, p, "rps")
+            row += f"{rps / r:>10.2f}x" if r else f"{'-':>11}"
+        row += f"{us:>9.1f}" if us else f"{'-':>9}"
+        for p in peers:
+            h = _med(summary, wl, p, "proxy_us_per_req")
+            row += f"{us / h:>13.2f}x" if us and h else f"{'-':>14}"
+        p50, p99 = _med(summary, wl, subject, "p50_ms"), _med(summary, wl, subject, "p99_ms")
+        row += f"{p50:>8.2f}/{p99:<6.2f}" if p50 is not None and p99 is not None else f"{'-':>15}"
+        verdicts = [
+            ("" if t["peer"] == "haproxy" else f"{short.get(t['peer'], t['peer'])} ")
+            + ("req/s" if t["metric"] == "rps" else "cpu")
+            + (" ok" if t["ok"] else " MISS")
+            for t in doc.get("targets", [])
+            if t.get("workload") == wl and t["name"].startswith(f"{subject} / ")
+        ]
+        lines.append(row + "  " + (", ".join(verdicts) if verdicts else "-"))
+    lines.append("")
+    return lines
+
+
 # -- text -----------------------------------------------------------------------------------------------------
 
 
@@ -230,6 +316,8 @@ def format_report(doc: dict[str, Any]) -> str:
     lines: list[str] = []
     cols = [p for p in peers if any(p in summary[wl] for wl in summary)]
     w = 17
+    if doc["settings"].get("suite") == "http":
+        lines += format_http(doc)
 
     def row(cells: list[str]) -> str:
         return cells[0].ljust(20) + "".join(c.rjust(w) for c in cells[1:])
@@ -277,6 +365,17 @@ def format_report(doc: dict[str, Any]) -> str:
         for wl in rows:
             r = rat[wl][subj]
             lines.append(row([wl, *(f"{r[o]:.2f}x" if o in r else "-" for o in others)]))
+        lines.append("")
+    pooled = [wl for wl in summary if any("upstream_conns_per_req" in m for m in summary[wl].values())]
+    if pooled:
+        lines.append("backend connections opened per request (median; direct = the client's own connections)")
+        lines.append(row(["workload", *cols]))
+        for wl in pooled:
+            cells = [wl]
+            for p in cols:
+                s = summary[wl].get(p, {}).get("upstream_conns_per_req")
+                cells.append(f"{s['median']:.4f}" if s else "-")
+            lines.append(row(cells))
         lines.append("")
     idle = [wl for wl in summary if wl.startswith("idle-")]
     for wl in idle:
@@ -419,8 +518,8 @@ def main(argv: list[str] | None = None) -> int:
 # -- compare --------------------------------------------------------------------------------------------------
 
 
-def last_committed_result(results_dir: Path, exclude: Path | None = None) -> Path | None:
-    """The newest result JSON that git knows about (names sort by date)."""
+def last_committed_result(results_dir: Path, exclude: Path | None = None, prefix: str = "") -> Path | None:
+    """The newest result JSON that git knows about (names sort by date); ``prefix`` "http-" for the HTTP suite."""
     try:
         out = subprocess.run(
             ["git", "ls-files", "--", str(results_dir)],
@@ -433,7 +532,8 @@ def last_committed_result(results_dir: Path, exclude: Path | None = None) -> Pat
     except (OSError, subprocess.TimeoutExpired):
         return None
     # Only this harness's results (<date>_<time>_<commit>.json): other tools may keep files here too.
-    files = sorted(REPO / f for f in out.split() if re.fullmatch(r"\d{4}-\d\d-\d\d_\d{6}_[\w-]+\.json", Path(f).name))
+    pattern = re.escape(prefix) + r"\d{4}-\d\d-\d\d_\d{6}_[\w-]+\.json"
+    files = sorted(REPO / f for f in out.split() if re.fullmatch(pattern, Path(f).name))
     if exclude is not None:
         files = [f for f in files if f.resolve() != exclude.resolve()]
     return files[-1] if files else None

@@ -1,5 +1,10 @@
-"""Run a benchmark suite in one sitting: ``python -m benchmarks.run [--quick] [--repeat N] [--workloads ...]
-[--peers ...] [--compare [FILE]] [--out DIR]``.
+"""Run a benchmark suite in one sitting: ``python -m benchmarks.run [--suite tcp|http] [--quick] [--repeat N]
+[--workloads ...] [--peers ...] [--compare [FILE]] [--out DIR]``.
+
+Suite tcp (the default): the mesh's TCP forwarding against HAProxy mode tcp, nginx stream and pproxy.
+Suite http (``--suite http``, benchmarks/httpsuite.py): the mesh's ``protocol: http`` services against HAProxy
+mode http and nginx proxy_pass; workloads http-ka-<size>-c<N>, http-close-<size>-c<N>, http-hosts-<size>-c<N>
+(group http).
 
 Workloads (names; groups in brackets):
   ka-<size>-c<N>       keep-alive HTTP, responses of <size> (100b, 16k, 1m) over N connections  [keepalive]
@@ -63,7 +68,7 @@ _WL = re.compile(r"(ka|churn|metrics|watchers)-(100b|16k|1m)-c(\d+)|idle-(\d+)|c
 @dataclass(frozen=True)
 class Workload:
     name: str
-    kind: str  # ka | churn | metrics | watchers | idle | convergence
+    kind: str  # ka | churn | metrics | watchers | idle | convergence; the HTTP suite: http-ka | http-close | http-hosts
     size: str = "100b"
     connections: int = 0
 
@@ -104,8 +109,9 @@ def parse_workloads(items: list[str]) -> list[Workload]:
 # -- tools ----------------------------------------------------------------------------------------------------
 
 
-def ensure_installed(peers: list[str], want_plot: bool, allow_install: bool, log) -> None:
+def ensure_installed(peers: list[str], want_plot: bool, allow_install: bool, log, stream: bool = True) -> None:
     """Install missing peers and tools: Debian packages with apt-get (as root), Python ones with pip.
+    ``stream``: the nginx peer is the stream module (TCP suite), not needed by the HTTP suite.
 
     Whatever cannot be installed stays missing; the peer is then skipped with its reason.
     """
@@ -114,7 +120,7 @@ def ensure_installed(peers: list[str], want_plot: bool, allow_install: bool, log
         debs.append("haproxy")
     if not shutil.which("nginx"):
         debs.append("nginx-light")
-    if "nginx" in peers and not NGINX_STREAM_MODULE.exists():
+    if stream and "nginx" in peers and not NGINX_STREAM_MODULE.exists():
         debs.append("libnginx-mod-stream")
     if not shutil.which("wrk"):
         debs.append("wrk")
@@ -160,12 +166,14 @@ def ensure_installed(peers: list[str], want_plot: bool, allow_install: bool, log
 
 
 class Suite:
+    peer_factory = staticmethod(make_peer)
+
     def __init__(self, args: argparse.Namespace, log) -> None:
         self.args = args
         self.log = log
         self.workdir = Path(tempfile.mkdtemp(prefix="meshbench-"))
         self.backend: Backend | None = None
-        self.target: tuple[str, int] | None = None
+        self.target: Any = None  # what the peers forward to: (host, port); the HTTP suite's HttpTargets
         self.peers: dict[str, Peer] = {}
         self.running: dict[str, tuple[str, int]] = {}
         self.skipped: dict[str, str] = {}
@@ -177,7 +185,7 @@ class Suite:
         if name in self.skipped:
             return None
         if name not in self.peers:
-            p = make_peer(name, self.workdir, proxy_cpus=self.proxy_cpus)
+            p = self.peer_factory(name, self.workdir, proxy_cpus=self.proxy_cpus)
             why = p.unavailable()
             if why:
                 self.skipped[name] = why
@@ -223,11 +231,21 @@ class Suite:
             self.backend.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
+    def load_options(self, wl: Workload) -> dict[str, Any]:
+        """Extra arguments of ``run_load`` for a workload (the HTTP suite adds host names)."""
+        return {"close": wl.kind == "churn"}
+
+    def address(self, name: str, wl: Workload, addr: tuple[str, int]) -> tuple[str, int]:
+        """Where the load for ``wl`` goes on a running peer (the HTTP suite's host-routed port differs)."""
+        return addr
+
     def load(self, addr: tuple[str, int], wl: Workload, duration: float, peer: str = "") -> dict[str, Any]:
         """One bounded load run; also records how much CPU the rest of the machine used meanwhile (other
-        people's work on a shared machine is the main source of noise, and this makes it visible)."""
+        people's work on a shared machine is the main source of noise, and this makes it visible), and, where the
+        backend counts them, how many connections it accepted (the proxy's upstream connections)."""
         proxy = self.peers[peer].pids() if peer in self.peers else []
         ours = [*(self.backend.pids() if self.backend else []), *proxy]
+        accepts0 = self.backend.accepts() if self.backend else None
         busy0, kids0, t0 = machine_busy_seconds(), children_cpu_seconds(), time.monotonic()
         ours0, proxy0 = cpu_seconds(ours), cpu_seconds(proxy)
         res = run_load(
@@ -237,15 +255,20 @@ class Suite:
             wl.path,
             wl.connections,
             duration,
-            close=wl.kind == "churn",
             cpus=self.load_cpus,
             workdir=self.workdir,
             procs=self.args.load_procs,
+            **self.load_options(wl),
         )
         wall = time.monotonic() - t0
         proxy_s = cpu_seconds(proxy) - proxy0
         mine = children_cpu_seconds() - kids0 + cpu_seconds(ours) - ours0
         d = res.to_dict()
+        accepts1 = self.backend.accepts() if accepts0 is not None and self.backend else None
+        if accepts0 is not None and accepts1 is not None:
+            # The second reading's own connection is counted in it: take it off.
+            d["upstream_conns"] = max(0, accepts1 - accepts0 - 1)
+            d["upstream_conns_per_req"] = round(d["upstream_conns"] / res.requests, 4) if res.requests else 0.0
         # The proxy's CPU per request is its efficiency whatever the bottleneck was (load generator, backend or
         # the proxy itself): two proxies that both keep up show the same req/s but not the same cost.
         d["proxy_cpu"] = round(proxy_s / wall, 3)
@@ -271,6 +294,7 @@ class Suite:
                 addr = self.ensure_running(base)
                 if addr is None:
                     continue
+                addr = self.address(base, wl, addr)
                 url = getattr(self.peers[base], "admin_url", None) if scrape else None
                 if scrape and url is None:
                     self.skipped.setdefault(name, f"{base} has no admin API to scrape")
@@ -422,6 +446,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    p.add_argument(
+        "--suite",
+        choices=("tcp", "http"),
+        default="tcp",
+        help="tcp: TCP forwarding (default); http: protocol: http services vs HAProxy mode http and nginx proxy_pass",
+    )
     p.add_argument("--quick", action="store_true", help="short runs of a small workload set (2 s, 1 repeat)")
     p.add_argument("--repeat", type=int, default=None, help="repeats per workload and peer (default 3; quick 1)")
     p.add_argument("--duration", type=float, default=None, help="seconds per load run (default 5; quick 2)")
@@ -429,9 +459,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--peers",
         default=None,
-        help=f"comma-separated (default: direct,mesh-1,mesh-{ncpu},haproxy,haproxy-256k,nginx,pproxy)",
+        help=f"comma-separated (default: direct,mesh-1,mesh-{ncpu},haproxy,haproxy-256k,nginx,pproxy; "
+        "http suite: direct,mesh-1,haproxy,haproxy-always,nginx)",
     )
     p.add_argument("--backend", choices=("auto", "nginx", "uvloop"), default="auto")
+    p.add_argument(
+        "--replicas", type=int, default=2, help="http suite: backend replicas per service (default 2), one process"
+    )
     p.add_argument("--load", choices=("auto", "wrk", "python"), default="auto")
     p.add_argument("--load-procs", type=int, default=1, help="processes of the Python load client (default 1)")
     p.add_argument("--pin", default="auto", help="CPU pinning: auto, none, or LOAD:PROXY:BACKEND (e.g. 0:1:)")
@@ -476,14 +510,27 @@ def _main(args: argparse.Namespace, argv: list[str], log) -> int:
     args.duration = args.duration if args.duration is not None else (2.0 if args.quick else 5.0)
     if args.repeat < 1 or args.duration <= 0:
         raise BenchError("--repeat must be >= 1 and --duration > 0")
-    workloads = parse_workloads(args.workloads or (QUICK if args.quick else ["all"]))
-    peers = (args.peers or f"direct,mesh-1,mesh-{ncpu},haproxy,haproxy-256k,nginx,pproxy").replace(" ", "")
+    http = args.suite == "http"
+    if http:
+        from benchmarks import httpsuite
+
+        if args.replicas < 1:
+            raise BenchError("--replicas must be >= 1")
+        workloads = httpsuite.parse_workloads(args.workloads or (httpsuite.QUICK if args.quick else ["http"]))
+        peers = (args.peers or httpsuite.DEFAULT_PEERS).replace(" ", "")
+        factory = httpsuite.make_http_peer
+        suite_class: type[Suite] = httpsuite.HttpSuite
+    else:
+        workloads = parse_workloads(args.workloads or (QUICK if args.quick else ["all"]))
+        peers = (args.peers or f"direct,mesh-1,mesh-{ncpu},haproxy,haproxy-256k,nginx,pproxy").replace(" ", "")
+        factory = make_peer
+        suite_class = Suite
     peer_names = [p for p in peers.split(",") if p]
     for name in peer_names:
-        make_peer(name, Path(tempfile.gettempdir()))  # validates the name before anything starts
+        factory(name, Path(tempfile.gettempdir()))  # validates the name before anything starts
     args.pin_layout = _pin_layout(args.pin)
 
-    ensure_installed(peer_names, not args.no_plot, not args.no_install, log)
+    ensure_installed(peer_names, not args.no_plot, not args.no_install, log, stream=not http)
     if args.load == "auto":
         args.load = "wrk" if have_wrk() else "python"
         if args.load == "python":
@@ -491,7 +538,7 @@ def _main(args: argparse.Namespace, argv: list[str], log) -> int:
     nofile = raise_nofile()
     log(f"RLIMIT_NOFILE {nofile}; workloads: {' '.join(w.name for w in workloads)}; peers: {' '.join(peer_names)}")
 
-    suite = Suite(args, log)
+    suite = suite_class(args, log)
     started = dt.datetime.now(dt.UTC)
     try:
         suite.start()
@@ -500,7 +547,7 @@ def _main(args: argparse.Namespace, argv: list[str], log) -> int:
         suite.warm_up([n for n in peer_names if n != "direct"])
         for wl in workloads:
             log(f"workload {wl.name}")
-            if wl.kind in ("ka", "churn"):
+            if wl.kind in ("ka", "churn") or wl.kind.startswith("http-"):
                 suite.run_throughput(wl, peer_names)
             elif wl.kind == "metrics":
                 # Metrics on vs off when the CLI can switch them off; always: unscraped vs scraped.
@@ -524,6 +571,7 @@ def _main(args: argparse.Namespace, argv: list[str], log) -> int:
     all_peers = [*peer_names, *(n for n in extra if n not in peer_names and any(r["peer"] == n for r in suite.runs))]
     subjects = [p for p in all_peers if p.startswith("mesh-") and "nometrics" not in p and "+" not in p]
     summary = report.summarize(suite.runs)
+    labels = {name: p.label for name, p in suite.peers.items()}
     doc: dict[str, Any] = {
         "schema": report.SCHEMA,
         "date": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -532,15 +580,18 @@ def _main(args: argparse.Namespace, argv: list[str], log) -> int:
         "command": "python -m benchmarks.run " + " ".join(shlex.quote(a) for a in argv),
         "machine": report.machine_facts({**versions, "backend": backend_kind}),
         "settings": {
+            "suite": args.suite,
             "repeat": args.repeat,
             "duration_s": args.duration,
             "workloads": [w.name for w in workloads],
             "peers": all_peers,
+            "labels": labels,
             "subjects": subjects,
             "backend": backend_kind,
             "load": args.load,
             "pin": {"load": args.pin_layout[0], "proxy": args.pin_layout[1], "backend": args.pin_layout[2]},
             "rlimit_nofile": nofile,
+            **({"replicas_per_service": args.replicas} if http else {}),
             "elapsed_s": round(time.monotonic() - args.t_start, 1),
         },
         "skipped": suite.skipped,
@@ -548,12 +599,12 @@ def _main(args: argparse.Namespace, argv: list[str], log) -> int:
         "summary": summary,
         "ratios": report.ratios(summary, subjects),
         "added_latency_ms": report.added_latency(summary),
-        "targets": report.check_targets(summary),
+        "targets": report.check_http_targets(summary) if http else report.check_targets(summary),
     }
     print()
     print(report.format_report(doc))
     out = Path(args.out)
-    stem = f"{started.strftime('%Y-%m-%d_%H%M%S')}_{commit}{'-dirty' if dirty else ''}"
+    stem = f"{'http-' if http else ''}{started.strftime('%Y-%m-%d_%H%M%S')}_{commit}{'-dirty' if dirty else ''}"
     json_path = out / f"{stem}.json"
     report.write_json(doc, json_path)
     print(f"\nresults: {json_path}")
@@ -562,7 +613,11 @@ def _main(args: argparse.Namespace, argv: list[str], log) -> int:
         print(f"plot: {why}" if why else f"plot: {out / f'{stem}.png'}")
     rc = 0
     if args.compare:
-        old_path = Path(args.compare) if args.compare != "last" else report.last_committed_result(out, json_path)
+        old_path = (
+            Path(args.compare)
+            if args.compare != "last"
+            else report.last_committed_result(out, json_path, prefix="http-" if http else "")
+        )
         if old_path is None:
             print("compare: no committed result to compare with")
         else:
