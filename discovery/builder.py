@@ -18,15 +18,20 @@ Rules (docs/discovery.md has the user-facing version):
 - ``killed`` ids (container or task ids) and tasks whose desired state is no
   longer "running" become ``state="draining"`` while they still run.
 - Routes: one per (protocol, listen address, published port) of ``mesh.publish``
-  (``/tcp``, ``/udp``, ``/tls``); a ``/tls`` route matches the ``mesh.tls.sni``
-  names (none: the port's default service).
+  (``/tcp``, ``/udp``, ``/tls``, ``/http``); a ``/tls`` route matches the
+  ``mesh.tls.sni`` names (none: the port's default service), an ``/http`` route
+  the ``mesh.http.hosts`` names and ``mesh.http.paths`` prefixes (none: any).
 - Conflicts: two services with one name, or routes that cannot share a listen
   address (``mesh.routing.route_conflict``: per transport, so 53/tcp and 53/udp
   never clash; tls routes of several services share a port when their SNI names
-  differ; tcp and tls never share one): the older service keeps it (then the name
-  decides); the other is reported and skipped (only the conflicting route, for
-  ports).  Published port 0 (any free port, chosen when the data plane binds it)
-  never conflicts.
+  differ, http routes when no (host, path prefix) pair is claimed by both; a tcp
+  route shares its port with nothing, tls and http never share one): the older
+  service keeps it (then the name decides); the other is reported and skipped
+  (only the conflicting route, for ports), naming the label to change:
+  ``mesh.tls.sni``; ``mesh.http.paths`` when the newcomer set paths, else
+  ``mesh.http.hosts``; ``mesh.publish`` for a clash of protocols or addresses.
+  Published port 0 (any free port, chosen when the data plane binds it) never
+  conflicts.
 - A bad object is reported as a ``Problem`` and skipped; the others are built.
 """
 
@@ -75,6 +80,15 @@ class _Candidate:
     routes: dict[RouteKey, list[Endpoint]]
     subject: str
     sni: tuple[str, ...] = ()
+    hosts: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
+
+    def match(self, protocol: str) -> Match:
+        if protocol == "tls":
+            return Match(hosts=self.sni)
+        if protocol == "http":
+            return Match(hosts=self.hosts, paths=self.paths)
+        return Match()
 
 
 RouteKey = tuple[str, str, int]  # (protocol, listen host, published port)
@@ -175,6 +189,8 @@ def _containers_mode(
                 routes=routes,
                 subject=f"service {name} (containers)",
                 sni=newest_ml.sni,
+                hosts=newest_ml.hosts,
+                paths=newest_ml.paths,
             )
         )
     return out
@@ -241,9 +257,9 @@ def _swarm_mode(
         out.append(
             _Candidate(
                 name=ml.service or s.name, age=(s.created, s.id), options=ml.options, routes=routes, subject=subject,
-                sni=ml.sni,
+                sni=ml.sni, hosts=ml.hosts, paths=ml.paths,
             )
-        )
+        )  # fmt: skip
     return out
 
 
@@ -285,7 +301,7 @@ def build_table(
             continue
         routes = []
         for (protocol, host, port), endpoints in sorted(cand.routes.items(), key=lambda kv: (kv[0][2], kv[0][1:])):
-            match = Match(hosts=cand.sni) if protocol == "tls" else Match()
+            match = cand.match(protocol)
             route = Route(port=port, listen_host=host, protocol=protocol, match=match, endpoints=tuple(endpoints))
             # port 0 (any free port, chosen at bind) never clashes: route_conflict says so
             clash = next(
@@ -295,6 +311,11 @@ def build_table(
                 other, owner, why = clash
                 if other.protocol == protocol == "tls":  # the same SNI name (or two defaults) on one port
                     problems.append(Problem(cand.subject, why, "mesh.tls.sni"))
+                    continue
+                if other.protocol == protocol == "http" and other.listen_host == host:
+                    # the same (host, path prefix) on one port: the label to change is the rule the newcomer set
+                    label = "mesh.http.paths" if cand.paths else "mesh.http.hosts"
+                    problems.append(Problem(cand.subject, why, label))
                     continue
                 where = format_hostport(host, port)
                 if protocol == other.protocol == "tcp":

@@ -34,6 +34,8 @@ KNOWN_LABELS = (
     "mesh.network",
     schema.ENDPOINT_WEIGHT.label,
     schema.SNI.label,
+    schema.HTTP_HOSTS.label,
+    schema.HTTP_PATHS.label,
     *_SERVICE_LABELS,
     "mesh.health",
     *_HEALTH_LABELS,
@@ -63,7 +65,9 @@ class PublishSpec:
 @dataclass(frozen=True, slots=True)
 class MeshLabels:
     """The parsed ``mesh.*`` labels of one container or swarm service.  ``sni``: the server names of
-    its ``/tls`` ports (``mesh.tls.sni``; empty = the default service of those ports)."""
+    its ``/tls`` ports (``mesh.tls.sni``; empty = the default service of those ports).  ``hosts`` and
+    ``paths``: the Host names and path prefixes of its ``/http`` ports (``mesh.http.hosts``,
+    ``mesh.http.paths``; empty = any)."""
 
     publish: tuple[PublishSpec, ...]
     options: ServiceOptions
@@ -72,6 +76,8 @@ class MeshLabels:
     network: str | None = None
     warnings: tuple[str, ...] = ()
     sni: tuple[str, ...] = ()
+    hosts: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
 
 
 def parse_duration(label: str, value: str, *, allow_zero: bool = False) -> float:
@@ -96,19 +102,21 @@ def _port(label: str, text: str, whole: str, *, any_port: bool = False) -> int:
 
 def parse_publish(value: str, label: str = "mesh.publish") -> tuple[PublishSpec, ...]:
     """``[listen_ip:]published:target[/proto]`` or ``published[/proto]`` (target = published),
-    comma-separated; ``proto`` is ``tcp`` (the default), ``udp`` or ``tls`` (passthrough routed by
-    SNI, ``mesh.tls.sni``).
+    comma-separated; ``proto`` is ``tcp`` (the default), ``udp``, ``tls`` (passthrough routed by
+    SNI, ``mesh.tls.sni``) or ``http`` (requests routed by ``mesh.http.hosts`` / ``mesh.http.paths``).
 
     A published port of 0 means any free port, chosen when the data plane binds it (tests read it
     back from the listener); the target port, and a bare ``published`` (which is also the target),
     are never 0.  One port may be published once per transport: ``53:53/tcp,53:53/udp`` is fine,
-    ``443/tcp,443/tls`` is not (both are TCP).
+    ``443/tcp,443/tls`` and ``80/tcp,80/http`` are not (all of them are TCP).
     """
     specs: list[PublishSpec] = []
     items = [p.strip() for p in value.split(",")]
     if not value.strip() or any(not p for p in items):
         raise LabelError(
-            label, value, "expected published:target[/tcp|/udp|/tls], several separated by commas, e.g. 8080:80"
+            label,
+            value,
+            "expected published:target[/tcp|/udp|/tls|/http], several separated by commas, e.g. 8080:80",
         )
     for item in items:
         body, slash, proto_text = item.partition("/")
@@ -117,7 +125,9 @@ def parse_publish(value: str, label: str = "mesh.publish") -> tuple[PublishSpec,
             try:
                 proto = schema.PROTOCOL.parse(proto_text)
             except OptionError:
-                raise LabelError(label, value, f"expected /tcp, /udp or /tls, got /{proto_text} in {item!r}") from None
+                raise LabelError(
+                    label, value, f"expected /tcp, /udp, /tls or /http, got /{proto_text} in {item!r}"
+                ) from None
         host = "0.0.0.0"
         if body.startswith("["):  # [v6]:published:target
             end = body.find("]")
@@ -140,7 +150,7 @@ def parse_publish(value: str, label: str = "mesh.publish") -> tuple[PublishSpec,
     for s in specs:
         transport = transport_of(s.protocol)
         if (s.published, transport) in seen:
-            what = "udp" if transport == "udp" else "tcp (tcp and tls are both TCP)"
+            what = "udp" if transport == "udp" else "tcp (tcp, tls and http are all TCP)"
             raise LabelError(label, value, f"port {s.published} is published twice for {what}")
         seen.add((s.published, transport))
     return tuple(sorted(specs, key=lambda s: (s.published, s.listen_host, s.protocol)))
@@ -198,6 +208,13 @@ def parse_labels(labels: Mapping[str, str] | Iterable[tuple[str, str]]) -> MeshL
         if not any(p.protocol == "tls" for p in publish):
             raise LabelError(schema.SNI.label, mine[schema.SNI.label], "needs a /tls port in mesh.publish")
 
+    rules: dict[str, tuple[str, ...]] = {}
+    for option in (schema.HTTP_HOSTS, schema.HTTP_PATHS):
+        if option.label in mine:
+            rules[option.field] = _parse(option.label, mine[option.label], option.type)
+            if not any(p.protocol == "http" for p in publish):
+                raise LabelError(option.label, mine[option.label], "needs an /http port in mesh.publish")
+
     opts = {o.field: _parse(label, mine[label], o.type) for label, o in _SERVICE_LABELS.items() if label in mine}
     if "udp_balance" not in opts and "balance" in opts:
         opts["udp_balance"] = opts["balance"]  # a udp port balances as told, else by client hash
@@ -209,5 +226,13 @@ def parse_labels(labels: Mapping[str, str] | Iterable[tuple[str, str]]) -> MeshL
         label = next((o.label for o in schema.SERVICE_OPTIONS if o.field == field), "mesh.*")
         raise LabelError(label, mine.get(label, ""), str(exc)) from exc
     return MeshLabels(
-        publish=publish, options=options, service=service, weight=weight, network=network, warnings=warnings, sni=sni
+        publish=publish,
+        options=options,
+        service=service,
+        weight=weight,
+        network=network,
+        warnings=warnings,
+        sni=sni,
+        hosts=rules.get("hosts", ()),
+        paths=rules.get("paths", ()),
     )

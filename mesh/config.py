@@ -7,7 +7,7 @@ The file format (YAML shown; TOML has the same tree)::
     services:
       web:
         listen: 8080                # or "127.0.0.1:8080", or a list of them; 0 = any free port
-        protocol: tcp               # tcp | udp | tls (passthrough routed by SNI)
+        protocol: tcp               # tcp | udp | tls (passthrough routed by SNI) | http
         balance: round-robin        # round-robin | least-conn | p2c | hash
         endpoints: ["127.0.0.1:9001", {address: 127.0.0.1, port: 9002, weight: 2}]
       site-a:
@@ -15,6 +15,12 @@ The file format (YAML shown; TOML has the same tree)::
         protocol: tls
         sni: ["a.example.com", "*.a.example.com"]   # no sni: the port's default service
         endpoints: ["127.0.0.1:9443"]
+      api:
+        listen: 80                  # several http services share a port, told apart by hosts/paths
+        protocol: http
+        hosts: ["shop.example.com", "*.shop.example.com"]   # no hosts: any host
+        paths: ["/api"]             # path prefixes; no paths: any path
+        endpoints: ["127.0.0.1:9101"]
 
 See examples/mesh.yaml for every option.
 
@@ -31,9 +37,16 @@ Rules:
   the same schema the Docker label reader uses, so a value means the same thing
   here and in a label (docs/options.md).
 - A static endpoint's id is its "host:port" unless the file gives one.
-- ``protocol`` is one word per service (tcp, udp or tls); ``sni`` only with tls.  A
-  udp service balances with ``udp_balance``, which is ``balance`` when only that is
-  given (in the service or in ``defaults``), else ``hash``.
+- ``protocol`` is one word per service (tcp, udp, tls or http); ``sni`` only with tls,
+  ``hosts`` and ``paths`` only with http.  A udp service balances with ``udp_balance``,
+  which is ``balance`` when only that is given (in the service or in ``defaults``),
+  else ``hash``.
+- ``accept_proxy`` is a list of networks, or a mapping ``{trusted: [...]}`` (the form
+  docs/options.md shows), in a service or in ``defaults``.
+- Routes that cannot share a listen address (``mesh.routing.route_conflict``: a tcp
+  route next to any other stream route on its port, two http routes claiming the same
+  host and path prefix, two tls routes claiming the same SNI name) reject the file,
+  naming both services, at the ``listen`` line of the one later by name.
 - ``listen`` port 0 means any free port, chosen when the listener binds (tests:
   the admin API's ``/v1/table`` shows the bound port).  Only ``listen``: an
   endpoint's port is never 0.  With ``workers`` > 1 (``--workers N``) port 0 is
@@ -308,7 +321,15 @@ def _read_toml(text: str, source: str) -> tuple[Any, _Lines]:
 _OPTIONS = {o.key: o for o in schema.SERVICE_OPTIONS}
 _HEALTH = {o.key: o for o in schema.HEALTH_OPTIONS}
 _OPTION_KEYS = (*_OPTIONS, "health_check")
-_SERVICE_KEYS = ("listen", "endpoints", "protocol", schema.SNI.key, *_OPTION_KEYS)
+# A route's match rules: file key -> (the protocol it goes with, its option).
+_MATCH_KEYS = {
+    schema.SNI.key: ("tls", schema.SNI),
+    schema.HTTP_HOSTS.key: ("http", schema.HTTP_HOSTS),
+    schema.HTTP_PATHS.key: ("http", schema.HTTP_PATHS),
+}
+_SERVICE_KEYS = ("listen", "endpoints", "protocol", *_MATCH_KEYS, *_OPTION_KEYS)
+# Options that a file may also write as a mapping: key -> the mapping's one key holding the value.
+_MAPPING_FORMS = {"accept_proxy": "trusted"}
 _HEALTH_KEYS = tuple(_HEALTH)
 _ENDPOINT_KEYS = ("address", "port", "weight", "id", "state")
 _TOP_KEYS = ("services", "defaults")
@@ -393,19 +414,21 @@ class _Builder:
         endpoints = self.endpoints(svc["endpoints"], (*base, "endpoints"))
         opts = dict(defaults)
         for key, value in svc.items():
-            if key not in ("listen", "endpoints", "protocol", schema.SNI.key):
+            if key not in ("listen", "endpoints", "protocol", *_MATCH_KEYS):
                 opts[_field(key)] = self.option(key, value, (*base, key))
         if "udp_balance" not in opts and "balance" in opts:
             opts["udp_balance"] = opts["balance"]  # a udp service balances as told, else by client hash
         protocol = "tcp"
         if "protocol" in svc:
             protocol = self.parse(schema.PROTOCOL, svc["protocol"], (*base, "protocol"))
-        match = Match()
-        if schema.SNI.key in svc:
-            spath: KeyPath = (*base, schema.SNI.key)
-            if protocol != "tls":
-                raise self.error(spath, f"only applies to protocol tls (this service is {protocol})")
-            match = Match(hosts=self.parse(schema.SNI.type, svc[schema.SNI.key], spath))
+        rules: dict[str, tuple[str, ...]] = {}
+        for key, (only, option) in _MATCH_KEYS.items():
+            if key in svc:
+                mpath: KeyPath = (*base, key)
+                if protocol != only:
+                    raise self.error(mpath, f"only applies to protocol {only} (this service is {protocol})")
+                rules[option.field] = self.parse(option.type, svc[key], mpath)
+        match = Match(hosts=rules.get("sni", rules.get("hosts", ())), paths=rules.get("paths", ()))
         try:
             options = ServiceOptions(**opts)
         except TableError as exc:
@@ -415,9 +438,7 @@ class _Builder:
         for i, (host, port) in enumerate(listens):
             lpath: KeyPath = (*base, "listen", i) if isinstance(svc["listen"], list) else (*base, "listen")
             try:
-                routes.append(
-                    Route(port=port, endpoints=endpoints, listen_host=host, protocol=protocol, match=match)
-                )
+                routes.append(Route(port=port, endpoints=endpoints, listen_host=host, protocol=protocol, match=match))
             except TableError as exc:
                 raise self.error(lpath, str(exc)) from exc
         seen: dict[tuple[str, int], int] = {}
@@ -493,6 +514,12 @@ class _Builder:
     def option(self, key: str, value: Any, path: KeyPath) -> Any:
         if key == "health_check":
             return self.health_check(value, path)
+        inner = _MAPPING_FORMS.get(key)
+        if inner is not None and isinstance(value, Mapping):
+            body = self.mapping(value, path, (inner,), f"a mapping with {inner!r}")
+            if inner not in body:
+                raise self.error(path, f"missing key {inner!r}")
+            value, path = body[inner], (*path, inner)
         return self.parse(_OPTIONS[key].type, value, path)
 
     def health_check(self, value: Any, path: KeyPath) -> HealthCheck | None:

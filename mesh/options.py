@@ -22,11 +22,20 @@ Grammar of text (a label is always text; in a file, a quoted or unquoted string)
 - boolean: ``true``/``yes``/``on``/``1`` or ``false``/``no``/``off``/``0``, any case.
 - word (enum): one of the option's words, any case (``P2C`` = ``p2c``).
 - list: items separated by commas (spaces around an item are trimmed).
+- size: a whole number of bytes, optionally followed right after it by ``KiB``, ``MiB`` or
+  ``GiB`` (x 1024, 1024**2, 1024**3; ``64KiB`` = 65536); no fraction, no other unit (not
+  ``64k``, ``64KB``, ``64 KiB``).
+- IP networks: a list of addresses or networks (``10.0.0.0/8``, ``192.168.1.7``,
+  ``fd00::/8``); host bits are ignored (``10.1.2.3/8`` is ``10.0.0.0/8``); ``none``
+  for none.
+- path prefixes: a list of paths, each starting with ``/``, without spaces, ``?`` or ``#``.
+- hash key: ``header:<name>`` or ``cookie:<name>``, the name an HTTP token.
 
 A file may also hold native YAML/TOML values: a number where a duration (seconds),
-number or whole number is expected, a boolean where a boolean is expected, a list
-where a list is expected; ``false`` or ``null`` for an option that can be switched
-off.  Non-finite numbers (``.inf``, ``.nan``) are rejected.  Whatever the source,
+number or whole number is expected, a whole number where a size is expected, a
+boolean where a boolean is expected, a list where a list is expected (an empty list
+for a list option that may be empty); ``false`` or ``null`` for an option that can be
+switched off.  Non-finite numbers (``.inf``, ``.nan``) are rejected.  Whatever the source,
 the parsed value then goes through the same range check.
 
 Errors: a parser raises ``OptionError``.  ``str(err)`` says what is expected and
@@ -38,31 +47,47 @@ for the label reader, whose message already quotes the value
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, Protocol
 
-from mesh.routing import BALANCERS, HEALTH_KINDS, HealthCheck, TableError, valid_host_pattern
+from mesh.routing import (
+    BALANCERS,
+    HEALTH_KINDS,
+    HTTP_RETRY_STATUSES,
+    HealthCheck,
+    TableError,
+    valid_host_pattern,
+)
 
 __all__ = [
     "ENDPOINT_WEIGHT",
     "HEALTH_OPTIONS",
     "HEALTH_SWITCH",
+    "HTTP_HOSTS",
+    "HTTP_PATHS",
     "PROTOCOL",
     "SERVICE_OPTIONS",
     "SNI",
     "Boolean",
     "Choice",
     "Duration",
+    "HashKey",
     "HostHeader",
     "HttpPath",
+    "Networks",
     "Number",
     "Option",
     "OptionError",
+    "PathPrefixes",
+    "RetryStatuses",
     "ServerNames",
+    "Size",
     "Statuses",
+    "Token",
     "WholeNumber",
     "blame",
     "default_of",
@@ -76,10 +101,19 @@ _NUMBER = r"[0-9]+(?:\.[0-9]+)?"
 _DURATION = re.compile(rf"({_NUMBER})(ms|s|m|h)?")
 _NUMBER_RE = re.compile(_NUMBER)
 _DIGITS = re.compile(r"[0-9]+")
+_SIZE = re.compile(r"([0-9]+)(KiB|MiB|GiB)?")
+_SIZE_UNITS = {None: 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token: a header or cookie name
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _MAX_DIGITS = 18  # longer whole numbers are out of every range (and int() of huge text is slow)
 DURATION_EXPECTED = "expected a duration like 5, 0.5, '500ms', '5s' or '2m'"
 _UNSET = object()
+
+
+def _or(words: Iterable[str]) -> str:
+    """The words joined as in "a, b or c"."""
+    *head, last = words
+    return f"{', '.join(head)} or {last}" if head else last
 
 
 def describe(value: object) -> str:
@@ -352,6 +386,162 @@ class ServerNames:
         return tuple(sorted(set(out)))
 
 
+def _human_size(n: int) -> str:
+    for unit in ("GiB", "MiB", "KiB"):
+        if n and n % _SIZE_UNITS[unit] == 0:
+            return f"{n // _SIZE_UNITS[unit]}{unit}"
+    return str(n)
+
+
+@dataclass(frozen=True, slots=True)
+class Size:
+    """A size in bytes within ``lo..hi``: "65536", "64KiB", "1MiB"; in a file also a whole number."""
+
+    lo: int
+    hi: int
+
+    def parse(self, value: object) -> int:
+        expected = (
+            f"expected a size {_human_size(self.lo)}..{_human_size(self.hi)}: "
+            "bytes (65536) or a whole number with KiB, MiB or GiB (64KiB)"
+        )
+        if isinstance(value, int) and not isinstance(value, bool):
+            n = value
+        else:
+            text = _text(value)
+            m = _SIZE.fullmatch(text) if text is not None else None
+            digits = m.group(1).lstrip("0") if m is not None else ""
+            if m is None or len(digits) > _MAX_DIGITS:
+                raise OptionError(expected, value)
+            n = int(digits or "0") * _SIZE_UNITS[m.group(2)]
+        if not self.lo <= n <= self.hi:
+            raise OptionError(expected, value)
+        return n
+
+
+def _items(value: object, expected: str) -> tuple[list[object], bool]:
+    """The items of a list value: (items, True) for a file's list, (text split at commas, False) for text."""
+    if isinstance(value, list | tuple):
+        return list(value), True
+    text = _text(value)
+    if not text:
+        raise OptionError(expected, value, sep=";")
+    return list(text.split(",")), False
+
+
+class Networks:
+    """IP networks (``accept_proxy``, ``http_trusted``): "10.0.0.0/8,fd00::/8" or single addresses; in a
+    file also a list.  ``none`` (a file's ``[]``, ``false`` or ``null``): none.  Host bits are ignored
+    (10.1.2.3/8 is 10.0.0.0/8); the result is de-duplicated and sorted (IPv4 first), in canonical form."""
+
+    __slots__ = ()
+
+    expected = "expected IP addresses or networks separated by commas (or none), e.g. 10.0.0.0/8,fd00::/8"
+
+    def parse(self, value: object) -> tuple[str, ...]:
+        if value is None or value is False or (_text(value) or "").lower() == "none":
+            return ()
+        items, listed = _items(value, self.expected)
+        out: set[ipaddress.IPv4Network | ipaddress.IPv6Network] = set()
+        for i, item in enumerate(items):
+            text = _text(item)
+            try:
+                if not text or not _no_space(text):
+                    raise ValueError(text)
+                out.add(ipaddress.ip_network(text, strict=False))
+            except ValueError:
+                if listed:
+                    raise OptionError("expected an IP address or network (10.0.0.0/8, ::1)", item, index=i) from None
+                raise OptionError(self.expected, value, sep=";") from None
+        return tuple(str(n) for n in sorted(out, key=lambda n: (n.version, n)))
+
+
+class RetryStatuses:
+    """The statuses an HTTP request is retried on: "502,503" (each of 502, 503, 504); in a file also a
+    number or a list.  ``none`` (a file's ``[]``, ``false`` or ``null``): none.  De-duplicated and sorted."""
+
+    __slots__ = ()
+
+    expected = f"expected {_or(map(str, HTTP_RETRY_STATUSES))}, several separated by commas (or none), e.g. 502,503"
+
+    def parse(self, value: object) -> tuple[int, ...]:
+        if value is None or value is False or (_text(value) or "").lower() == "none":
+            return ()
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = [value]
+        items, listed = _items(value, self.expected)
+        out: set[int] = set()
+        for i, item in enumerate(items):
+            text = _text(item)
+            if isinstance(item, int) and not isinstance(item, bool):
+                status = item
+            elif text is not None and text.isascii() and text.isdigit() and len(text) < 4:
+                status = int(text)
+            else:
+                status = 0
+            if status not in HTTP_RETRY_STATUSES:
+                if listed:
+                    raise OptionError(f"expected {_or(map(str, HTTP_RETRY_STATUSES))}", item, index=i)
+                raise OptionError(self.expected, value, sep=";")
+            out.add(status)
+        return tuple(sorted(out))
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """An HTTP token (RFC 9110; a header or cookie name), kept as written: ``what`` names it in errors."""
+
+    what: str
+
+    def parse(self, value: object) -> str:
+        text = _text(value)
+        if text is None or not _TOKEN.fullmatch(text):
+            raise OptionError(f"expected {self.what} (letters, digits and !#$%&'*+-.^_`|~)", value)
+        return text
+
+
+class HashKey:
+    """What an HTTP route hashes on: "header:<name>" (the name lower-cased) or "cookie:<name>" (kept as
+    written: cookie names are case-sensitive); ``none`` (a file's ``false`` or ``null``): the client IP."""
+
+    __slots__ = ()
+
+    expected = "expected header:<name> or cookie:<name> (or none), e.g. header:x-user-id"
+
+    def parse(self, value: object) -> str | None:
+        text = _text(value)
+        if value is None or value is False or (text or "").lower() == "none":
+            return None
+        kind, colon, name = (text or "").partition(":")
+        kind = kind.lower()
+        if not colon or kind not in ("header", "cookie") or not _TOKEN.fullmatch(name):
+            raise OptionError(self.expected, value, sep=";")
+        return f"{kind}:{name.lower() if kind == 'header' else name}"
+
+
+class PathPrefixes:
+    """HTTP path prefixes: "/api" or "/api,/static"; in a file also a list.  Each starts with "/" and holds
+    no space, "?" or "#"; kept as written (case matters in a path), de-duplicated and sorted."""
+
+    __slots__ = ()
+
+    expected = "expected path prefixes starting with /, separated by commas, e.g. /api,/static"
+
+    def parse(self, value: object) -> tuple[str, ...]:
+        items, listed = _items(value, self.expected)
+        out: set[str] = set()
+        for i, item in enumerate(items):
+            text = _text(item)
+            if not text or not text.startswith("/") or not _no_space(text) or "?" in text or "#" in text:
+                if listed:
+                    raise OptionError("expected a path starting with / (no spaces, '?' or '#')", item, index=i)
+                raise OptionError(self.expected, value, sep=";")
+            out.add(text)
+        if not out:
+            raise OptionError(self.expected, value, sep=";")
+        return tuple(sorted(out))
+
+
 # -- the schema -------------------------------------------------------------------------------------
 
 
@@ -452,15 +642,145 @@ SERVICE_OPTIONS: tuple[Option, ...] = (
         WholeNumber(1, 1_000_000),
         "udp routes: sessions per listener; beyond it the oldest idle session is evicted",
     ),
+    # -- every protocol ---------------------------------------------------------------------------
+    _option(
+        "slow_start",
+        "mesh.slow-start",
+        Duration(positive=False),
+        "a joining or recovered endpoint's share of new connections grows from 10% to all of it over this time"
+        " (0 = off)",
+    ),
+    _option(
+        "accept_proxy",
+        "mesh.accept-proxy",
+        Networks(),
+        "read a PROXY protocol header (v1 or v2) from clients connecting from these networks; in a file"
+        " also {trusted: [...]}",
+    ),
+    # -- http routes ------------------------------------------------------------------------------
+    _option(
+        "http_head_timeout",
+        "mesh.http.head-timeout",
+        Duration(positive=True),
+        "http routes: a request's head must arrive within this (a deadline, not an inactivity timer)",
+    ),
+    _option("http_max_head", "mesh.http.max-head", Size(1 << 10, 1 << 20), "http routes: largest request head"),
+    _option(
+        "http_max_headers",
+        "mesh.http.max-headers",
+        WholeNumber(1, 1000),
+        "http routes: most header fields in a request",
+    ),
+    _option(
+        "http_max_body",
+        "mesh.http.max-body",
+        Size(0, 1 << 40),
+        "http routes: largest request body (413 beyond it; 0 = no limit)",
+    ),
+    _option(
+        "http_response_timeout",
+        "mesh.http.response-timeout",
+        Duration(positive=True),
+        "http routes: the endpoint's response head must arrive within this once the request was sent",
+    ),
+    _option(
+        "http_keepalive_timeout",
+        "mesh.http.keepalive-timeout",
+        Duration(positive=True),
+        "http routes: close a client connection idle between requests for this long",
+    ),
+    _option(
+        "http_pool_max_idle",
+        "mesh.http.pool-max-idle",
+        WholeNumber(0, 10000),
+        "http routes: idle kept-alive connections kept per endpoint (0 = no reuse)",
+    ),
+    _option(
+        "http_pool_idle_timeout",
+        "mesh.http.pool-idle-timeout",
+        Duration(positive=True),
+        "http routes: an idle upstream connection older than this is closed, not reused",
+    ),
+    _option(
+        "http_trusted",
+        "mesh.http.trusted",
+        Networks(),
+        "http routes: forwarders whose X-Forwarded-For / Forwarded headers are kept (others' are replaced)",
+    ),
+    _option(
+        "http_retry_on",
+        "mesh.http.retry-on",
+        RetryStatuses(),
+        "http routes: statuses after which an idempotent request is retried on another endpoint",
+    ),
+    _option(
+        "http_retry_budget",
+        "mesh.http.retry-budget",
+        WholeNumber(0, 100, percent=True),
+        "http routes: retries at most this share of the requests in flight",
+    ),
+    _option(
+        "http_hash_key",
+        "mesh.http.hash-key",
+        HashKey(),
+        "http routes: what balance hash hashes on instead of the client IP",
+    ),
+    _option(
+        "http_sticky",
+        "mesh.http.sticky",
+        _choice({"cookie": "cookie", "none": None, "off": None}, "expected cookie or none", off=None),
+        "http routes: keep a client on its endpoint with a cookie",
+    ),
+    _option("http_sticky_name", "mesh.http.sticky.name", Token("a cookie name"), "http routes: the sticky cookie"),
+    _option(
+        "http_sticky_max_age",
+        "mesh.http.sticky.max-age",
+        WholeNumber(0, 10**9),
+        "http routes: the sticky cookie's Max-Age in seconds (0 = a session cookie)",
+    ),
+    _option("http_sticky_secure", "mesh.http.sticky.secure", Boolean(), "http routes: the sticky cookie is Secure"),
+    _option(
+        "http_sticky_samesite",
+        "mesh.http.sticky.samesite",
+        _choice(("lax", "strict", "none"), "expected lax, strict or none"),
+        "http routes: the sticky cookie's SameSite",
+    ),
+    _option(
+        "http_max_inflight",
+        "mesh.http.max-inflight",
+        WholeNumber(0, 100000),
+        "http routes: requests at once per endpoint (0 = no limit); more wait in the queue",
+    ),
+    _option(
+        "http_queue",
+        "mesh.http.queue",
+        WholeNumber(0, 100000),
+        "http routes: requests that wait for an endpoint under max-inflight (beyond: 503)",
+    ),
+    _option(
+        "http_queue_timeout",
+        "mesh.http.queue-timeout",
+        Duration(positive=True),
+        "http routes: longest wait in the queue (then 503)",
+    ),
 )
 
 #: What a service speaks: ``protocol:`` in a file, the ``/proto`` suffix of ``mesh.publish`` on a label.
-#: (The contract knows "http" too; this data plane has no front for it yet.)
-PROTOCOL = _choice(("tcp", "udp", "tls"), "expected tcp, udp or tls")
+PROTOCOL = _choice(("tcp", "udp", "tls", "http"), "expected tcp, udp, tls or http")
 
 #: TLS passthrough: ``sni:`` of a ``protocol: tls`` service in a file, ``mesh.tls.sni`` on a container or
 #: service publishing a ``/tls`` port.  Not a ``ServiceOptions`` field: it is the route's ``Match.hosts``.
 SNI = Option("sni", "sni", "mesh.tls.sni", ServerNames(), "tls routes: the server names this service takes")
+
+#: HTTP routes: ``hosts:`` and ``paths:`` of a ``protocol: http`` service in a file, ``mesh.http.hosts`` and
+#: ``mesh.http.paths`` on a container or service publishing an ``/http`` port.  Not ``ServiceOptions`` fields:
+#: they are the route's ``Match`` (absent: any host, any path).
+HTTP_HOSTS = Option(
+    "hosts", "hosts", "mesh.http.hosts", ServerNames(), "http routes: the Host names this service takes"
+)
+HTTP_PATHS = Option(
+    "paths", "paths", "mesh.http.paths", PathPrefixes(), "http routes: the path prefixes this service takes"
+)
 
 #: ``health_check`` in a file, ``mesh.health`` on a label: the kind of check, or none.
 HEALTH_SWITCH = _choice(

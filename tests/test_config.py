@@ -6,7 +6,7 @@ import pytest
 
 from mesh.config import check_workers, load_config, parse_config, parse_duration, parse_listen
 from mesh.errors import ConfigError
-from mesh.routing import Endpoint, HealthCheck, Route, RoutingTable, Service, ServiceOptions
+from mesh.routing import Endpoint, HealthCheck, Match, Route, RoutingTable, Service, ServiceOptions
 
 
 def ep(hostport: str, **kw) -> Endpoint:
@@ -141,7 +141,9 @@ GOOD = [
         balance = "p2c"
         endpoints = ["127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003"]
         """,
-        RoutingTable(1, (Service("web", (Route(8080, (E1, E2, E3)),), ServiceOptions(balance="p2c", udp_balance="p2c")),)),
+        RoutingTable(
+            1, (Service("web", (Route(8080, (E1, E2, E3)),), ServiceOptions(balance="p2c", udp_balance="p2c")),)
+        ),
     ),
     (
         "full.toml",
@@ -260,10 +262,14 @@ BAD = [
     (
         "unknown-nohint.yaml",
         YAML_SVC + "    colour: blue\n",
-        "6: services.web.colour: unknown key 'colour'; expected one of: listen, endpoints, protocol, sni, balance, "
-        "proxy_protocol, connect_timeout, idle_timeout, retries, consecutive_failures, base_ejection_time, "
-        "max_ejection_time, max_ejection_percent, panic_threshold, locality, zero_copy, udp_balance, "
-        "udp_idle_timeout, udp_responses, udp_max_sessions, health_check",
+        "6: services.web.colour: unknown key 'colour'; expected one of: listen, endpoints, protocol, sni, hosts, "
+        "paths, balance, proxy_protocol, connect_timeout, idle_timeout, retries, consecutive_failures, "
+        "base_ejection_time, max_ejection_time, max_ejection_percent, panic_threshold, locality, zero_copy, "
+        "udp_balance, udp_idle_timeout, udp_responses, udp_max_sessions, slow_start, accept_proxy, "
+        "http_head_timeout, http_max_head, http_max_headers, http_max_body, http_response_timeout, "
+        "http_keepalive_timeout, http_pool_max_idle, http_pool_idle_timeout, http_trusted, http_retry_on, "
+        "http_retry_budget, http_hash_key, http_sticky, http_sticky_name, http_sticky_max_age, "
+        "http_sticky_secure, http_sticky_samesite, http_max_inflight, http_queue, http_queue_timeout, health_check",
     ),
     ("unknown-top.yaml", "servces: {}\n", "1: servces: unknown key 'servces' (did you mean 'services'?)"),
     (
@@ -428,7 +434,7 @@ BAD = [
     (
         "protocol.yaml",
         YAML_SVC + "    protocol: sctp\n",
-        "6: services.web.protocol: expected tcp, udp or tls; got 'sctp'",
+        "6: services.web.protocol: expected tcp, udp, tls or http; got 'sctp'",
     ),
     (
         "merge.yaml",
@@ -657,8 +663,8 @@ def test_udp_options_in_a_file():
             "m.yaml:3: service 'b' listens on 0.0.0.0:53 (udp), already used by service 'a' (udp)",
         ),
         (
-            "services:\n  a: {listen: 80, protocol: http, endpoints: []}\n",
-            "m.yaml:2: services.a.protocol: expected tcp, udp or tls; got 'http'",
+            "services:\n  a: {listen: 80, protocol: quic, endpoints: []}\n",
+            "m.yaml:2: services.a.protocol: expected tcp, udp, tls or http; got 'quic'",
         ),
     ],
 )
@@ -673,3 +679,183 @@ def test_tcp_and_udp_services_share_a_port_number():
         "services:\n  dns-tcp: {listen: 53, endpoints: []}\n  dns-udp: {listen: 53, protocol: udp, endpoints: []}\n"
     )
     assert [(s.name, r.protocol, r.port) for s, r in table.routes()] == [("dns-tcp", "tcp", 53), ("dns-udp", "udp", 53)]
+
+
+# -- http routes --------------------------------------------------------------------------------
+
+HTTP_EXAMPLE = """
+services:
+  shop:
+    listen: 8080
+    protocol: http               # tcp (default) | http
+    hosts: ["shop.example.com", "*.shop.example.com"]   # optional: any host when absent
+    paths: ["/"]                 # optional path prefixes; the longest match wins across services
+    endpoints: ["127.0.0.1:9001", "127.0.0.1:9002"]
+  api:
+    listen: 8080                 # several http services share one port
+    protocol: http
+    hosts: ["shop.example.com"]
+    paths: ["/api"]
+    endpoints: ["127.0.0.1:9101"]
+"""
+
+
+def test_http_example_loads(tmp_path):
+    table = load_config(write(tmp_path, "mesh.yaml", HTTP_EXAMPLE))
+    assert table == RoutingTable(
+        1,
+        (
+            Service(
+                "api",
+                (Route(8080, (ep("127.0.0.1:9101"),), protocol="http",
+                       match=Match(hosts=("shop.example.com",), paths=("/api",))),),
+            ),
+            Service(
+                "shop",
+                (Route(8080, (E1, E2), protocol="http",
+                       match=Match(hosts=("*.shop.example.com", "shop.example.com"), paths=("/",))),),
+            ),
+        ),
+    )  # fmt: skip
+    assert RoutingTable.from_json(table.to_json()) == table
+
+
+def test_http_services_without_rules_and_the_toml_spelling():
+    table = parse_config(
+        '[services.any]\nlisten = 80\nprotocol = "HTTP"\nendpoints = []\n\n'
+        '[services.api]\nlisten = 80\nprotocol = "http"\npaths = ["/api", "/v2/"]\nendpoints = []\n\n'
+        '[services.shop]\nlisten = 80\nprotocol = "http"\nhosts = "Shop.example.com"\nendpoints = []\n',
+        source="m.toml",
+        fmt="toml",
+    )
+    assert [(s.name, r.protocol, r.port, r.match.hosts, r.match.paths) for s, r in table.routes()] == [
+        ("any", "http", 80, (), ()),
+        ("api", "http", 80, (), ("/api", "/v2/")),
+        ("shop", "http", 80, ("shop.example.com",), ()),
+    ]
+
+
+def test_http_options_in_a_file_and_in_defaults():
+    table = parse_config(
+        "defaults:\n  accept_proxy: {trusted: ['10.0.0.0/8']}\n  http_trusted: [192.168.0.0/16]\n"
+        "  http_max_head: 16KiB\nservices:\n"
+        "  shop:\n    listen: 80\n    protocol: http\n    endpoints: []\n    slow_start: 30s\n"
+        "    http_max_body: 10MiB\n    http_retry_on: [502, 503]\n    http_retry_budget: 10%\n"
+        "    http_hash_key: header:X-User\n    balance: hash\n    http_sticky: cookie\n"
+        "    http_sticky_name: SRV\n    http_sticky_max_age: 3600\n    http_sticky_secure: true\n"
+        "    http_sticky_samesite: strict\n    http_max_inflight: 10\n    http_queue: 0\n"
+        "    http_queue_timeout: 250ms\n    http_response_timeout: 2m\n    http_keepalive_timeout: 5s\n"
+        "    http_head_timeout: 3s\n    http_max_headers: 50\n    http_pool_max_idle: 0\n"
+        "    http_pool_idle_timeout: 500ms\n"
+        "  plain:\n    listen: 81\n    endpoints: []\n    accept_proxy: none\n",
+        source="m.yaml",
+    )
+    shop, plain = table.service("shop"), table.service("plain")
+    assert shop.options == ServiceOptions(
+        balance="hash", udp_balance="hash", slow_start=30.0, accept_proxy=("10.0.0.0/8",),
+        http_trusted=("192.168.0.0/16",), http_max_head=16384, http_max_body=10 << 20, http_retry_on=(502, 503),
+        http_retry_budget=10, http_hash_key="header:x-user", http_sticky="cookie", http_sticky_name="SRV",
+        http_sticky_max_age=3600, http_sticky_secure=True, http_sticky_samesite="strict", http_max_inflight=10,
+        http_queue=0, http_queue_timeout=0.25, http_response_timeout=120.0, http_keepalive_timeout=5.0,
+        http_head_timeout=3.0, http_max_headers=50, http_pool_max_idle=0, http_pool_idle_timeout=0.5,
+    )  # fmt: skip
+    # a service may switch a default off
+    assert plain.options == ServiceOptions(http_trusted=("192.168.0.0/16",), http_max_head=16384)
+    assert RoutingTable.from_json(table.to_json()) == table
+
+
+def test_accept_proxy_forms_in_toml():
+    table = parse_config(
+        '[defaults.accept_proxy]\ntrusted = ["fd00::/8", "10.0.0.0/8"]\n\n'
+        "[services.a]\nlisten = 80\nendpoints = []\n\n"
+        '[services.b]\nlisten = 81\nendpoints = []\naccept_proxy = ["127.0.0.1"]\n\n'
+        "[services.c]\nlisten = 82\nendpoints = []\naccept_proxy = { trusted = [] }\n",
+        source="m.toml",
+        fmt="toml",
+    )
+    assert [s.options.accept_proxy for s in table.services] == [
+        ("10.0.0.0/8", "fd00::/8"),
+        ("127.0.0.1/32",),
+        (),
+    ]
+
+
+Y = "services:\n  a:\n    listen: 8080\n    endpoints: []\n"  # line 3: listen; 5: the next key
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        # hosts / paths only with protocol http; sni only with tls
+        (Y + "    hosts: [a.example.com]\n", "m.yaml:5: services.a.hosts: only applies to protocol http (this service is tcp)"),
+        (Y + "    protocol: tls\n    paths: [/api]\n", "m.yaml:6: services.a.paths: only applies to protocol http (this service is tls)"),
+        (Y + "    paths: [/api]\n    protocol: udp\n", "m.yaml:5: services.a.paths: only applies to protocol http (this service is udp)"),
+        (Y + "    protocol: http\n    sni: a.example.com\n", "m.yaml:6: services.a.sni: only applies to protocol tls (this service is http)"),
+        # bad rules, in a list (the item's line) and as text
+        (Y + "    protocol: http\n    paths:\n      - /api\n      - api\n",
+         "m.yaml:8: services.a.paths[1]: expected a path starting with / (no spaces, '?' or '#'), got 'api'"),
+        (Y + "    protocol: http\n    paths: /a?b\n",
+         "m.yaml:6: services.a.paths: expected path prefixes starting with /, separated by commas, e.g. /api,/static; got '/a?b'"),
+        (Y + "    protocol: http\n    paths: []\n",
+         "m.yaml:6: services.a.paths: expected path prefixes starting with /, separated by commas, e.g. /api,/static; got a list"),
+        (Y + "    protocol: http\n    hosts: [a.example.com, '*']\n",
+         "m.yaml:6: services.a.hosts[1]: expected a DNS name or '*.name', got '*'"),
+        # accept_proxy's mapping form
+        (Y + "    accept_proxy: {trusted: ['10.0.0.0/8', x]}\n",
+         "m.yaml:5: services.a.accept_proxy.trusted[1]: expected an IP address or network (10.0.0.0/8, ::1), got 'x'"),
+        (Y + "    accept_proxy:\n      trust: []\n", "m.yaml:6: services.a.accept_proxy.trust: unknown key 'trust' (did you mean 'trusted'?)"),
+        (Y + "    accept_proxy: {}\n", "m.yaml:5: services.a.accept_proxy: missing key 'trusted'"),
+        ("defaults:\n  accept_proxy: {trusted: 10.0.0.0/33}\nservices: {}\n",
+         "m.yaml:2: defaults.accept_proxy.trusted: expected IP addresses or networks separated by commas (or none), "
+         "e.g. 10.0.0.0/8,fd00::/8; got '10.0.0.0/33'"),
+        (Y + "    http_trusted: {trusted: []}\n",
+         "m.yaml:5: services.a.http_trusted: expected IP addresses or networks separated by commas (or none), "
+         "e.g. 10.0.0.0/8,fd00::/8; got a mapping"),
+        # native values
+        (Y + "    http_max_body: 1.5\n",
+         "m.yaml:5: services.a.http_max_body: expected a size 0..1024GiB: bytes (65536) or a whole number with KiB, "
+         "MiB or GiB (64KiB), got 1.5"),
+        (Y + "    http_retry_on: [502, 500]\n", "m.yaml:5: services.a.http_retry_on[1]: expected 502, 503 or 504, got 500"),
+        # conflicts: the file is refused, naming both services, at the listen line of the later one by name
+        ("services:\n  shop: {listen: 8080, protocol: http, hosts: [shop.example.com], paths: [/, /api], endpoints: []}\n"
+         "  api: {listen: 8080, protocol: http, hosts: [SHOP.example.com], paths: [/api], endpoints: []}\n",
+         "m.yaml:2: services 'api' and 'shop' both claim host 'shop.example.com' path '/api' on 0.0.0.0:8080 (http)"),
+        ("services:\n  a: {listen: 8080, protocol: http, endpoints: []}\n  b: {listen: 8080, protocol: http, endpoints: []}\n",
+         "m.yaml:3: services 'a' and 'b' both claim host '*' path '/' on 0.0.0.0:8080 (http)"),
+        ("services:\n  a: {listen: 8080, protocol: http, endpoints: []}\n  b: {listen: 8080, endpoints: []}\n",
+         "m.yaml:3: service 'b' listens on 0.0.0.0:8080 (tcp), already used by service 'a' (http)"),
+        ("services:\n  a: {listen: 8080, endpoints: []}\n  b: {listen: 8080, protocol: http, endpoints: []}\n",
+         "m.yaml:3: service 'b' listens on 0.0.0.0:8080 (http), already used by service 'a' (tcp)"),
+        ("services:\n  a: {listen: 8080, protocol: tls, endpoints: []}\n  b: {listen: 8080, protocol: http, endpoints: []}\n",
+         "m.yaml:3: service 'b' listens on 0.0.0.0:8080 (http), already used by service 'a' (tls)"),
+        ("services:\n  a: {listen: 8080, protocol: http, endpoints: []}\n"
+         "  b: {listen: '127.0.0.1:8080', protocol: http, paths: [/b], endpoints: []}\n",
+         "m.yaml:3: services 'a' and 'b' share port 8080 (http) with different listen addresses (0.0.0.0, 127.0.0.1)"),
+    ],
+)  # fmt: skip
+def test_http_errors(text, error):
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, source="m.yaml")
+    assert str(info.value) == error
+
+
+def test_http_errors_in_toml_name_the_line():
+    with pytest.raises(ConfigError) as info:
+        parse_config('[services.a]\nlisten = 80\nendpoints = []\npaths = ["/api"]\n', source="m.toml", fmt="toml")
+    assert str(info.value) == "m.toml:4: services.a.paths: only applies to protocol http (this service is tcp)"
+    with pytest.raises(ConfigError) as info:
+        parse_config(
+            '[services.a]\nlisten = 80\nendpoints = []\n\n[services.a.accept_proxy]\ntrusted = ["x"]\n',
+            source="m.toml",
+            fmt="toml",
+        )
+    assert str(info.value) == (
+        "m.toml:6: services.a.accept_proxy.trusted[0]: expected an IP address or network (10.0.0.0/8, ::1), got 'x'"
+    )
+
+
+def test_http_and_udp_services_share_a_port_number():
+    table = parse_config(
+        "services:\n  web: {listen: 443, protocol: http, endpoints: []}\n  quic: {listen: 443, protocol: udp, endpoints: []}\n"
+    )
+    assert [(s.name, r.protocol, r.port) for s, r in table.routes()] == [("quic", "udp", 443), ("web", "http", 443)]

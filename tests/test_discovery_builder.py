@@ -305,7 +305,7 @@ def test_bad_labels_skip_only_that_container():
     ]
     table, problems = build_table(cs, local_node="n1")
     assert [str(p) for p in problems] == [
-        "container dns (c): label mesh.publish='8080:80/sctp': expected /tcp, /udp or /tls, got /sctp in '8080:80/sctp'"
+        "container dns (c): label mesh.publish='8080:80/sctp': expected /tcp, /udp, /tls or /http, got /sctp in '8080:80/sctp'"
         " - skipped",
         "container lost (d): has no address on network 'nope' (its networks: bridge) - skipped",
         "container shop-web-2 (b): label mesh.weight='lots': expected a whole number 1..1000 - skipped",
@@ -467,8 +467,12 @@ def test_one_port_for_tcp_and_udp_of_one_service():
 def test_tls_routes_of_several_services_share_a_port_by_sni():
     cs = [
         ctr("a", {"mesh.publish": "443:8443/tls", "mesh.tls.sni": "a.example.com", "mesh.service": "a"}),
-        ctr("b", {"mesh.publish": "443:8443/tls", "mesh.tls.sni": "b.example.com,*.b.example.com",
-                  "mesh.service": "b"}, ip="198.18.201.3", created=2.0),
+        ctr(
+            "b",
+            {"mesh.publish": "443:8443/tls", "mesh.tls.sni": "b.example.com,*.b.example.com", "mesh.service": "b"},
+            ip="198.18.201.3",
+            created=2.0,
+        ),
         ctr("d", {"mesh.publish": "443:9443/tls", "mesh.service": "fallback"}, ip="198.18.201.4", created=3.0),
         ctr("u", {"mesh.publish": "443:443/udp", "mesh.service": "quic"}, ip="198.18.201.5", created=4.0),
     ]
@@ -485,8 +489,12 @@ def test_tls_routes_of_several_services_share_a_port_by_sni():
 def test_tls_conflicts_name_both_services_and_the_newer_is_skipped():
     cs = [
         ctr("a", {"mesh.publish": "443:8443/tls", "mesh.tls.sni": "a.example.com", "mesh.service": "a"}),
-        ctr("b", {"mesh.publish": "443:8443/tls", "mesh.tls.sni": "A.example.com", "mesh.service": "b"},
-            ip="198.18.201.3", created=2.0),
+        ctr(
+            "b",
+            {"mesh.publish": "443:8443/tls", "mesh.tls.sni": "A.example.com", "mesh.service": "b"},
+            ip="198.18.201.3",
+            created=2.0,
+        ),
         ctr("t", {"mesh.publish": "443:8443", "mesh.service": "plain"}, ip="198.18.201.4", created=3.0),
         ctr("x", {"mesh.publish": "8443:8443", "mesh.service": "old-tcp"}, ip="198.18.201.6", created=0.5),
         ctr("y", {"mesh.publish": "8443:8443/tls", "mesh.service": "new-tls"}, ip="198.18.201.7", created=5.0),
@@ -501,6 +509,90 @@ def test_tls_conflicts_name_both_services_and_the_newer_is_skipped():
     ]
     assert [p.label for p in problems] == ["mesh.tls.sni", "mesh.publish", "mesh.publish"]
     assert [s.name for s in table.services] == ["a", "old-tcp"]
+
+
+# -- http routes ------------------------------------------------------------------------------
+
+
+def test_http_routes_of_several_services_share_a_port_by_host_and_path():
+    cs = [
+        ctr("s", {"mesh.publish": "8080:9001/http", "mesh.http.hosts": "shop.example.com,*.shop.example.com",
+                  "mesh.http.paths": "/", "mesh.service": "shop"}),
+        ctr("a", {"mesh.publish": "8080:9101/http", "mesh.http.hosts": "shop.example.com", "mesh.http.paths": "/api",
+                  "mesh.service": "api"}, ip="198.18.201.3", created=2.0),
+        ctr("d", {"mesh.publish": "8080:80/http", "mesh.service": "fallback"}, ip="198.18.201.4", created=3.0),
+        ctr("u", {"mesh.publish": "8080:80/udp", "mesh.service": "udp"}, ip="198.18.201.5", created=4.0),
+    ]  # fmt: skip
+    table, problems = build_table(cs, local_node="n1")
+    assert problems == ()
+    assert [(s.name, r.protocol, r.port, r.match.hosts, r.match.paths, [e.port for e in r.endpoints])
+            for s, r in table.routes()] == [
+        ("api", "http", 8080, ("shop.example.com",), ("/api",), [9101]),
+        ("fallback", "http", 8080, (), (), [80]),
+        ("shop", "http", 8080, ("*.shop.example.com", "shop.example.com"), ("/",), [9001]),
+        ("udp", "udp", 8080, (), (), [80]),
+    ]  # fmt: skip
+
+
+def test_http_conflicts_name_both_services_and_the_newer_is_skipped():
+    cs = [
+        ctr("s", {"mesh.publish": "80/http", "mesh.http.hosts": "shop.example.com", "mesh.http.paths": "/,/api",
+                  "mesh.service": "shop"}),
+        ctr("a", {"mesh.publish": "80/http", "mesh.http.hosts": "SHOP.example.com", "mesh.http.paths": "/api",
+                  "mesh.service": "api"}, ip="198.18.201.3", created=2.0),
+        ctr("w", {"mesh.publish": "80/http", "mesh.http.hosts": "www.example.com", "mesh.service": "www"},
+            ip="198.18.201.4", created=2.5),
+        ctr("h", {"mesh.publish": "80/http", "mesh.http.hosts": "www.example.com", "mesh.service": "www2"},
+            ip="198.18.201.11", created=3.0),
+        ctr("d", {"mesh.publish": "80/http", "mesh.service": "any"}, ip="198.18.201.5", created=4.0),
+        ctr("d2", {"mesh.publish": "80/http", "mesh.service": "any2"}, ip="198.18.201.6", created=5.0),
+        ctr("t", {"mesh.publish": "80", "mesh.service": "plain"}, ip="198.18.201.7", created=6.0),
+        ctr("x", {"mesh.publish": "8443:8443/tls", "mesh.service": "old-tls"}, ip="198.18.201.8", created=0.5),
+        ctr("y", {"mesh.publish": "8443:8443/http,9000/http", "mesh.service": "new-http"}, ip="198.18.201.9",
+            created=7.0),
+        ctr("z", {"mesh.publish": "127.0.0.1:80:80/http", "mesh.http.paths": "/z", "mesh.service": "local"},
+            ip="198.18.201.10", created=8.0),
+    ]  # fmt: skip
+    table, problems = build_table(cs, local_node="n1")
+    assert [(str(p), p.label) for p in problems] == [
+        ("service any2 (containers): services 'any' and 'any2' both claim host '*' path '/' on 0.0.0.0:80 (http)"
+         " - skipped", "mesh.http.hosts"),
+        ("service api (containers): services 'shop' and 'api' both claim host 'shop.example.com' path '/api' on"
+         " 0.0.0.0:80 (http) - skipped", "mesh.http.paths"),
+        ("service local (containers): port 127.0.0.1:80 (http) is already published by service 'shop' (http)"
+         " - skipped", "mesh.publish"),
+        ("service new-http (containers): port 0.0.0.0:8443 (http) is already published by service 'old-tls' (tls)"
+         " - skipped", "mesh.publish"),
+        ("service plain (containers): port 0.0.0.0:80 (tcp) is already published by service 'shop' (http)"
+         " - skipped", "mesh.publish"),
+        ("service www2 (containers): services 'www' and 'www2' both claim host 'www.example.com' path '/' on"
+         " 0.0.0.0:80 (http) - skipped", "mesh.http.hosts"),
+    ]  # fmt: skip
+    # the newcomer keeps its other routes; a service left without routes is not in the table
+    assert [(s.name, r.protocol, r.port) for s, r in table.routes()] == [
+        ("any", "http", 80), ("new-http", "http", 9000), ("old-tls", "tls", 8443), ("shop", "http", 80),
+        ("www", "http", 80),
+    ]  # fmt: skip
+
+
+def test_http_labels_of_a_swarm_service():
+    svc = ServiceRecord(id="s1", name="api", labels=frozen_labels(
+        {"mesh.publish": "80:8000/http", "mesh.http.hosts": "api.example.com", "mesh.http.paths": "/v1,/v2",
+         "mesh.http.max-inflight": "8"}))  # fmt: skip
+    task = TaskRecord(id="t1", service_id="s1", node_id="n1", state="running", desired_state="running",
+                      container_id="c-t1")  # fmt: skip
+    gw = NetworkRecord(id="gw", name="docker_gwbridge", containers=(("c-t1", "198.18.42.3"),))
+    table, problems = build_table(services=[svc], tasks=[task], gwbridge=gw, local_node="n1")
+    assert problems == ()
+    (route,) = table.services[0].routes
+    assert (route.protocol, route.port, route.match.hosts, route.match.paths, route.endpoints[0].port) == (
+        "http",
+        80,
+        ("api.example.com",),
+        ("/v1", "/v2"),
+        8000,
+    )
+    assert table.services[0].options.http_max_inflight == 8
 
 
 def test_swarm_service_publishes_udp():

@@ -30,6 +30,14 @@ from mesh.routing import HealthCheck, ServiceOptions
         ("443:8443/TLS", (PublishSpec(443, 8443, protocol="tls"),)),
         ("53:53/udp,53:53/tcp", (PublishSpec(53, 53), PublishSpec(53, 53, protocol="udp"))),
         ("127.0.0.1:5353:53/udp", (PublishSpec(5353, 53, listen_host="127.0.0.1", protocol="udp"),)),
+        # http: requests routed by mesh.http.hosts / mesh.http.paths
+        ("80:8000/http", (PublishSpec(80, 8000, protocol="http"),)),
+        ("80/HTTP", (PublishSpec(80, 80, protocol="http"),)),
+        ("80:8000/http,443:8443/tls", (PublishSpec(80, 8000, protocol="http"), PublishSpec(443, 8443, protocol="tls"))),
+        (
+            "443:8000/http,443:8000/udp",
+            (PublishSpec(443, 8000, protocol="http"), PublishSpec(443, 8000, protocol="udp")),
+        ),
     ],
 )
 def test_publish_valid(value, expected):
@@ -41,10 +49,13 @@ def test_publish_valid(value, expected):
     [
         ("", "expected published:target"),
         ("8080:80,", "expected published:target"),
-        ("8080:80/sctp", "expected /tcp, /udp or /tls, got /sctp in '8080:80/sctp'"),
-        ("8080:80/", "expected /tcp, /udp or /tls, got / in '8080:80/'"),
+        ("8080:80/sctp", "expected /tcp, /udp, /tls or /http, got /sctp in '8080:80/sctp'"),
+        ("8080:80/", "expected /tcp, /udp, /tls or /http, got / in '8080:80/'"),
         ("53:53/udp,53:54/udp", "port 53 is published twice for udp"),
-        ("443:443,443:8443/tls", "port 443 is published twice for tcp (tcp and tls are both TCP)"),
+        ("443:443,443:8443/tls", "port 443 is published twice for tcp (tcp, tls and http are all TCP)"),
+        ("80:80,80:8000/http", "port 80 is published twice for tcp (tcp, tls and http are all TCP)"),
+        ("80/http,80/tls", "port 80 is published twice for tcp (tcp, tls and http are all TCP)"),
+        ("80:8000/https", "expected /tcp, /udp, /tls or /http, got /https in '80:8000/https'"),
         ("0", "port '0' must be a number 1..65535"),  # a bare port is the target too
         ("8080:0", "port '0' must be a number 1..65535"),
         ("70000:80", "port '70000' must be a number 0..65535 (0 = any free port)"),
@@ -221,3 +232,53 @@ def test_udp_tls_label_errors(labels, label, fragment):
         parse_labels(labels)
     assert ei.value.label == label
     assert fragment in str(ei.value)
+
+
+def test_http_hosts_and_paths():
+    ml = parse_labels(
+        {"mesh.publish": "80:8000/http", "mesh.http.hosts": "a.example.com,*.B.example.com",
+         "mesh.http.paths": "/static, /api"}
+    )  # fmt: skip
+    assert ml.publish == (PublishSpec(80, 8000, protocol="http"),)
+    assert (ml.hosts, ml.paths, ml.sni) == (("*.b.example.com", "a.example.com"), ("/api", "/static"), ())
+    assert ml.warnings == ()
+    bare = parse_labels({"mesh.publish": "80/http"})  # any host, any path
+    assert (bare.hosts, bare.paths) == ((), ())
+
+
+def test_http_options():
+    ml = parse_labels(
+        {"mesh.publish": "80/http", "mesh.slow-start": "30s", "mesh.accept-proxy": "10.0.0.0/8,fd00::/8",
+         "mesh.http.max-body": "10MiB", "mesh.http.retry-on": "503,502", "mesh.http.sticky": "cookie",
+         "mesh.http.sticky.name": "SRV", "mesh.http.hash-key": "cookie:uid", "mesh.balance": "hash"}
+    )  # fmt: skip
+    assert ml.options == ServiceOptions(
+        balance="hash", udp_balance="hash", slow_start=30.0, accept_proxy=("10.0.0.0/8", "fd00::/8"),
+        http_max_body=10 << 20, http_retry_on=(502, 503), http_sticky="cookie", http_sticky_name="SRV",
+        http_hash_key="cookie:uid",
+    )  # fmt: skip
+    assert ml.warnings == ()
+
+
+@pytest.mark.parametrize(
+    ("labels", "label", "message"),
+    [
+        ({"mesh.publish": "80:8000", "mesh.http.hosts": "a.example.com"}, "mesh.http.hosts",
+         "label mesh.http.hosts='a.example.com': needs an /http port in mesh.publish"),
+        ({"mesh.publish": "443/tls", "mesh.http.paths": "/api"}, "mesh.http.paths",
+         "label mesh.http.paths='/api': needs an /http port in mesh.publish"),
+        ({"mesh.publish": "80/http", "mesh.tls.sni": "a.example.com"}, "mesh.tls.sni",
+         "label mesh.tls.sni='a.example.com': needs a /tls port in mesh.publish"),
+        ({"mesh.publish": "80/http", "mesh.http.hosts": "a b"}, "mesh.http.hosts",
+         "label mesh.http.hosts='a b': expected DNS names or '*.name' wildcards, separated by commas, "
+         "e.g. a.example.com,*.b.example.com"),
+        ({"mesh.publish": "80/http", "mesh.http.paths": "api"}, "mesh.http.paths",
+         "label mesh.http.paths='api': expected path prefixes starting with /, separated by commas, e.g. /api,/static"),
+        ({"mesh.publish": "80/http", "mesh.http.paths": "/a,"}, "mesh.http.paths",
+         "label mesh.http.paths='/a,': expected path prefixes starting with /, separated by commas, e.g. /api,/static"),
+    ],
+)  # fmt: skip
+def test_http_label_errors(labels, label, message):
+    with pytest.raises(LabelError) as ei:
+        parse_labels(labels)
+    assert (ei.value.label, str(ei.value)) == (label, message)

@@ -52,7 +52,35 @@ LABEL = {
     "health_check.jitter": "mesh.health.jitter",
     "weight": "mesh.weight",
     "sni": "mesh.tls.sni",
+    # every protocol
+    "slow_start": "mesh.slow-start",
+    "accept_proxy": "mesh.accept-proxy",
+    # http routes; "hosts" / "paths": a protocol http service's match / mesh.http.hosts, mesh.http.paths
+    "http_head_timeout": "mesh.http.head-timeout",
+    "http_max_head": "mesh.http.max-head",
+    "http_max_headers": "mesh.http.max-headers",
+    "http_max_body": "mesh.http.max-body",
+    "http_response_timeout": "mesh.http.response-timeout",
+    "http_keepalive_timeout": "mesh.http.keepalive-timeout",
+    "http_pool_max_idle": "mesh.http.pool-max-idle",
+    "http_pool_idle_timeout": "mesh.http.pool-idle-timeout",
+    "http_trusted": "mesh.http.trusted",
+    "http_retry_on": "mesh.http.retry-on",
+    "http_retry_budget": "mesh.http.retry-budget",
+    "http_hash_key": "mesh.http.hash-key",
+    "http_sticky": "mesh.http.sticky",
+    "http_sticky_name": "mesh.http.sticky.name",
+    "http_sticky_max_age": "mesh.http.sticky.max-age",
+    "http_sticky_secure": "mesh.http.sticky.secure",
+    "http_sticky_samesite": "mesh.http.sticky.samesite",
+    "http_max_inflight": "mesh.http.max-inflight",
+    "http_queue": "mesh.http.queue",
+    "http_queue_timeout": "mesh.http.queue-timeout",
+    "hosts": "mesh.http.hosts",
+    "paths": "mesh.http.paths",
 }
+# the options of a route's match: (file protocol, mesh.publish suffix)
+MATCH = {"sni": "tls", "hosts": "http", "paths": "http"}
 
 
 @dataclass(frozen=True)
@@ -66,6 +94,15 @@ WHOLE_0_100 = "expected a whole number 0..100"
 PATH = "expected a path starting with / and without spaces"
 STATUSES = "expected HTTP status codes 100..599, e.g. 200,204"
 SNI = "expected DNS names or '*.name' wildcards, separated by commas, e.g. a.example.com,*.b.example.com"
+POSITIVE = Bad("expected a duration > 0", file="must be > 0")
+NETWORKS = "expected IP addresses or networks separated by commas (or none), e.g. 10.0.0.0/8,fd00::/8"
+SIZE_TAIL = ": bytes (65536) or a whole number with KiB, MiB or GiB (64KiB)"
+HEAD_SIZE = "expected a size 1KiB..1MiB" + SIZE_TAIL
+BODY_SIZE = "expected a size 0..1024GiB" + SIZE_TAIL
+RETRY_ON = "expected 502, 503 or 504, several separated by commas (or none), e.g. 502,503"
+HASH_KEY = "expected header:<name> or cookie:<name> (or none), e.g. header:x-user-id"
+COOKIE_NAME = "expected a cookie name (letters, digits and !#$%&'*+-.^_`|~)"
+PATHS = "expected path prefixes starting with /, separated by commas, e.g. /api,/static"
 
 TABLE = [
     # durations: number[unit], unit ms|s|m|h right after the number, no unit = seconds
@@ -195,6 +232,123 @@ TABLE = [
     ("health_check.expect_status", "99", Bad(STATUSES)),
     ("health_check.expect_status", "200,", Bad(STATUSES)),
     ("health_check.expect_status", "", Bad(STATUSES)),
+    # every protocol: slow start, PROXY protocol from trusted load balancers in front
+    ("slow_start", "30s", 30.0),
+    ("slow_start", "0", 0.0),
+    ("slow_start", "5 s", Bad(DURATION)),
+    ("slow_start", "-1s", Bad(DURATION)),
+    ("accept_proxy", "10.0.0.0/8", ("10.0.0.0/8",)),
+    ("accept_proxy", "::1, 10.1.2.3/8,192.168.0.7", ("10.0.0.0/8", "192.168.0.7/32", "::1/128")),
+    ("accept_proxy", "10.0.0.0/8,10.0.0.0/8", ("10.0.0.0/8",)),
+    ("accept_proxy", "None", ()),
+    ("accept_proxy", "10.0.0.0/33", Bad(NETWORKS)),
+    ("accept_proxy", "10.0.0.0/8,", Bad(NETWORKS)),
+    ("accept_proxy", "lb.internal", Bad(NETWORKS)),
+    ("accept_proxy", "10.0.0.0 /8", Bad(NETWORKS)),
+    ("accept_proxy", "", Bad(NETWORKS)),
+    # http routes: the request head
+    ("http_head_timeout", "10s", 10.0),
+    ("http_head_timeout", "500ms", 0.5),
+    ("http_head_timeout", "0", POSITIVE),
+    ("http_max_head", "65536", 65536),
+    ("http_max_head", "64KiB", 65536),
+    ("http_max_head", "1MiB", 1 << 20),
+    ("http_max_head", "1KiB", 1024),
+    ("http_max_head", "1023", Bad(HEAD_SIZE)),
+    ("http_max_head", "2MiB", Bad(HEAD_SIZE)),
+    ("http_max_head", "64k", Bad(HEAD_SIZE)),
+    ("http_max_head", "64KB", Bad(HEAD_SIZE)),
+    ("http_max_head", "64kib", Bad(HEAD_SIZE)),
+    ("http_max_head", "64 KiB", Bad(HEAD_SIZE)),
+    ("http_max_head", "1.5KiB", Bad(HEAD_SIZE)),
+    ("http_max_head", "9" * 400 + "KiB", Bad(HEAD_SIZE)),
+    ("http_max_headers", "100", 100),
+    ("http_max_headers", "0", Bad("expected a whole number 1..1000")),
+    ("http_max_headers", "1001", Bad("expected a whole number 1..1000")),
+    ("http_keepalive_timeout", "75s", 75.0),
+    ("http_keepalive_timeout", "0", POSITIVE),
+    ("http_trusted", "192.168.0.0/16,fd00::/8", ("192.168.0.0/16", "fd00::/8")),
+    ("http_trusted", "none", ()),
+    ("http_trusted", "10.0.0.0/8 10.1.0.0/16", Bad(NETWORKS)),
+    # http routes: per request
+    ("http_max_body", "0", 0),
+    ("http_max_body", "10MiB", 10 << 20),
+    ("http_max_body", "1GiB", 1 << 30),
+    ("http_max_body", "1000000", 1000000),
+    ("http_max_body", "10MB", Bad(BODY_SIZE)),
+    ("http_max_body", "-1", Bad(BODY_SIZE)),
+    ("http_max_body", "2048GiB", Bad(BODY_SIZE)),
+    ("http_response_timeout", "60s", 60.0),
+    ("http_response_timeout", "2m", 120.0),
+    ("http_response_timeout", "0s", POSITIVE),
+    ("http_pool_max_idle", "0", 0),
+    ("http_pool_max_idle", "64", 64),
+    ("http_pool_max_idle", "10001", Bad("expected a whole number 0..10000")),
+    ("http_pool_idle_timeout", "1.5s", 1.5),
+    ("http_pool_idle_timeout", "500ms", 0.5),
+    ("http_pool_idle_timeout", "0", POSITIVE),
+    ("http_retry_on", "502,503", (502, 503)),
+    ("http_retry_on", "504, 502, 502", (502, 504)),
+    ("http_retry_on", "none", ()),
+    ("http_retry_on", "500", Bad(RETRY_ON)),
+    ("http_retry_on", "502,", Bad(RETRY_ON)),
+    ("http_retry_on", "0502", Bad(RETRY_ON)),
+    ("http_retry_on", "", Bad(RETRY_ON)),
+    ("http_retry_budget", "20", 20),
+    ("http_retry_budget", "20%", 20),
+    ("http_retry_budget", "101", Bad(WHOLE_0_100)),
+    ("http_hash_key", "header:X-User-Id", "header:x-user-id"),
+    ("http_hash_key", "Cookie:Session", "cookie:Session"),
+    ("http_hash_key", "none", None),
+    ("http_hash_key", "query:user", Bad(HASH_KEY)),
+    ("http_hash_key", "header:", Bad(HASH_KEY)),
+    ("http_hash_key", "header:x user", Bad(HASH_KEY)),
+    ("http_hash_key", "x-user-id", Bad(HASH_KEY)),
+    ("http_hash_key", "", Bad(HASH_KEY)),
+    ("http_sticky", "cookie", "cookie"),
+    ("http_sticky", "COOKIE", "cookie"),
+    ("http_sticky", "none", None),
+    ("http_sticky", "off", None),
+    ("http_sticky", "header", Bad("expected cookie or none")),
+    ("http_sticky_name", "SERVERID", "SERVERID"),
+    ("http_sticky_name", "mesh_sticky", "mesh_sticky"),
+    ("http_sticky_name", "a b", Bad(COOKIE_NAME)),
+    ("http_sticky_name", "a;b", Bad(COOKIE_NAME)),
+    ("http_sticky_name", "", Bad(COOKIE_NAME)),
+    ("http_sticky_max_age", "86400", 86400),
+    ("http_sticky_max_age", "0", 0),
+    ("http_sticky_max_age", "1h", Bad("expected a whole number 0..1000000000")),
+    ("http_sticky_secure", "true", True),
+    ("http_sticky_secure", "no", False),
+    ("http_sticky_secure", "always", Bad("expected true or false")),
+    ("http_sticky_samesite", "Strict", "strict"),
+    ("http_sticky_samesite", "none", "none"),
+    ("http_sticky_samesite", "lax", "lax"),
+    ("http_sticky_samesite", "always", Bad("expected lax, strict or none")),
+    ("http_max_inflight", "0", 0),
+    ("http_max_inflight", "100", 100),
+    ("http_max_inflight", "100001", Bad("expected a whole number 0..100000")),
+    ("http_queue", "0", 0),
+    ("http_queue", "1000", 1000),
+    ("http_queue", "-1", Bad("expected a whole number 0..100000")),
+    ("http_queue_timeout", "5s", 5.0),
+    ("http_queue_timeout", "0ms", POSITIVE),
+    # http routes' match: Host names (the grammar of sni) and path prefixes
+    ("hosts", "shop.example.com", ("shop.example.com",)),
+    ("hosts", "Shop.Example.com, *.shop.example.com", ("*.shop.example.com", "shop.example.com")),
+    ("hosts", "*", Bad(SNI)),
+    ("hosts", "shop.example.com:8080", Bad(SNI)),
+    ("hosts", "", Bad(SNI)),
+    ("paths", "/api", ("/api",)),
+    ("paths", "/static, /api,/api", ("/api", "/static")),
+    ("paths", "/", ("/",)),
+    ("paths", "/Api/V1/", ("/Api/V1/",)),
+    ("paths", "api", Bad(PATHS)),
+    ("paths", "/a?b", Bad(PATHS)),
+    ("paths", "/a#b", Bad(PATHS)),
+    ("paths", "/a b", Bad(PATHS)),
+    ("paths", "/api,", Bad(PATHS)),
+    ("paths", "", Bad(PATHS)),
 ]
 
 
@@ -208,8 +362,8 @@ def yaml_file(option: str, text: str) -> tuple[str, int]:
     head = "services:\n  web:\n    listen: 8080\n"
     if option == "weight":
         return head + f"    endpoints:\n      - {{address: 127.0.0.1, port: 9001, weight: {_q(text)}}}\n", 5
-    if option == "sni":
-        return head + f"    endpoints: ['127.0.0.1:9001']\n    protocol: tls\n    sni: {_q(text)}\n", 6
+    if option in MATCH:
+        return head + f"    endpoints: ['127.0.0.1:9001']\n    protocol: {MATCH[option]}\n    {option}: {_q(text)}\n", 6
     body = head + "    endpoints: ['127.0.0.1:9001']\n"
     if option.startswith("health_check."):
         return body + f"    health_check:\n      kind: http\n      {option.split('.')[1]}: {_q(text)}\n", 7
@@ -220,8 +374,8 @@ def toml_file(option: str, text: str) -> tuple[str, int]:
     head = "[services.web]\nlisten = 8080\n"
     if option == "weight":
         return head + f'endpoints = [{{ address = "127.0.0.1", port = 9001, weight = {_q(text)} }}]\n', 3
-    if option == "sni":
-        return head + f'endpoints = ["127.0.0.1:9001"]\nprotocol = "tls"\nsni = {_q(text)}\n', 5
+    if option in MATCH:
+        return head + f'endpoints = ["127.0.0.1:9001"]\nprotocol = "{MATCH[option]}"\n{option} = {_q(text)}\n', 5
     body = head + 'endpoints = ["127.0.0.1:9001"]\n'
     if option.startswith("health_check."):
         return body + f'[services.web.health_check]\nkind = "http"\n{option.split(".")[1]} = {_q(text)}\n', 6
@@ -232,8 +386,10 @@ def value_of(table, option: str):
     (service,) = table.services
     if option == "weight":
         return service.routes[0].endpoints[0].weight
-    if option == "sni":
+    if option in ("sni", "hosts"):
         return service.routes[0].match.hosts
+    if option == "paths":
+        return service.routes[0].match.paths
     if option.startswith("health_check."):
         return getattr(service.options.health_check, option.split(".")[1])
     return getattr(service.options, option)
@@ -242,8 +398,8 @@ def value_of(table, option: str):
 def key_path(option: str) -> str:
     if option == "weight":
         return "services.web.endpoints[0].weight"
-    if option == "sni":
-        return "services.web.sni"
+    if option in MATCH:
+        return f"services.web.{option}"
     return f"services.web.{option}"
 
 
@@ -258,7 +414,8 @@ def read_file(fmt: str, option: str, text: str):
 
 
 def labels_for(option: str, text: str) -> dict[str, str]:
-    labels = {"mesh.publish": "8080:9001/tls" if option == "sni" else "8080:9001", LABEL[option]: text}
+    publish = f"8080:9001/{MATCH[option]}" if option in MATCH else "8080:9001"
+    labels = {"mesh.publish": publish, LABEL[option]: text}
     if option.startswith("health_check."):
         labels["mesh.health"] = "http"
     return labels
@@ -330,14 +487,15 @@ def test_label_reader(mode, option, text, expected):
 
 def test_table_covers_every_option_of_the_schema():
     options = {o.key for o in schema.SERVICE_OPTIONS} | {f"health_check.{o.key}" for o in schema.HEALTH_OPTIONS}
-    options = (options - {"health_check.kind"}) | {"health_check", "weight", "sni"}
+    options = (options - {"health_check.kind"}) | {"health_check", "weight", *MATCH}
     assert set(LABEL) == options
     assert {row[0] for row in TABLE} == options
     # and every option has a good and a bad row
     for option in options:
         kinds = {isinstance(r[2], Bad) for r in TABLE if r[0] == option}
         assert kinds == {True, False} or option in ("idle_timeout", "base_ejection_time", "max_ejection_time",
-                                                     "health_check.timeout", "health_check.fall", "panic_threshold"), option  # fmt: skip
+                                                     "health_check.timeout", "health_check.fall", "panic_threshold",
+                                                     "http_retry_budget"), option  # fmt: skip
 
 
 def test_schema_spellings_match_the_table():
@@ -346,6 +504,8 @@ def test_schema_spellings_match_the_table():
     got["health_check"] = got.pop("health_check.kind")
     got["weight"] = schema.ENDPOINT_WEIGHT.label
     got["sni"] = schema.SNI.label
+    got["hosts"] = schema.HTTP_HOSTS.label
+    got["paths"] = schema.HTTP_PATHS.label
     assert got == LABEL
 
 
@@ -372,6 +532,8 @@ def test_docs_table_lists_every_option_with_its_default():
             assert schema.ENDPOINT_WEIGHT.parse(default.strip("` ")) == 1
         elif key == "sni":
             assert default.strip() == "none (the port's default service)"
+        elif key in ("hosts", "paths"):
+            assert default.strip() == f"any {key[:-1]}"
         elif key == "health_check.host":
             assert HealthCheck().host is None
         else:
@@ -444,6 +606,34 @@ NATIVE = [
     ("[]", "health_check.expect_status", "error: services.web.health_check.expect_status: expected an HTTP status or a list of them"),
     ("[200, '99']", "health_check.expect_status", "error: services.web.health_check.expect_status[1]: expected a whole number 100..599, got '99'"),
     ("5", "health_check", "error: services.web.health_check: expected tcp, http or none; got 5"),
+    # sizes: a whole number of bytes
+    ("65536", "http_max_head", 65536),
+    ("0", "http_max_body", 0),
+    ("65536.0", "http_max_head", f"error: services.web.http_max_head: {HEAD_SIZE}, got 65536.0"),
+    ("true", "http_max_body", f"error: services.web.http_max_body: {BODY_SIZE}, got a boolean (true)"),
+    # lists that may be empty, and switched off
+    ("['10.0.0.0/8', '::1']", "accept_proxy", ("10.0.0.0/8", "::1/128")),
+    ("{trusted: ['10.0.0.0/8']}", "accept_proxy", ("10.0.0.0/8",)),
+    ("{trusted: none}", "accept_proxy", ()),
+    ("[]", "accept_proxy", ()),
+    ("null", "accept_proxy", ()),
+    ("false", "http_trusted", ()),
+    ("['10.0.0.0/8', 10]", "http_trusted", "error: services.web.http_trusted[1]: expected an IP address or network (10.0.0.0/8, ::1), got 10"),
+    ("{trusted: []}", "http_trusted", f"error: services.web.http_trusted: {NETWORKS}; got a mapping"),
+    ("[502, 503]", "http_retry_on", (502, 503)),
+    ("504", "http_retry_on", (504,)),
+    ("[]", "http_retry_on", ()),
+    ("false", "http_retry_on", ()),
+    ("[502, '500']", "http_retry_on", "error: services.web.http_retry_on[1]: expected 502, 503 or 504, got '500'"),
+    ("true", "http_retry_on", f"error: services.web.http_retry_on: {RETRY_ON}; got a boolean (true)"),
+    ("null", "http_hash_key", None),
+    ("false", "http_sticky", None),
+    ("null", "http_sticky_name", f"error: services.web.http_sticky_name: {COOKIE_NAME}, got nothing (null)"),
+    ("3600", "http_sticky_max_age", 3600),
+    ("true", "http_sticky_secure", True),
+    ("none", "http_sticky_samesite", "none"),
+    ("0", "slow_start", 0.0),
+    ("2.5", "slow_start", 2.5),
 ]  # fmt: skip
 
 
