@@ -15,6 +15,13 @@ Rules every balancer follows:
   ``active / weight`` by cross-multiplying, so no float division per pick.
 - Randomness comes only from the injected ``random.Random``, so a seeded rng
   gives a reproducible sequence of picks.
+- ``repick(hosts, client, exclude)`` is the pool's second pick when slow start
+  turned down a ramping host (``mesh.pool``; ``exclude`` then holds it): what
+  the ramping host does not take must spread over the others by weight, not go
+  to one of them.  ``pick`` does that for p2c (a new random pair).  Round robin
+  would hand it to the host after it in the schedule, so it draws a weighted
+  random slot instead; least-conn takes the least loaded, ties broken from a
+  weighted random place instead of the cursor.  Neither moves the cursor.
 
 Algorithms (``ServiceOptions.balance``):
 
@@ -143,6 +150,10 @@ class Balancer:
         """Choose one host of ``hosts`` not in ``exclude``; ``None`` when there is none."""
         raise NotImplementedError
 
+    def repick(self, hosts: tuple[Host, ...], client: Client, exclude: Collection[Host]) -> Host | None:
+        """A second pick after slow start turned one down (module docstring); ``pick`` by default."""
+        return self.pick(hosts, client, exclude)
+
     def rebuild(self, hosts: tuple[Host, ...]) -> None:
         """Precompute for ``hosts`` (called when the pool's tuple changes; also done lazily by pick)."""
         self._hosts = hosts
@@ -212,6 +223,21 @@ class RoundRobin(_Scheduled):
             return self._scan(exclude)
         return host
 
+    def repick(self, hosts: tuple[Host, ...], client: Client, exclude: Collection[Host]) -> Host | None:
+        # A weighted random slot (a few draws), not the next one: the turned-down share spreads.
+        if hosts is not self._hosts:
+            self.rebuild(hosts)
+        sched = self._schedule
+        n = len(sched)
+        if not n:
+            return None
+        rand = self._rng.random
+        for _ in range(4):
+            host = sched[int(rand() * n)]
+            if host not in exclude:
+                return host
+        return self._scan_from(int(rand() * n), exclude)
+
     def _scan(self, exclude: Collection[Host]) -> Host | None:
         sched = self._schedule
         n = len(sched)
@@ -222,6 +248,17 @@ class RoundRobin(_Scheduled):
             if host not in exclude:
                 self._next = i
                 return host
+        return None
+
+    def _scan_from(self, i: int, exclude: Collection[Host]) -> Host | None:
+        """The first host of the schedule from slot ``i`` on that is not in ``exclude`` (no cursor move)."""
+        sched = self._schedule
+        n = len(sched)
+        for _ in range(n):
+            host = sched[i]
+            if host not in exclude:
+                return host
+            i = 0 if i + 1 == n else i + 1
         return None
 
     def __repr__(self) -> str:
@@ -257,6 +294,35 @@ class LeastConn(_Scheduled):
         best = None
         # Scan from the schedule's host to the end, then wrap: the first host of the
         # minimal load wins, so ties rotate in weighted round-robin order.
+        for j in range(start, start + n):
+            host = hosts[j if j < n else j - n]
+            if exclude and host in exclude:
+                continue
+            if best is None or _lighter(host, best):
+                best = host
+                if not host.active:
+                    break  # nothing is lighter than idle
+        return best
+
+    def repick(self, hosts: tuple[Host, ...], client: Client, exclude: Collection[Host]) -> Host | None:
+        # Ties from a weighted random place, not the cursor's (whose next host would take them all).
+        if hosts is not self._hosts:
+            self.rebuild(hosts)
+        if not hosts:
+            return None
+        order = self._order
+        rand = self._rng.random
+        for _ in range(4):  # a start that is not excluded, or its excluded slot would pass ties to its neighbour
+            start = order[int(rand() * len(order))]
+            if hosts[start] not in exclude:
+                break
+        return self._lightest(hosts, start, exclude)
+
+    @staticmethod
+    def _lightest(hosts: tuple[Host, ...], start: int, exclude: Collection[Host]) -> Host | None:
+        """``pick``'s scan (inlined there), from index ``start``."""
+        n = len(hosts)
+        best = None
         for j in range(start, start + n):
             host = hosts[j if j < n else j - n]
             if exclude and host in exclude:

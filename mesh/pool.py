@@ -41,6 +41,30 @@ State rules (one ``Pool`` per (service, route); one ``Host`` per ``Endpoint.key`
   active count, health, ejections and stats; weight and state changes apply in
   place; hosts no longer listed are marked draining and dropped from ``hosts``
   (open connections keep the object alive).
+- Slow start (``slow_start`` seconds, 0 = off; Envoy's ``slow_start_config``,
+  HAProxy's ``slowstart``): a host *ramps* when it joins (a new key in
+  ``update()``, or a listed host that stops draining) or recovers (its ejection
+  expired, or active checks call it healthy again), once it is fully healthy.
+  The hosts a pool is created with start at full weight.  While a host ramps,
+  its *factor* grows linearly from ``SLOW_START_MIN`` (10 %) at the start to 1
+  at ``slow_start`` seconds.  The rule, applied to whatever ``choose()`` would
+  return: a ramping host is kept with probability ``factor`` (one draw of the
+  pool's rng), otherwise the selection runs once more with that host excluded
+  (``Balancer.repick``: spread by weight, not handed to the host after it in a
+  schedule) and its answer is taken, a ramping host too, without another draw;
+  when nothing else is left, the ramping host is kept (slow start never
+  refuses).  So round robin and p2c (and least-conn over idle hosts) give it
+  ``factor`` x its full share of new connections, the rest spread over the
+  others by weight; under load, least-conn gives it ``factor`` of the
+  connections it would get as the least loaded host (a new host always is: this
+  is where a ramp matters most).  ``hash`` does not ramp: moving some of a
+  host's clients elsewhere, some of the time, would break the affinity that is
+  the reason to choose it (Envoy offers slow start for round robin and least
+  request only); its ejected or new host gets exactly its clients at once.
+  Cost: one dict truth test per ``choose()`` while nothing ramps; while
+  something does, one dict lookup, and a clock read and a draw only when a
+  ramping host was chosen.  Ramps are kept in the pool (``Host`` has slots);
+  the ones that ended are dropped lazily.
 """
 
 from __future__ import annotations
@@ -55,7 +79,7 @@ from mesh.host import EJECTED, FAILED_ACTIVE_HC, HEALTHY, Host
 from mesh.routing import Route, ServiceOptions
 from mesh.stats import RouteStats
 
-__all__ = ["EJECTED", "FAILED_ACTIVE_HC", "HEALTHY", "Host", "Pool"]
+__all__ = ["EJECTED", "FAILED_ACTIVE_HC", "HEALTHY", "SLOW_START_MIN", "Host", "Pool"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +90,9 @@ _INF = float("inf")
 # connections spill to the least loaded remote host.
 SPILL_FACTOR = 2.0
 SPILL_SLACK = 8
+
+# Slow start: a ramping host's factor at the start of its ramp (it grows linearly to 1).
+SLOW_START_MIN = 0.1
 
 
 class Pool:
@@ -99,7 +126,9 @@ class Pool:
         self._usable_weight = 0
         self._panic = False
         self._next_expiry = _INF
-        self._sync_hosts(route)
+        self._ramp: dict[Host, float] = {}  # slow start: ramping host -> when its ramp began (pool clock)
+        self._ramp_end = 0.0  # when the last ramp ends
+        self._sync_hosts(route, ramp=False)  # the hosts a pool starts with are at full weight
         self._balancer.set_universe(self.hosts)
         self._recompute(notify=False)
 
@@ -139,18 +168,73 @@ class Pool:
 
         Never awaits.  ``exclude`` holds hosts this connection already tried.
         Returns None when no usable host remains after ``exclude`` (in panic mode
-        every live host is usable).
+        every live host is usable).  A host in its slow-start ramp may be turned
+        down for another (module docstring); slow start never makes it None.
         """
         if self._clock() >= self._next_expiry:
             self._expire_due()
         preferred = self._preferred
         if preferred is not self._usable and self._local_overloaded():
+            host = self._least_loaded(exclude)
+        else:
+            host = self._balancer.pick(preferred, client, exclude)
+            if host is None and exclude and preferred is not self._usable:
+                # Every preferred (local) host was tried: spill to the least loaded of the rest.
+                host = self._least_loaded(exclude)
+        if self._ramp and host is not None:
+            return self._slow_start(host, client, exclude)
+        return host
+
+    def _repick(self, client: tuple[str, int] | None, exclude: Collection[Host]) -> Host | None:
+        """``choose()``'s selection once more, for slow start: ``exclude`` holds the turned-down host,
+        and the balancer's ``repick`` spreads what it does not take (``mesh.balancer``)."""
+        preferred = self._preferred
+        if preferred is not self._usable and self._local_overloaded():
             return self._least_loaded(exclude)
-        host = self._balancer.pick(preferred, client, exclude)
-        if host is None and exclude and preferred is not self._usable:
-            # Every preferred (local) host was tried: spill to the least loaded of the rest.
+        host = self._balancer.repick(preferred, client, exclude)
+        if host is None and preferred is not self._usable:
             host = self._least_loaded(exclude)
         return host
+
+    def _slow_start(self, host: Host, client: tuple[str, int] | None, exclude: Collection[Host]) -> Host:
+        """The slow-start rule (module docstring) for a ``host`` that ``choose()`` selected."""
+        ramp = self._ramp
+        began = ramp.get(host)
+        if began is None:
+            return host
+        now = self._clock()
+        if now >= self._ramp_end:
+            ramp.clear()  # every ramp has ended
+            return host
+        elapsed = now - began
+        window = self.options.slow_start
+        if elapsed >= window:
+            del ramp[host]
+            return host
+        factor = SLOW_START_MIN + (1.0 - SLOW_START_MIN) * max(elapsed, 0.0) / window
+        if self._rng.random() < factor:
+            return host
+        other = self._repick(client, (*exclude, host))
+        if other is None:
+            return host  # nothing else to send it to: slow start never refuses
+        self.stats.slow_start_deferred += 1
+        return other
+
+    def slow_start_factor(self, host: Host) -> float:
+        """Where ``host`` is in its slow-start ramp: ``SLOW_START_MIN`` .. 1.0 (1.0 = not ramping)."""
+        began = self._ramp.get(host)
+        window = self.options.slow_start
+        if began is None or window <= 0:
+            return 1.0
+        elapsed = self._clock() - began
+        if elapsed >= window:
+            return 1.0
+        return SLOW_START_MIN + (1.0 - SLOW_START_MIN) * max(elapsed, 0.0) / window
+
+    @property
+    def ramping(self) -> tuple[Host, ...]:
+        """The hosts in their slow-start ramp now."""
+        return tuple(h for h in self._ramp if self.slow_start_factor(h) < 1.0)
 
     def last_resort(self, exclude: Collection[Host]) -> Host | None:
         """For a connection whose attempts all failed and for which ``choose`` has nothing left: a live
@@ -220,6 +304,7 @@ class Pool:
         host.health |= EJECTED
         host.consecutive_failures = 0
         host.stats.ejections += 1
+        self._ramp.pop(host, None)  # its ramp starts again when it is back
         if host.ejected_until < self._next_expiry:
             self._next_expiry = host.ejected_until
         log.warning(
@@ -245,6 +330,10 @@ class Pool:
             host.health |= FAILED_ACTIVE_HC
         if self._by_key.get(host.key) is not host:
             return
+        if not healthy:
+            self._ramp.pop(host, None)
+        elif not host.health:
+            self._start_ramp(host, self._clock())  # recovered: slow start
         log.log(
             logging.INFO if healthy else logging.WARNING,
             "service %s port %d: endpoint %s (%s) is now %s by health check%s",
@@ -270,26 +359,58 @@ class Pool:
         self.options = options
         if options.balance != old_balance:
             self._balancer = make_balancer(options.balance, self._rng)
-        self._sync_hosts(route)
+        self._sync_hosts(route, ramp=True)
         self._balancer.set_universe(self.hosts)
         self._next_expiry = min((h.ejected_until for h in self.hosts if h.health & EJECTED), default=_INF)
+        self._sync_ramps()
         self._recompute(force=True)
 
-    def _sync_hosts(self, route: Route) -> None:
+    def _sync_hosts(self, route: Route, *, ramp: bool) -> None:
+        """Diff the hosts by key; with ``ramp``, a host that joins (new key, or no longer draining) ramps."""
         old = self._by_key
         new: dict[tuple, Host] = {}
+        now = self._clock() if ramp and self.options.slow_start > 0 else None
         for ep in route.endpoints:
             host = old.get(ep.key)
             if host is None:
                 host = Host(ep)
+                joined = True
             else:
+                was_draining = host.draining
                 host._set_endpoint(ep)
+                joined = was_draining and not host.draining
+            if now is not None and joined and not host.draining and not host.health:
+                self._start_ramp(host, now)
             new[ep.key] = host
         for key, host in old.items():
             if key not in new:
                 host.draining = True
         self._by_key = new
         self.hosts = tuple(new.values())
+
+    def _start_ramp(self, host: Host, began: float) -> None:
+        """``host`` joined or recovered at ``began``: slow start, unless it is off (or ``hash``)."""
+        opts = self.options
+        if opts.slow_start <= 0 or opts.balance == "hash":
+            return
+        self._ramp[host] = began
+        end = began + opts.slow_start
+        if end > self._ramp_end:
+            self._ramp_end = end
+
+    def _sync_ramps(self) -> None:
+        """After an update: drop the ramps of hosts that left, are draining, or when slow start is off."""
+        ramp = self._ramp
+        if not ramp:
+            return
+        opts = self.options
+        if opts.slow_start <= 0 or opts.balance == "hash":
+            ramp.clear()
+            return
+        by_key = self._by_key
+        for host in [h for h in ramp if by_key.get(h.key) is not h or h.draining]:
+            del ramp[host]
+        self._ramp_end = max(ramp.values(), default=0.0) + opts.slow_start
 
     # -- internals --------------------------------------------------------------------------
     def _max_ejected(self) -> int:
@@ -315,6 +436,8 @@ class Pool:
                 if host.ejected_until <= now:
                     host.health &= ~EJECTED
                     changed = True
+                    if not host.health and not host.draining:
+                        self._start_ramp(host, host.ejected_until)  # recovered: slow start from then
                     log.info(
                         "service %s port %d: endpoint %s (%s) back from ejection",
                         self.service,
@@ -383,5 +506,6 @@ class Pool:
         return (
             f"<Pool {self.service}:{self.port} balance={self.options.balance} hosts={len(self.hosts)} "
             f"live={len(self._live)} healthy={healthy} usable={len(self._usable)} "
-            f"preferred={len(self._preferred)}{' PANIC' if self._panic else ''}>"
+            f"preferred={len(self._preferred)}{' PANIC' if self._panic else ''}"
+            f"{f' ramping={len(self.ramping)}' if self._ramp else ''}>"
         )

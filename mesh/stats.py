@@ -54,13 +54,23 @@ class Histogram:
 class RouteStats:
     """Per listener (service + port).  Lives as long as the port is served."""
 
-    __slots__ = ("accepted", "connect_failures", "failed", "no_endpoint", "overflow_closed", "retries")
+    __slots__ = (
+        "accepted",
+        "connect_failures",
+        "failed",
+        "no_endpoint",
+        "overflow_closed",
+        "retries",
+        "slow_start_deferred",
+    )
 
     def __init__(self) -> None:
         self.accepted = 0
         self.no_endpoint = 0
         self.retries = 0
         self.overflow_closed = 0
+        # Picks of a host in its slow-start ramp that went to another host instead (mesh.pool).
+        self.slow_start_deferred = 0
         # Every failed connect attempt, retried or not: reason -> count
         # ("refused", "timeout", "unreachable", "error").
         self.connect_failures: dict[str, int] = {}
@@ -95,3 +105,23 @@ class HostStats:
 
     def __repr__(self) -> str:
         return f"<HostStats connections={self.connections} in={self.bytes_in} out={self.bytes_out}>"
+
+
+class InboundStats:
+    """Per tcp/tls listener: incoming PROXY headers (``mesh.proxy.inbound``).
+
+    ``headers``: connections whose header was accepted (their ``client`` is the
+    address it carries, or the peer's for LOCAL/UNSPEC); ``closed``: connections
+    closed before the splice, by reason (``REASONS``).
+    """
+
+    __slots__ = ("closed", "headers")
+
+    REASONS = ("timeout", "bad_header", "untrusted_header", "missing_header", "incomplete")
+
+    def __init__(self) -> None:
+        self.headers = 0
+        self.closed: dict[str, int] = dict.fromkeys(self.REASONS, 0)
+
+    def __repr__(self) -> str:
+        return f"<InboundStats headers={self.headers} closed={self.closed}>"

@@ -117,6 +117,46 @@ def test_rebuild_only_when_the_tuple_changes(cls):
     assert b._hosts is other
 
 
+# -- repick (slow start's second pick) ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", (RoundRobin, LeastConn, PowerOfTwo))
+@pytest.mark.parametrize("weights", [(1, 1, 1, 1), (1, 2, 3, 1)])
+def test_repick_spreads_over_the_others_by_weight(cls, weights):
+    """What a turned-down host does not take goes to the others in proportion to their weights, not to
+    its neighbour in a schedule; idle hosts, so least-conn is all ties."""
+    b = cls(random.Random(11))
+    hosts = make_hosts(*weights)
+    out = hosts[-1]
+    b.pick(hosts)  # (the cursor's first placement)
+    n = 12000
+    got = Counter(b.repick(hosts, None, (out,)) for _ in range(n))
+    assert out not in got
+    total = sum(weights[:-1])
+    for h, w in zip(hosts[:-1], weights[:-1], strict=True):
+        share = w / total
+        assert abs(got[h] - n * share) <= 4 * (n * share * (1 - share)) ** 0.5, (got, h)
+
+
+@pytest.mark.parametrize("cls", (RoundRobin, LeastConn))
+def test_repick_does_not_move_the_cursor(cls):
+    a, b = cls(random.Random(2)), cls(random.Random(2))
+    hosts = make_hosts(1, 1, 1)
+    first = [a.pick(hosts), b.pick(hosts)]
+    assert first[0] is first[1]
+    for _ in range(5):
+        b.repick(hosts, None, (hosts[0],))
+    assert [a.pick(hosts) for _ in range(6)] == [b.pick(hosts) for _ in range(6)]
+
+
+@pytest.mark.parametrize("cls", ALGOS)
+def test_repick_with_everything_excluded_gives_none(cls):
+    b = cls(random.Random(1))
+    hosts = make_hosts(1, 2)
+    assert b.repick(hosts, None, hosts) is None
+    assert b.repick((), None, (hosts[0],)) is None
+
+
 # -- round robin ----------------------------------------------------------------------------------
 
 
