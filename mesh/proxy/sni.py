@@ -30,6 +30,15 @@ looked at once, so a client sending one byte per segment costs O(bytes)):
 - The whole phase has a deadline (``HELLO_TIMEOUT`` seconds from accept, not an
   inactivity timer: slowloris), counted ``timeout``; a client that closes first
   is ``incomplete``.
+- Incoming PROXY headers (``mesh.proxy.inbound``): the header comes before the
+  ClientHello, so before the route is known; a peer is trusted when any route
+  of the port has it in ``accept_proxy`` (``listener_networks``: the union).
+  Its header is read first (deadline ``HEADER_TIMEOUT`` from accept, or the
+  hello's if that is sooner), ``client`` becomes the carried address, and the
+  bytes after it go to the hello reader; an untrusted peer's first bytes are
+  checked for a PROXY signature on the way to the hello reader.  Closed there:
+  ``listener.inbound_stats`` by reason.  No route with ``accept_proxy``: one
+  cached lookup per connection and one slot test per hello read.
 
 Choosing the route (``SniTable``, rebuilt only when the listener's bindings
 change): an exact name, else the longest matching wildcard ("*.example.com"
@@ -45,7 +54,10 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
+from mesh.proxy import inbound
+from mesh.proxy.inbound import InboundProxy, InboundProxyError, listener_networks
 from mesh.proxy.splice import WRITE_HIGH, Splice
+from mesh.stats import InboundStats
 
 if TYPE_CHECKING:
     from mesh.listener import Binding, Listener
@@ -254,7 +266,7 @@ class SniStats:
 class _HelloPhase(asyncio.Protocol):
     """One accepted connection until its ClientHello is read; then a ``Splice`` takes the transport."""
 
-    __slots__ = ("_listener", "_reader", "_timer", "client", "done", "transport")
+    __slots__ = ("_accepted_at", "_inbound", "_listener", "_reader", "_timer", "client", "done", "transport")
 
     def __init__(self, listener: Listener, peer: tuple | None) -> None:
         self._listener = listener
@@ -262,6 +274,8 @@ class _HelloPhase(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._reader = HelloReader()
         self._timer: asyncio.TimerHandle | None = None
+        self._inbound: InboundProxy | None = None  # while the first bytes are judged (accept_proxy)
+        self._accepted_at = 0.0
         self.done = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -272,11 +286,22 @@ class _HelloPhase(asyncio.Protocol):
         if self.client is None:
             self.client = transport.get_extra_info("peername")
         loop = lst.loop
-        self._timer = loop.call_at(loop.time() + HELLO_TIMEOUT, self._timeout)
+        self._accepted_at = now = loop.time()
+        deadline = now + HELLO_TIMEOUT
+        nets = listener_networks(lst)
+        if nets is not None:
+            self._inbound = reader = InboundProxy(nets, self.client)
+            if reader.peer_trusted:
+                deadline = min(deadline, now + inbound.HEADER_TIMEOUT)
+        self._timer = loop.call_at(deadline, self._timeout)
 
     def data_received(self, data: bytes) -> None:
         if self.done:
             return
+        if self._inbound is not None:
+            data = self._inbound_bytes(data)  # type: ignore[assignment]
+            if not data:
+                return
         try:
             complete = self._reader.feed(data)
         except BadHello as exc:
@@ -285,19 +310,50 @@ class _HelloPhase(asyncio.Protocol):
         if complete:
             self._route()
 
+    def _inbound_bytes(self, data: bytes) -> bytes | None:
+        """Feed the inbound reader; the bytes for the hello reader once it is done, else None."""
+        reader = self._inbound
+        try:
+            res = reader.feed(data)  # type: ignore[union-attr]
+        except InboundProxyError as exc:
+            self._close(exc.reason, str(exc), header=True)
+            return None
+        if res is None:
+            return None
+        self._inbound = None
+        client, rest = res
+        if reader.peer_trusted:  # type: ignore[union-attr]
+            self.client = client
+            self._listener.inbound_stats.headers += 1
+        return rest
+
+    def _header_pending(self) -> bool:
+        return self._inbound is not None and self._inbound.peer_trusted
+
     def eof_received(self) -> bool:
         if not self.done:
-            self._close("incomplete", "client closed before the ClientHello was complete")
+            inb = self._header_pending()
+            self._close("incomplete", f"client closed before the {_waited_for(inb)} was complete", header=inb)
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.done:
-            self._close("incomplete", "connection lost before the ClientHello was complete")
+            inb = self._header_pending()
+            self._close("incomplete", f"connection lost before the {_waited_for(inb)} was complete", header=inb)
 
     def _timeout(self) -> None:
         self._timer = None
-        if not self.done:
-            self._close("timeout", f"no complete ClientHello within {HELLO_TIMEOUT}s")
+        if self.done:
+            return
+        if self._header_pending():
+            self._close("timeout", f"no complete PROXY header within {inbound.HEADER_TIMEOUT}s", header=True)
+            return
+        loop = self._listener.loop
+        deadline = self._accepted_at + HELLO_TIMEOUT
+        if loop.time() < deadline:  # the header's deadline passed, not the hello's
+            self._timer = loop.call_at(deadline, self._timeout)
+            return
+        self._close("timeout", f"no complete ClientHello within {HELLO_TIMEOUT}s")
 
     def _finish(self) -> None:
         self.done = True
@@ -308,9 +364,10 @@ class _HelloPhase(asyncio.Protocol):
         if self in reg:
             reg.remove(self)
 
-    def _close(self, reason: str, detail: str) -> None:
+    def _close(self, reason: str, detail: str, *, header: bool = False) -> None:
         self._finish()
-        self._listener.sni_stats.closed[reason] += 1
+        lst = self._listener
+        (lst.inbound_stats if header else lst.sni_stats).closed[reason] += 1
         log.debug("tls %s client %s: %s (%s)", self._listener.name, self.client, detail, reason)
         transport = self.transport
         if transport is not None:
@@ -358,11 +415,18 @@ class _HelloPhase(asyncio.Protocol):
         return f"<TLS hello {self._listener.name} {self.client} read={n}{' done' if self.done else ''}>"
 
 
+def _waited_for(header: bool) -> str:
+    return "PROXY header" if header else "ClientHello"
+
+
 def tls_front(listener: Listener) -> Any:
     """The protocol factory of a tls listener: ``factory(peer)`` -> the hello phase of a connection.
-    Adds ``sni_stats`` (``SniStats``) and ``sni_table`` (the lookup cache) to the listener."""
+    Adds ``sni_stats`` (``SniStats``), ``sni_table`` (the lookup cache), ``inbound_stats``
+    (``InboundStats``) and ``inbound_cache`` (``listener_networks``'s) to the listener."""
     listener.sni_stats = SniStats()  # type: ignore[attr-defined]
     listener.sni_table = None  # type: ignore[attr-defined]
+    listener.inbound_stats = InboundStats()  # type: ignore[attr-defined]
+    listener.inbound_cache = None  # type: ignore[attr-defined]
 
     def factory(peer: tuple | None = None) -> _HelloPhase:
         return _HelloPhase(listener, peer)
