@@ -576,7 +576,11 @@ def route_conflict(a: Route, a_service: str, b: Route, b_service: str) -> str | 
             f"services {a_service!r} and {b_service!r} share port {b.port} ({b.protocol}) "
             f"with different listen addresses ({a.listen_host}, {b.listen_host})"
         )
-    common = set(a.match.rules()) & set(b.match.rules())
+    if b.protocol == "http":
+        # no paths and paths ["/"] take the same requests
+        common = {(h, p or "/") for h, p in a.match.rules()} & {(h, p or "/") for h, p in b.match.rules()}
+    else:
+        common = set(a.match.rules()) & set(b.match.rules())
     if not common:
         return None
     host, path = min(common)

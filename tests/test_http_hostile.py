@@ -156,11 +156,6 @@ _REASON = {400: "bad_request", 501: "not_implemented"}
 # llhttp refuses a request's Transfer-Encoding in which anything follows "chunked" while reading the
 # field (HPE_INVALID_TRANSFER_ENCODING), before on_headers_complete, so these get 400, not the 501 of
 # the module docstring's rule 2.
-_TE_AFTER_CHUNKED = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Transfer-Encoding with a coding after 'chunked' gets 400 from llhttp's error path, not 501 "
-    "(mesh/proxy/http.py HttpConnection.data_received maps every HttpParserError to 400)",
-)
 # The head of these is valid: the request is routed (and, on a kept-alive connection, its head sent on
 # the pooled upstream connection) before the bad chunk is read.
 _BODY_VECTORS = {"chunk_size_not_hex", "chunk_size_negative", "chunk_size_overflow"}
@@ -168,7 +163,7 @@ _BODY_VECTORS = {"chunk_size_not_hex", "chunk_size_negative", "chunk_size_overfl
 
 def _vectors():
     for name, raw, status in SMUGGLING:
-        marks = [_TE_AFTER_CHUNKED] if name in ("te_chunked_gzip", "te_split_chunked_first") else []
+        marks = []
         yield pytest.param(name, raw, status, id=name, marks=marks)
 
 
@@ -234,17 +229,11 @@ async def test_smuggled_second_request_in_the_body_is_never_seen():
 
 
 # -- head deadline and limits ------------------------------------------------------------------------------
-_DEADLINE_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the head deadline is not armed when an earlier-set later timer exists "
-    "(mesh/proxy/http.py HttpConnection._arm schedules only when no timer is pending; the keep-alive "
-    "timer armed at accept / after a response fires first at http_keepalive_timeout)",
-)
 
 
 @pytest.mark.parametrize(
     "keepalive",
-    [pytest.param(75.0, id="default-keepalive", marks=_DEADLINE_BUG), pytest.param(1.0, id="keepalive-equal")],
+    [pytest.param(75.0, id="default-keepalive"), pytest.param(1.0, id="keepalive-equal")],
 )
 async def test_slowloris_gets_408_at_the_head_deadline(keepalive):
     """One header byte per 100 ms: the head deadline runs from the head's first byte, not from the
@@ -281,7 +270,6 @@ async def test_slowloris_gets_408_at_the_head_deadline(keepalive):
     await b.close()
 
 
-@_DEADLINE_BUG
 async def test_head_deadline_applies_to_the_second_request_of_a_connection():
     b = await HttpBackend().start()
     lst, pool = start_front(b, http_head_timeout=0.5, http_keepalive_timeout=5.0)
@@ -742,11 +730,6 @@ async def test_hop_by_hop_response_fields_are_dropped():
     await b.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: response fields named in the replica's Connection field are passed to the client "
-    "(HttpConnection._response_head drops only the fixed _HOP names; RFC 9110 7.6.1)",
-)
 async def test_response_fields_named_in_connection_are_dropped():
     def handler(conn, req):
         return response(200, b"ok", [("Connection", "X-Resp-Secret"), ("X-Resp-Secret", "1")])
@@ -1008,15 +991,6 @@ async def test_status_retry_goes_to_another_replica():
     await good.close()
 
 
-_CLOSE_PIPELINE_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: bytes after a request that ends the connection (Connection: close, or HTTP/1.0 without "
-    "keep-alive) make llhttp raise HPE_CLOSED_CONNECTION; HttpConnection.data_received maps it to _refuse(400), "
-    "which abandons the valid request already queued: the client gets 400 instead of its response",
-)
-
-
-@_CLOSE_PIPELINE_BUG
 @pytest.mark.parametrize(
     "first",
     [get("/echo?1", extra="Connection: close\r\n"), get("/echo?1", version="1.0")],
@@ -1139,11 +1113,6 @@ async def test_upload_over_the_limit_streamed_gets_413():
     await b.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an absolute-form request target is routed as a path (RouteTable.lookup gets "
-    "'http://host/...'): 404, though RFC 9112 3.2.2 says a server MUST accept it",
-)
 async def test_absolute_form_request_target_is_served():
     b = await HttpBackend().start()
     lst, pool = start_front(b)

@@ -328,12 +328,6 @@ async def test_upgrade_ignored_by_the_replica_gets_its_response_and_close():
     await b.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a 101 to a request without Upgrade is written to the client (HttpConnection._response_head, "
-    "status == 101 branch) before UpstreamConn.data_received sees HttpParserUpgrade and calls _upstream_error: "
-    "the client gets '101 Switching Protocols' then a reset instead of 502",
-)
 async def test_101_not_asked_for_is_a_bad_gateway():
     def handler(conn, req):
         return b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"

@@ -694,6 +694,7 @@ class HttpConnection(asyncio.Protocol):
         "_deadline",
         "_ex",
         "_head_bytes",
+        "_last",
         "_paused",
         "_reading_head",
         "_timer",
@@ -729,6 +730,7 @@ class HttpConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._paused = 0  # why client reading is paused: 1 pipeline full, 2 upstream buffer full, 4 body buffer full
         self._blocked = False  # the client's write buffer is full
+        self._last = False  # a request without keep-alive was read: the connection ends after it
         self.closing = False  # no more requests are served: the connection is being closed
         self.eof = False  # the client half-closed: answer what was read, then close
         self.opts: Any = None
@@ -748,8 +750,8 @@ class HttpConnection(asyncio.Protocol):
         self._arm(opts.http_keepalive_timeout)
 
     def data_received(self, data: bytes) -> None:
-        if self.closing:
-            return
+        if self.closing or self._last:
+            return  # after a request without keep-alive nothing more is read (RFC 9112 9.6)
         up_ex = self._upgrading
         if up_ex is not None:
             self._send_body(up_ex, data)  # bytes of the upgraded protocol, before the 101
@@ -773,7 +775,13 @@ class HttpConnection(asyncio.Protocol):
             if rest:
                 self._send_body(ex, rest)
         except httptools.HttpParserError as exc:
-            self._refuse(400, "bad_request", str(exc))
+            if self._last:
+                return  # bytes after the last request of the connection: ignored
+            text = str(exc)
+            if "invalid `transfer-encoding`" in text.lower():
+                self._refuse(501, "not_implemented", text)  # a coding after chunked
+            else:
+                self._refuse(400, "bad_request", text)
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -825,7 +833,11 @@ class HttpConnection(asyncio.Protocol):
     def _arm(self, seconds: float) -> None:
         loop = self.loop
         self._deadline = deadline = loop.time() + seconds
-        if self._timer is None:
+        timer = self._timer
+        if timer is None:
+            self._timer = loop.call_at(deadline, self._on_timer)
+        elif deadline < timer.when():  # a shorter deadline (the head's) than the pending keep-alive one
+            timer.cancel()
             self._timer = loop.call_at(deadline, self._on_timer)
 
     def _on_timer(self) -> None:
@@ -903,6 +915,17 @@ class HttpConnection(asyncio.Protocol):
             if version != "1.0":
                 raise _Refuse(400, "bad_request", "HTTP/1.1 request without Host")
             host_value = b""
+        url = ex.url
+        if url[:1] != b"/" and url[:7].lower() in (b"http://", b"https:/"):
+            # absolute-form (RFC 9112 3.2.2): the authority of the target is the host; origin-form goes upstream
+            rest = url.split(b"//", 1)[1]
+            slash = rest.find(b"/")
+            authority, path = (rest, b"/") if slash < 0 else (rest[:slash], rest[slash:])
+            host_value = authority
+            ex.url = path
+            ex.headers = [(k, authority if k == b"host" else v) for k, v in ex.headers]
+            if not any(k == b"host" for k, _ in ex.headers):
+                ex.headers.append((b"host", authority))
         ex.hostname = _host_of(host_value)
         if parser.should_upgrade():
             ex.upgrade = True
@@ -933,6 +956,8 @@ class HttpConnection(asyncio.Protocol):
         self._ex = None
         if ex is None or ex.upgrade:
             return  # after an upgrade request, the rest is the new protocol's (HttpParserUpgrade follows)
+        if not ex.keep_alive:
+            self._last = True
         if not ex.body_done:
             ex.body_done = True
             if ex.chunked:
@@ -1266,6 +1291,9 @@ class HttpConnection(asyncio.Protocol):
             ex.timer = None
         pool: Pool = ex.pool  # type: ignore[assignment]
         opts = pool.options
+        if status == 101 and not ex.upgrade:
+            self._upstream_error(ex, up, "bad_response", "101 to a request that did not ask to upgrade")
+            return
         if not interim:
             http_stats(pool).upstream_time.observe(self.loop.time() - ex.t_sent)
             if status in opts.http_retry_on and self._may_retry(ex, "status"):
@@ -1279,7 +1307,15 @@ class HttpConnection(asyncio.Protocol):
         chunked = clen = False
         out = [b"HTTP/1.1 %d %s\r\n" % (status, _reason(status))]
         add = out.append
+        named: set[bytes] | None = None
         for k, v in up.resp_headers:
+            if k == b"connection":
+                tokens = {t.strip().lower() for t in v.split(b",")} - {b"close", b"keep-alive", b"upgrade", b""}
+                if tokens:
+                    named = tokens if named is None else named | tokens
+        for k, v in up.resp_headers:
+            if named is not None and k in named:
+                continue
             if k == b"transfer-encoding":
                 chunked = True
                 continue
@@ -1366,8 +1402,9 @@ class HttpConnection(asyncio.Protocol):
         """``ex`` was answered: account for it and go on with the next request."""
         if self.queue and self.queue[0] is ex:
             self.queue.popleft()
-        self._account(ex)
-        self._wake(ex.pool)
+        pool = ex.pool
+        self._account(ex)  # (clears ex.pool)
+        self._wake(pool)
         if ex.close_after or not ex.body_done:
             self._close()
             return
