@@ -77,9 +77,8 @@ upstream_timeout.
 from __future__ import annotations
 
 import asyncio
-import errno
+import functools
 import hashlib
-import ipaddress
 import logging
 import time
 from collections import deque
@@ -88,6 +87,8 @@ from typing import TYPE_CHECKING, Any
 import httptools
 
 from mesh import logs
+from mesh.proxy.dial import RESOURCES_RETRY, connect_failure_reason
+from mesh.proxy.inbound import trusted_networks
 from mesh.proxy.preamble import replica_header
 from mesh.proxy.splice import WRITE_HIGH, Splice, keepalive, keepalive_useful, reset
 from mesh.stats import Histogram
@@ -114,7 +115,6 @@ PIPELINE_DEPTH = 2  # requests read ahead of the one being answered before readi
 RETRY_BODY_LIMIT = 64 * 1024  # request bodies kept for a retry
 BODY_PAUSE = 256 * 1024  # request body bytes buffered before upstream is ready: then reading pauses
 MIN_RETRY_CONCURRENCY = 3
-RESOURCES_RETRY = 0.25
 # Sub-millisecond proxies need fine buckets (seconds).
 HTTP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
@@ -129,7 +129,6 @@ _HOP = frozenset(
 _FORWARDING = frozenset(
     {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port", b"forwarded"}
 )
-_LOCAL_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 _REASONS = {
     400: "Bad Request",
@@ -285,39 +284,14 @@ def _host_of(value: bytes) -> str:
     return text.rstrip(".")
 
 
-class _Trust:
-    """Pre-parsed CIDR lists of one options object (``http_trusted``)."""
-
-    __slots__ = ("nets",)
-    _cache: dict[tuple[str, ...], _Trust] = {}
-
-    def __init__(self, cidrs: tuple[str, ...]) -> None:
-        self.nets = tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
-
-    @classmethod
-    def of(cls, cidrs: tuple[str, ...]) -> _Trust | None:
-        if not cidrs:
-            return None
-        t = cls._cache.get(cidrs)
-        if t is None:
-            t = cls._cache[cidrs] = cls(cidrs)
-        return t
-
-    def trusts(self, ip: str) -> bool:
-        try:
-            addr = ipaddress.ip_address(ip.split("%", 1)[0])
-        except ValueError:
-            return False
-        if addr.version == 6 and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        return any(addr in n for n in self.nets)
+@functools.lru_cache(maxsize=4096)
+def _sticky_id(endpoint_id: str) -> bytes:
+    """The sticky cookie's value for an endpoint: a digest, so the cookie does not show container ids."""
+    return hashlib.sha256(endpoint_id.encode()).hexdigest()[:16].encode()
 
 
-def _sticky_value(host: Host) -> str:
-    v = getattr(host, "_sticky", None)
-    if v is None:
-        v = hashlib.sha256(host.endpoint.id.encode()).hexdigest()[:16]
-    return v
+def _sticky_value(host: Host) -> bytes:
+    return _sticky_id(host.endpoint.id)
 
 
 def _cookie(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
@@ -745,8 +719,8 @@ class HttpConnection(asyncio.Protocol):
         if self.client is None:
             self.client = transport.get_extra_info("peername")
         self.opts = opts = site.bindings[0].pool.options  # connection-level settings: the port's first binding
-        trust = _Trust.of(opts.http_trusted)
-        self.trusted = trust is not None and self.client is not None and trust.trusts(self.client[0])
+        trust = trusted_networks(opts.http_trusted)  # parsed once per CIDR tuple (shared with accept_proxy)
+        self.trusted = trust is not None and self.client is not None and trust.trusted(self.client[0])
         self._arm(opts.http_keepalive_timeout)
 
     def data_received(self, data: bytes) -> None:
@@ -962,8 +936,6 @@ class HttpConnection(asyncio.Protocol):
             ex.body_done = True
             if ex.chunked:
                 self._send_body(ex, self._last_chunk(ex))
-        if ex.close_after and ex.status and ex.up is None and ex in self.queue:
-            pass
 
     # -- request processing
     def _begin(self, ex: Exchange) -> None:
@@ -1048,7 +1020,7 @@ class HttpConnection(asyncio.Protocol):
             want = _cookie(ex.headers, opts.http_sticky_name.encode())
             if want is not None:
                 for h in pool.usable:
-                    if not h.draining and _sticky_value(h).encode() == want:
+                    if not h.draining and _sticky_value(h) == want:
                         if not limit or h.active < limit:
                             return h
                         break
@@ -1123,7 +1095,7 @@ class HttpConnection(asyncio.Protocol):
         ex.endpoint = host.endpoint.id
         if opts.http_sticky:
             want = _cookie(ex.headers, opts.http_sticky_name.encode())
-            val = _sticky_value(host).encode()
+            val = _sticky_value(host)
             if want != val:
                 c = b"%s=%s; Path=/; HttpOnly; SameSite=%s" % (
                     opts.http_sticky_name.encode(),
@@ -1165,7 +1137,7 @@ class HttpConnection(asyncio.Protocol):
             except Exception as exc:
                 if up.transport is not None:
                     up.transport.abort()
-                reason = _connect_reason(exc)
+                reason = connect_failure_reason(exc)
                 pool.stats.connect_failed(reason)
                 if ex.host is not host:
                     return  # abandoned meanwhile (the client went away): accounted for already
@@ -1441,17 +1413,23 @@ class HttpConnection(asyncio.Protocol):
             nxt.conn._send_to(nxt, host)
 
     def _account(self, ex: Exchange, finished: bool = True) -> None:
-        if ex.timer is not None:
-            ex.timer.cancel()
-            ex.timer = None
+        """``ex`` is over: give back ``host.active`` (with its byte counts) and count it in the route's stats."""
         host = ex.host
-        pool = ex.pool
         if host is not None:
             host.active -= 1
             st = host.stats
             st.bytes_in += ex.body_in
             st.bytes_out += ex.body_out
             ex.host = None
+        self._count(ex, _STATUS_CLASS[ex.status // 100] if finished else None)
+
+    def _count(self, ex: Exchange, status_class: str | None) -> None:
+        """The route's stats of a request that is over (``status_class`` None: the client went away, no
+        status to count), and its access-log line.  ``host.active`` is the caller's business."""
+        if ex.timer is not None:
+            ex.timer.cancel()
+            ex.timer = None
+        pool = ex.pool
         if pool is None:
             return
         hs = http_stats(pool)
@@ -1460,10 +1438,10 @@ class HttpConnection(asyncio.Protocol):
             ex.retry_counted = False
         hs.active -= 1
         ex.pool = None
-        if not finished:
-            return  # the client went away: no status to count
+        if status_class is None:
+            return
         hs.duration.observe(time.monotonic() - ex.started)
-        key = (_METHOD_LABEL.get(ex.method, "other"), _STATUS_CLASS[ex.status // 100])
+        key = (_METHOD_LABEL.get(ex.method, "other"), status_class)
         hs.requests[key] = hs.requests.get(key, 0) + 1
         if self.site.access_log:
             self._log(ex, ex.binding.service if ex.binding is not None else "-")
@@ -1675,21 +1653,10 @@ class HttpConnection(asyncio.Protocol):
         """A 101 came back: hand both connections to a ``Splice`` (with ``host.active`` of the request)."""
         pool: Pool = ex.pool  # type: ignore[assignment]
         host: Host = ex.host  # type: ignore[assignment]
-        hs = http_stats(pool)
-        hs.upgrades += 1
+        http_stats(pool).upgrades += 1
         if self.queue and self.queue[0] is ex:
             self.queue.popleft()
-        if ex.timer is not None:
-            ex.timer.cancel()
-            ex.timer = None
-        if ex.retry_counted:
-            hs.retries_active -= 1
-        hs.active -= 1
-        hs.duration.observe(time.monotonic() - ex.started)
-        key = (_METHOD_LABEL.get(ex.method, "other"), "1xx")
-        hs.requests[key] = hs.requests.get(key, 0) + 1
-        if self.site.access_log:
-            self._log(ex, ex.binding.service if ex.binding is not None else "-")
+        self._count(ex, "1xx")  # host.active stays: the splice gives it back when the upgraded pair closes
         self.closing = True  # this protocol object is done; the splice carries the connection
         if self._timer is not None:
             self._timer.cancel()
@@ -1749,19 +1716,6 @@ def _has_length(up: UpstreamConn) -> bool:
         if k == b"content-length" or k == b"transfer-encoding":
             return True
     return False
-
-
-def _connect_reason(exc: BaseException) -> str:
-    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
-        return "timeout"
-    if isinstance(exc, ConnectionRefusedError):
-        return "refused"
-    if isinstance(exc, OSError):
-        if exc.errno in _LOCAL_RESOURCES:
-            return "local_resources"
-        if exc.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EHOSTDOWN, errno.ENETDOWN):
-            return "unreachable"
-    return "error"
 
 
 def _task_done(task: asyncio.Task) -> None:

@@ -267,22 +267,25 @@ class Splice(asyncio.Protocol):
     def _start(self, host: Host, buffered: bytes = b"") -> None:
         """Dial ``host`` (its ``active`` already counted) and splice once connected.
         ``buffered``: downstream bytes a front already read (they go first)."""
-        loop = self.loop
         self._buf = bytearray(buffered)
-        # Decided once per connection, so a service without zero_copy pays one int compare per chunk.
-        self._zc_min = SPLICE_MIN if self.options.zero_copy and ZERO_COPY_AVAILABLE else _NEVER
         self._pending += 1
-        self._dial_task = loop.create_task(dial(self, host))
+        self._dial_task = self.loop.create_task(dial(self, host))
+        self._per_connection()
+
+    def _per_connection(self) -> None:
+        """What ``_start`` and ``adopt`` both decide once per connection: whether a direction may move to
+        the kernel (so a service without zero_copy pays one int compare per chunk), and the idle timer."""
+        self._zc_min = SPLICE_MIN if self.options.zero_copy and ZERO_COPY_AVAILABLE else _NEVER
         idle = self.options.idle_timeout
         if idle > 0:
+            loop = self.loop
             self._idle_handle = loop.call_at(loop.time() + idle / IDLE_CHECKS, self._idle_check)
 
     def adopt(self, host: Host, up_transport: asyncio.Transport, to_up: bytes = b"", to_down: bytes = b"") -> None:
         """Join an already connected pair (an HTTP upgrade after its 101): ``host.active`` was counted
         for the request and is now this splice's.  ``to_up``/``to_down``: bytes either side sent
         before the hand-over, written first."""
-        loop = self.loop
-        self._zc_min = SPLICE_MIN if self.options.zero_copy and ZERO_COPY_AVAILABLE else _NEVER
+        self._per_connection()
         up = self.upstream_protocol(self, host)
         up.made = True
         up.transport = up_transport
@@ -298,9 +301,6 @@ class Splice(asyncio.Protocol):
         if to_down:
             self.transport.write(to_down)
             up.nbytes += len(to_down)
-        idle = self.options.idle_timeout
-        if idle > 0:
-            self._idle_handle = loop.call_at(loop.time() + idle / IDLE_CHECKS, self._idle_check)
 
     def _next_host(self, tried: list[Host]) -> Host | None:
         """The host to retry on after ``tried`` failed (the dialer calls it; fronts may narrow it): the
