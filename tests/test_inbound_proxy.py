@@ -1,4 +1,4 @@
-"""Incoming PROXY headers (mesh/proxy/inbound.py): the reader table-driven, then the tcp and tls fronts
+"""Incoming PROXY headers (mesh/proxy/inbound.py): the reader table-driven, then the tcp, tls and http fronts
 against real backends on 127.0.0.1.  The test client's peer is 127.0.0.1: "trusted" is 127.0.0.0/8,
 "untrusted" 10.0.0.0/8."""
 
@@ -28,6 +28,7 @@ from mesh.proxyproto import MAX_V2_TLV_BYTES, V2_SIGNATURE, encode_v1, encode_v2
 from mesh.routing import Endpoint, Route, ServiceOptions
 from tests import backends
 from tests.backends import Backend
+from tests.httpbackend import Client, HttpBackend
 from tests.util import wait_for
 
 TRUSTED = ("127.0.0.0/8",)
@@ -622,3 +623,228 @@ async def test_tls_untrusted_peer_is_a_direct_client(ca):
     finally:
         server.close()
         await server.wait_closed()
+
+
+# -- real sockets: the http front --------------------------------------------------------------------
+
+
+@pytest.fixture
+async def http_backends():
+    made: list[HttpBackend] = []
+
+    async def make(*names: str) -> list[HttpBackend]:
+        out = [await HttpBackend(n).start() for n in names]
+        made.extend(out)
+        return out
+
+    yield make
+    for b in made:
+        await b.close()
+
+
+def http_listener(backends_: list[HttpBackend], access_log: bool = False, **opts) -> Listener:
+    pool = make_pool([b.port for b in backends_], protocol="http", **opts)
+    lst = Listener("127.0.0.1", 0, pool, service="svc", protocol="http", access_log=access_log)
+    lst.start()
+    _LISTENERS.append(lst)
+    return lst
+
+
+GET = b"GET /echo HTTP/1.1\r\nHost: shop.example.com\r\nX-Forwarded-For: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\n\r\n"
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-write", "bytewise"])
+@pytest.mark.parametrize(("version", "src"), [("v1", CARRIED), ("v2", CARRIED), ("v2", CARRIED6)])
+async def test_http_the_carried_address_is_the_client_of_every_request(http_backends, caplog, version, src, split):
+    (b,) = await http_backends("a")
+    lst = http_listener([b], access_log=True, accept_proxy=TRUSTED)
+    with caplog.at_level(logging.INFO, logger="mesh.access"):
+        async with Client(lst.port) as c:
+            hdr = encode_v1(src, DST) if version == "v1" else encode_v2(src, DST)
+            if split:
+                await write_bytewise(c.w, hdr + GET)
+            else:
+                await c.send(hdr + GET)  # the header and the first request in one segment
+            assert (await c.response()).status == 200
+            await c.send(GET)  # the next request on the connection: the same client
+            assert (await c.response()).status == 200
+    ip = src[0]
+    node = f'"[{ip}]"' if ":" in ip else ip
+    for req in b.requests:
+        assert req.values("x-forwarded-for") == [ip]  # the direct client's XFF is replaced, by the carried one
+        assert req.value("forwarded") == f'for={node};proto=http;host="shop.example.com"'
+    assert len(b.requests) == 2
+    await finish(lst)
+    assert lst.inbound_stats.headers == 1 and not any(lst.inbound_stats.closed.values())
+    clients = [rec.client for rec in caplog.records if rec.name == "mesh.access"]
+    assert clients == [f"{ip}:{src[1]}"] * 2
+
+
+@pytest.mark.parametrize(
+    ("carried", "kept"), [("203.0.113.7", True), ("198.51.100.9", False)], ids=["forwarder", "not-a-forwarder"]
+)
+async def test_http_trusted_forwarders_are_decided_on_the_carried_address(http_backends, carried, kept):
+    (b,) = await http_backends("a")
+    # The balancer (127.0.0.1, the peer) is trusted for PROXY headers only; forwarders are 203.0.113.0/24.
+    lst = http_listener([b], accept_proxy=TRUSTED, http_trusted=("203.0.113.0/24",))
+    async with Client(lst.port) as c:
+        await c.send(encode_v2((carried, 1234), DST) + GET)
+        assert (await c.response()).status == 200
+    (req,) = b.requests
+    if kept:
+        assert req.value("x-forwarded-for") == f"6.6.6.6, {carried}"
+        assert req.value("forwarded").startswith(f"for=6.6.6.6, for={carried};")
+    else:
+        assert req.value("x-forwarded-for") == carried
+        assert req.value("forwarded").startswith(f"for={carried};")
+    await finish(lst)
+
+
+async def test_http_a_peer_in_http_trusted_is_not_a_forwarder_once_it_sent_a_proxy_header(http_backends):
+    (b,) = await http_backends("a")
+    lst = http_listener([b], accept_proxy=TRUSTED, http_trusted=TRUSTED)  # the peer is in both
+    async with Client(lst.port) as c:
+        await c.send(encode_v1(CARRIED, DST) + GET)  # the header names a client outside http_trusted
+        assert (await c.response()).status == 200
+        await c.send(encode_v2(None, None) + GET)  # (not a header any more: a bad request, closed)
+        assert (await c.response()).status == 400
+    async with Client(lst.port) as c:
+        await c.send(encode_v2(CARRIED, DST, local=True) + GET)  # LOCAL: the peer stays the client
+        assert (await c.response()).status == 200
+    first, local = b.requests
+    assert first.value("x-forwarded-for") == CARRIED[0]
+    assert local.value("x-forwarded-for") == "6.6.6.6, 127.0.0.1"  # the peer itself is a trusted forwarder
+    await finish(lst)
+
+
+async def test_http_hash_balances_every_request_on_the_carried_address(http_backends):
+    bs = await http_backends("e0", "e1", "e2")
+    lst = http_listener(bs, accept_proxy=TRUSTED, balance="hash")
+    by_port = {b.port: f"e{i}" for i, b in enumerate(bs)}
+
+    async def landed(src) -> list[str]:
+        async with Client(lst.port) as c:
+            await c.send(encode_v2(src, DST))
+            names = []
+            for _ in range(2):
+                await c.send(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+                names.append((await c.response()).value("x-backend"))
+        return names
+
+    ips = [f"198.18.{i}.{i * 7 % 250 + 1}" for i in range(10)]
+    got = {ip: await landed((ip, 1000 + i)) for i, ip in enumerate(ips)}
+    pool = lst.pool
+    want = {ip: [by_port[pool.choose((ip, 0)).endpoint.port]] * 2 for ip in ips}
+    assert got == want
+    assert len({v[0] for v in got.values()}) > 1  # not the one peer 127.0.0.1 for all
+    await finish(lst)
+
+
+async def test_http_the_proxy_header_to_replicas_names_the_carried_client(http_backends):
+    got: list[bytes] = []
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        got.append(await r.readuntil(b"\r\n\r\n"))
+        w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await w.drain()
+        await r.read()
+        w.close()
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        pool = make_pool([srv.sockets[0].getsockname()[1]], protocol="http", accept_proxy=TRUSTED, proxy_protocol="v1")
+        lst = Listener("127.0.0.1", 0, pool, service="svc", protocol="http")
+        lst.start()
+        _LISTENERS.append(lst)
+        async with Client(lst.port) as c:
+            await c.send(encode_v2(CARRIED, DST))
+            for _ in range(2):
+                await c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert (await c.response()).status == 200
+        assert len(got) == 2
+        assert all(g.startswith(b"PROXY TCP4 203.0.113.7 127.0.0.1 4242 %d\r\n" % lst.port) for g in got)
+        await finish(lst)
+    finally:
+        srv.close()
+
+
+@pytest.mark.parametrize(
+    ("cidrs", "first", "reason"),
+    [
+        (TRUSTED, GET, "missing_header"),
+        (TRUSTED, b"PROXY TCP4 1.2.3.4 nope 1 2\r\n" + GET, "bad_header"),
+        (TRUSTED, V2_SIGNATURE + b"\x22", "bad_header"),
+        (UNTRUSTED, encode_v1(CARRIED, DST) + GET, "untrusted_header"),
+        (UNTRUSTED, encode_v2(CARRIED, DST) + GET, "untrusted_header"),
+    ],
+)
+async def test_http_first_bytes_refused_without_a_response(http_backends, cidrs, first, reason):
+    (b,) = await http_backends("a")
+    lst = http_listener([b], accept_proxy=cidrs)
+    async with Client(lst.port) as c:
+        await c.send(first)
+        assert await c.closed()  # no HTTP response: the connection never was HTTP
+    await finish(lst)
+    assert lst.inbound_stats.closed[reason] == 1 and lst.inbound_stats.headers == 0
+    assert b.connections == 0 and lst.http.stats.requests == 0
+
+
+async def test_http_a_trusted_peer_that_closes_early_is_incomplete(http_backends):
+    (b,) = await http_backends("a")
+    lst = http_listener([b], accept_proxy=TRUSTED)
+    for data in (b"", b"PROXY TCP4 1.2.3.4"):
+        async with Client(lst.port) as c:
+            await c.send(data)
+            c.w.write_eof()
+            assert await c.closed()
+    await finish(lst)
+    assert lst.inbound_stats.closed["incomplete"] == 2 and b.connections == 0
+
+
+async def test_http_the_header_deadline_is_from_accept(http_backends, monkeypatch):
+    monkeypatch.setattr(inbound, "HEADER_TIMEOUT", 0.3)
+    (b,) = await http_backends("a")
+    lst = http_listener([b], accept_proxy=TRUSTED)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    slow = b"PROXY TCP4 203.0.113.7 198.51.100.1 4242 443"  # no CRLF: one byte every 50 ms
+    async with Client(lst.port) as c:
+        for i in range(len(slow)):
+            if lst.inbound_stats.closed["timeout"] or c.r.at_eof():
+                break
+            try:
+                c.w.write(slow[i : i + 1])
+                await c.w.drain()
+            except (ConnectionError, RuntimeError):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("kept open while bytes kept coming")
+        assert await c.closed()
+    assert loop.time() - start < 2.0
+    await finish(lst)
+    assert lst.inbound_stats.closed["timeout"] == 1 and b.connections == 0
+
+
+async def test_http_an_untrusted_peer_is_a_direct_client_and_its_held_bytes_are_its_request(http_backends):
+    (b,) = await http_backends("a")
+    lst = http_listener([b], accept_proxy=UNTRUSTED)
+    async with Client(lst.port) as c:
+        # "PRO" could still be "PROXY ": held until the next byte says otherwise.
+        await write_bytewise(c.w, b"PRO")
+        await c.send(b"PFIND /echo HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n")
+        assert (await c.response()).status == 200
+    (req,) = b.requests
+    assert req.method == "PROPFIND" and req.value("x-forwarded-for") == "127.0.0.1"
+    await finish(lst)
+    assert lst.inbound_stats.headers == 0 and not any(lst.inbound_stats.closed.values())
+
+
+async def test_http_without_accept_proxy_a_header_is_a_bad_request(http_backends):
+    (b,) = await http_backends("a")
+    lst = http_listener([b])
+    async with Client(lst.port) as c:
+        await c.send(encode_v1(CARRIED, DST) + GET)
+        assert (await c.response()).status == 400
+    await finish(lst)
+    assert b.connections == 0 and lst.inbound_stats.headers == 0

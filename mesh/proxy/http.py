@@ -2,7 +2,19 @@
 
 A listener of protocol "http" serves the routes of every service that shares its
 port (``Listener.bindings``); each accepted connection gets an ``HttpConnection``
-with one llhttp parser (httptools, every leniency off).  Per request:
+with one llhttp parser (httptools, every leniency off).
+
+0. Incoming PROXY headers (``accept_proxy``, rules in ``mesh.proxy.inbound``;
+   the port's networks are the union of its routes'): a trusted peer's
+   connection must begin with a v1/v2 header, complete ``HEADER_TIMEOUT``
+   seconds after accept; its source address becomes ``client`` for
+   everything after (forwarding fields and the ``http_trusted`` decision,
+   the hash and sticky key, the PROXY header to replicas, the tunnel header,
+   the access log).  An untrusted peer is served as a direct client unless it
+   starts with a PROXY signature.  Refusals close the connection without a
+   response (it is not HTTP yet) and are counted in ``listener.inbound_stats``.
+
+Per request:
 
 1. Head phase.  The head (request line + fields) must be complete within
    ``http_head_timeout`` seconds from its first byte (a deadline, not an
@@ -26,9 +38,10 @@ with one llhttp parser (httptools, every leniency off).  Per request:
    the hop-by-hop ones (Connection, Keep-Alive, Proxy-Connection, TE, Upgrade
    unless upgrading, Transfer-Encoding, Proxy-Authorization) are dropped;
    X-Forwarded-For/-Proto/-Host/-Port and ``Forwarded`` (RFC 7239) are set.  A
-   client inside ``http_trusted`` (or whose address came in an accepted PROXY
-   header from a trusted load balancer) has its incoming forwarding fields
-   kept and extended; anyone else's are replaced.  A chunked body is re-chunked
+   client inside ``http_trusted`` has its incoming forwarding fields kept and
+   extended; anyone else's are replaced.  The client is the connection's peer,
+   or the address an accepted PROXY header carried (rule 0): the balancer in
+   front is an L4 hop and not a forwarder by itself.  A chunked body is re-chunked
    (chunk extensions dropped, trailers passed on), so the replica never sees
    the client's framing, only ours.
 5. Balancing per request: the route's balancer chooses among its usable hosts
@@ -87,11 +100,12 @@ from typing import TYPE_CHECKING, Any
 import httptools
 
 from mesh import logs
+from mesh.proxy import inbound
 from mesh.proxy.dial import RESOURCES_RETRY, connect_failure_reason
-from mesh.proxy.inbound import trusted_networks
+from mesh.proxy.inbound import InboundProxy, InboundProxyError, listener_networks, trusted_networks
 from mesh.proxy.preamble import replica_header
 from mesh.proxy.splice import WRITE_HIGH, Splice, keepalive, keepalive_useful, reset
-from mesh.stats import Histogram
+from mesh.stats import Histogram, InboundStats
 
 if TYPE_CHECKING:
     from mesh.host import Host
@@ -668,6 +682,7 @@ class HttpConnection(asyncio.Protocol):
         "_deadline",
         "_ex",
         "_head_bytes",
+        "_inbound",
         "_last",
         "_paused",
         "_reading_head",
@@ -709,6 +724,7 @@ class HttpConnection(asyncio.Protocol):
         self.eof = False  # the client half-closed: answer what was read, then close
         self.opts: Any = None
         self.trusted = False
+        self._inbound: InboundProxy | None = None  # while the first bytes are judged (accept_proxy)
 
     # -- asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -719,13 +735,62 @@ class HttpConnection(asyncio.Protocol):
         if self.client is None:
             self.client = transport.get_extra_info("peername")
         self.opts = opts = site.bindings[0].pool.options  # connection-level settings: the port's first binding
-        trust = trusted_networks(opts.http_trusted)  # parsed once per CIDR tuple (shared with accept_proxy)
-        self.trusted = trust is not None and self.client is not None and trust.trusted(self.client[0])
+        nets = listener_networks(site)  # accept_proxy: the union over the port's routes (None: off)
+        if nets is not None:
+            self._inbound = reader = InboundProxy(nets, self.client)
+            if reader.peer_trusted:
+                # The header must be complete HEADER_TIMEOUT after accept (a deadline; the lazy timer's).
+                self._arm(inbound.HEADER_TIMEOUT)
+                return
+        self._trust()
         self._arm(opts.http_keepalive_timeout)
+
+    def _trust(self) -> None:
+        """Is the client a trusted forwarder (``http_trusted``)?  Decided on ``client``: the carried
+        address when a PROXY header was accepted, so the balancer in front is not trusted by itself."""
+        trust = trusted_networks(self.opts.http_trusted)  # parsed once per CIDR tuple (shared with accept_proxy)
+        self.trusted = trust is not None and self.client is not None and trust.trusted(self.client[0])
+
+    def _inbound_bytes(self, data: bytes) -> bytes | None:
+        """Feed the PROXY header reader; the bytes for the request parser once it is done, else None."""
+        reader: InboundProxy = self._inbound  # type: ignore[assignment]
+        try:
+            res = reader.feed(data)
+        except InboundProxyError as exc:
+            self._inbound_close(exc.reason, str(exc))
+            return None
+        if res is None:
+            return None
+        self._inbound = None
+        client, rest = res
+        if reader.peer_trusted:
+            self.client = client
+            self.site.inbound_stats.headers += 1
+            self._trust()
+            self._arm(self.opts.http_keepalive_timeout)  # a later deadline: the lazy timer follows it
+        return rest
+
+    def _inbound_close(self, reason: str, detail: str) -> None:
+        """Closed before any request: counted in ``listener.inbound_stats`` (no response: not HTTP yet)."""
+        self._inbound = None
+        self.site.inbound_stats.closed[reason] += 1
+        log.debug("http %s client %s: %s (%s)", self.site.name, self.client, detail, reason)
+        self.closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        reset(self.transport)
+
+    def _header_pending(self) -> bool:
+        return self._inbound is not None and self._inbound.peer_trusted
 
     def data_received(self, data: bytes) -> None:
         if self.closing or self._last:
             return  # after a request without keep-alive nothing more is read (RFC 9112 9.6)
+        if self._inbound is not None:
+            data = self._inbound_bytes(data)  # type: ignore[assignment]
+            if not data:
+                return
         up_ex = self._upgrading
         if up_ex is not None:
             self._send_body(up_ex, data)  # bytes of the upgraded protocol, before the 101
@@ -758,6 +823,14 @@ class HttpConnection(asyncio.Protocol):
                 self._refuse(400, "bad_request", text)
 
     def eof_received(self) -> bool:
+        if self._inbound is not None:
+            if self._header_pending():
+                self._inbound_close("incomplete", "the client closed before its PROXY header was complete")
+                return False
+            held = self._inbound.buffered  # a direct client's first bytes that could have been a signature
+            self._inbound = None
+            if held and not self.closing:
+                self.data_received(held)
         self.eof = True
         if not self.queue:
             self._close()
@@ -768,6 +841,9 @@ class HttpConnection(asyncio.Protocol):
         return True  # answer what was read, then close
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._header_pending() and not self.closing:
+            self.site.inbound_stats.closed["incomplete"] += 1
+        self._inbound = None
         self.closing = True
         if self._timer is not None:
             self._timer.cancel()
@@ -822,7 +898,9 @@ class HttpConnection(asyncio.Protocol):
         if now < self._deadline:
             self._timer = self.loop.call_at(self._deadline, self._on_timer)
             return
-        if self._reading_head:
+        if self._header_pending():
+            self._inbound_close("timeout", f"no complete PROXY header within {inbound.HEADER_TIMEOUT}s of accept")
+        elif self._reading_head:
             self._refuse(408, "head_timeout", "request head not complete in time")
         elif not self.queue:
             self._close()  # an idle keep-alive connection
@@ -1725,8 +1803,11 @@ def _task_done(task: asyncio.Task) -> None:
 
 def http_front(listener: Listener) -> Any:
     """The protocol factory of an http listener: ``factory(peer)`` -> an ``HttpConnection``.
-    Adds ``http`` (the ``HttpFront``: route cache, counters, pooled connections) to the listener."""
+    Adds ``http`` (the ``HttpFront``: route cache, counters, pooled connections), ``inbound_stats``
+    (``InboundStats``) and ``inbound_cache`` (``listener_networks``'s) to the listener."""
     front = listener.http = HttpFront(listener)  # type: ignore[attr-defined]
+    listener.inbound_stats = InboundStats()  # type: ignore[attr-defined]
+    listener.inbound_cache = None  # type: ignore[attr-defined]
 
     def factory(peer: tuple | None = None) -> HttpConnection:
         if front.loop is None:
