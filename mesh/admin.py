@@ -9,7 +9,11 @@ Endpoints:
   GET /v1/table  the current routing table as JSON (``RoutingTable.to_dict()``), each route and endpoint
                  enriched with a "runtime" object: active connections, health bits, ejection, draining,
                  counters, the port the route's listener is bound to; a top-level "runtime" lists the
-                 listeners (service, protocol, host, configured and bound port); 503 before the first table
+                 listeners (service, protocol, host, configured and bound port; http/tls: hosts and paths);
+                 an http route's runtime has "http" (requests by status class and method, active, queued,
+                 retries, generated responses, upstream reuse, mean times) and "runtime.http_ports" lists
+                 each http port with the rules of the services sharing it and its requests answered before
+                 routing (404 no_route ...); 503 before the first table
   GET /ui/       the live dashboard (page and its files ship in ``mesh.dashboard``; ``GET /`` from a
                  browser, i.e. with Accept: text/html, is redirected there)
   GET /v1/dashboard         the dashboard's view as JSON (docs/observability.md, "Dashboard")
@@ -47,6 +51,7 @@ from mesh.metrics import (
     MetricsExporter,
     WorkerStats,
     failed_by_reason,
+    http_summary,
     make_registry,
     merge_snapshots,
     route_key,
@@ -427,8 +432,13 @@ def table_with_runtime(table: RoutingTable, merged: dict[str, Any], now: float |
     now = time.time() if now is None else now
     doc = table.to_dict()
     by_route = {route_key(r): r for r in merged["routes"]}  # (service, port, transport): tcp and udp apart
+    rules: dict[tuple[str, int], dict[str, list[str]]] = {}
     for svc in doc["services"]:
         for route in svc["routes"]:
+            if route["protocol"] in ("http", "tls"):
+                # the rules of a shared port, also when empty (= any host, any path)
+                route.setdefault("match", {"hosts": [], "paths": []})
+                rules[(svc["name"], route["port"])] = route["match"]
             r = by_route.get(route_key({"service": svc["name"], **route}))
             if r is None:
                 route["runtime"] = None
@@ -447,6 +457,8 @@ def table_with_runtime(table: RoutingTable, merged: dict[str, Any], now: float |
                 "connect_failures": r["connect_failures"],
                 "healthy_endpoints": sum(1 for h in r["hosts"] if h["up"]),
                 "udp": r.get("udp"),  # udp routes: sessions active/created/evicted, drops by reason
+                # http routes: requests by class and method, active, queued, retries, generated, pool reuse
+                "http": http_summary(r["http"]) if "http" in r else None,
                 "departed": [
                     {"id": h["id"], "address": h["address"], "runtime": _host_runtime(h)}
                     for h in r["hosts"]
@@ -456,22 +468,42 @@ def table_with_runtime(table: RoutingTable, merged: dict[str, Any], now: float |
             for ep in route["endpoints"]:
                 h = hosts.get(ep["id"])
                 ep["runtime"] = None if h is None else _host_runtime(h)
+    listeners = []
+    http_ports: dict[tuple[int, str], dict[str, Any]] = {}
+    for r in merged["routes"]:
+        entry = {
+            "service": r["service"],
+            "protocol": r.get("protocol"),
+            "listen_host": r["listen_host"],
+            "port": r["port"],
+            "bound_port": _bound_port(r),
+            "listening": r["listening"],
+        }
+        rule = rules.get((r["service"], r["port"]))
+        if rule is not None:
+            entry["hosts"], entry["paths"] = rule["hosts"], rule["paths"]
+        listeners.append(entry)
+        if r.get("protocol") == "http":
+            port = http_ports.setdefault(
+                (r["port"], r["listen_host"]),
+                {"port": r["port"], "listen_host": r["listen_host"], "bound_port": _bound_port(r),
+                 "requests": 0, "unrouted": {}, "routes": []},
+            )  # fmt: skip
+            port["routes"].append({"service": r["service"], **(rule or {"hosts": [], "paths": []})})
+            lst = r.get("http_listener")
+            if lst is not None:
+                port["requests"] += lst["requests"]
+                for status, reasons in sorted(lst["closed"].items()):
+                    for reason, n in sorted(reasons.items()):
+                        port["unrouted"][f"{status} {reason}"] = n
     doc["runtime"] = {
         "processes": merged.get("processes", 1),
         "applied_version": merged["table_version"],
         "applied_at": merged["table_applied"],
         "generated_at": now,
-        "listeners": [
-            {
-                "service": r["service"],
-                "protocol": r.get("protocol"),
-                "listen_host": r["listen_host"],
-                "port": r["port"],
-                "bound_port": _bound_port(r),
-                "listening": r["listening"],
-            }
-            for r in merged["routes"]
-        ],
+        "listeners": listeners,
+        # each http port: the rules of the services sharing it, request heads read, answers before routing
+        "http_ports": sorted(http_ports.values(), key=lambda p: (p["port"], p["listen_host"])),
     }
     return doc
 

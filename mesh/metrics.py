@@ -50,6 +50,7 @@ from prometheus_client.utils import floatToGoString
 # Temporary alias: mesh/proxy.py still imports log_access from here; it lives in mesh.logs.  Drop this
 # line once nothing does.
 from mesh.logs import log_access  # noqa: F401
+from mesh.proxy.http import HTTP_BUCKETS
 from mesh.stats import CONNECT_BUCKETS, DURATION_BUCKETS, Histogram, HostStats
 
 __all__ = [
@@ -62,6 +63,7 @@ __all__ = [
     "StatsReader",
     "WorkerStats",
     "failed_by_reason",
+    "http_summary",
     "make_registry",
     "merge_snapshots",
     "render_text",
@@ -203,6 +205,7 @@ class StatsReader:
             bindings = getattr(listener, "bindings", None)
             pools = [b.pool for b in bindings] if bindings else [listener.pool]
             udp_site = listener if getattr(listener, "protocol", "tcp") == "udp" else None
+            http_front = getattr(listener, "http", None)  # mesh.proxy.http.HttpFront of an http listener
             for pool in pools:
                 pool_now = pool.clock() if hasattr(pool, "clock") else now
                 led = self._ledger(pool)
@@ -230,26 +233,30 @@ class StatsReader:
                         row["udp"] = _udp_host(udp_site, h)
                     hosts.append(row)
                 route_row = {
-                        "service": pool.service,
-                        "port": pool.route.port,
-                        "listen_host": pool.route.listen_host,
-                        "protocol": getattr(listener, "protocol", "tcp"),
-                        # what the listener is bound to: the route's port, or the one chosen for port 0
-                        "bound_port": listener.port if listener.listening else None,
-                        "listening": bool(listener.listening),
-                        "accepted": rs.accepted,
-                        "no_endpoint": rs.no_endpoint,
-                        "retries": rs.retries,
-                        "overflow": rs.overflow_closed,
-                        "connect_failures": dict(rs.connect_failures),
-                        # client connections given up after the last connect attempt, by its reason (needs
-                        # RouteStats.failed; absent until the proxy counts it)
-                        "failed": dict(getattr(rs, "failed", None) or {}),
-                        "hosts": hosts,
-                        "removed": _counters(led.removed),
-                    }
+                    "service": pool.service,
+                    "port": pool.route.port,
+                    "listen_host": pool.route.listen_host,
+                    "protocol": getattr(listener, "protocol", "tcp"),
+                    # what the listener is bound to: the route's port, or the one chosen for port 0
+                    "bound_port": listener.port if listener.listening else None,
+                    "listening": bool(listener.listening),
+                    "accepted": rs.accepted,
+                    "no_endpoint": rs.no_endpoint,
+                    "retries": rs.retries,
+                    "overflow": rs.overflow_closed,
+                    "connect_failures": dict(rs.connect_failures),
+                    # client connections given up after the last connect attempt, by its reason (needs
+                    # RouteStats.failed; absent until the proxy counts it)
+                    "failed": dict(getattr(rs, "failed", None) or {}),
+                    "hosts": hosts,
+                    "removed": _counters(led.removed),
+                }
                 if udp_site is not None:
                     route_row["udp"] = _udp_route(udp_site)
+                if http_front is not None:
+                    route_row["http"] = _http_route(getattr(pool, "http", None))
+                    if pool is pools[0]:  # listener-wide: on its first route only
+                        route_row["http_listener"] = _http_listener(http_front.stats)
                 sni = getattr(listener, "sni_stats", None)
                 if sni is not None and pool is pools[0]:  # listener-wide: on its first route only
                     route_row["tls"] = {"routed": sni.routed, "closed": dict(sni.closed)}
@@ -263,12 +270,97 @@ class StatsReader:
         return {
             "v": SNAPSHOT_VERSION,
             "pid": os.getpid(),
-            "buckets": {"connect_time": list(CONNECT_BUCKETS), "duration": list(DURATION_BUCKETS)},
+            "buckets": _BUCKETS,
             "table_version": info.get("table_version"),
             "table_applied": info.get("table_applied"),
             "fd_exhausted": fd_exhausted,
             "routes": routes,
         }
+
+
+_BUCKETS = {"connect_time": list(CONNECT_BUCKETS), "duration": list(DURATION_BUCKETS), "http": list(HTTP_BUCKETS)}
+_HTTP_HISTOGRAMS = ("duration", "upstream_time")
+_STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+
+
+def _http_route(hs: Any) -> dict[str, Any]:
+    """An http route's counters (``mesh.proxy.http.HttpStats``, made on the route's first request; None
+    before it: all zero).  Tuple keys become nested dicts so the row stays JSON and sums with ``_sum_into``:
+    ``requests[method][class]``, ``generated[status][reason]``."""
+    if hs is None:
+        empty = {"counts": [0] * (len(HTTP_BUCKETS) + 1), "sum": 0.0}
+        return {"requests": {}, "generated": {}, "retries": {}, "active": 0, "queued": 0, "pool_new": 0,
+                "pool_reused": 0, "upgrades": 0, "duration": empty, "upstream_time": dict(empty, counts=list(empty["counts"]))}  # fmt: skip
+    requests: dict[str, dict[str, int]] = {}
+    for (method, cls), n in hs.requests.items():
+        requests.setdefault(method, {})[cls] = n
+    generated: dict[str, dict[str, int]] = {}
+    for (status, reason), n in hs.generated.items():
+        generated.setdefault(str(status), {})[reason] = n
+    return {
+        "requests": requests,
+        "generated": generated,
+        "retries": dict(hs.retries),
+        "active": hs.active,
+        "queued": hs.queued,
+        "pool_new": hs.pool_new,
+        "pool_reused": hs.pool_reused,
+        "upgrades": hs.upgrades,
+        "duration": _hist(hs.duration),
+        "upstream_time": _hist(hs.upstream_time),
+    }
+
+
+def _http_listener(ls: Any) -> dict[str, Any]:
+    """An http listener's own counters (``ListenerHttpStats``): request heads read, and requests answered
+    or connections closed before any route took them, ``closed[status][reason]``."""
+    closed: dict[str, dict[str, int]] = {}
+    for (status, reason), n in ls.closed.items():
+        closed.setdefault(str(status), {})[reason] = n
+    return {"requests": ls.requests, "closed": closed}
+
+
+def _copy_http(h: dict[str, Any]) -> dict[str, Any]:
+    out = _copy_nested({k: v for k, v in h.items() if k not in _HTTP_HISTOGRAMS})
+    for k in _HTTP_HISTOGRAMS:
+        out[k] = {"counts": list(h[k]["counts"]), "sum": h[k]["sum"]}
+    return out
+
+
+def _add_http(into: dict[str, Any], other: dict[str, Any]) -> None:
+    _sum_into(into, {k: v for k, v in other.items() if k not in _HTTP_HISTOGRAMS})
+    for k in _HTTP_HISTOGRAMS:
+        _add_hist(into[k], other[k])
+
+
+def http_summary(h: dict[str, Any]) -> dict[str, Any]:
+    """The short form of a merged http row the admin API and the dashboard show: requests in total and by
+    status class (all five classes present) and by method, active, queued, retries (total and by reason),
+    generated responses ("503 no_endpoint": n), pooled upstream connections reused / new, upgrades, and
+    the mean request and upstream response times (None before the first request)."""
+    by_class = dict.fromkeys(_STATUS_CLASSES, 0)
+    by_method: dict[str, int] = {}
+    for method, classes in h["requests"].items():
+        for cls, n in classes.items():
+            by_class[cls] = by_class.get(cls, 0) + n
+            by_method[method] = by_method.get(method, 0) + n
+    d, u = h["duration"], h["upstream_time"]
+    nd, nu = sum(d["counts"]), sum(u["counts"])
+    return {
+        "requests": sum(by_class.values()),
+        "by_class": by_class,
+        "by_method": dict(sorted(by_method.items())),
+        "active": h["active"],
+        "queued": h["queued"],
+        "retries": sum(h["retries"].values()),
+        "retries_by_reason": dict(sorted(h["retries"].items())),
+        "generated": {f"{st} {reason}": n for st, reasons in sorted(h["generated"].items()) for reason, n in sorted(reasons.items())},
+        "upstream_reused": h["pool_reused"],
+        "upstream_new": h["pool_new"],
+        "upgrades": h["upgrades"],
+        "duration_mean_seconds": round(d["sum"] / nd, 6) if nd else None,
+        "upstream_mean_seconds": round(u["sum"] / nu, 6) if nu else None,
+    }  # fmt: skip
 
 
 def _udp_host(site: Any, host: Any) -> dict[str, int]:
@@ -434,9 +526,13 @@ def merge_snapshots(snaps: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if snap.get("v") != SNAPSHOT_VERSION:
             raise ValueError(f"stats snapshot format {snap.get('v')!r} is not {SNAPSHOT_VERSION}")
         if buckets is None:
-            buckets = snap["buckets"]
-        elif snap["buckets"] != buckets:
-            raise ValueError("stats snapshots use different histogram buckets; cannot merge them")
+            buckets = dict(snap["buckets"])
+        else:
+            theirs = snap["buckets"]
+            if any(theirs[k] != buckets[k] for k in theirs.keys() & buckets.keys()):
+                raise ValueError("stats snapshots use different histogram buckets; cannot merge them")
+            for k in theirs.keys() - buckets.keys():
+                buckets[k] = theirs[k]
         if snap.get("table_version") is not None:
             versions.append((snap["table_version"], snap.get("table_applied") or 0.0))
         fd_exhausted += snap.get("fd_exhausted", 0)
@@ -459,14 +555,21 @@ def merge_snapshots(snaps: Sequence[dict[str, Any]]) -> dict[str, Any]:
                     "failed": dict(r["failed"]),
                     "removed": _copy_counters(r["removed"]),
                 }
-                for extra in ("udp", "tls"):
+                for extra in ("udp", "tls", "http_listener"):
                     if extra in r:
                         into[extra] = _copy_nested(r[extra])
+                if "http" in r:
+                    into["http"] = _copy_http(r["http"])
                 hosts_of[key] = {}
             else:
-                for extra in ("udp", "tls"):
+                for extra in ("udp", "tls", "http_listener"):
                     if extra in r:
                         _sum_into(into.setdefault(extra, {}), r[extra])
+                if "http" in r:
+                    if "http" in into:
+                        _add_http(into["http"], r["http"])
+                    else:
+                        into["http"] = _copy_http(r["http"])
                 if into["listen_host"] != r["listen_host"]:
                     into["listen_host"] = ",".join(sorted({*into["listen_host"].split(","), r["listen_host"]}))
                 into["listening"] = into["listening"] or r["listening"]
@@ -510,7 +613,7 @@ def merge_snapshots(snaps: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {
         "v": SNAPSHOT_VERSION,
         "processes": sum(1 for s in snaps if not s.get("retired")),
-        "buckets": buckets or {"connect_time": list(CONNECT_BUCKETS), "duration": list(DURATION_BUCKETS)},
+        "buckets": buckets or dict(_BUCKETS),
         "table_version": version,
         "table_applied": applied,
         "fd_exhausted": fd_exhausted,
@@ -609,10 +712,40 @@ _HELP = {
         "counter",
         "TLS connections closed before routing, by reason: not_tls, bad_hello, timeout, incomplete, no_route.",
     ),
+    # http routes (protocol: http): per request, on top of the connection series above (module doc)
+    "mesh_http_requests_total": (
+        "counter",
+        "HTTP requests finished, by method family (GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, other) and "
+        "status class; generated responses included.",
+    ),
+    "mesh_http_request_duration_seconds": ("histogram", "HTTP request time, from its head read to the response's end."),
+    "mesh_http_upstream_response_seconds": (
+        "histogram",
+        "Time from a request sent to its replica to the response head (each attempt).",
+    ),
+    "mesh_http_requests_active": ("gauge", "HTTP requests in progress (routed, not finished)."),
+    "mesh_http_requests_queued": ("gauge", "HTTP requests waiting for a replica under http_max_inflight."),
+    "mesh_http_retries_total": (
+        "counter",
+        "HTTP request attempts retried, by reason: connect, reused_closed, status_NNN, tunnel_refused; "
+        "*_over_budget: a retry refused by the retry budget.",
+    ),
+    "mesh_http_upstream_requests_total": (
+        "counter",
+        "Requests sent upstream on a new connection or on a reused keep-alive one.",
+    ),
+    "mesh_http_generated_responses_total": ("counter", "Responses the mesh made itself, by status and reason."),
+    "mesh_http_upgrades_total": ("counter", "Requests upgraded (101: WebSocket and the like), then spliced."),
+    "mesh_http_listener_requests_total": ("counter", "HTTP request heads read on the port, routed or not."),
+    "mesh_http_unrouted_total": (
+        "counter",
+        "HTTP requests answered before any route took them (404 no_route, 400/408/414/431/501 ...: the "
+        "connection is then closed), by status and reason.",
+    ),
 }
 
 
-_ONLY_WHEN_USED = ("mesh_udp_", "mesh_tls_")
+_ONLY_WHEN_USED = ("mesh_udp_", "mesh_tls_", "mesh_http_")
 
 
 def _esc(value: str) -> str:
@@ -630,6 +763,7 @@ def render_text(merged: dict[str, Any]) -> str:
     """
     ct_bounds = [*(floatToGoString(b) for b in merged["buckets"]["connect_time"]), "+Inf"]
     du_bounds = [*(floatToGoString(b) for b in merged["buckets"]["duration"]), "+Inf"]
+    http_bounds = [*(floatToGoString(b) for b in merged["buckets"].get("http", HTTP_BUCKETS)), "+Inf"]
     lines: dict[str, list[str]] = {name: [] for name in _HELP}
     accepted = lines["mesh_connections_accepted_total"]
     failed = lines["mesh_connections_failed_total"]
@@ -652,6 +786,10 @@ def render_text(merged: dict[str, Any]) -> str:
             lines["mesh_tls_routed_total"].append(f"mesh_tls_routed_total{{{tl}}} {r['tls']['routed']}\n")
             for reason, n in sorted(r["tls"]["closed"].items()):
                 lines["mesh_tls_closed_total"].append(f'mesh_tls_closed_total{{{tl},reason="{reason}"}} {n}\n')
+        if "http" in r:
+            _render_http(lines, rl, r["http"], http_bounds)
+        if "http_listener" in r:
+            _render_http_listener(lines, r)
         accepted.append(f"mesh_connections_accepted_total{{{rl}}} {r['accepted']}\n")
         retries.append(f"mesh_retries_total{{{rl}}} {r['retries']}\n")
         listening.append(f"mesh_listener_up{{{rl}}} {1 if r['listening'] else 0}\n")
@@ -713,12 +851,53 @@ def _render_udp(lines: dict[str, list[str]], rl: str, r: dict[str, Any]) -> None
     for ep_id, c, h in rows:
         hl = f'{rl},endpoint="{_esc(ep_id)}"'
         if h is not None:
-            lines["mesh_udp_sessions_active"].append(f"mesh_udp_sessions_active{{{hl}}} {c.get('sessions_active', 0)}\n")
+            lines["mesh_udp_sessions_active"].append(
+                f"mesh_udp_sessions_active{{{hl}}} {c.get('sessions_active', 0)}\n"
+            )
             lines["mesh_udp_endpoint_up"].append(f"mesh_udp_endpoint_up{{{hl}}} {1 if h['up'] else 0}\n")
         for key, name in (("sessions", "mesh_udp_endpoint_sessions_total"), ("datagrams_in", "mesh_udp_received_datagrams_total"),
                           ("datagrams_out", "mesh_udp_sent_datagrams_total"), ("bytes_in", "mesh_udp_received_bytes_total"),
                           ("bytes_out", "mesh_udp_sent_bytes_total"), ("refused", "mesh_udp_refused_total")):  # fmt: skip
             lines[name].append(f"{name}{{{hl}}} {c.get(key, 0)}\n")
+
+
+def _render_http(lines: dict[str, list[str]], rl: str, h: dict[str, Any], bounds: list[str]) -> None:
+    out = lines["mesh_http_requests_total"]
+    for method, classes in sorted(h["requests"].items()):
+        for cls, n in sorted(classes.items()):
+            out.append(f'mesh_http_requests_total{{{rl},method="{_esc(method)}",code_class="{cls}"}} {n}\n')
+    lines["mesh_http_requests_active"].append(f"mesh_http_requests_active{{{rl}}} {h['active']}\n")
+    lines["mesh_http_requests_queued"].append(f"mesh_http_requests_queued{{{rl}}} {h['queued']}\n")
+    for reason, n in sorted(h["retries"].items()):
+        lines["mesh_http_retries_total"].append(f'mesh_http_retries_total{{{rl},reason="{_esc(reason)}"}} {n}\n')
+    out = lines["mesh_http_upstream_requests_total"]
+    out.append(f'mesh_http_upstream_requests_total{{{rl},connection="new"}} {h["pool_new"]}\n')
+    out.append(f'mesh_http_upstream_requests_total{{{rl},connection="reused"}} {h["pool_reused"]}\n')
+    out = lines["mesh_http_generated_responses_total"]
+    for status, reasons in sorted(h["generated"].items()):
+        for reason, n in sorted(reasons.items()):
+            out.append(f'mesh_http_generated_responses_total{{{rl},status="{status}",reason="{_esc(reason)}"}} {n}\n')
+    lines["mesh_http_upgrades_total"].append(f"mesh_http_upgrades_total{{{rl}}} {h['upgrades']}\n")
+    for name, key in (("mesh_http_request_duration_seconds", "duration"),
+                      ("mesh_http_upstream_response_seconds", "upstream_time")):  # fmt: skip
+        out = lines[name]
+        hist = h[key]
+        acc = 0
+        for bound, n in zip(bounds, hist["counts"], strict=True):
+            acc += n
+            out.append(f'{name}_bucket{{{rl},le="{bound}"}} {acc}\n')
+        out.append(f"{name}_count{{{rl}}} {acc}\n")
+        out.append(f"{name}_sum{{{rl}}} {float(hist['sum'])!r}\n")
+
+
+def _render_http_listener(lines: dict[str, list[str]], r: dict[str, Any]) -> None:
+    hl = r["http_listener"]
+    ll = f'port="{r["port"]}",listen_host="{_esc(r["listen_host"])}"'
+    lines["mesh_http_listener_requests_total"].append(f"mesh_http_listener_requests_total{{{ll}}} {hl['requests']}\n")
+    out = lines["mesh_http_unrouted_total"]
+    for status, reasons in sorted(hl["closed"].items()):
+        for reason, n in sorted(reasons.items()):
+            out.append(f'mesh_http_unrouted_total{{{ll},status="{status}",reason="{_esc(reason)}"}} {n}\n')
 
 
 def _render_endpoint_counters(lines, hl, c, ct_bounds, du_bounds) -> None:
@@ -808,6 +987,8 @@ def _retire(merged: dict[str, Any]) -> dict[str, Any]:
                 h["udp"]["sessions_active"] = 0
         if "udp" in r:
             r["udp"]["sessions_active"] = 0
+        if "http" in r:
+            r["http"]["active"] = r["http"]["queued"] = 0
     return merged
 
 

@@ -88,8 +88,11 @@ def test_add_rates_exact_and_never_negative():
                           "failed_by_reason": {"no_endpoint": 0.0, "refused": 8.0}}  # fmt: skip
     assert s["ingress"]["n1"]["rate"] == 40.0
     reps = {r["id"]: r["rates"] for r in s["replicas"]}
-    assert reps == {"a": {"connections": 20.0, "bytes": 2200.0}, "b": {"connections": 0.0, "bytes": 0.0},
-                    "c": {"connections": None, "bytes": None}}  # fmt: skip  (c is new: no rate yet)
+    assert reps == {
+        "a": {"connections": 20.0, "bytes": 2200.0},
+        "b": {"connections": 0.0, "bytes": 0.0},
+        "c": {"connections": None, "bytes": None},
+    }  # fmt: skip  (c is new: no rate yet)
     # a process restarted without its totals: counters went down -> 0, not a negative rate
     third = add_rates(_view(11.5, 3, {"a": 1}), second)
     assert third["services"][0]["rates"]["accepted"] == 0.0
@@ -132,8 +135,14 @@ def test_build_view_from_a_snapshot_marks_departed_and_remote_replicas():
         "b": ("n1", "draining", False, None, 2),  # left the table, still carries two connections
     }
     assert view["listeners"] == [
-        {"service": "web", "protocol": "tcp", "listen_host": "0.0.0.0", "port": 80, "bound_port": None,
-         "listening": False}
+        {
+            "service": "web",
+            "protocol": "tcp",
+            "listen_host": "0.0.0.0",
+            "port": 80,
+            "bound_port": None,
+            "listening": False,
+        }
     ]  # fmt: skip  (never started here)
 
 
@@ -425,7 +434,9 @@ class Page:
 REPLICAS = ("replica-1", "replica-2", "replica-3")
 
 STATE_OF = "return [...document.querySelectorAll('[data-replica]')].map(e => [e.dataset.replica, e.dataset.state])"
-FIG = "const e = document.querySelector('[data-service=\"web:0\"] .svc [data-field=\"{}\"] .v'); return e && e.textContent"
+FIG = (
+    'const e = document.querySelector(\'[data-service="web:0"] .svc [data-field="{}"] .v\'); return e && e.textContent'
+)
 REP_TOTAL = (
     "return Object.fromEntries([...document.querySelectorAll('[data-service=\"web:0\"] [data-replica]')]"
     ".map(e => [e.dataset.replica, Number(e.querySelector('[data-field=\"connections\"] .v').textContent)]))"
@@ -556,6 +567,92 @@ async def test_page_shows_a_running_mesh_live(tmp_path, browser):
             await b.close()
 
 
+def _text(svc: str, sel: str) -> str:
+    """JS: the text of ``sel`` inside the summary of service row ``svc`` ("name:port"), or null."""
+    return f"const e = document.querySelector('[data-service=\"{svc}\"] .svc {sel}'); return e && e.textContent"
+
+
+@pytest.mark.uvloop_only
+@pytest.mark.timeout(120)
+async def test_page_shows_http_routes_requests_classes_and_rules(tmp_path, browser):
+    """Two http services on one port (a host rule, a path rule): the page shows each one's requests/s, its
+    requests by status class and its rule, while bounded keep-alive load runs."""
+    from tests.httpbackend import HttpBackend
+    from tests.util import reserved_port
+
+    shop, api = await HttpBackend("shop").start(), await HttpBackend("api").start()
+    with reserved_port() as port:
+        cfg = (
+            "services:\n"
+            f"  shop:\n    listen: 127.0.0.1:{port}\n    protocol: http\n    hosts: ['shop.example.com']\n"
+            f"    endpoints: ['127.0.0.1:{shop.port}']\n"
+            f"  api:\n    listen: 127.0.0.1:{port}\n    protocol: http\n    paths: ['/api']\n"
+            f"    endpoints: ['127.0.0.1:{api.port}']\n"
+        )
+        agent = await Agent(tmp_path, cfg).start()
+    page = Page(browser)
+    s_shop, s_api = f"shop:{port}", f"api:{port}"
+    try:
+        await agent.bound_port("shop")
+        await page.run(browser.set_window_size, 1280, 720)
+        await page.run(browser.get, f"http://{agent.admin[0]}:{agent.admin[1]}/ui/")
+        rule = await page.wait(_text(s_shop, "[data-field=rule]"), what="shop's rule shown")
+        assert rule == "hosts shop.example.com · paths any"
+        assert await page.js(_text(s_api, "[data-field=rule]")) == "hosts any · paths /api"
+        assert await page.js(_text(s_shop, ".svc-port")) == f":{port}/http"
+
+        stop_at, done, missing = time.monotonic() + 5.0, [0], [0]
+
+        async def client() -> None:  # keep-alive: a few connections, many requests; every 5th is a 404
+            async with aiohttp.ClientSession() as s:
+                for i in itertools.count():
+                    if time.monotonic() > stop_at or done[0] >= 20000:
+                        return
+                    path = "/status/404" if i % 5 == 0 else "/echo"
+                    async with s.get(f"http://127.0.0.1:{port}{path}", headers={"Host": "shop.example.com"}) as r:
+                        await r.read()
+                        missing[0] += r.status == 404
+                    async with s.get(f"http://127.0.0.1:{port}/api/x", headers={"Host": "other.example.com"}) as r:
+                        await r.read()
+                        assert r.status == 200
+                    done[0] += 1
+
+        load = [asyncio.create_task(client()) for _ in range(2)]
+        rps = await page.wait(
+            _text(s_shop, "[data-field=rps] .v") + " !== '0' && e.textContent !== '\u2013' && e.textContent",
+            timeout=5,
+            what="shop's requests/s above 0",
+        )
+        assert float(rps.rstrip("k")) > 0
+        cls_of = "return [...document.querySelectorAll('[data-service=\"{}\"] [data-class]')].map(x => x.dataset.class)"
+        await page.wait(cls_of.format(s_shop) + ".join() === '2xx,4xx'", what="2xx and 4xx shown for shop")
+        await page.wait(cls_of.format(s_api) + ".join() === '2xx'", what="2xx shown for api")
+        assert await page.wait("const e = document.querySelector('#f-rps'); return e && e.textContent !== '0'")
+        await page.run(browser.save_screenshot, str(tmp_path / "dashboard-http.png"))
+        await asyncio.gather(*load)
+        assert done[0] > 0
+        # the load is over: totals exact (the view may be up to one sample old), nothing in flight
+        h: dict = {}
+
+        async def settled() -> bool:
+            body = json.loads((await agent.get("/v1/dashboard"))[1])
+            h.update({s["name"]: s["http"] for s in body["services"]})
+            return h["api"]["requests"] == done[0]
+
+        await wait_for(settled, what="the last requests in /v1/dashboard")
+        assert h["api"]["by_class"]["2xx"] == done[0]
+        assert h["shop"]["requests"] == done[0] and h["shop"]["by_class"]["4xx"] == missing[0] > 0
+        await page.wait(
+            _text(s_shop, "[data-field=requests-active] .v") + " === '0'", what="no request in flight after the load"
+        )
+        assert await page.js("return document.documentElement.scrollWidth <= window.innerWidth")
+        assert await page.errors() == []
+    finally:
+        await agent.stop()
+        await shop.close()
+        await api.close()
+
+
 # -- the cluster view (meshagent.clusterview) -----------------------------------------------------------------
 
 
@@ -582,7 +679,9 @@ def _node_view(node: str, replicas: list[tuple[str, str, str | None, int]], acce
 def test_merge_node_views_counts_each_replica_once_by_its_own_node():
     from meshagent.clusterview import merge_node_views
 
-    own = _node_view("m1", [("a", "m1", None, 5), ("b", "w2", "10.0.0.2:7481", 99), ("c", "w3", "10.0.0.3:7481", 4)], 10)
+    own = _node_view(
+        "m1", [("a", "m1", None, 5), ("b", "w2", "10.0.0.2:7481", 99), ("c", "w3", "10.0.0.3:7481", 4)], 10
+    )
     w2 = _node_view("w2", [("b", "w2", None, 7), ("a", "m1", "10.0.0.1:7481", 3)], 6)
     facts = {"m1": {"reachable": True}, "w2": {"reachable": True}, "w3": {"reachable": False, "error": "refused"}}
     view = merge_node_views(own, {"w2": w2, "w3": None}, facts, now=51.0)

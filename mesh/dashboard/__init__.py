@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from importlib import resources
 from typing import Any
 
-from mesh.metrics import failed_by_reason, merge_snapshots
+from mesh.metrics import failed_by_reason, http_summary, merge_snapshots
 from mesh.routing import RoutingTable
 
 __all__ = [
@@ -135,8 +135,10 @@ def build_view(
     connections) are listed with ``listed: false`` and state draining.
     """
     endpoints: dict[tuple[str, int], dict[str, Any]] = {}
+    matches: dict[tuple[str, int], Any] = {}
     if table is not None:
         for svc, route in table.routes():
+            matches[(svc.name, route.port)] = route.match
             for ep in route.endpoints:
                 endpoints[(svc.name, route.port, ep.id)] = {"node": ep.node, "state": ep.state}
     services = []
@@ -184,6 +186,12 @@ def build_view(
             conns += h["connections"]
             b_in += h["bytes_in"]
             b_out += h["bytes_out"]
+        http = None
+        if "http" in r:
+            http = http_summary(r["http"])
+            match = matches.get((r["service"], r["port"]))
+            http["hosts"] = list(match.hosts) if match is not None else []
+            http["paths"] = list(match.paths) if match is not None else []
         services.append(
             {
                 "name": r["service"],
@@ -205,6 +213,8 @@ def build_view(
                 # where the connections were accepted: this node (a cluster view adds the others)
                 "ingress": {node: {"accepted": r["accepted"], "failed": sum(failed.values())}},
                 "replicas": replicas,
+                # http routes: requests (total, by status class), active, retries, and the host/path rules
+                "http": http,
             }
         )
     services.sort(key=lambda s: (s["name"], s["port"]))
@@ -218,7 +228,9 @@ def build_view(
         "generated_at": now,
         "node": node,
         "nodes": [{"id": n, "self": n == node} for n in sorted(nodes, key=lambda n: (n != node, n))],
-        "table": None if version is None else {
+        "table": None
+        if version is None
+        else {
             "version": version,
             "applied_at": applied,
             "age_seconds": None if applied is None else round(max(0.0, now - applied), 3),
@@ -242,7 +254,7 @@ def add_rates(view: dict[str, Any], prev: Mapping[str, Any] | None) -> dict[str,
     """``view`` with per-second rates against an earlier view ``prev`` of the same feed (in place; returned).
 
     Services get ``rates``: ``accepted`` (new connections/s), ``bytes`` (both directions), ``failed`` (all
-    reasons) and ``failed_by_reason``; replicas get ``rates``: ``connections`` and ``bytes``.  A rate is null
+    reasons) and ``failed_by_reason``, and for http routes ``requests`` (requests/s) and ``by_class``; replicas get ``rates``: ``connections`` and ``bytes``.  A rate is null
     on the first sample and for what ``prev`` did not have.  Counters that went down (a process restarted
     without its totals) count as 0, never as a negative rate.
     """
@@ -267,6 +279,13 @@ def add_rates(view: dict[str, Any], prev: Mapping[str, Any] | None) -> dict[str,
                 reason: _rate(n, o and o["failed"].get(reason, 0), dt) for reason, n in s["failed"].items()
             },
         }
+        h = s.get("http")
+        if h is not None:
+            oh = o and o.get("http")
+            s["rates"]["requests"] = _rate(h["requests"], oh and oh["requests"], dt)
+            s["rates"]["by_class"] = {
+                cls: _rate(n, oh and oh["by_class"].get(cls, 0), dt) for cls, n in h["by_class"].items()
+            }
         for node, ing in s["ingress"].items():
             oi = o and o["ingress"].get(node)
             ing["rate"] = _rate(ing["accepted"], oi and oi["accepted"], dt)

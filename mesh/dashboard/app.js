@@ -98,12 +98,17 @@
       if (!d) lag = "n/a";
     }
     items.push(...fact("discovery lag", lag, "f-lag"));
-    const active = v.services.reduce((a, s) => a + s.active, 0);
-    const cps = v.services.reduce((a, s) => a + ((s.rates && s.rates.accepted) || 0), 0);
+    const active = v.services.reduce((a, s) => a + (s.http ? 0 : s.active), 0);
+    const cps = v.services.reduce((a, s) => a + ((!s.http && s.rates && s.rates.accepted) || 0), 0);
     const bpsTotal = v.services.reduce((a, s) => a + ((s.rates && s.rates.bytes) || 0), 0);
     items.push(...fact("active connections", num(active), "f-active"));
     items.push(...fact("new connections/s", rate(cps), "f-cps"));
     items.push(...fact("bytes/s", bps(bpsTotal), "f-bps"));
+    const https = v.services.filter((s) => s.http);
+    if (https.length) {
+      const rps = https.reduce((a, s) => a + ((s.rates && s.rates.requests) || 0), 0);
+      items.push(...fact("http requests/s", rate(rps), "f-rps"));
+    }
     if (v.processes > 1) items.push(...fact("processes", String(v.processes), "f-procs"));
     if (v.fd_exhausted) items.push(...fact("fd exhausted", num(v.fd_exhausted), "f-fd"));
     dl.replaceChildren(...items);
@@ -139,6 +144,29 @@
         rep.ejections ? figure("ejections", num(rep.ejections), "ejections") : null));
   }
 
+  // An http route: requests/s, requests in flight, requests by status class (total and per second), and
+  // the host/path rule that sends requests to it.
+  function httpBlock(s) {
+    const h = s.http;
+    const r = s.rates || {};
+    const cr = r.by_class || {};
+    const classes = [];
+    for (const cls of ["1xx", "2xx", "3xx", "4xx", "5xx"]) {
+      const n = h.by_class[cls] || 0;
+      if (!n) continue;
+      classes.push(el("span", { class: "cls c" + cls[0], "data-class": cls }, cls + " " + num(n) + (cr[cls] ? " (" + rate(cr[cls]) + "/s)" : "")));
+    }
+    const rule = "hosts " + (h.hosts.length ? h.hosts.join(", ") : "any") + " · paths " + (h.paths.length ? h.paths.join(", ") : "any");
+    return el("div", { class: "http" },
+      el("div", { class: "figs" },
+        figure("req/s", rate(r.requests), "rps"),
+        figure("in flight", num(h.active), "requests-active"),
+        figure("requests", num(h.requests), "requests"),
+        h.retries ? figure("retries", num(h.retries), "http-retries") : null),
+      el("div", { class: "classes", "data-field": "classes" }, ...(classes.length ? classes : [el("span", { class: "none" }, "no request yet")])),
+      el("div", { class: "rule", "data-field": "rule" }, rule));
+  }
+
   function renderGrid(v) {
     const grid = $("#grid");
     const nodes = v.nodes;
@@ -156,10 +184,12 @@
           el("span", { class: "svc-port" }, ":" + (s.bound_port || s.port) + "/" + s.protocol),
           el("span", { class: "lst " + (up ? "up" : "down") }, up ? "▲ up" : "▼ down")),
         el("div", { class: "figs" },
-          figure("active", num(s.active), "active"),
-          figure("conn/s", rate(r.accepted), "cps"),
+          // an http route counts requests, not client connections: its figures are in httpBlock
+          s.http ? null : figure("active", num(s.active), "active"),
+          s.http ? null : figure("conn/s", rate(r.accepted), "cps"),
           figure("", bps(r.bytes), "bps"),
           figure("healthy", s.healthy + "/" + s.endpoints, "healthy")),
+        s.http ? httpBlock(s) : null,
         el("div", { class: "failed" + (Object.values(s.failed).some((n) => n) ? " some" : "") , "data-field": "failed" }, "failed: " + failedText(s)));
       const cells = nodes.map((n) => {
         const reps = s.replicas.filter((rep) => rep.node === n.id);
