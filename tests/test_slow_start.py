@@ -1,6 +1,7 @@
 """Slow start (mesh/pool.py): a host that joins or recovers ramps from 10 % to its full share over
 ``slow_start`` seconds.  Fake clock, seeded rng: shares at the start, the middle and after the ramp, for
-every balancer; the exact rule with a scripted rng; what does and does not ramp."""
+every balancer; the exact rule with a scripted rng; what does and does not ramp; and the same ramp with real
+requests through the HTTP front."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from collections import Counter
 import pytest
 
 from mesh.pool import SLOW_START_MIN, Pool
-from mesh.routing import Endpoint, Route, ServiceOptions
+from mesh.routing import Endpoint, Route, RoutingTable, Service, ServiceOptions
+from mesh.runtime import Mesh
+from tests.httpbackend import Client, HttpBackend, response
 
 WINDOW = 60.0
 
@@ -286,3 +289,73 @@ def test_repr_shows_ramping_hosts():
     pool = make_pool(3)
     pool.update(Route(8080, eps(4)), pool.options)
     assert repr(pool).endswith(" ramping=1>")
+
+
+# -- through the HTTP front, with real traffic ----------------------------------------------------------
+
+
+async def test_http_front_ramps_a_joining_replica_per_request():
+    """Real requests on one keep-alive connection through the HTTP front (mesh.runtime.Mesh, protocol http) to
+    four real backends: a replica that joins takes 10 % of its share at first (2.5 % of the requests with
+    four), 55 % half way through the window, and exactly its share once the window is over; and the replica
+    that answered each request is exactly the one the pool's own rule picks (a pure Pool with the same seed and
+    clock): the front applies slow start per request, not per connection.  The pools' clock is a fake one (set
+    by a ``Mesh.on_pool`` hook), so the 60 s window passes without a sleep."""
+
+    def answer(name):
+        return lambda conn, req: response(200, name.encode(), [("X-Backend", name)])
+
+    backends = [await HttpBackend(f"e{i}", handler=answer(f"e{i}")).start() for i in range(4)]
+    clock = Clock()
+    options = ServiceOptions(slow_start=WINDOW)
+    mesh = Mesh(rng=random.Random(11))
+    mesh.on_pool.append(lambda pool: setattr(pool, "_clock", clock))  # Mesh passes no clock to Pool
+
+    def table(version: int, n: int, port: int) -> RoutingTable:
+        eps = tuple(Endpoint(f"e{i}", "127.0.0.1", b.port) for i, b in enumerate(backends[:n]))
+        return RoutingTable(version, (Service("web", (Route(port, eps, "127.0.0.1", protocol="http"),), options),))
+
+    # The reference draws from its rng exactly as the mesh's pools do: one pool for the listener on port 0,
+    # one for the port it got, which then sees e3 join.
+    ref_rng = random.Random(11)
+    Pool("web", Route(8080, eps(3)), options, rng=ref_rng, clock=clock)
+    ref = Pool("web", Route(8080, eps(3)), options, rng=ref_rng, clock=clock)
+    try:
+        await mesh.apply(table(1, 3, 0))
+        port = mesh.listeners()[0].port
+        await mesh.apply(table(2, 3, port))
+        await mesh.apply(table(3, 4, port))  # e3 joins at 1000.0 on the fake clock
+        ref.update(Route(8080, eps(4)), options)
+        (lst,) = mesh.listeners()
+        (binding,) = lst.bindings
+        pool = binding.pool
+        assert pool.ramping == (pool.hosts[3],) and pool.slow_start_factor(pool.hosts[3]) == SLOW_START_MIN
+
+        async with Client(port) as client:
+
+            async def run(n: int) -> list[str]:
+                got = []
+                for _ in range(n):
+                    await client.send(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+                    resp = await client.response()
+                    assert resp.status == 200, resp.status_line
+                    got.append(resp.value("x-backend"))
+                return got
+
+            for t, n in ((0.0, 2000), (WINDOW / 2, 2000), (WINDOW, 1200)):
+                clock.now = 1000.0 + t
+                got = await run(n)
+                assert got == [ref.choose().id for _ in range(n)]  # the pool's rule, request by request
+                share = expected_share(factor_at(t), 4)
+                if t < WINDOW:
+                    sigma = math.sqrt(n * share * (1 - share))
+                    assert abs(got.count("e3") - n * share) <= 4 * sigma, (t, Counter(got))
+                else:  # the ramp is over: round robin's exact turns
+                    assert Counter(got) == {f"e{i}": n // 4 for i in range(4)}
+                    assert pool.ramping == ()
+        assert sum(len(b.requests) for b in backends) == 5200  # nothing retried, nothing else sent
+        assert backends[3].connections >= 1 and pool.stats.slow_start_deferred == ref.stats.slow_start_deferred
+    finally:
+        await mesh.shutdown(1)
+        for b in backends:
+            await b.close()
