@@ -22,6 +22,23 @@ Endpoints:
   GET <view>     read-only JSON views the composition root adds (``views=``), e.g. the cluster agent's
                  /v1/cluster/status
 
+Hostile clients (docs/reliability.md, "The admin API under hostile clients").  The admin API shares the
+process -- its event loop and its descriptor limit -- with the data plane, so it is bounded:
+
+- Each request head must be complete within ``head_timeout`` seconds of its first byte (for the first
+  request: of the accept), a deadline, not an inactivity timer (slowloris); at most ``MAX_HEAD`` bytes.
+  Between requests a connection may stay idle ``keepalive_timeout`` seconds (aiohttp's keep-alive timer).
+- At most ``max_connections`` connections (and an eighth of the descriptor limit).  A new one beyond that
+  evicts the oldest connection still waiting for its request head, if any (a client with a request in
+  progress is never evicted), else it is closed at once.
+- Admin connections never take a descriptor from the data plane's reserve: an accepted admin socket whose
+  descriptor number is in the reserve (``admin_fd_limits()``: ``mesh.listener.FD_RESERVE`` under the limit,
+  or its top eighth for a small limit) is closed at once, and the oldest connection waiting for its head
+  goes too.
+- Bad requests and handler errors log one line (no traceback), at most one per ``ERROR_LOG_INTERVAL``
+  seconds with the count since the last line.
+- Every refusal is counted (``AdminStats``) and exported as ``mesh_admin_*`` on /metrics.
+
 The server reads everything through a small *state provider* (``AdminState``) so the same handlers serve
 one process (``MeshState`` over a ``Mesh``) and the parent of ``--workers N`` (whose provider asks every
 worker for a stats snapshot over its pipe).  Binding beyond loopback is an explicit choice: a bare port or
@@ -38,6 +55,9 @@ import ipaddress
 import json
 import logging
 import re
+import resource
+import socket
+import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
@@ -47,6 +67,7 @@ from prometheus_client import CollectorRegistry
 
 from mesh.dashboard import ASSETS, Dashboard, asset, find_discovery
 from mesh.errors import ConfigError
+from mesh.listener import FD_RESERVE
 from mesh.metrics import (
     MetricsExporter,
     WorkerStats,
@@ -64,6 +85,7 @@ __all__ = [
     "DEFAULT_ADMIN_PORT",
     "AdminServer",
     "AdminState",
+    "AdminStats",
     "CallbackState",
     "MeshState",
     "WorkerPoolState",
@@ -77,6 +99,15 @@ DEFAULT_ADMIN_HOST = "127.0.0.1"
 DEFAULT_ADMIN_PORT = 9901
 
 _HEALTH_NAMES = ((1, "failed_health_check"), (2, "ejected"))
+
+# Bounds of the admin server (module docstring, "Hostile clients").
+HEAD_TIMEOUT = 10.0  # seconds for a whole request head
+KEEPALIVE_TIMEOUT = 15.0  # idle seconds between requests
+MAX_CONNECTIONS = 64
+MAX_HEAD = 32 * 1024  # aiohttp's own limits are per line and per field; this is for the whole head
+ERROR_LOG_INTERVAL = 10.0
+CLOSE_REASONS = ("over_cap", "evicted", "fd_reserve", "head_timeout", "head_too_large")
+_408 = b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
 OPENMETRICS = "application/openmetrics-text"
 OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
@@ -222,8 +253,14 @@ class AdminServer:
         views: Mapping[str, View] | None = None,
         dashboard: Dashboard | None = None,
         discovery: Any = None,
+        head_timeout: float = HEAD_TIMEOUT,
+        keepalive_timeout: float = KEEPALIVE_TIMEOUT,
+        max_connections: int = MAX_CONNECTIONS,
+        sock: socket.socket | None = None,
     ) -> None:
         views = dict(views or {})
+        if head_timeout <= 0 or keepalive_timeout <= 0 or max_connections < 1:
+            raise ValueError("admin head_timeout and keepalive_timeout must be > 0 and max_connections >= 1")
         for path in views:
             if not path.startswith("/") or path in ENDPOINTS or path.startswith(("/ui", "/v1/dashboard")):
                 raise ValueError(f"admin view path {path!r} must start with '/' and not be one of {sorted(ENDPOINTS)}")
@@ -238,7 +275,15 @@ class AdminServer:
         # over ``state``, with the discovery lag of ``discovery`` or of the DiscoveryMetrics in ``registry``.
         self.dashboard = dashboard or Dashboard(state, discovery=discovery or find_discovery(registry))
         self._runner: web.AppRunner | None = None
+        self._server: asyncio.AbstractServer | None = None
         self.address: tuple[str, int] | None = None
+        self.head_timeout = head_timeout
+        self.keepalive_timeout = keepalive_timeout
+        self.max_connections = max_connections
+        self.sock = sock  # an already bound listening socket to serve on (e.g. inherited), else host:port
+        self.stats = AdminStats()
+        self._waiting: dict[_Guard, None] = {}  # connections waiting for a request head, oldest first
+        self._errors = _ErrorLog(self.stats)
 
     def _app(self) -> web.Application:
         app = web.Application()
@@ -260,12 +305,27 @@ class AdminServer:
         """Bind and serve.  Raises ``ConfigError`` when the address is in use or cannot be bound."""
         if self._runner is not None:
             raise RuntimeError("admin server already started")
-        runner = web.AppRunner(self._app(), access_log=None, handle_signals=False)
+        runner = web.AppRunner(
+            self._app(),
+            access_log=None,
+            handle_signals=False,
+            keepalive_timeout=self.keepalive_timeout,
+            logger=self._errors,
+        )
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port)
         where = format_hostport(self.host, self.port)
+        handlers = runner.server
+        assert handlers is not None
+
+        def factory() -> _Guard:
+            return _Guard(self, handlers())
+
+        loop = asyncio.get_running_loop()
         try:
-            await site.start()
+            if self.sock is not None:
+                server = await loop.create_server(factory, sock=self.sock, backlog=128)
+            else:
+                server = await loop.create_server(factory, self.host, self.port, backlog=128, reuse_address=True)
         except OSError as exc:
             await runner.cleanup()
             if exc.errno == errno.EADDRINUSE:
@@ -278,7 +338,8 @@ class AdminServer:
                 msg = f"admin address {where} cannot be bound: {exc.strerror or exc}"
             raise ConfigError(msg) from exc
         self._runner = runner
-        bound = runner.addresses[0]
+        self._server = server
+        bound = server.sockets[0].getsockname()
         self.address = (bound[0], bound[1])
         log.info("admin API listening on http://%s/", format_hostport(*self.address))
         if not _is_loopback(self.host):
@@ -290,6 +351,9 @@ class AdminServer:
     async def stop(self) -> None:
         """Stop serving (idempotent); open dashboard streams end at once."""
         runner, self._runner = self._runner, None
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
         if runner is not None:
             await self.dashboard.close()
             await runner.cleanup()
@@ -372,6 +436,7 @@ class AdminServer:
     def _render(self, snaps: list[dict[str, Any]], gz: bool, om: bool = False) -> tuple[bytes, str]:
         assert self._exporter is not None
         body, content_type = self._exporter.render(snaps)
+        body += self.stats.render(len(self._waiting)).encode()
         if om:
             body, content_type = openmetrics_from_text(body), OPENMETRICS_CONTENT_TYPE
         # Prometheus asks for gzip; at level 1 the ~3.5 MB of 1,000 endpoints shrink ~25x in ~4 ms.
@@ -383,6 +448,241 @@ class AdminServer:
             return web.json_response({"error": "no routing table applied yet"}, status=503)
         merged = merge_snapshots(await self.state.snapshots())
         return web.json_response(table_with_runtime(table, merged), dumps=_dumps)
+
+
+class AdminStats:
+    """Counters of the admin server itself (exported as ``mesh_admin_*`` on /metrics)."""
+
+    __slots__ = ("accepted", "closed", "errors", "open")
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.open = 0
+        self.closed = dict.fromkeys(CLOSE_REASONS, 0)
+        # requests aiohttp reports as errors (bad header fields, handler exceptions; a bad request line is
+        # answered 400 without a report), logged at most once per ERROR_LOG_INTERVAL
+        self.errors = 0
+
+    def __repr__(self) -> str:
+        return f"<AdminStats open={self.open} accepted={self.accepted} closed={self.closed} errors={self.errors}>"
+
+    def render(self, waiting: int) -> str:
+        lines = [
+            "# HELP mesh_admin_connections_active Open connections to the admin API.\n",
+            "# TYPE mesh_admin_connections_active gauge\n",
+            f"mesh_admin_connections_active {self.open}\n",
+            "# HELP mesh_admin_connections_waiting Admin connections waiting for a request head.\n",
+            "# TYPE mesh_admin_connections_waiting gauge\n",
+            f"mesh_admin_connections_waiting {waiting}\n",
+            "# HELP mesh_admin_connections_total Connections accepted by the admin API (refused ones included).\n",
+            "# TYPE mesh_admin_connections_total counter\n",
+            f"mesh_admin_connections_total {self.accepted}\n",
+            "# HELP mesh_admin_connections_closed_total Admin connections closed by the bounds, by reason: "
+            "over_cap, evicted (the oldest waiting for its head, for a newcomer), fd_reserve, head_timeout, "
+            "head_too_large.\n",
+            "# TYPE mesh_admin_connections_closed_total counter\n",
+        ]
+        lines += [f'mesh_admin_connections_closed_total{{reason="{r}"}} {n}\n' for r, n in self.closed.items()]
+        lines += [
+            "# HELP mesh_admin_request_errors_total Bad requests and handler errors of the admin API.\n",
+            "# TYPE mesh_admin_request_errors_total counter\n",
+            f"mesh_admin_request_errors_total {self.errors}\n",
+        ]
+        return "".join(lines)
+
+
+def admin_fd_limits() -> tuple[int, int]:
+    """(line, cap) from the soft descriptor limit: an admin connection may not hold descriptor number
+    ``line`` or above -- the data plane's reserve, ``mesh.listener.FD_RESERVE`` descriptors under the limit,
+    or the top eighth of a limit too small for that reserve to fit in half of it -- and the admin API holds
+    at most ``cap`` connections, an eighth of the limit (with ``max_connections`` also applying)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY or soft <= 0:
+        return sys.maxsize, sys.maxsize
+    reserve = FD_RESERVE if FD_RESERVE <= soft // 2 else soft // 8
+    return soft - reserve, max(1, soft // 8)
+
+
+class _Guard(asyncio.Protocol):
+    """Wraps aiohttp's per-connection ``RequestHandler`` to enforce the bounds of the module docstring.
+
+    It watches the bytes for the end of each request head (CRLF CRLF): from the first byte of a head (or
+    the accept, for the first) the head must end within ``head_timeout``; once it has, the request is the
+    handler's business (a dashboard stream may last hours) until more bytes start the next head.  Between
+    requests aiohttp's keep-alive timer closes an idle connection.  Everything else is delegated."""
+
+    __slots__ = ("counted", "head_bytes", "in_head", "inner", "server", "tail", "timer", "transport")
+
+    def __init__(self, server: AdminServer, inner: asyncio.Protocol) -> None:
+        self.server = server
+        self.inner: asyncio.Protocol | None = inner
+        self.transport: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.in_head = True
+        self.head_bytes = 0
+        self.tail = b""
+        self.counted = False
+
+    def __repr__(self) -> str:
+        return f"<admin connection in_head={self.in_head} head_bytes={self.head_bytes} open={self.counted}>"
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        srv = self.server
+        st = srv.stats
+        self.transport = transport  # type: ignore[assignment]
+        st.accepted += 1
+        reason = None
+        line, cap = admin_fd_limits()
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.fileno() >= line:
+            reason = "fd_reserve"
+        elif st.open >= min(srv.max_connections, cap):
+            reason = "over_cap"
+        if reason is not None and srv._waiting:
+            # the oldest connection still waiting for its head goes (slowloris, idle): over the cap, the
+            # newcomer takes its place; in the reserve, the descriptor goes back to the data plane
+            st.closed["evicted"] += 1
+            next(iter(srv._waiting))._drop()
+            if reason == "over_cap":
+                reason = None
+        if reason is not None:
+            st.closed[reason] += 1
+            self.inner = None
+            transport.abort()  # the descriptor goes back at once; nothing was read
+            return
+        st.open += 1
+        self.counted = True
+        self._start_head()
+        self.inner.connection_made(transport)  # type: ignore[union-attr]
+
+    def _start_head(self) -> None:
+        self.in_head = True
+        self.head_bytes = 0
+        self.tail = b""
+        srv = self.server
+        srv._waiting[self] = None
+        loop = asyncio.get_running_loop()
+        self.timer = loop.call_at(loop.time() + srv.head_timeout, self._head_timeout)
+
+    def _end_head(self) -> None:
+        self.in_head = False
+        self.server._waiting.pop(self, None)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _head_timeout(self) -> None:
+        self.timer = None
+        if not self.in_head or self.transport is None or self.transport.is_closing():
+            return
+        self.server.stats.closed["head_timeout"] += 1
+        self.server._waiting.pop(self, None)
+        self.transport.write(_408)
+        self.transport.close()
+
+    def _drop(self) -> None:
+        self.server._waiting.pop(self, None)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        inner = self.inner
+        if inner is None:
+            return
+        if not self.in_head:
+            self._start_head()
+        buf = self.tail + data
+        start = 0
+        while True:
+            end = buf.find(b"\r\n\r\n", start)
+            if end < 0:
+                break
+            self._end_head()
+            start = end + 4
+            if start < len(buf):
+                self._start_head()  # more bytes: a pipelined request (or a body, for the admin API: none)
+        if self.in_head:
+            self.head_bytes += len(buf) - max(start, len(self.tail))
+            self.tail = buf[-3:]
+            if self.head_bytes > MAX_HEAD:
+                self.server.stats.closed["head_too_large"] += 1
+                self._drop()
+                return
+        inner.data_received(data)  # type: ignore[attr-defined]
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received() if self.inner is not None else None  # type: ignore[attr-defined]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.server._waiting.pop(self, None)
+        if self.counted:
+            self.counted = False
+            self.server.stats.open -= 1
+        inner, self.inner = self.inner, None
+        if inner is not None:
+            inner.connection_lost(exc)
+        self.transport = None
+
+    def pause_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.resume_writing()
+
+
+class _ErrorLog:
+    """The logger aiohttp's request handlers get: bad requests and handler errors become one line without a
+    traceback, at most one per ``ERROR_LOG_INTERVAL`` seconds (with how many there were since the last
+    line), and are counted in ``AdminStats.errors``; a flood of malformed requests cannot flood the log."""
+
+    def __init__(self, stats: AdminStats, interval: float = ERROR_LOG_INTERVAL) -> None:
+        self.stats = stats
+        self.interval = interval
+        self._last = -interval
+        self._since = 0
+
+    def _note(self, msg: object, args: tuple) -> None:
+        self.stats.errors += 1
+        self._since += 1
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            return
+        exc = sys.exc_info()[1]
+        what = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}" if exc else ""
+        try:
+            text = str(msg) % args if args else str(msg)
+        except (TypeError, ValueError):
+            text = str(msg)
+        log.warning("admin API: %s %s (%d such since the last line; at most one line per %.0fs)",
+                    text, what, self._since, self.interval)  # fmt: skip
+        self._last = now
+        self._since = 0
+
+    def exception(self, msg: object, *args: Any, **kw: Any) -> None:
+        self._note(msg, args)
+
+    def error(self, msg: object, *args: Any, **kw: Any) -> None:
+        self._note(msg, args)
+
+    def warning(self, msg: object, *args: Any, **kw: Any) -> None:
+        kw.pop("exc_info", None)
+        log.warning(msg, *args, **kw)
+
+    def info(self, msg: object, *args: Any, **kw: Any) -> None:
+        kw.pop("exc_info", None)
+        log.info(msg, *args, **kw)
+
+    def debug(self, msg: object, *args: Any, **kw: Any) -> None:
+        kw.pop("exc_info", None)
+        log.debug(msg, *args, **kw)
+
+    def isEnabledFor(self, level: int) -> bool:
+        return log.isEnabledFor(level)
 
 
 _COMMENT = re.compile(rb"^# (HELP|TYPE) (\S+)(.*)$", re.MULTILINE)
