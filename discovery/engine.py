@@ -14,10 +14,22 @@ swarm services, SERVICES and TASKS).
 
 Errors are mapped once, here, to ``EngineError`` subclasses (``mesh.errors``
 hierarchy); callers never see aiohttp exceptions.
+
+The engine is found as the docker CLI finds it (``resolve_docker_host``):
+``--docker HOST`` > ``DOCKER_HOST`` > ``DOCKER_CONTEXT`` > the ``currentContext``
+of ``$DOCKER_CONFIG/config.json`` (default ~/.docker) > the local socket.  A
+context is read from the CLI's context store by a small reader here (not
+docker-py: it ignores DOCKER_CONTEXT, builds TLS settings for ``requests``
+rather than an ``ssl.SSLContext``, and would pull in requests and urllib3 for
+two JSON files).  ``ssh://`` hosts run ``ssh ... docker system dial-stdio`` per
+connection behind a private unix socket (``discovery.sshbridge``), as the CLI
+does.  Host resolution reads files (context, certificates) and runs once, when
+discovery starts.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -32,6 +44,8 @@ import aiohttp
 
 from mesh.errors import MeshError
 
+from .sshbridge import SshBridge
+
 __all__ = [
     "API_VERSION",
     "DEFAULT_UNIX_SOCKET",
@@ -43,6 +57,7 @@ __all__ = [
     "HostError",
     "NotFound",
     "NotSwarmManager",
+    "SshTarget",
     "StreamEnded",
     "resolve_docker_host",
 ]
@@ -93,11 +108,33 @@ class NotSwarmManager(EngineAPIError):
 
 
 @dataclass(frozen=True, slots=True)
+class SshTarget:
+    """An ``ssh://[user@]host[:port]`` engine: reached by running ``ssh ... docker system dial-stdio``."""
+
+    host: str
+    user: str | None = None
+    port: int | None = None
+
+    def command(self, connect_timeout: float = 10.0) -> list[str]:
+        """The ssh command line for one connection (the docker CLI's, plus BatchMode: an agent never prompts).
+        Keys, known hosts, jump hosts and multiplexing come from the user's ssh configuration."""
+        cmd = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={max(1, round(connect_timeout))}", "-T"]
+        if self.user:
+            cmd += ["-l", self.user]
+        if self.port:
+            cmd += ["-p", str(self.port)]
+        return [*cmd, "--", self.host, "docker", "system", "dial-stdio"]
+
+
+@dataclass(frozen=True, slots=True)
 class DockerHost:
     """Where the engine is and how to talk to it.
 
-    ``url`` is the normalized address ("unix:///path" or "tcp://host:port");
-    ``ssl`` is None for plain connections, an SSLContext for TLS.
+    ``url`` is the normalized address ("unix:///path", "tcp://host:port" or
+    "ssh://[user@]host[:port]"); ``ssl`` is None for plain connections, an
+    SSLContext for TLS; ``ssh`` is set for ssh:// hosts; ``context`` names the
+    docker context the address came from (None: the flag, DOCKER_HOST or the
+    default socket).
     """
 
     url: str
@@ -105,18 +142,21 @@ class DockerHost:
     host: str | None = None
     port: int | None = None
     ssl: ssl.SSLContext | None = None
+    ssh: SshTarget | None = None
+    context: str | None = None
 
     @property
     def base_url(self) -> str:
-        if self.socket_path is not None:
-            # the host part is ignored on a unix socket; "docker" is what the CLI sends
+        if self.socket_path is not None or self.ssh is not None:
+            # the host part is ignored on a unix socket (ssh: the bridge's); "docker" is what the CLI sends
             return "http://docker"
         scheme = "https" if self.ssl is not None else "http"
         host = f"[{self.host}]" if self.host and ":" in self.host else self.host
         return f"{scheme}://{host}:{self.port}"
 
     def __repr__(self) -> str:
-        return f"DockerHost({self.url!r}, tls={self.ssl is not None})"
+        ctx = f", context={self.context!r}" if self.context else ""
+        return f"DockerHost({self.url!r}, tls={self.ssl is not None}{ctx})"
 
 
 def _truthy(value: str | None) -> bool:
@@ -124,8 +164,12 @@ def _truthy(value: str | None) -> bool:
     return bool(value) and value not in ("0", "false", "False")
 
 
+def _home(env: Mapping[str, str]) -> str:
+    return env.get("HOME") or os.path.expanduser("~")
+
+
 def _tls_context(env: Mapping[str, str], *, verify: bool) -> ssl.SSLContext:
-    cert_path = env.get("DOCKER_CERT_PATH") or os.path.join(os.path.expanduser("~"), ".docker")
+    cert_path = env.get("DOCKER_CERT_PATH") or os.path.join(_home(env), ".docker")
     ca, cert, key = (os.path.join(cert_path, n) for n in ("ca.pem", "cert.pem", "key.pem"))
     try:
         if verify:
@@ -148,46 +192,200 @@ def _tls_context(env: Mapping[str, str], *, verify: bool) -> ssl.SSLContext:
 def resolve_docker_host(arg: str | None = None, env: Mapping[str, str] | None = None) -> DockerHost:
     """Find the engine the way the docker CLI does.
 
-    Order: ``arg`` (``mesh run --docker HOST``), else ``DOCKER_HOST``, else the unix
-    socket /var/run/docker.sock.  Accepted forms: ``unix:///path``, ``/path``,
-    ``tcp://host[:port]``, ``http://`` / ``https://host[:port]``.  For tcp,
-    ``DOCKER_TLS_VERIFY`` (non-empty) turns on TLS with verification against
-    ``$DOCKER_CERT_PATH/ca.pem`` and the client cert ``cert.pem`` / ``key.pem``
-    (``DOCKER_CERT_PATH`` defaults to ~/.docker); ``DOCKER_TLS`` alone turns on TLS
-    without verification.  The default port is 2376 with TLS, 2375 without.
-    Raises ``HostError`` naming the bad value.
+    Order: ``arg`` (``mesh run --docker HOST``), else ``DOCKER_HOST``, else the
+    context named by ``DOCKER_CONTEXT``, else the ``currentContext`` of
+    ``$DOCKER_CONFIG/config.json`` (``DOCKER_CONFIG`` defaults to ~/.docker), else
+    the unix socket /var/run/docker.sock.  The context named ``default`` is that
+    last step.  Accepted forms: ``unix:///path``, ``/path``, ``tcp://host[:port]``,
+    ``http://`` / ``https://host[:port]``, ``ssh://[user@]host[:port]``.  For tcp
+    given by ``arg`` or ``DOCKER_HOST``, ``DOCKER_TLS_VERIFY`` (non-empty) turns on
+    TLS with verification against ``$DOCKER_CERT_PATH/ca.pem`` and the client cert
+    ``cert.pem`` / ``key.pem`` (``DOCKER_CERT_PATH`` defaults to ~/.docker);
+    ``DOCKER_TLS`` alone turns on TLS without verification.  A context's endpoint
+    carries its own TLS settings instead (``_context_host``).  The default port is
+    2376 with TLS, 2375 without.  Raises ``HostError`` naming the bad value (or
+    the context and its file).  Reads files: call it at start-up, or in a thread.
     """
     env = os.environ if env is None else env
-    raw = (arg or env.get("DOCKER_HOST") or f"unix://{DEFAULT_UNIX_SOCKET}").strip()
+    raw = (arg or "").strip() or (env.get("DOCKER_HOST") or "").strip()
+    if raw:
+        return _parse_host(raw, env, None)
+    name = (env.get("DOCKER_CONTEXT") or "").strip() or _current_context(env)
+    if name and name != "default":
+        return _context_host(name, env)
+    return _parse_host(f"unix://{DEFAULT_UNIX_SOCKET}", env, None)
+
+
+def _parse_host(raw: str, env: Mapping[str, str], context: _ContextTLS | None) -> DockerHost:
+    """One address.  ``context``: the TLS settings of the context it came from (None: from the environment)."""
     if raw.startswith("/"):
         raw = "unix://" + raw
     parts = urlsplit(raw)
     scheme = parts.scheme.lower()
+    name = context.name if context is not None else None
+    where = f"docker context {name!r}: host {raw!r}" if name else f"docker host {raw!r}"
     if scheme == "unix":
         path = (parts.netloc + parts.path) if parts.netloc else parts.path
         if not path.startswith("/"):
-            raise HostError(f"docker host {raw!r}: a unix socket needs an absolute path (unix:///path/docker.sock)")
-        return DockerHost(url=f"unix://{path}", socket_path=path)
+            raise HostError(f"{where}: a unix socket needs an absolute path (unix:///path/docker.sock)")
+        return DockerHost(url=f"unix://{path}", socket_path=path, context=name)
     if scheme in ("tcp", "http", "https"):
-        tls_verify = _truthy(env.get("DOCKER_TLS_VERIFY"))
-        tls = scheme == "https" or tls_verify or _truthy(env.get("DOCKER_TLS"))
-        if scheme == "http" and tls_verify:
-            raise HostError(f"docker host {raw!r}: http:// with DOCKER_TLS_VERIFY set; use tcp:// or https://")
+        if context is not None:
+            tls = scheme == "https" or context.tls
+            if scheme == "http" and context.tls:
+                raise HostError(f"{where}: http:// with TLS material in the context; use tcp:// or https://")
+        else:
+            tls_verify = _truthy(env.get("DOCKER_TLS_VERIFY"))
+            tls = scheme == "https" or tls_verify or _truthy(env.get("DOCKER_TLS"))
+            if scheme == "http" and tls_verify:
+                raise HostError(f"{where}: http:// with DOCKER_TLS_VERIFY set; use tcp:// or https://")
         host = parts.hostname
         if not host:
-            raise HostError(f"docker host {raw!r}: missing host name (tcp://host:port)")
+            raise HostError(f"{where}: missing host name (tcp://host:port)")
         try:
             port = parts.port or (2376 if tls else 2375)
         except ValueError as exc:
-            raise HostError(f"docker host {raw!r}: bad port") from exc
+            raise HostError(f"{where}: bad port") from exc
         if parts.path not in ("", "/"):
-            raise HostError(f"docker host {raw!r}: a path prefix is not supported")
-        ctx = _tls_context(env, verify=tls_verify) if tls else None
+            raise HostError(f"{where}: a path prefix is not supported")
+        if not tls:
+            ctx = None
+        elif context is not None:
+            ctx = context.ssl_context()
+        else:
+            ctx = _tls_context(env, verify=tls_verify)
         shown = f"[{host}]" if ":" in host else host
-        return DockerHost(url=f"tcp://{shown}:{port}", host=host, port=port, ssl=ctx)
-    if scheme in ("ssh", "npipe", "fd"):
-        raise HostError(f"docker host {raw!r}: {scheme}:// is not supported; use unix:// or tcp://")
-    raise HostError(f"docker host {raw!r}: expected unix:///path or tcp://host:port")
+        return DockerHost(url=f"tcp://{shown}:{port}", host=host, port=port, ssl=ctx, context=name)
+    if scheme == "ssh":
+        return _ssh_host(raw, parts, where, name)
+    if scheme in ("npipe", "fd"):
+        raise HostError(f"{where}: {scheme}:// is not supported; use unix://, tcp:// or ssh://")
+    raise HostError(f"{where}: expected unix:///path, tcp://host:port or ssh://[user@]host[:port]")
+
+
+def _ssh_host(raw: str, parts: Any, where: str, context: str | None) -> DockerHost:
+    # the docker CLI's rules for ssh:// (connhelper/ssh): user and port optional, nothing else
+    if parts.password is not None:
+        raise HostError(f"{where}: a password in the address is not supported (use an ssh key or agent)")
+    host = parts.hostname
+    if not host:
+        raise HostError(f"{where}: missing host name (ssh://[user@]host[:port])")
+    if host.startswith("-"):
+        raise HostError(f"{where}: a host name may not start with '-'")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise HostError(f"{where}: bad port") from exc
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise HostError(f"{where}: nothing may follow the host (no path, query or fragment)")
+    user = parts.username or None
+    target = SshTarget(host=host, user=user, port=port)
+    shown = (f"{user}@" if user else "") + (f"[{host}]" if ":" in host else host) + (f":{port}" if port else "")
+    return DockerHost(url=f"ssh://{shown}", ssh=target, context=context)
+
+
+# -- docker contexts --------------------------------------------------------------------------------------
+#
+# The CLI's context store (docker/cli, cli/context/store), under $DOCKER_CONFIG (default ~/.docker):
+#   config.json                                      {"currentContext": "<name>", ...}
+#   contexts/meta/<sha256(name)>/meta.json           {"Name": ..., "Endpoints": {"docker": {"Host": ...,
+#                                                      "SkipTLSVerify": bool}}, "Metadata": {...}}
+#   contexts/tls/<sha256(name)>/docker/{ca,cert,key}.pem   (each optional)
+# TLS is on when the endpoint has TLS files or SkipTLSVerify; ca.pem verifies the engine (without it, the
+# system's CAs do), cert.pem + key.pem are the client certificate; SkipTLSVerify turns verification off.
+
+
+def _config_dir(env: Mapping[str, str]) -> str:
+    return env.get("DOCKER_CONFIG") or os.path.join(_home(env), ".docker")
+
+
+def _current_context(env: Mapping[str, str]) -> str | None:
+    """``currentContext`` of config.json, or None (no file, or no such key)."""
+    path = os.path.join(_config_dir(env), "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise HostError(f"cannot read {path}: {exc}") from exc
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        line = getattr(exc, "lineno", None)
+        raise HostError(f"{path}{f':{line}' if line else ''}: not valid JSON: {exc}") from exc
+    name = doc.get("currentContext") if isinstance(doc, dict) else None
+    if name is not None and not isinstance(name, str):
+        raise HostError(f"{path}: currentContext: expected a context name, got {name!r}")
+    return name or None
+
+
+@dataclass(frozen=True, slots=True)
+class _ContextTLS:
+    """A context's TLS settings for its docker endpoint."""
+
+    name: str
+    tls_dir: str
+    ca: str | None
+    cert: str | None
+    key: str | None
+    skip_verify: bool
+
+    @property
+    def tls(self) -> bool:
+        return self.skip_verify or any((self.ca, self.cert, self.key))
+
+    def ssl_context(self) -> ssl.SSLContext:
+        where = f"docker context {self.name!r}"
+        if bool(self.cert) != bool(self.key):
+            raise HostError(f"{where}: {self.tls_dir} has only one of cert.pem and key.pem")
+        try:
+            ctx = ssl.create_default_context(cafile=self.ca)
+            if self.skip_verify:
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            if self.cert and self.key:
+                ctx.load_cert_chain(self.cert, self.key)
+        except (OSError, ssl.SSLError) as exc:
+            raise HostError(f"{where}: cannot load TLS files from {self.tls_dir}: {exc}") from exc
+        return ctx
+
+
+def _context_host(name: str, env: Mapping[str, str]) -> DockerHost:
+    """The docker endpoint of context ``name`` in the CLI's context store."""
+    base = os.path.join(_config_dir(env), "contexts")
+    digest = hashlib.sha256(name.encode()).hexdigest()
+    meta_path = os.path.join(base, "meta", digest, "meta.json")
+    where = f"docker context {name!r} ({meta_path})"
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise HostError(
+            f"docker context {name!r} does not exist (no {meta_path}; `docker context ls` lists them)"
+        ) from None
+    except OSError as exc:
+        raise HostError(f"{where}: {exc}") from exc
+    try:
+        meta = json.loads(text)
+    except ValueError as exc:
+        raise HostError(f"{where}:{getattr(exc, 'lineno', '?')}: not valid JSON: {exc}") from exc
+    endpoint = meta.get("Endpoints", {}).get("docker") if isinstance(meta, dict) else None
+    if not isinstance(endpoint, dict):
+        raise HostError(f"{where}: no docker endpoint (Endpoints.docker)")
+    host = endpoint.get("Host")
+    if not isinstance(host, str) or not host.strip():
+        raise HostError(f"{where}: Endpoints.docker.Host: expected an address, got {host!r}")
+    skip = endpoint.get("SkipTLSVerify", False)
+    if not isinstance(skip, bool):
+        raise HostError(f"{where}: Endpoints.docker.SkipTLSVerify: expected true or false, got {skip!r}")
+    tls_dir = os.path.join(base, "tls", digest, "docker")
+    files = {}
+    for part in ("ca", "cert", "key"):
+        path = os.path.join(tls_dir, f"{part}.pem")
+        files[part] = path if os.path.isfile(path) else None
+    tls = _ContextTLS(name, tls_dir, files["ca"], files["cert"], files["key"], skip)
+    return _parse_host(host.strip(), env, tls)
 
 
 def _version_tuple(v: str) -> tuple[int, ...]:
@@ -218,6 +416,7 @@ class Engine:
         self._fixed_version = api_version
         self.api_version: str | None = api_version
         self._session: aiohttp.ClientSession | None = None
+        self.bridge: SshBridge | None = None  # ssh:// hosts: the local socket that runs ssh per connection
 
     def __repr__(self) -> str:
         return f"<Engine {self.host.url} api={self.api_version}>"
@@ -228,10 +427,14 @@ class Engine:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def _get_session(self) -> aiohttp.ClientSession:
+    async def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            if self.host.socket_path is not None:
-                connector: aiohttp.BaseConnector = aiohttp.UnixConnector(path=self.host.socket_path)
+            if self.host.ssh is not None:
+                if self.bridge is None:
+                    self.bridge = SshBridge(self.host.ssh.command(self.timeout), label=self.host.url)
+                connector: aiohttp.BaseConnector = aiohttp.UnixConnector(path=await self.bridge.start())
+            elif self.host.socket_path is not None:
+                connector = aiohttp.UnixConnector(path=self.host.socket_path)
             else:
                 connector = aiohttp.TCPConnector(ssl=self.host.ssl if self.host.ssl is not None else False)
             self._session = aiohttp.ClientSession(
@@ -247,6 +450,17 @@ class Engine:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self.bridge is not None:
+            await self.bridge.close()
+            self.bridge = None
+
+    def _why(self, exc: BaseException) -> str:
+        """What went wrong, for an error message: ssh's own words when an ssh:// connection failed."""
+        text = str(exc) or type(exc).__name__
+        bridge = self.bridge
+        if bridge is not None and bridge.last_error:
+            text += f" (ssh: {bridge.last_error})"
+        return text
 
     def reset_version(self) -> None:
         """Forget the negotiated version (call after a reconnect: the engine may have been upgraded)."""
@@ -273,7 +487,7 @@ class Engine:
     ) -> Any:
         version = await self._ensure_version() if versioned else None
         url = self._url(path, version)
-        session = self._get_session()
+        session = await self._get_session()
         try:
             async with session.get(url, params=params, timeout=aiohttp.ClientTimeout(total=self.timeout)) as resp:
                 body = await resp.read()
@@ -284,9 +498,9 @@ class Engine:
         except TimeoutError as exc:
             raise EngineUnavailable(f"{self.host.url}: GET {path} timed out after {self.timeout}s") from exc
         except aiohttp.ClientError as exc:
-            raise EngineUnavailable(f"{self.host.url}: GET {path}: {exc or type(exc).__name__}") from exc
+            raise EngineUnavailable(f"{self.host.url}: GET {path}: {self._why(exc)}") from exc
         except OSError as exc:
-            raise EngineUnavailable(f"{self.host.url}: GET {path}: {exc}") from exc
+            raise EngineUnavailable(f"{self.host.url}: GET {path}: {self._why(exc)}") from exc
         if text:
             return body.decode("utf-8", "replace")
         try:
@@ -346,7 +560,7 @@ class Engine:
             params["since"] = f"{since:.9f}"
         version = await self._ensure_version()
         path = "/events"
-        session = self._get_session()
+        session = await self._get_session()
         try:
             resp = await session.get(
                 self._url(path, version),
@@ -357,9 +571,9 @@ class Engine:
         except TimeoutError as exc:
             raise EngineUnavailable(f"{self.host.url}: GET /events: connect timed out") from exc
         except aiohttp.ClientError as exc:
-            raise EngineUnavailable(f"{self.host.url}: GET /events: {exc or type(exc).__name__}") from exc
+            raise EngineUnavailable(f"{self.host.url}: GET /events: {self._why(exc)}") from exc
         except OSError as exc:
-            raise EngineUnavailable(f"{self.host.url}: GET /events: {exc}") from exc
+            raise EngineUnavailable(f"{self.host.url}: GET /events: {self._why(exc)}") from exc
         try:
             if resp.status >= 400:
                 raise _api_error(resp.status, await resp.read(), path)

@@ -1,14 +1,25 @@
-"""resolve_docker_host: the docker CLI's rules, table-driven; TLS contexts from real files."""
+"""resolve_docker_host: the docker CLI's rules, table-driven; TLS contexts from real files; docker contexts
+written by the real docker CLI in a temporary HOME (precedence checked against ``docker context show``, TLS
+material against a real TLS server, a unix context against the scripted engine); ssh:// through a real sshd on
+loopback when openssh-server is installed."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import shutil
 import ssl
 import subprocess
+from pathlib import Path
 
 import pytest
 
-from discovery.engine import DockerHost, HostError, resolve_docker_host
+from discovery import probe
+from discovery.engine import DockerHost, Engine, EngineUnavailable, HostError, SshTarget, resolve_docker_host
+from tests.fakeengine import running_fake_engine
+
+fake = pytest.fixture(running_fake_engine)
 
 
 @pytest.mark.parametrize(
@@ -28,7 +39,7 @@ from discovery.engine import DockerHost, HostError, resolve_docker_host
     ],
 )
 def test_resolve(arg, env, url, base, tmp_path):
-    env = {"DOCKER_CERT_PATH": str(tmp_path), **env}
+    env = {"DOCKER_CERT_PATH": str(tmp_path), "HOME": str(tmp_path), **env}
     host = resolve_docker_host(arg, env)
     assert (host.url, host.base_url) == (url, base)
     assert (host.ssl is not None) == base.startswith("https")
@@ -37,9 +48,13 @@ def test_resolve(arg, env, url, base, tmp_path):
 @pytest.mark.parametrize(
     ("arg", "env", "fragment"),
     [
-        ("ssh://user@host", {}, "ssh:// is not supported"),
         ("npipe:////./pipe/docker_engine", {}, "npipe:// is not supported"),
-        ("ftp://h", {}, "expected unix:///path or tcp://host:port"),
+        ("ftp://h", {}, "expected unix:///path, tcp://host:port or ssh://[user@]host[:port]"),
+        ("ssh://user:secret@host", {}, "a password in the address is not supported"),
+        ("ssh://", {}, "missing host name (ssh://[user@]host[:port])"),
+        ("ssh://-oProxyCommand=x", {}, "may not start with '-'"),
+        ("ssh://h:port", {}, "bad port"),
+        ("ssh://h/var/run/docker.sock", {}, "nothing may follow the host"),
         ("unix://relative.sock", {}, "needs an absolute path"),
         ("tcp://", {}, "missing host name"),
         ("tcp://h:notaport", {}, "bad port"),
@@ -49,7 +64,7 @@ def test_resolve(arg, env, url, base, tmp_path):
     ],
 )
 def test_resolve_errors(arg, env, fragment, tmp_path):
-    env = {"DOCKER_CERT_PATH": str(tmp_path / "none"), **env}
+    env = {"DOCKER_CERT_PATH": str(tmp_path / "none"), "HOME": str(tmp_path), **env}
     with pytest.raises(HostError) as ei:
         resolve_docker_host(arg, env)
     assert fragment in str(ei.value)
@@ -152,5 +167,147 @@ async def test_engine_over_tls_with_client_certificate(certs, tmp_path):
                                               {"DOCKER_TLS_VERIFY": "1", "DOCKER_CERT_PATH": str(other)})) as e:  # fmt: skip
             with pytest.raises(EngineUnavailable):
                 await e.ping()
+    finally:
+        await runner.cleanup()
+
+
+# -- docker contexts, written by the real docker CLI -----------------------------------------------------------
+
+
+class Store:
+    """A temporary HOME with a docker config dir; ``cli(...)`` runs the real docker CLI against it."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.config = home / ".docker"
+        self.config.mkdir(parents=True, exist_ok=True)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return {"HOME": str(self.home), **extra}
+
+    def cli(self, *args: str, env: dict[str, str] | None = None) -> str:
+        run_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **(env if env is not None else self.env())}
+        res = subprocess.run(["docker", *args], env=run_env, capture_output=True, text=True, timeout=30, check=False)
+        assert res.returncode == 0, f"docker {' '.join(args)}: {res.stderr}"
+        return res.stdout.strip()
+
+    def meta(self, name: str) -> Path:
+        return self.config / "contexts" / "meta" / hashlib.sha256(name.encode()).hexdigest() / "meta.json"
+
+
+@pytest.fixture
+def store(tmp_path):
+    if shutil.which("docker") is None:
+        pytest.skip("the docker CLI is not installed (scripts/test installs docker.io)")
+    s = Store(tmp_path / "home")
+    s.cli("context", "create", "alpha", "--docker", "host=tcp://alpha.example:2375")
+    s.cli("context", "create", "beta", "--docker", "host=unix:///run/beta/docker.sock")
+    s.cli("context", "create", "gamma", "--docker", "host=ssh://deploy@gamma.example:2222")
+    s.cli("context", "use", "alpha")  # config.json: currentContext
+    return s
+
+
+@pytest.mark.parametrize(
+    ("arg", "env", "url", "context"),
+    [
+        (None, {}, "tcp://alpha.example:2375", "alpha"),  # currentContext of config.json
+        (None, {"DOCKER_CONTEXT": "beta"}, "unix:///run/beta/docker.sock", "beta"),  # DOCKER_CONTEXT wins over it
+        (None, {"DOCKER_CONTEXT": "gamma"}, "ssh://deploy@gamma.example:2222", "gamma"),
+        (None, {"DOCKER_CONTEXT": "default"}, "unix:///var/run/docker.sock", None),  # the reserved name
+        (None, {"DOCKER_HOST": "tcp://h:1", "DOCKER_CONTEXT": "beta"}, "tcp://h:1", None),  # DOCKER_HOST wins
+        ("unix:///x.sock", {"DOCKER_HOST": "tcp://h:1", "DOCKER_CONTEXT": "beta"}, "unix:///x.sock", None),
+        (None, {"DOCKER_CONFIG": "/nonexistent"}, "unix:///var/run/docker.sock", None),  # another config dir
+    ],
+)
+def test_context_precedence_is_the_docker_clis(store, arg, env, url, context):
+    env = store.env(**env)
+    host = resolve_docker_host(arg, env)
+    assert (host.url, host.context) == (url, context)
+    if arg is None:  # the CLI, asked which context it would use, agrees
+        assert store.cli("context", "show", env=env) == (context or "default")
+    if context is not None:
+        assert store.cli("context", "inspect", context, "--format", "{{.Endpoints.docker.Host}}") == url
+
+
+def test_ssh_context_runs_ssh_dial_stdio(store):
+    host = resolve_docker_host(None, store.env(DOCKER_CONTEXT="gamma"))
+    assert host.ssh == SshTarget("gamma.example", "deploy", 2222) and host.base_url == "http://docker"
+    assert host.ssh.command(5) == [
+        "ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", "-T", "-l", "deploy", "-p", "2222",
+        "--", "gamma.example", "docker", "system", "dial-stdio",
+    ]  # fmt: skip
+    assert resolve_docker_host("ssh://h").ssh.command(5)[-6:] == ["-T", "--", "h", "docker", "system", "dial-stdio"]
+
+
+def test_context_errors_name_the_context_and_file(store):
+    with pytest.raises(HostError, match=r"docker context 'nope' does not exist \(no .*/meta/[0-9a-f]{64}/meta.json"):
+        resolve_docker_host(None, store.env(DOCKER_CONTEXT="nope"))
+    meta = store.meta("alpha")
+    doc = json.loads(meta.read_text())
+    doc["Endpoints"]["docker"]["SkipTLSVerify"] = "yes"
+    meta.write_text(json.dumps(doc))
+    with pytest.raises(HostError, match=r"docker context 'alpha' \(.*meta.json\): Endpoints.docker.SkipTLSVerify"):
+        resolve_docker_host(None, store.env())
+    meta.write_text("{\n  broken")
+    with pytest.raises(HostError, match=r"meta.json\):2: not valid JSON"):
+        resolve_docker_host(None, store.env())
+    (store.config / "config.json").write_text('{"currentContext": 3}')
+    with pytest.raises(HostError, match=r"config.json: currentContext: expected a context name, got 3"):
+        resolve_docker_host(None, store.env())
+    (store.config / "config.json").write_text("{\n\n nope")
+    with pytest.raises(HostError, match=r"config.json:3: not valid JSON"):
+        resolve_docker_host(None, store.env())
+    # DOCKER_HOST (or the flag) does not read the store at all, broken or not
+    assert resolve_docker_host(None, store.env(DOCKER_HOST="tcp://h:1")).url == "tcp://h:1"
+
+
+async def test_unix_context_reaches_the_engine(store, fake):
+    store.cli("context", "create", "local", "--docker", f"host=unix://{fake.sock}")
+    env = store.env(DOCKER_CONTEXT="local")
+    host = await probe(None, env=env)
+    assert host is not None and host.url == f"unix://{fake.sock}" and host.context == "local"
+    async with Engine(host) as e:
+        assert (await e.info())["Name"] == "fakehost"
+    assert await probe(None, env=store.env(DOCKER_CONTEXT="beta"), timeout=1) is None  # no engine there
+
+
+async def test_tls_contexts_against_a_tls_engine(store, certs, tmp_path):
+    runner, port = await _tls_engine_server(certs, require_client_cert=True)
+    url = f"tcp://localhost:{port}"
+    c = {n: str(certs / f"{n}.pem") for n in ("ca", "cert", "key")}
+    try:
+        # CA + client certificate: verified both ways
+        store.cli("context", "create", "tls", "--docker", f"host={url},ca={c['ca']},cert={c['cert']},key={c['key']}")
+        host = resolve_docker_host(None, store.env(DOCKER_CONTEXT="tls"))
+        assert host.base_url == f"https://localhost:{port}" and host.ssl.verify_mode == ssl.CERT_REQUIRED
+        async with Engine(host) as e:
+            assert (await e.info())["Name"] == "tls-engine"
+        # skip-tls-verify and no CA: TLS without verifying the engine, still with the client certificate
+        store.cli("context", "create", "skip", "--docker", f"host={url},skip-tls-verify=true,cert={c['cert']},key={c['key']}")  # fmt: skip
+        host = resolve_docker_host(None, store.env(DOCKER_CONTEXT="skip"))
+        assert host.ssl.verify_mode == ssl.CERT_NONE and not host.ssl.check_hostname
+        async with Engine(host) as e:
+            assert await e.ping() is True
+        # a CA that did not sign the engine's certificate: refused
+        store.cli("context", "create", "wrongca", "--docker", f"host={url},ca={certs / 'server.pem'},cert={c['cert']},key={c['key']}")  # fmt: skip
+        async with Engine(resolve_docker_host(None, store.env(DOCKER_CONTEXT="wrongca")), timeout=3) as e:
+            with pytest.raises(EngineUnavailable):
+                await e.ping()
+        # no client certificate: the engine refuses the handshake
+        store.cli("context", "create", "nocert", "--docker", f"host={url},ca={c['ca']}")
+        host = resolve_docker_host(None, store.env(DOCKER_CONTEXT="nocert"))
+        assert host.ssl is not None
+        async with Engine(host, timeout=3) as e:
+            with pytest.raises(EngineUnavailable):
+                await e.ping()
+        # no TLS material and no skip-tls-verify: plain TCP, as the CLI does
+        store.cli("context", "create", "plain", "--docker", f"host={url}")
+        host = resolve_docker_host(None, store.env(DOCKER_CONTEXT="plain"))
+        assert host.ssl is None and host.base_url == f"http://localhost:{port}"
+        # only one of cert.pem / key.pem in the context's tls folder
+        tls_dir = store.config / "contexts" / "tls" / hashlib.sha256(b"tls").hexdigest() / "docker"
+        (tls_dir / "key.pem").unlink()
+        with pytest.raises(HostError, match=r"docker context 'tls': .* has only one of cert.pem and key.pem"):
+            resolve_docker_host(None, store.env(DOCKER_CONTEXT="tls"))
     finally:
         await runner.cleanup()
