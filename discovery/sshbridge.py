@@ -83,6 +83,8 @@ class SshBridge:
         self._tasks.add(task)
         try:
             await self._serve(reader, writer)
+        except asyncio.CancelledError:
+            pass  # close() ends the connections; the server's callback must not see a cancelled task
         finally:
             self._tasks.discard(task)
             writer.close()

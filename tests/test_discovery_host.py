@@ -5,10 +5,12 @@ loopback when openssh-server is installed."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
 import shutil
+import socket
 import ssl
 import subprocess
 from pathlib import Path
@@ -311,3 +313,121 @@ async def test_tls_contexts_against_a_tls_engine(store, certs, tmp_path):
             resolve_docker_host(None, store.env(DOCKER_CONTEXT="tls"))
     finally:
         await runner.cleanup()
+
+
+# -- ssh://, through a real sshd on loopback ---------------------------------------------------------------
+
+
+SSHD = "/usr/sbin/sshd"
+HAVE_SSH = os.path.exists(SSHD) and shutil.which("ssh") is not None and shutil.which("docker") is not None
+
+
+class Sshd:
+    """A real OpenSSH server on 127.0.0.1, port 0: the test accepts each connection and hands it to its own
+    ``sshd -i`` (inetd mode), so no fixed port is needed.  Key login for the current user only; every session
+    gets DOCKER_HOST pointing at the scripted engine, so ``docker system dial-stdio`` reaches it."""
+
+    def __init__(self, d: Path, docker_host: str) -> None:
+        self.d = d
+        self.procs: list[subprocess.Popen] = []
+        self.sessions = 0
+        for name in ("host", "client", "stranger"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True, timeout=30)
+        (d / "authorized_keys").write_text((d / "client.pub").read_text())
+        (d / "sshd_config").write_text(
+            f"HostKey {d / 'host'}\nAuthorizedKeysFile {d / 'authorized_keys'}\nStrictModes no\nUsePAM no\n"
+            "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
+            f"SetEnv DOCKER_HOST={docker_host}\nPidFile none\nLogLevel ERROR\n"
+        )
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.setblocking(False)
+        self.port = self.sock.getsockname()[1]
+
+    def client_bin(self, key: str = "client") -> Path:
+        """A directory with an ``ssh`` that is the real one with this test's key and known_hosts."""
+        d = self.d
+        (d / "known_hosts").write_text(f"[127.0.0.1]:{self.port} {(d / 'host.pub').read_text()}")
+        (d / f"ssh_config_{key}").write_text(
+            f"Host *\n  IdentityFile {d / key}\n  IdentitiesOnly yes\n  UserKnownHostsFile {d / 'known_hosts'}\n"
+            "  StrictHostKeyChecking yes\n  GlobalKnownHostsFile /dev/null\n"
+        )
+        bin_dir = d / f"bin_{key}"
+        bin_dir.mkdir(exist_ok=True)
+        wrapper = bin_dir / "ssh"
+        wrapper.write_text(f'#!/bin/sh\nexec {shutil.which("ssh")} -F {d / f"ssh_config_{key}"} "$@"\n')
+        wrapper.chmod(0o755)
+        return bin_dir
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(self.sock)  # accepted, never read: sshd reads the client's banner
+            await asyncio.to_thread(self._spawn, conn)
+            self.sessions += 1
+
+    def _spawn(self, conn) -> None:
+        with conn, open(self.d / "sshd.log", "ab") as log:
+            conn.setblocking(True)
+            cmd = [SSHD, "-i", "-e", "-f", str(self.d / "sshd_config")]
+            self.procs.append(subprocess.Popen(cmd, stdin=conn, stdout=conn, stderr=log))
+
+    def close(self) -> None:
+        self.sock.close()
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
+@pytest.fixture
+async def sshd(tmp_path, fake, monkeypatch):
+    if not HAVE_SSH:
+        pytest.skip("needs openssh-server, openssh-client and the docker CLI (scripts/test installs them)")
+    if os.geteuid() != 0:
+        pytest.skip("sshd -i needs root here")
+    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation directory
+    d = tmp_path / "ssh"
+    d.mkdir()
+    server = Sshd(d, f"unix://{fake.sock}")
+    task = asyncio.create_task(server.serve())
+    monkeypatch.setenv("PATH", f"{server.client_bin()}:{os.environ['PATH']}")
+    try:
+        yield server
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        server.close()
+
+
+async def test_ssh_host_through_a_real_sshd(sshd, fake, store):
+    import getpass
+
+    user = getpass.getuser()
+    url = f"ssh://{user}@127.0.0.1:{sshd.port}"
+    store.cli("context", "create", "remote", "--docker", f"host={url}")
+    host = resolve_docker_host(None, store.env(DOCKER_CONTEXT="remote"))
+    assert host.url == url and host.context == "remote"
+    async with Engine(host, timeout=20) as e:
+        assert await e.ping() is True
+        assert (await e.info())["Name"] == "fakehost"
+        async with e.events({"type": ["container"]}) as stream:  # a long-lived stream over ssh
+            fake.emit("container", "start", "abc", name="x")
+            ev = await asyncio.wait_for(anext(aiter(stream)), 20)
+            assert (ev["Type"], ev["Action"], ev["Actor"]["ID"]) == ("container", "start", "abc")
+        assert (await e.info())["Name"] == "fakehost"
+        bridge = e.bridge
+        assert bridge is not None and 1 <= bridge.started == sshd.sessions <= 3, (bridge, sshd.sessions)
+        path = bridge.path
+    assert not await asyncio.to_thread(os.path.exists, path)  # closed: the socket and its private directory are gone
+    assert await probe(url, timeout=20) is not None
+
+
+async def test_ssh_refused_key_is_an_error_with_sshs_words(sshd, monkeypatch):
+    import getpass
+
+    monkeypatch.setenv("PATH", f"{sshd.client_bin('stranger')}:{os.environ['PATH']}")
+    async with Engine(resolve_docker_host(f"ssh://{getpass.getuser()}@127.0.0.1:{sshd.port}", {}), timeout=20) as e:
+        with pytest.raises(EngineUnavailable, match=r"\(ssh: ssh://.*Permission denied \(publickey\)"):
+            await e.ping()
