@@ -623,6 +623,7 @@ async def _garbage(ctx: Ctx, which: str) -> dict[str, Any]:
     n = ctx.n(400, 20)
     loop = asyncio.get_running_loop()
     sent = 0
+    wait = 0.5 if ctx.quick else 2.0  # how long a connection waits to be closed after its garbage
 
     async def one(i: int) -> str:
         nonlocal sent
@@ -636,19 +637,19 @@ async def _garbage(ctx: Ctx, which: str) -> dict[str, Any]:
             await loop.sock_sendall(s, blob)
             sent += len(blob)
             try:
-                async with asyncio.timeout(2.0):
+                async with asyncio.timeout(wait):
                     while await loop.sock_recv(s, 65536):
                         pass
                 return "closed_by_agent"
             except TimeoutError:
-                return "still_open_2s"
+                return "still_open"
             except OSError:
                 return "reset_by_agent"
         finally:
             _rst(s) if i % 2 else s.close()
 
     res = await _bounded(n, 32, one)
-    return {"connections": n, "bytes_sent": sent, "outcomes": _tally(res)}
+    return {"connections": n, "bytes_sent": sent, "close_wait_s": wait, "outcomes": _tally(res)}
 
 
 async def _slowloris(ctx: Ctx, which: str) -> dict[str, Any]:
@@ -913,7 +914,7 @@ async def _backend_flapping(ctx: Ctx) -> dict[str, Any]:
     applied = await agent.reload()
     flips = 0
     server = None
-    t_end = loop.time() + ctx.seconds * 3
+    t_end = loop.time() + (1.5 if ctx.quick else ctx.seconds * 3)
     try:
         while loop.time() < t_end:
             if server is None:
@@ -1283,7 +1284,7 @@ async def run_faults(names: list[str], quick: bool, interval: float, workdir: Pa
             ctx = Ctx(workdir, quick, agent, replicas, probe, scale, seconds)
             try:
                 probe.phase("baseline")
-                await asyncio.sleep(seconds)
+                await asyncio.sleep(0.5 if quick else 2.0)
                 for f in faults:
                     print(f"chaos: {f.name} ...", file=sys.stderr, flush=True)
                     results[f.name] = await run_fault(ctx, f)
