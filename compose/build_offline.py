@@ -395,10 +395,22 @@ class Archive:
         tmp.replace(path)
 
 
-def project_wheels(dest: Path) -> None:
-    """``pip wheel`` of this repository and its dependencies into ``dest`` (needs the package index)."""
+PROJECT_FILES = ("pyproject.toml", "README.md")
+PROJECT_PACKAGES = ("mesh", "discovery", "meshagent", "cluster")  # pyproject's [tool.setuptools.packages.find]
+
+
+def project_wheels(dest: Path, work: Path) -> None:
+    """``pip wheel`` of this repository and its dependencies into ``dest`` (needs the package index).  The
+    wheel is built from a clean copy of the sources: an in-tree build reuses ./build, where a module removed
+    from the sources would live on."""
+    src = work / "src"
+    src.mkdir()
+    for name in PROJECT_FILES:
+        shutil.copy2(ROOT / name, src / name)
+    for pkg in PROJECT_PACKAGES:
+        shutil.copytree(ROOT / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     res = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(dest), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(dest), str(src)],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     if res.returncode != 0:
@@ -420,7 +432,7 @@ def build(out: Path, wheels: Path | None = None) -> dict[str, str]:
         work = Path(tmp)
         if wheels is None:
             wheels = work / "wheels"
-            project_wheels(wheels)
+            project_wheels(wheels, work)
         base = base_tree()
         base_layer = (*arch.layer(base), "busybox (static), /etc basics, CA certificates")
         below = set(base.entries)

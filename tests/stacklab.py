@@ -32,6 +32,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import yaml
@@ -295,6 +296,15 @@ def outages(outcomes: list[Outcome]) -> dict[int, float]:
     return out
 
 
+def _instant(text: str) -> datetime:
+    """An engine timestamp (RFC 3339, nanoseconds) as a datetime (microseconds)."""
+    m = re.match(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$", text)
+    if not m:
+        raise StackLabError(f"not an engine timestamp: {text!r}")
+    frac = (m.group(2) or "0")[:6].ljust(6, "0")
+    return datetime.fromisoformat(f"{m.group(1)}.{frac}{'+00:00' if m.group(3) == 'Z' else m.group(3)}")
+
+
 # -- the stacks -------------------------------------------------------------------------------------
 def stack_uses_handover(path: Path = STACK_FILE) -> bool:
     """compose/stack.yml upgrades the agent hitlessly: start-first, MESH_HANDOVER set, /run/mesh bind-mounted."""
@@ -429,6 +439,33 @@ class StackLab:
             return True
 
         return self.wait(done, timeout, f"demo_web with {replicas} replicas on every agent")
+
+    def start_to_running(self, task_ids: set[str]) -> dict[str, float]:
+        """Running task id -> seconds from its container's start to the task's "running" state: swarm
+        reports a task with a HEALTHCHECK running only once the check passed."""
+        index = {node_id: i for i, node_id in self.sl.node_ids.items()}
+        out = {}
+        for t in self.sl.inspect(sorted(task_ids)):
+            st = t.get("Status") or {}
+            cid = (st.get("ContainerStatus") or {}).get("ContainerID")
+            if st.get("State") != "running" or not cid or t.get("NodeID") not in index:
+                continue
+            c = json.loads(self.sl.nodes[index[t["NodeID"]]].docker("container", "inspect", cid))[0]
+            out[t["ID"]] = (_instant(st["Timestamp"]) - _instant(c["State"]["StartedAt"])).total_seconds()
+        return out
+
+    def exit_codes(self, service: str, since: float, until: float) -> dict[str, str]:
+        """Container id -> exit code of the ``service`` containers that died between ``since`` and ``until``
+        (unix times), from every node's events."""
+        out = {}
+        for n in self.sl.nodes.values():
+            text = n.docker("events", "--since", f"{since:.3f}", "--until", f"{until:.3f}", "--filter", "event=die",
+                            "--filter", f"label=com.docker.swarm.service.name={service}", "--format", "{{json .}}",
+                            timeout=30)  # fmt: skip
+            for line in text.splitlines():
+                ev = json.loads(line)
+                out[ev["id"][:12]] = ev["Actor"]["Attributes"].get("exitCode", "?")
+        return out
 
     def agents_replaced(self, before: set[str]) -> bool:
         """Every node runs a mesh_agent task that is not one of ``before``, and the update completed."""

@@ -169,16 +169,19 @@ def test_scale_down_and_up_under_load(stack: StackLab):
     load = HttpLoad(_targets(), threads=6, max_requests=60000, max_seconds=120).start()
     try:
         load.wait_requests(200)
-        t0 = time.monotonic()
+        t0, since = time.monotonic(), time.time()
         stack.docker("service", "scale", "demo_web=2", timeout=120)
         stack.wait_demo(2, timeout=60)
         down = time.monotonic() - t0
         mark = load.requests()
         load.wait_requests(mark + 300)
+        stopped = stack.exit_codes("demo_web", since, time.time())
+        kept = set(stack.sl.running_tasks("demo_web"))
         t0 = time.monotonic()
         stack.docker("service", "scale", "demo_web=6", timeout=120)
         stack.wait_demo(6, timeout=90)
         up = time.monotonic() - t0
+        new = set(stack.sl.running_tasks("demo_web")) - kept
         mark = load.requests()
         load.wait_requests(mark + 300)
     finally:
@@ -189,6 +192,13 @@ def test_scale_down_and_up_under_load(stack: StackLab):
     print(f"\nscale 6 -> 2 -> 6 under load: {rep}")
     assert rep.ok > 0
     assert rep.failed == 0, str(rep)
+    # the removed replicas ended on SIGTERM (exit 0), not on the SIGKILL after the grace (137)
+    assert len(stopped) == 4 and set(stopped.values()) == {"0"}, stopped
+    # the new replicas became "running" (and so routed to) only after their HEALTHCHECK passed, which
+    # runs first 2 s (its interval) after the container started
+    delays = stack.start_to_running(new)
+    FIGURES["scale"]["start_to_running_s"] = sorted(round(d, 2) for d in delays.values())
+    assert len(delays) == 4 and min(delays.values()) > 1.5, delays
 
 
 @pytest.mark.docker
