@@ -535,3 +535,59 @@ async def test_swarm_agent_routes_only_to_its_own_nodes_tasks(node2, docker_lab)
     finally:
         await sh(node2, "service", "rm", "sglobal", timeout=60)
         await asyncio.to_thread(docker_lab.swarm_leave, 3, 2)
+
+
+# -- finding the engine like the docker CLI: a context, and ssh:// -------------------------------------------
+
+
+async def test_context_and_ssh_reach_the_real_engine(node1, docker_lab, tmp_path, monkeypatch):
+    """``watch(None, ...)`` (what ``mesh run --docker`` runs) with no DOCKER_HOST finds the engine through the
+    current docker context of a temporary HOME (made by the real docker CLI), then through an ssh:// context
+    served by a real sshd on loopback whose sessions reach this dockerd with ``docker system dial-stdio``;
+    both times the first table holds the labelled container."""
+    import getpass
+
+    from discovery import watch
+    from tests.test_discovery_host import HAVE_SSH, Sshd, Store
+
+    if not HAVE_SSH or os.geteuid() != 0:
+        pytest.skip("needs openssh-server, openssh-client and the docker CLI, as root")
+    (cid,) = await start_replicas(node1, docker_lab.image_id, "ctx", 1)
+    store = Store(tmp_path / "home")
+    await asyncio.to_thread(store.cli, "context", "create", "lab", "--docker", f"host={node1.host}")
+    await asyncio.to_thread(store.cli, "context", "use", "lab")
+
+    async def first_table(env: dict[str, str]) -> tuple[RoutingTable, Watcher]:
+        got: asyncio.Future[RoutingTable] = asyncio.get_running_loop().create_future()
+        watchers: list[Watcher] = []
+
+        async def publish(table: RoutingTable, info: PublishInfo) -> None:
+            if not got.done():
+                got.set_result(table)
+
+        task = asyncio.create_task(watch(None, publish, env=env, on_watcher=watchers.append))
+        try:
+            return await asyncio.wait_for(got, 30), watchers[0]
+        finally:
+            watchers[0].stop()
+            await asyncio.wait_for(task, 10)
+
+    table, _ = await first_table(store.env())  # config.json's currentContext: lab
+    assert {e.id for r in table.service("ctx-web").routes for e in r.endpoints} == {cid}
+
+    await asyncio.to_thread(os.makedirs, "/run/sshd", mode=0o755, exist_ok=True)
+    d = tmp_path / "ssh"
+    d.mkdir()
+    sshd = Sshd(d, node1.host)
+    server = asyncio.create_task(sshd.serve())
+    monkeypatch.setenv("PATH", f"{sshd.client_bin()}:{os.environ['PATH']}")
+    try:
+        url = f"ssh://{getpass.getuser()}@127.0.0.1:{sshd.port}"
+        await asyncio.to_thread(store.cli, "context", "create", "viassh", "--docker", f"host={url}")
+        table, watcher = await first_table(store.env(DOCKER_CONTEXT="viassh"))
+        assert {e.id for r in table.service("ctx-web").routes for e in r.endpoints} == {cid}
+        assert watcher.engine.host.url == url and sshd.sessions >= 1
+    finally:
+        server.cancel()
+        await asyncio.gather(server, return_exceptions=True)
+        sshd.close()
