@@ -55,9 +55,11 @@ __all__ = [
     "BACKLOG",
     "EXHAUSTED_PAUSE",
     "FRONTS",
+    "INHERITED",
     "LOG_INTERVAL",
     "Acceptor",
     "Binding",
+    "InheritedSockets",
     "Listener",
     "bind_socket",
 ]
@@ -92,13 +94,75 @@ _EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _TRANSIENT = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR, errno.EAGAIN})
 
 
+class InheritedSockets:
+    """Bound sockets this process was handed (a previous agent's, ``meshagent/handover.py``; or the
+    parent's, for a worker), keyed by ``(kind, host, port)``: kind "stream" (a listening TCP socket)
+    or "dgram" (UDP), host and port as the owner was asked to bind them.  ``bind_socket`` takes from
+    here before it binds: a socket taken keeps its kernel accept queue, so nothing queued on it is lost.
+
+    ``strict`` (a worker of ``--workers N``): a port not handed over is not bound here either (the
+    parent binds every port, one SO_REUSEPORT socket per worker, and keeps a copy); ``bind_socket``
+    raises instead.
+    """
+
+    def __init__(self) -> None:
+        # several per key: a ``--workers N`` agent hands over one SO_REUSEPORT socket per worker
+        self._socks: dict[tuple[str, str, int], list[socket.socket]] = {}
+        self.strict = False
+
+    def add(self, kind: str, host: str, port: int, sock: socket.socket) -> None:
+        """Offer ``sock`` for ``(kind, host, port)``."""
+        sock.setblocking(False)
+        self._socks.setdefault((kind, host, port), []).append(sock)
+
+    def take(self, kind: str, host: str, port: int) -> socket.socket | None:
+        """A socket offered for ``(kind, host, port)``, now owned by the caller; None if there is none."""
+        socks = self._socks.get((kind, host, port))
+        if not socks:
+            return None
+        sock = socks.pop(0)
+        if not socks:
+            del self._socks[(kind, host, port)]
+        return sock
+
+    def keys(self) -> list[tuple[str, str, int]]:
+        return sorted(self._socks)
+
+    def close_all(self) -> list[tuple[str, str, int]]:
+        """Close every socket nobody took (the new table does not serve those ports); their keys."""
+        keys = sorted(self._socks)
+        for socks in self._socks.values():
+            for sock in socks:
+                sock.close()
+        self._socks.clear()
+        return keys
+
+    def __len__(self) -> int:
+        return sum(len(socks) for socks in self._socks.values())
+
+    def __repr__(self) -> str:
+        return f"<InheritedSockets {len(self)}{' strict' if self.strict else ''}>"
+
+
+#: The sockets of this process handed over by another one (one per process, like its descriptor table).
+INHERITED = InheritedSockets()
+
+
 def bind_socket(
     host: str, port: int, *, reuse_port: bool = False, backlog: int = BACKLOG, udp: bool = False
 ) -> socket.socket:
     """A non-blocking socket bound to (host, port): listening TCP, or UDP with ``udp``.  "::" is dual-stack.
 
+    A socket handed over for that address (``INHERITED``) is returned instead of binding a new one.
     Raises OSError (e.g. EADDRINUSE) with the address in the message.
     """
+    if port:
+        inherited = INHERITED.take("dgram" if udp else "stream", host, port)
+        if inherited is not None:
+            return inherited
+        if INHERITED.strict:
+            where = f"{'udp ' if udp else ''}{format_hostport(host, port)}"
+            raise OSError(errno.EADDRNOTAVAIL, f"cannot bind {where}: the parent process has not handed it over")
     socktype = socket.SOCK_DGRAM if udp else socket.SOCK_STREAM
     try:
         infos = socket.getaddrinfo(host, port, type=socktype, flags=socket.AI_PASSIVE)
@@ -194,6 +258,11 @@ class Acceptor:
     @property
     def listening(self) -> bool:
         return self._sock is not None
+
+    @property
+    def listen_socket(self) -> socket.socket | None:
+        """The listening socket (what a handover passes on), or None when not listening."""
+        return self._sock
 
     @property
     def fast(self) -> bool:
@@ -560,6 +629,10 @@ class Listener:
     @property
     def accepted(self) -> int:
         return self.acceptor.accepted
+
+    @property
+    def listen_socket(self) -> socket.socket | None:
+        return self.acceptor.listen_socket
 
     @property
     def fd_exhausted(self) -> int:

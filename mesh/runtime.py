@@ -109,11 +109,16 @@ class Mesh:
         self._local_index: dict[tuple[str, int, str], tuple[Pool, Host]] | None = None
         self._rebind_handle: asyncio.TimerHandle | None = None
         self._rebind_delay = REBIND_INITIAL
+        # the longest wait between bind retries (REBIND_MAX); an agent that could not take the ports
+        # over from a previous one (meshagent/handover.py) retries every 2 s, so it binds soon after that
+        # one exits
+        self.rebind_max = REBIND_MAX
         self.failed: dict[ListenKey, str] = {}  # keys of the current table that could not be bound -> reason
         self._rng = rng if rng is not None else random.Random()
         self._checkers: dict[Pool, HealthChecker] = {}
         self._lock: asyncio.Lock | None = None
         self._closed = False
+        self._released = False  # stop_accepting(): the sockets belong to a new process now
 
     # -- views for the admin API and metrics --------------------------------------------------------
     def listeners(self) -> list[Listener]:
@@ -156,7 +161,7 @@ class Mesh:
 
     def ready(self) -> bool:
         """A table was applied and every one of its listeners is bound."""
-        return self.table is not None and not self.failed and not self._closed
+        return self.table is not None and not self.failed and not self._closed and not self._released
 
     def __iter__(self) -> Iterator[Listener]:
         return iter(self.listeners())
@@ -166,6 +171,9 @@ class Mesh:
         """Apply ``table`` as a diff against the current state (see the module docstring)."""
         if self._closed:
             raise RuntimeError("Mesh.apply() after shutdown()")
+        if self._released:
+            log.info("table version %d not applied: the listening sockets were handed over", table.version)
+            return
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
@@ -212,7 +220,7 @@ class Mesh:
             return
         loop = asyncio.get_running_loop()
         self._rebind_handle = loop.call_later(self._rebind_delay, self._rebind)
-        self._rebind_delay = min(self._rebind_delay * 2, REBIND_MAX)
+        self._rebind_delay = min(self._rebind_delay * 2, self.rebind_max)
 
     def _rebind(self) -> None:
         self._rebind_handle = None
@@ -340,6 +348,29 @@ class Mesh:
         checker = self._checkers.pop(pool, None)
         if checker is not None:
             checker.stop()
+
+    # -- handover (meshagent/handover.py) ---------------------------------------------------------------
+    def listening_sockets(self) -> list[tuple[str, str, int, str, Any]]:
+        """``(kind, host, port, role, socket)`` of every bound listener: what a handover passes on.
+        kind is "stream" or "dgram"; role the listener's protocol ("tcp", "tls", "http", "udp")."""
+        out = []
+        for lst in self.by_key.values():
+            sock = lst.listen_socket
+            if sock is not None:
+                out.append(("dgram" if lst.protocol == "udp" else "stream", lst.host, lst.port, lst.protocol, sock))
+        return out
+
+    def stop_accepting(self) -> None:
+        """Stop accepting now, everywhere, and apply no more tables: a new process serves these ports.
+        Only this process's descriptors are closed; the kernel sockets (and whatever waits in their
+        accept queues) stay open in the process they were handed to.  Open connections continue;
+        ``shutdown(grace)`` drains them."""
+        self._released = True
+        if self._rebind_handle is not None:
+            self._rebind_handle.cancel()
+            self._rebind_handle = None
+        for lst in self.by_key.values():
+            lst.close()
 
     # -- shutdown ----------------------------------------------------------------------------------------
     async def shutdown(self, grace: float) -> None:

@@ -271,6 +271,11 @@ class UdpSite:
         return self._sock is not None
 
     @property
+    def listen_socket(self) -> socket.socket | None:
+        """The bound socket (what a handover passes on), or None."""
+        return self._sock
+
+    @property
     def accepted(self) -> int:
         return self.stats.sessions_created
 

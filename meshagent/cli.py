@@ -2,7 +2,7 @@
 
     mesh run [--config FILE | --docker [HOST]] [--workers N] [--admin ADDR] [--grace SECONDS] [--max-fds N]
              [--log-level L] [--log-format text|json] [--access-log] [--no-metrics] [--node NAME]
-             [--watch-interval S]
+             [--watch-interval S] [--handover PATH] [--handover-timeout S]
     mesh run --cluster --token-file FILE [--docker HOST] [--control-port P] [--tunnel-port P]
              [--advertise ADDR] [--bind ADDR] [--control-wait S] [--admin ADDR] [--grace S] ...
     mesh check --config FILE
@@ -20,7 +20,13 @@ Process model: with ``--workers 1`` (default) this process runs the data plane i
 the table source and the admin API and runs N worker processes (meshagent/workers.py).
 
 Signals: SIGTERM / SIGINT stop accepting, drain open connections for up to ``--grace`` seconds, exit 0.
-SIGHUP reloads the config file (the file is also watched; see meshagent/reload.py).
+SIGHUP reloads the config file (the file is also watched; see meshagent/reload.py).  SIGUSR2 (not in
+cluster mode) starts the same command line as a new process (a new PID, this one's child) that takes the
+listening sockets over (meshagent/handover.py); this process then drains and exits 0.
+
+Upgrades without a refused connection: ``--handover PATH`` (MESH_HANDOVER) names a unix socket.  An agent
+started while another serves PATH takes that one's listening sockets over (data plane, admin API, cluster
+tunnel and control), then the old one stops accepting and drains; see docs/upgrades.md.
 """
 
 from __future__ import annotations
@@ -141,6 +147,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cl.add_argument("--control-wait", type=_seconds, default=None, metavar="S", help="long-poll wait (20)")
     run.add_argument(
+        "--handover",
+        metavar="PATH",
+        default=None,
+        help="unix socket for hitless upgrades: take the listening sockets over from the agent serving PATH "
+        "(if any), then serve PATH for the next one (docs/upgrades.md)",
+    )
+    run.add_argument(
+        "--handover-timeout",
+        type=_positive_seconds,
+        default=5.0,
+        metavar="SECONDS",
+        help="how long the old agent may take to answer a handover before this one binds normally (default 5)",
+    )
+    run.add_argument(
         "--watch-interval",
         type=_positive_seconds,
         default=1.0,
@@ -229,6 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         return _check(args)
     if args.command == "run":
+        args.argv = argv  # what SIGUSR2 re-executes
         return _run_command(args)
     return EXIT_USAGE
 
@@ -457,7 +478,9 @@ def force_exit(sig: signal.Signals, pids: Iterable[int | None] = ()) -> NoReturn
 
 async def _serve(args: argparse.Namespace, source: Any, admin_addr: tuple[str, int] | None) -> int:
     from mesh.admin import AdminServer, MeshState, WorkerPoolState
+    from mesh.listener import INHERITED
     from mesh.metrics import DiscoveryMetrics, make_registry
+    from meshagent.handover import Offer, Upgrades, close_listeners, server_sockets, start_admin
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -475,7 +498,28 @@ async def _serve(args: argparse.Namespace, source: Any, admin_addr: tuple[str, i
         loop.add_signal_handler(sig, on_stop, sig)
     loop.add_signal_handler(signal.SIGHUP, source.poke)
 
-    pool = mesh = None
+    pool = mesh = admin = None
+
+    def offers() -> list[Offer]:
+        found = pool.listening_sockets() if pool is not None else mesh.listening_sockets()
+        out = [Offer(kind, host, port, role, sock) for kind, host, port, role, sock in found]
+        if admin is not None and admin_addr is not None and admin_addr[1]:
+            out += [Offer("stream", admin_addr[0], admin_addr[1], "admin", s) for s in server_sockets(admin)]
+        return out
+
+    async def stop_accepting() -> None:
+        if pool is not None:
+            pool.stop_accepting()
+        if mesh is not None:
+            mesh.stop_accepting()
+        if admin is not None:
+            close_listeners(admin)
+
+    upgrades: Upgrades | None = None
+    if args.handover:
+        upgrades = Upgrades(args.handover, offers, stop_accepting, timeout=args.handover_timeout)
+        await upgrades.takeover()
+
     if args.workers > 1:
         from meshagent.workers import WorkerPool
 
@@ -485,15 +529,25 @@ async def _serve(args: argparse.Namespace, source: Any, admin_addr: tuple[str, i
         if args.access_log:
             worker_args.append("--access-log")
         pool = WorkerPool(args.workers, worker_args)
+        if upgrades is not None and upgrades.contested:
+            pool.rebind_max = 2.0
         state: Any = WorkerPoolState(pool)
-        publish = pool.publish
+        inner_publish = pool.publish
     else:
         from mesh.runtime import Mesh
         from meshagent.workers import _make_mesh
 
         mesh = _make_mesh(Mesh, node=args.node, access_log=args.access_log, reuse_port=False)
+        if upgrades is not None and upgrades.contested:
+            mesh.rebind_max = 2.0
         state = MeshState(mesh)
-        publish = mesh.apply
+        inner_publish = mesh.apply
+
+    first_table = asyncio.Event()
+
+    async def publish(table: RoutingTable) -> None:
+        await inner_publish(table)
+        first_table.set()
 
     registry = None
     if isinstance(source, _DockerSource):
@@ -510,23 +564,45 @@ async def _serve(args: argparse.Namespace, source: Any, admin_addr: tuple[str, i
         if admin_addr is not None
         else None
     )
+    admin_retry = None
     if admin is not None:
-        await admin.start()  # ConfigError (address in use) -> exit 2 before anything else runs
+        assert admin_addr is not None
+        sock = INHERITED.take("stream", *admin_addr) if admin_addr[1] else None
+        # ConfigError (address in use) -> exit 2 before anything else runs (unless an old agent holds it)
+        admin_retry = await start_admin(admin, sock, upgrades)
     rc = EXIT_OK
     source_task: asyncio.Task[None] | None = None
+    tasks: list[asyncio.Task[Any]] = []
+    reexec = _Reexec(args, lambda: upgrades)
+
+    async def serving() -> None:
+        """Once this agent serves its first table: the old agent (if any) may stop; serve --handover PATH."""
+        await first_table.wait()
+        if pool is not None:
+            await pool.wait_ready()  # every worker accepts on the sockets
+        if upgrades is not None:
+            await upgrades.complete()
+
     try:
         if pool is not None:
             await pool.start()
         source.publish = publish
         await source.start()
         source_task = asyncio.create_task(source.run(), name="table-source")
-        waiters = [asyncio.create_task(stop.wait())]
+        tasks.append(asyncio.create_task(serving(), name="handover-complete"))
+        loop.add_signal_handler(signal.SIGUSR2, reexec.trigger, upgrades_factory(args, offers, stop_accepting))
+        waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(reexec.finished.wait())]
+        if upgrades is not None:
+            waiters.append(asyncio.create_task(upgrades.finished.wait()))
         if pool is not None:
             waiters.append(asyncio.create_task(pool.failed.wait()))
         done, _ = await asyncio.wait([*waiters, source_task], return_when=asyncio.FIRST_COMPLETED)
         for w in waiters:
             w.cancel()
-        if source_task in done and not stop.is_set():
+        handed = (upgrades is not None and upgrades.finished.is_set()) or reexec.finished.is_set()
+        if handed:
+            log.info("the listening sockets were handed over: draining for up to %.1fs, then exiting", args.grace)
+        elif source_task in done and not stop.is_set():
             exc = source_task.exception()
             log.error("the table source stopped unexpectedly: %r", exc)
             rc = EXIT_RUNTIME
@@ -534,19 +610,101 @@ async def _serve(args: argparse.Namespace, source: Any, admin_addr: tuple[str, i
             log.error("a worker keeps crashing; exiting")
             rc = EXIT_RUNTIME
     finally:
+        loop.remove_signal_handler(signal.SIGUSR2)
+        for t in (*tasks, admin_retry):
+            if t is not None:
+                t.cancel()
         source.stop()
         if source_task is not None:
             source_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await source_task
+        if upgrades is not None:
+            await upgrades.close()
+        await reexec.close()
         if admin is not None:
             await admin.stop()
         if pool is not None:
             await pool.shutdown(args.grace)
         if mesh is not None:
             await mesh.shutdown(args.grace)
+        INHERITED.close_all()
     log.info("stopped")
     return rc
+
+
+def upgrades_factory(args: argparse.Namespace, offers: Callable[[], Any], stop_accepting: Callable[[], Any]) -> Any:
+    """For SIGUSR2 without --handover: an ``Upgrades`` serving a fresh private path."""
+
+    def make(path: str) -> Any:
+        from meshagent.handover import Upgrades
+
+        return Upgrades(path, offers, stop_accepting, timeout=args.handover_timeout)
+
+    return make
+
+
+class _Reexec:
+    """SIGUSR2: start this command line again as a new process that takes the sockets over.
+
+    The new process is this one's child (a new PID; once this one exits it is re-parented to init or the
+    nearest subreaper).  It finds this agent at --handover PATH, or, without one, at a private path given
+    to it as MESH_HANDOVER (it then serves that path for the next SIGUSR2)."""
+
+    def __init__(self, args: argparse.Namespace, current: Callable[[], Any]) -> None:
+        self.args = args
+        self.current = current
+        self.own: Any = None  # the Upgrades this serves when --handover was not given
+        self.pid: int | None = None
+        self.finished = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def trigger(self, make: Callable[[str], Any]) -> None:
+        if self._task is not None and not self._task.done():
+            log.warning("SIGUSR2: a new process (pid %s) is already taking over; ignored", self.pid)
+            return
+        self._task = asyncio.get_running_loop().create_task(self._run(make), name="sigusr2")
+
+    async def _run(self, make: Callable[[str], Any]) -> None:
+        import tempfile
+
+        upgrades = self.current()
+        if upgrades is None:
+            if self.own is None:
+                path = os.path.join(tempfile.mkdtemp(prefix="mesh-handover-"), "agent.sock")
+                self.own = make(path)
+            upgrades = self.own
+        await upgrades.serve()
+        if upgrades.server is None:
+            log.error("SIGUSR2: cannot serve a handover socket; not restarting")
+            return
+        env = dict(os.environ, MESH_HANDOVER=upgrades.path)
+        argv = [sys.executable, "-m", "meshagent", *getattr(self.args, "argv", ["run"])]
+        try:
+            self.pid = os.posix_spawn(sys.executable, argv, env)  # noqa: ASYNC221 (returns at once)
+        except OSError as exc:
+            log.error("SIGUSR2: cannot start a new process: %s", exc)
+            return
+        log.info("SIGUSR2: started pid %d with the same command line; it takes the listening sockets over "
+                 "through %s, then this process (pid %d) drains and exits", self.pid, upgrades.path, os.getpid())  # fmt: skip
+        while not upgrades.finished.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(upgrades.finished.wait(), 0.5)
+            pid, status = os.waitpid(self.pid, os.WNOHANG)  # noqa: ASYNC222 (WNOHANG: never blocks)
+            if pid:
+                log.error("SIGUSR2: the new process (pid %d) exited with %s before taking over; still serving",
+                          self.pid, os.waitstatus_to_exitcode(status))  # fmt: skip
+                return
+        if upgrades is self.own:  # with --handover, the Upgrades' own ``finished`` ends this process
+            self.finished.set()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        if self.own is not None:
+            await self.own.close()
 
 
 # -- worker (internal) ------------------------------------------------------------------------------------
@@ -572,6 +730,7 @@ def _worker_command(argv: list[str]) -> int:
 
     p = argparse.ArgumentParser(prog="mesh worker", description="internal: one data-plane worker process")
     p.add_argument("--control-fd", type=int, required=True)
+    p.add_argument("--sockets-fd", type=int, default=None)
     p.add_argument("--index", type=int, default=0)
     p.add_argument("--grace", type=_seconds, default=10.0)
     p.add_argument("--log-level", default="info")
@@ -585,5 +744,12 @@ def _worker_command(argv: list[str]) -> int:
     handler = setup_logging(args.log_level, args.log_format, access_log=args.access_log)
     handler.addFilter(_WorkerTag(args.index))
     return _run_loop(
-        lambda: worker_main(args.control_fd, args.index, grace=args.grace, node=args.node, access_log=args.access_log)
+        lambda: worker_main(
+            args.control_fd,
+            args.index,
+            grace=args.grace,
+            node=args.node,
+            access_log=args.access_log,
+            sockets_fd=args.sockets_fd,
+        )
     )

@@ -1,12 +1,19 @@
 """``--workers N``: one parent owns the table source and the admin API; N worker processes carry the traffic.
 
-Each worker is ``python -m meshagent worker --control-fd FD ...`` running ``mesh.runtime.Mesh(reuse_port=True)``
-on uvloop, so every worker binds every listener with SO_REUSEPORT and the kernel spreads new connections.
+Each worker is ``python -m meshagent worker --control-fd FD --sockets-fd FD2 ...`` running
+``mesh.runtime.Mesh`` on uvloop.  The parent binds every port of the table as N SO_REUSEPORT sockets,
+one per worker (the kernel spreads new connections over the group), keeps them, and hands socket i to
+worker i (SCM_RIGHTS over the second socketpair, FD2).  Because the parent holds every socket, a worker
+that exits or is restarted loses nothing queued on its socket (the next process of that slot accepts it),
+and a handover (meshagent/handover.py) passes all of them to a new agent, whose workers accept from the
+same queues while the old workers drain.  Port 0 is still refused (the parent binds only named ports).
 
 Control channel: a unix socketpair per worker (the child's end is passed as FD), carrying JSON objects, one
 per line (UTF-8, "\\n"-terminated), documented in docs/ARCHITECTURE.md ("Worker control channel"):
 
-    parent -> worker  {"type": "table", "table": {...RoutingTable.to_dict()...}}
+    parent -> worker  {"type": "sockets", "sockets": [{"kind", "host", "port", "role"}, ...]}
+                      (the descriptors, in that order, were sent on the sockets channel just before)
+                      {"type": "table", "table": {...RoutingTable.to_dict()...}}
                       {"type": "stats", "id": 7}
                       {"type": "ping", "id": 8}
                       {"type": "shutdown", "grace": 10.0}
@@ -23,10 +30,9 @@ Supervision rules:
 - More than ``max_restarts`` restarts of one slot within ``restart_window`` seconds is a crash loop: the pool
   gives up and sets ``failed`` (the CLI then exits 1 so an outer supervisor sees it).
 - Liveness: every ``heartbeat`` seconds the parent pings each worker; any message counts as a sign of life.
-  A worker silent for ``hang_timeout`` seconds (stopped, or its loop stuck) still holds its share of every
-  SO_REUSEPORT group, so new connections would stall there: the parent SIGKILLs it (the kernel closes its
-  listening sockets, and their share goes to the other workers) and the restart rule above brings a new one.
-  ``ready()`` is False while a worker is silent.
+  A worker silent for ``hang_timeout`` seconds (stopped, or its loop stuck) is SIGKILLed and the restart
+  rule above brings a new one, which accepts what waited in its slot's queues meanwhile (the parent holds
+  them open).  ``ready()`` is False while a worker is silent.
 - ``shutdown(grace)`` sends SIGTERM to every worker (each stops accepting and drains for its grace), waits up
   to grace + 5 s, then SIGKILLs what is left.  A worker whose control channel closes (the parent died) drains
   and exits on its own.
@@ -66,6 +72,9 @@ class _Worker:
 
     def __init__(self, index: int) -> None:
         self.index = index
+        self.fdsock: socket.socket | None = None  # the parent's end of the sockets channel
+        self.has: set[tuple[str, str, int]] = set()  # keys whose socket the current process was sent
+        self.told = False  # asked to stop (shutdown message or SIGTERM): never signal it twice
         self.proc: asyncio.subprocess.Process | None = None
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
@@ -131,6 +140,13 @@ class WorkerPool:
         self.workers = [_Worker(i) for i in range(n)]
         self._ids = itertools.count(1)
         self._stopping = False
+        # The listening sockets of the current table, bound once here and shared by every worker.
+        self.sockets: dict[tuple[str, str, int], list[socket.socket]] = {}  # key -> one socket per worker
+        self.roles: dict[tuple[str, str, int], str] = {}
+        self.rebind_max = 30.0  # longest wait between bind retries of a port that could not be bound
+        self._rebind: asyncio.TimerHandle | None = None
+        self._rebind_delay = 0.5
+        self._progress = asyncio.Event()  # set on every "applied" (wait_ready)
 
     def __repr__(self) -> str:
         return f"<WorkerPool n={self.n} version={self.table.version if self.table else None} {self.workers}>"
@@ -145,9 +161,116 @@ class WorkerPool:
 
     async def publish(self, table: RoutingTable) -> None:
         """Make ``table`` current and send it to every running worker (``publish`` of a table source)."""
+        if self._stopping:
+            return
         self.table = table
+        self._bind(table)
         msg = {"type": "table", "table": table.to_dict()}
-        await asyncio.gather(*(w.send(msg) for w in self.workers))
+        await asyncio.gather(*(self._send_table(w, msg) for w in self.workers))
+
+    async def _send_table(self, w: _Worker, msg: dict[str, Any]) -> None:
+        if await self._send_sockets(w):
+            await w.send(msg)
+
+    def _bind(self, table: RoutingTable) -> None:
+        """Bind every named port of ``table`` not bound yet, one SO_REUSEPORT socket per worker (handed-over
+        sockets first: ``bind_socket`` takes from INHERITED); close those it no longer has (the workers'
+        copies stay open until they apply it)."""
+        from mesh.listener import bind_socket
+
+        wanted: dict[tuple[str, str, int], str] = {}
+        for _svc, route in table.routes():
+            if route.port:
+                kind = "dgram" if route.protocol == "udp" else "stream"
+                wanted.setdefault((kind, route.listen_host, route.port), route.protocol)
+        for key in [k for k in self.sockets if k not in wanted]:
+            for sock in self.sockets.pop(key):
+                sock.close()
+            self.roles.pop(key, None)
+            for w in self.workers:
+                w.has.discard(key)
+        failed = []
+        for key, role in wanted.items():
+            self.roles[key] = role
+            socks = self.sockets.setdefault(key, [])
+            kind, host, port = key
+            while len(socks) < self.n:
+                try:
+                    socks.append(bind_socket(host, port, udp=kind == "dgram", reuse_port=True))
+                except OSError as exc:
+                    failed.append(key)
+                    log.error("%s %s:%d: %s; retrying", role, host, port, exc.strerror or exc)
+                    break
+            if not socks:
+                del self.sockets[key]
+        if self._rebind is not None:
+            self._rebind.cancel()
+            self._rebind = None
+        if failed and not self._stopping:
+            self._rebind = asyncio.get_running_loop().call_later(self._rebind_delay, self._retry_bind)
+            self._rebind_delay = min(self._rebind_delay * 2, self.rebind_max)
+        else:
+            self._rebind_delay = 0.5
+
+    def _retry_bind(self) -> None:
+        self._rebind = None
+        if self.table is not None and not self._stopping:
+            task = asyncio.get_running_loop().create_task(self.publish(self.table))
+            self._pings.add(task)
+            task.add_done_callback(self._pings.discard)
+
+    async def _send_sockets(self, w: _Worker) -> bool:
+        """Send ``w`` the sockets its process does not have yet: descriptors on the sockets channel,
+        then a "sockets" message naming them, on the control channel."""
+        keys = [k for k, socks in self.sockets.items() if k not in w.has and len(socks) > w.index]
+        if not keys:
+            return True
+        if w.fdsock is None:
+            return False
+        fds = [self.sockets[k][w.index].fileno() for k in keys]
+        try:
+            for i in range(0, len(fds), 200):  # SCM_MAX_FD is 253
+                socket.send_fds(w.fdsock, [b"F"], fds[i : i + 200])
+        except OSError as exc:
+            log.warning("worker %d: cannot send its listening sockets: %s", w.index, exc)
+            return False
+        entries = [{"kind": k[0], "host": k[1], "port": k[2], "role": self.roles.get(k, "")} for k in keys]
+        if not await w.send({"type": "sockets", "sockets": entries}):
+            return False
+        w.has.update(keys)
+        return True
+
+    def listening_sockets(self) -> list[tuple[str, str, int, str, socket.socket]]:
+        """``(kind, host, port, role, socket)`` of every socket the workers share (for a handover)."""
+        return [(k[0], k[1], k[2], self.roles.get(k, ""), s) for k, socks in self.sockets.items() for s in socks]
+
+    def stop_accepting(self) -> None:
+        """A new agent took the sockets over: every worker stops accepting and drains (``shutdown``
+        then waits for them); this process closes its copies."""
+        self._stopping = True
+        if self._rebind is not None:
+            self._rebind.cancel()
+            self._rebind = None
+        for w in self.workers:
+            self._tell_stop(w)
+        for socks in self.sockets.values():
+            for sock in socks:
+                sock.close()
+        self.sockets.clear()
+
+    def _tell_stop(self, w: _Worker) -> None:
+        if w.told or w.proc is None or w.proc.returncode is not None:
+            return
+        w.told = True
+        with contextlib.suppress(ProcessLookupError):
+            w.proc.send_signal(signal.SIGTERM)
+
+    async def wait_ready(self) -> None:
+        """Until ``ready()``: every worker applied the current table."""
+        while not self.ready():
+            self._progress.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._progress.wait(), self.heartbeat)
 
     def ready(self) -> bool:
         """True when every worker has applied the current table and none is silent."""
@@ -186,10 +309,11 @@ class WorkerPool:
         self._stopping = True
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
+        if self._rebind is not None:
+            self._rebind.cancel()
+            self._rebind = None
         for w in self.workers:
-            if w.proc is not None and w.proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    w.proc.send_signal(signal.SIGTERM)
+            self._tell_stop(w)
         procs = [w.proc for w in self.workers if w.proc is not None]
         try:
             await asyncio.wait_for(asyncio.gather(*(p.wait() for p in procs)), grace + 5.0)
@@ -200,15 +324,23 @@ class WorkerPool:
                     with contextlib.suppress(ProcessLookupError):
                         p.kill()
             await asyncio.gather(*(p.wait() for p in procs))
+        for socks in self.sockets.values():
+            for sock in socks:
+                sock.close()
+        self.sockets.clear()
         for w in self.workers:
             if w.task is not None:
                 w.task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await w.task
+            if w.fdsock is not None:
+                w.fdsock.close()
+                w.fdsock = None
 
     # -- internals ---------------------------------------------------------------------------------
     async def _spawn(self, w: _Worker) -> None:
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fd_parent, fd_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             cmd = [
                 self.python,
@@ -217,18 +349,28 @@ class WorkerPool:
                 "worker",
                 "--control-fd",
                 str(child_sock.fileno()),
+                "--sockets-fd",
+                str(fd_child.fileno()),
                 "--index",
                 str(w.index),
                 *self.worker_args,
             ]
             w.proc = await asyncio.create_subprocess_exec(
-                *cmd, pass_fds=(child_sock.fileno(),), stdin=asyncio.subprocess.DEVNULL
+                *cmd, pass_fds=(child_sock.fileno(), fd_child.fileno()), stdin=asyncio.subprocess.DEVNULL
             )
         except BaseException:
             parent_sock.close()
+            fd_parent.close()
             raise
         finally:
             child_sock.close()
+            fd_child.close()
+        if w.fdsock is not None:
+            w.fdsock.close()
+        fd_parent.setblocking(False)
+        w.fdsock = fd_parent
+        w.has = set()
+        w.told = False
         reader, writer = await asyncio.open_unix_connection(sock=parent_sock, limit=MAX_MESSAGE)
         w.writer = writer
         w.applied_version = None
@@ -237,7 +379,7 @@ class WorkerPool:
         log.info("started worker %d, pid %d", w.index, w.proc.pid, extra={"worker": w.index, "pid": w.proc.pid})
         w.reader = reader
         if self.table is not None:
-            await w.send({"type": "table", "table": self.table.to_dict()})
+            await self._send_table(w, {"type": "table", "table": self.table.to_dict()})
 
     async def _read(self, w: _Worker, reader: asyncio.StreamReader) -> None:
         while True:
@@ -257,6 +399,7 @@ class WorkerPool:
                 continue
             if kind == "applied":
                 w.applied_version = msg.get("version")
+                self._progress.set()
             elif kind == "stats":
                 fut = w.pending.get(msg.get("id"))
                 if fut is not None and not fut.done():
@@ -311,6 +454,9 @@ class WorkerPool:
             rc = await proc.wait()
             if w.writer is not None:
                 w.writer.close()
+            if w.fdsock is not None:
+                w.fdsock.close()
+                w.fdsock = None
             for fut in w.pending.values():
                 if not fut.done():
                     fut.cancel()
@@ -350,12 +496,24 @@ class WorkerPool:
 # -- the worker process ------------------------------------------------------------------------------
 
 
-async def worker_main(control_fd: int, index: int, *, grace: float, node: str | None, access_log: bool = False) -> int:
+async def worker_main(
+    control_fd: int,
+    index: int,
+    *,
+    grace: float,
+    node: str | None,
+    access_log: bool = False,
+    sockets_fd: int | None = None,
+) -> int:
     """Body of ``python -m meshagent worker``: apply tables from the parent until told (or signalled) to stop."""
+    from mesh.listener import INHERITED
     from mesh.runtime import Mesh
 
     loop = asyncio.get_running_loop()
     sock = socket.socket(fileno=control_fd)
+    fdsock = socket.socket(fileno=sockets_fd) if sockets_fd is not None else None
+    if fdsock is not None:
+        INHERITED.strict = True  # every port comes from the parent (one accept queue for all workers)
     reader, writer = await asyncio.open_unix_connection(sock=sock, limit=MAX_MESSAGE)
     mesh = _make_mesh(Mesh, node=node, access_log=access_log)
     stop = asyncio.Event()
@@ -398,7 +556,9 @@ async def worker_main(control_fd: int, index: int, *, grace: float, node: str | 
             try:
                 msg = json.loads(line)
                 kind = msg["type"]
-                if kind == "table":
+                if kind == "sockets":
+                    _receive_sockets(fdsock, msg["sockets"], INHERITED)
+                elif kind == "table":
                     table = RoutingTable.from_dict(msg["table"])
                     await mesh.apply(table)
                     await send({"type": "applied", "version": table.version})
@@ -427,8 +587,29 @@ async def worker_main(control_fd: int, index: int, *, grace: float, node: str | 
         await server
     log.info("worker %d stopping: draining connections for up to %.1fs", index, grace)
     await mesh.shutdown(grace)
+    INHERITED.close_all()
+    if fdsock is not None:
+        fdsock.close()
     writer.close()
     return 0
+
+
+def _receive_sockets(fdsock: socket.socket | None, entries: list[dict[str, Any]], store: Any) -> None:
+    """The descriptors the parent sent just before a "sockets" message (already in the channel: a
+    blocking read with a short timeout), offered to ``bind_socket`` by key (``INHERITED``)."""
+    if fdsock is None:
+        raise ValueError("sockets sent to a worker started without --sockets-fd")
+    fds: list[int] = []
+    fdsock.settimeout(5.0)
+    while len(fds) < len(entries):
+        data, got, flags, _ = socket.recv_fds(fdsock, 256, 200)
+        fds.extend(got)
+        if not data or flags & socket.MSG_CTRUNC:
+            for fd in fds:
+                os.close(fd)
+            raise ValueError("the sockets channel closed or truncated descriptors")
+    for entry, fd in zip(entries, fds, strict=False):
+        store.add(entry["kind"], entry["host"], int(entry["port"]), socket.socket(fileno=fd))
 
 
 def _make_mesh(mesh_cls: Any, *, node: str | None, access_log: bool, reuse_port: bool = True) -> Any:
