@@ -13,6 +13,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -431,3 +432,30 @@ async def test_ssh_refused_key_is_an_error_with_sshs_words(sshd, monkeypatch):
     async with Engine(resolve_docker_host(f"ssh://{getpass.getuser()}@127.0.0.1:{sshd.port}", {}), timeout=20) as e:
         with pytest.raises(EngineUnavailable, match=r"\(ssh: ssh://.*Permission denied \(publickey\)"):
             await e.ping()
+
+
+# -- mesh run: the same resolution at start-up -------------------------------------------------------------
+
+
+def _mesh_run(*argv: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    root = Path(__file__).resolve().parent.parent
+    run_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(root), **env}
+    return subprocess.run(
+        [sys.executable, "-m", "meshagent", "run", *argv],
+        capture_output=True, text=True, env=run_env, cwd=root, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def test_mesh_run_docker_uses_the_current_context(store):
+    meta = store.meta("nope")
+    res = _mesh_run("--docker", "--admin", "off", env=store.env(DOCKER_CONTEXT="nope"))
+    assert res.returncode == 2
+    assert res.stderr == (
+        f"mesh: --docker: docker context 'nope' does not exist (no {meta}; `docker context ls` lists them)\n"
+    )
+    store.cli("context", "use", "beta")
+    res = _mesh_run("--admin", "off", env=store.env())  # no --config, no --docker: the engine if one answers
+    assert res.returncode == 2
+    assert res.stderr.startswith(
+        "mesh: no --config given and no Docker engine answers at unix:///run/beta/docker.sock;"
+    )
