@@ -665,7 +665,11 @@ class _RollingStop:
 
 
 def _endpoint_runtime(table: Any, ep_id: str) -> dict[str, Any] | None:
-    """``{"draining": bool, "active": int}`` for endpoint ``ep_id`` in an admin /v1/table answer, None if absent."""
+    """``{"draining": bool, "active": int}`` for endpoint ``ep_id`` in an admin /v1/table answer, None if absent
+    or if some process of the mesh (``--workers N``) has not applied that table yet: only then is the view the
+    whole mesh's (the runtime's applied version is the lowest of the workers')."""
+    if table.get("version") != (table.get("runtime") or {}).get("applied_version"):
+        return {"draining": False, "active": -1}  # not settled: neither drained nor gone
     for svc in table["services"]:
         for route in svc["routes"]:
             for ep in route["endpoints"]:
