@@ -250,7 +250,14 @@ class ControlServer:
             max_headers=32,
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, backlog=BACKLOG)
+        from mesh.listener import INHERITED
+
+        # a socket handed over by the previous agent (meshagent/handover.py) keeps its accept queue
+        inherited = INHERITED.take("stream", self.host, self.port) if self.port else None
+        if inherited is not None:
+            site: web.BaseSite = web.SockSite(self._runner, inherited, backlog=BACKLOG)
+        else:
+            site = web.TCPSite(self._runner, self.host, self.port, backlog=BACKLOG)
         await site.start()
         server = site._server
         assert server is not None

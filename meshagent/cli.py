@@ -325,7 +325,17 @@ def _run_cluster(args: argparse.Namespace, admin_addr: tuple[str, int] | None) -
     settings = ClusterSettings(token_file=args.token_file, **{k: v for k, v in given.items() if v is not None})
     _raise_nofile(args.max_fds)
     try:
-        return int(_run_loop(lambda: run_cluster_agent(settings, admin=admin_addr, metrics=not args.no_metrics)))
+        return int(
+            _run_loop(
+                lambda: run_cluster_agent(
+                    settings,
+                    admin=admin_addr,
+                    metrics=not args.no_metrics,
+                    handover=args.handover,
+                    handover_timeout=args.handover_timeout,
+                )
+            )
+        )
     except (ConfigError, OSError) as exc:  # bad settings or token file, not a swarm node, a port in use
         print(f"mesh: {exc}", file=sys.stderr)
         return EXIT_USAGE

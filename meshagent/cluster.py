@@ -234,6 +234,44 @@ class ClusterAgent:
             await self.mesh.shutdown(grace)
         await self.engine.close()
 
+    # -- handover (meshagent/handover.py) --------------------------------------------
+    def offers(self) -> list[Any]:
+        """Every listening socket of this agent, for a successor: the data plane's, the tunnel (TCP and
+        UDP) and, on a manager, the control server."""
+        from meshagent.handover import Offer, server_sockets
+
+        out = []
+        if self.mesh is not None:
+            out += [Offer(k, h, p, role, sock) for k, h, p, role, sock in self.mesh.listening_sockets()]
+        acceptor = self.tunnel._acceptor
+        if acceptor is not None and acceptor.listen_socket is not None:
+            out.append(Offer("stream", self.bind, self.tunnel_port, "tunnel", acceptor.listen_socket))
+        if self.udp_tunnel is not None and self.udp_tunnel.listen_socket is not None:
+            out.append(Offer("dgram", self.bind, self.tunnel_port, "udp-tunnel", self.udp_tunnel.listen_socket))
+        if self.control_server is not None:
+            out += [Offer("stream", self.bind, self.control_port, "control", s)
+                    for s in server_sockets(self.control_server._runner)]  # fmt: skip
+        return out
+
+    def stop_accepting(self) -> None:
+        """A successor serves this agent's sockets: stop every accept loop (this process's descriptors
+        only; the kernel sockets stay open in the successor).  Open connections drain in ``stop``."""
+        from meshagent.handover import close_listeners
+
+        if self.mesh is not None:
+            self.mesh.stop_accepting()
+        if self.tunnel._acceptor is not None:
+            self.tunnel._acceptor.close()
+        if self.udp_tunnel is not None:
+            self.udp_tunnel.close()
+        if self.control_server is not None:
+            close_listeners(self.control_server._runner)
+
+    async def wait_applied(self) -> None:
+        """Until the first table is applied."""
+        while not self.applies:
+            await self._applied.wait()
+
     def _spawn(self, coro, name: str) -> None:
         task = asyncio.create_task(coro, name=name)
         task.add_done_callback(self._task_done)
@@ -470,13 +508,24 @@ def agent_admin(agent: ClusterAgent, host: str, port: int, *, metrics: bool = Tr
 
 
 async def run_cluster_agent(
-    settings: ClusterSettings, *, admin: tuple[str, int] | None = None, metrics: bool = True
+    settings: ClusterSettings,
+    *,
+    admin: tuple[str, int] | None = None,
+    metrics: bool = True,
+    handover: str | None = None,
+    handover_timeout: float = 5.0,
 ) -> int:
     """Run the agent until SIGTERM/SIGINT; returns the exit code.  Raises ``ConfigError`` for bad
     settings, an unusable token file or an engine that is not a swarm node (the CLI exits 2).
 
     ``admin``: where the node's admin server (``agent_admin``) listens; None: no admin API.
+    ``handover``: the unix socket path of ``--handover`` (meshagent/handover.py): the tunnel, control,
+    admin and data-plane sockets are taken over from the agent serving it, which then drains and exits;
+    this agent serves it for the next upgrade, and exits 0 after draining once a successor took over.
     """
+    from mesh.listener import INHERITED
+    from meshagent.handover import Upgrades, close_listeners, server_sockets, start_admin
+
     settings.check()
     token = read_token(settings.token_file)
     agent = ClusterAgent(
@@ -502,14 +551,55 @@ async def run_cluster_agent(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop, sig)
     admin_server = None
+
+    def offers() -> list[Any]:
+        from meshagent.handover import Offer
+
+        out = agent.offers()
+        if admin_server is not None and admin is not None and admin[1]:
+            out += [Offer("stream", admin[0], admin[1], "admin", s) for s in server_sockets(admin_server)]
+        return out
+
+    async def stop_accepting() -> None:
+        agent.stop_accepting()
+        close_listeners(admin_server)
+
+    upgrades = None
+    tasks: list[asyncio.Task[Any]] = []
+    if handover:
+        upgrades = Upgrades(handover, offers, stop_accepting, timeout=handover_timeout)
+        await upgrades.takeover()
     try:
-        await agent.start()
+        await agent.start()  # the tunnel and control servers take handed-over sockets (INHERITED) first
+        if upgrades is not None and upgrades.contested:
+            agent.mesh.rebind_max = 2.0
         if admin is not None:
             admin_server = agent_admin(agent, *admin, metrics=metrics)
-            await admin_server.start()
-        await stop.wait()
+            sock = INHERITED.take("stream", *admin) if admin[1] else None
+            retry = await start_admin(admin_server, sock, upgrades)
+            if retry is not None:
+                tasks.append(retry)
+        waiters = [asyncio.create_task(stop.wait())]
+        if upgrades is not None:
+
+            async def complete() -> None:
+                await agent.wait_applied()
+                await upgrades.complete()
+
+            tasks.append(asyncio.create_task(complete(), name="handover-complete"))
+            waiters.append(asyncio.create_task(upgrades.finished.wait()))
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for w in waiters:
+            w.cancel()
+        if upgrades is not None and upgrades.finished.is_set():
+            log.info("the listening sockets were handed over: draining for up to %.1fs, then exiting", settings.grace)
     finally:
+        for t in tasks:
+            t.cancel()
+        if upgrades is not None:
+            await upgrades.close()
         if admin_server is not None:
             await admin_server.stop()
         await agent.stop(settings.grace)
+        INHERITED.close_all()
     return 0

@@ -178,10 +178,39 @@ async def test_handover_restarts_under_load_refuse_and_reset_nothing(tmp_path, b
         await until_progress(load)
         await load.stop()
         assert not load.errors, load
+        print("handover:", load)
         assert load.connections > 50, load
         agents[-1].signal(signal.SIGTERM)
         assert await agents[-1].wait(15) == 0
         assert not Path(sock).exists()  # noqa: ASYNC240 (the last agent removed its socket)
+    finally:
+        if load is not None:
+            await load.stop()
+        for a in agents:
+            await a.stop()
+
+
+async def test_without_handover_a_restart_refuses_connections(tmp_path, backends):
+    """The baseline the tests above are measured against (and proof that the load notices failures): a
+    stop-first restart (SIGTERM, then a new agent) under the same load refuses connections."""
+    path = tmp_path / "mesh.yaml"
+    port = free_port()
+    write_atomic(path, config(port, [b.port for b in backends]))
+    argv = ("--config", str(path), "--admin", "off", "--grace", "10")
+    agents = [await Agent(*argv).start()]
+    load = None
+    try:
+        await agents[0].wait_log("applied table version 1")
+        load = Load(port).start()
+        await until_progress(load)
+        agents[0].signal(signal.SIGTERM)
+        assert await agents[0].wait(15) == 0
+        agents.append(await Agent(*argv).start())
+        await agents[1].wait_log("applied table version 1")
+        await until_progress(load)
+        await load.stop()
+        print("stop-first:", load)
+        assert load.errors.get("refused", 0) > 0, load
     finally:
         if load is not None:
             await load.stop()
