@@ -15,19 +15,27 @@ first port's service and every host-routed one get ``--replicas`` each (default 
 replica that sent it (``X-Bench-Backend``), so each peer is checked to route every host to its own replicas
 before it is measured; a peer that misroutes is skipped with the reason.  The mesh rows run once the data plane
 serves ``protocol: http`` (``'http' in mesh.listener.FRONTS``); until then they are skipped, saying so.
+
+Before/after in one sitting: ``mesh-<N>@<rev>`` (e.g. ``--peers mesh-1,mesh-1@HEAD~2,haproxy``) is the mesh as
+it was at git revision ``<rev>`` of this checkout (``git archive`` into the work directory; run from there),
+interleaved with the others like any peer.
 """
 
 from __future__ import annotations
 
 import http.client
+import os
 import re
+import subprocess
+import tarfile
 import time
 from collections import Counter
 from typing import Any
 
 from benchmarks.backend import SIZES, TAG_HEADER, make_backend
-from benchmarks.peers import HttpPeer, HttpTargets, make_http_peer
-from benchmarks.proc import BenchError
+from benchmarks.peers import HttpPeer, HttpTargets, MeshHttpPeer
+from benchmarks.peers import make_http_peer as _peer_by_name
+from benchmarks.proc import REPO, BenchError
 from benchmarks.run import Suite, Workload
 
 __all__ = ["DEFAULT_PEERS", "GROUPS", "HOSTS", "QUICK", "HttpSuite", "make_http_peer", "parse_workloads"]
@@ -43,6 +51,66 @@ GROUPS["http"] = [*GROUPS["http-keepalive"], *GROUPS["http-close"], *GROUPS["htt
 GROUPS["all"] = GROUPS["http"]
 QUICK = GROUPS["http"]  # 6 workloads x 5 peers x 2 s: about a minute
 _WL = re.compile(r"http-(ka|close|hosts)-(100b|16k|1m)-c(\d+)")
+_AT = re.compile(r"mesh-(\d+)(-nometrics)?@([\w.~^/-]+)")
+
+
+class MeshHttpPeerAt(MeshHttpPeer):
+    """``mesh-<N>@<rev>``: the mesh of git revision ``rev`` (module docstring), same config and options."""
+
+    def __init__(self, workdir, cpus: str | None, workers: int, metrics: bool, rev: str) -> None:
+        super().__init__(workdir, cpus, workers=workers, metrics=metrics)
+        self.rev = rev
+        self.name = f"{self.name}@{rev}"
+        self.label += f", at {rev}"
+        self.tree: str | None = None
+
+    def unavailable(self) -> str | None:
+        why = super().unavailable()
+        if why:
+            return why
+        try:
+            commit = subprocess.run(
+                ["git", "-C", str(REPO), "rev-parse", "--verify", f"{self.rev}^{{commit}}"],
+                capture_output=True, text=True, timeout=30, check=True,
+            ).stdout.strip()  # fmt: skip
+            tree = self.workdir / f"src-{commit[:12]}"
+            if not tree.exists():
+                tar = tree.with_suffix(".tar")
+                subprocess.run(
+                    ["git", "-C", str(REPO), "archive", "-o", str(tar), commit], timeout=60, check=True,
+                    capture_output=True,
+                )  # fmt: skip
+                with tarfile.open(tar) as t:
+                    t.extractall(tree, filter="data")
+                tar.unlink()
+        except (OSError, subprocess.SubprocessError) as exc:
+            return f"revision {self.rev!r} could not be extracted: {exc}"
+        self.tree = str(tree)
+        self.label += f" ({commit[:10]})"
+        return None
+
+    def _listen(self, argv, cfg_dir, ports, timeout=10.0, env=None):  # type: ignore[override]
+        # ``python -m meshagent`` would import this checkout's packages (the working directory comes first on
+        # sys.path): run the module with the extracted tree first instead.
+        assert self.tree is not None and argv[1:3] == ["-m", "meshagent"], argv
+        boot = (
+            f"import runpy, sys; sys.path[0] = {self.tree!r}; sys.argv[0] = 'meshagent'; "
+            "runpy.run_module('meshagent', run_name='__main__', alter_sys=True)"
+        )
+        env = dict(env or os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (self.tree, env.get("PYTHONPATH", "")) if p)
+        return super()._listen([argv[0], "-c", boot, *argv[3:]], cfg_dir, ports, timeout=timeout, env=env)
+
+
+def make_http_peer(name: str, workdir, *, proxy_cpus: str | None = None):
+    """``benchmarks.peers.make_http_peer`` plus ``mesh-<N>[-nometrics]@<rev>``."""
+    m = _AT.fullmatch(name)
+    if m is None:
+        return _peer_by_name(name, workdir, proxy_cpus=proxy_cpus)
+    workers = int(m.group(1))
+    if workers < 1:
+        raise BenchError(f"peer {name!r}: the mesh needs at least 1 worker")
+    return MeshHttpPeerAt(workdir, proxy_cpus if workers == 1 else None, workers, not m.group(2), m.group(3))
 
 
 def parse_workloads(items: list[str]) -> list[Workload]:

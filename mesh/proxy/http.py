@@ -95,6 +95,7 @@ import hashlib
 import logging
 import time
 from collections import deque
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 import httptools
@@ -127,6 +128,8 @@ log = logging.getLogger(__name__)
 
 PIPELINE_DEPTH = 2  # requests read ahead of the one being answered before reading pauses
 RETRY_BODY_LIMIT = 64 * 1024  # request bodies kept for a retry
+COALESCE_COPY = 16 * 1024  # a response head and body piece up to this size are joined into one write
+_NEVER = float("inf")
 BODY_PAUSE = 256 * 1024  # request body bytes buffered before upstream is ready: then reading pauses
 MIN_RETRY_CONCURRENCY = 3
 # Sub-millisecond proxies need fine buckets (seconds).
@@ -143,6 +146,9 @@ _HOP = frozenset(
 _FORWARDING = frozenset(
     {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port", b"forwarded"}
 )
+_REQ_SPECIAL = _HOP | _FORWARDING | {b"host"}  # request fields the rebuilt head does not copy as they are
+_CONN_PLAIN = frozenset({b"close", b"keep-alive", b"upgrade", b""})  # Connection tokens that name no field
+_RESP_SPECIAL = _HOP | {b"content-length"}  # response fields looked at while the head is rebuilt
 
 _REASONS = {
     400: "Bad Request",
@@ -236,7 +242,7 @@ class ListenerHttpStats:
 class RouteTable:
     """Host and path rules of one http listener's bindings (module docstring, rule 3)."""
 
-    __slots__ = ("any", "bindings", "exact", "wildcards")
+    __slots__ = ("any", "bindings", "exact", "only", "wildcards")
 
     def __init__(self, bindings: tuple[Binding, ...]) -> None:
         self.bindings = bindings
@@ -261,6 +267,11 @@ class RouteTable:
         self.exact = {h: order(r) for h, r in exact.items()}
         self.wildcards = tuple((s, order(r)) for s, r in sorted(wild.items(), key=lambda kv: -len(kv[0])))
         self.any = order(anyhost)
+        # One route for any host and every path (the common single service on a port): any origin-form
+        # target is that route's, without looking at the host or decoding the path.
+        self.only: Binding | None = None
+        if not self.exact and not self.wildcards and len(self.any) == 1 and self.any[0][0] == "/":
+            self.only = self.any[0][1]
 
     @staticmethod
     def _path(rules: tuple[tuple[str, Binding], ...], path: str) -> Binding | None:
@@ -286,7 +297,19 @@ class RouteTable:
         return self._path(self.any, path)
 
 
+_HOSTS: dict[bytes, str] = {}  # Host field -> routing name: the same few values on every request (bounded)
+
+
 def _host_of(value: bytes) -> str:
+    name = _HOSTS.get(value)
+    if name is None:
+        if len(_HOSTS) >= 4096:
+            _HOSTS.clear()
+        name = _HOSTS[value] = _host_name(value)
+    return name
+
+
+def _host_name(value: bytes) -> str:
     """The routing name of a Host field: lower-cased, without port and trailing dot."""
     text = value.decode("latin-1").strip().lower()
     if text.startswith("["):
@@ -331,6 +354,7 @@ class Exchange:
         "clen",
         "close_after",
         "conn",
+        "conn_tokens",
         "endpoint",
         "head_out",
         "headers",
@@ -347,6 +371,7 @@ class Exchange:
         "retry_counted",
         "set_cookie",
         "started",
+        "stats",
         "status",
         "t_sent",
         "task",
@@ -371,8 +396,10 @@ class Exchange:
         self.chunked = False
         self.clen = -1
         self.upgrade = False
+        self.conn_tokens: frozenset[bytes] | set[bytes] | None = None  # fields named in Connection
         self.binding: Binding | None = None
         self.pool: Pool | None = None  # set while the request counts in the route's stats
+        self.stats: HttpStats | None = None  # the route's HttpStats (set with pool)
         self.host: Host | None = None  # set while the request counts in host.active
         self.endpoint: str | None = None  # the id of the last endpoint it went to (access log)
         self.up: UpstreamConn | None = None
@@ -457,24 +484,34 @@ class UpstreamConn(asyncio.Protocol):
             self.close()
             return
         self.got_bytes = True
+        # What this read makes for the client (the response head, body bytes, the last chunk) is collected
+        # and written once at the end: one send per upstream read rather than one per piece.
+        conn = ex.conn
+        conn._wbuf = wbuf = []
         try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            if self.ex is ex and self.status == 101 and ex.upgrade:
-                off = exc.args[0] if exc.args else len(data)
-                ex.conn._upgraded(ex, self, data[off:])
-            elif self.ex is ex:
-                ex.conn._upstream_error(ex, self, "bad_response", "101 or upgrade that was not asked for")
-            return
-        except httptools.HttpParserError as exc:
-            if self.ex is ex and not self.done:
-                ex.conn._upstream_error(ex, self, "bad_response", str(exc))
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserUpgrade as exc:
+                if self.ex is ex and self.status == 101 and ex.upgrade:
+                    off = exc.args[0] if exc.args else len(data)
+                    conn._upgraded(ex, self, data[off:])
+                elif self.ex is ex:
+                    conn._upstream_error(ex, self, "bad_response", "101 or upgrade that was not asked for")
                 return
-            self.reusable = False
-        # Completion is acted on here, outside the parser's callbacks: finishing may hand this connection
-        # to the next request, which must not see the rest of this parse.
-        if self.done and self.ex is ex:
-            ex.conn._response_done(ex, self)
+            except httptools.HttpParserError as exc:
+                if self.ex is ex and not self.done:
+                    conn._upstream_error(ex, self, "bad_response", str(exc))
+                    return
+                self.reusable = False
+            # Completion is acted on here, outside the parser's callbacks: finishing may hand this connection
+            # to the next request, which must not see the rest of this parse.
+            if self.done and self.ex is ex:
+                conn._response_done(ex, self)
+        finally:
+            if conn._wbuf is wbuf:
+                conn._wbuf = None
+                if wbuf:
+                    conn._write_out(wbuf)
 
     def eof_received(self) -> bool:
         self.reusable = False
@@ -521,7 +558,15 @@ class UpstreamConn(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         ex = self.ex
         if ex is not None and not self.no_body and not self.done:
-            ex.conn._response_body(ex, self, body)
+            if self.chunked_out:
+                body = b"%x\r\n%s\r\n" % (len(body), body)
+            ex.body_out += len(body)
+            conn = ex.conn
+            wbuf = conn._wbuf
+            if wbuf is not None:
+                wbuf.append(body)  # (HttpConnection._write_down, inlined: once per body piece)
+            else:
+                conn.transport.write(body)
 
     def on_message_complete(self) -> None:
         if self.ex is None or self.done:
@@ -547,9 +592,12 @@ class UpstreamConn(asyncio.Protocol):
         self.trailers = []
         self.resp_headers = []
         self.chunked_out = False
-        self.no_body = False
         self.got_bytes = False
-        self.parser = httptools.HttpResponseParser(self)
+        # llhttp is ready for the next response after a complete keep-alive one; a new parser only after a
+        # response without a body (HEAD, 204, 304: llhttp did not know) or one that did not keep alive.
+        if self.no_body or not self.parser.should_keep_alive():
+            self.parser = httptools.HttpResponseParser(self)
+        self.no_body = False
 
     def __repr__(self) -> str:
         return f"<UpstreamConn {self.host.endpoint.hostport} reused={self.reused} closed={self.closed}>"
@@ -681,13 +729,18 @@ class HttpConnection(asyncio.Protocol):
         "_blocked",
         "_deadline",
         "_ex",
+        "_fwd",
         "_head_bytes",
         "_inbound",
         "_last",
         "_paused",
+        "_rdeadline",
         "_reading_head",
+        "_rex",
         "_timer",
+        "_timer_at",
         "_upgrading",
+        "_wbuf",
         "client",
         "closing",
         "eof",
@@ -725,6 +778,11 @@ class HttpConnection(asyncio.Protocol):
         self.opts: Any = None
         self.trusted = False
         self._inbound: InboundProxy | None = None  # while the first bytes are judged (accept_proxy)
+        self._wbuf: list[bytes] | None = None  # bytes for the client collected while an upstream read is parsed
+        self._timer_at = _NEVER  # when ``_timer`` fires
+        self._rex: Exchange | None = None  # the request waiting for its response head (response timeout)
+        self._rdeadline = 0.0  # ... until then
+        self._fwd: tuple[bytes, bytes] | None = None  # (Host, the forwarding fields for it): _upstream_head
 
     # -- asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -765,6 +823,7 @@ class HttpConnection(asyncio.Protocol):
         client, rest = res
         if reader.peer_trusted:
             self.client = client
+            self._fwd = None
             self.site.inbound_stats.headers += 1
             self._trust()
             self._arm(self.opts.http_keepalive_timeout)  # a later deadline: the lazy timer follows it
@@ -776,9 +835,7 @@ class HttpConnection(asyncio.Protocol):
         self.site.inbound_stats.closed[reason] += 1
         log.debug("http %s client %s: %s (%s)", self.site.name, self.client, detail, reason)
         self.closing = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._cancel_timer()
         reset(self.transport)
 
     def _header_pending(self) -> bool:
@@ -845,9 +902,8 @@ class HttpConnection(asyncio.Protocol):
             self.site.inbound_stats.closed["incomplete"] += 1
         self._inbound = None
         self.closing = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._cancel_timer()
+        self._wbuf = None
         while self.queue:
             self._abandon(self.queue.popleft())
         self._ex = None
@@ -879,31 +935,68 @@ class HttpConnection(asyncio.Protocol):
         if self.transport is not None:
             reset(self.transport)
 
-    # -- timers (one lazy deadline per connection: the head deadline, or the keep-alive idle time)
+    # -- timers: one lazy timer per connection for every deadline it has.  ``_deadline`` is the PROXY
+    # header's, the request head's or the keep-alive idle time's (by state); ``_rdeadline`` the response
+    # head's of ``_rex``, the request in flight.  Arming a deadline stores a number; the timer is moved only
+    # when the new deadline is earlier than ``_timer_at``.  And it never sits more than ``_tick()`` (the
+    # shortest of the port's head and keep-alive timeouts) ahead of its last firing, so a deadline armed later
+    # is never earlier than it: a request costs clock reads, not TimerHandles.  A firing before any deadline
+    # is due re-arms at the next one (or the tick).
     def _arm(self, seconds: float) -> None:
-        loop = self.loop
-        self._deadline = deadline = loop.time() + seconds
+        self._deadline = deadline = self.loop.time() + seconds
+        if deadline < self._timer_at:
+            self._schedule(deadline)
+
+    def _tick(self) -> float:
+        opts = self.opts
+        return min(opts.http_head_timeout, opts.http_keepalive_timeout)
+
+    def _schedule(self, when: float) -> None:
         timer = self._timer
-        if timer is None:
-            self._timer = loop.call_at(deadline, self._on_timer)
-        elif deadline < timer.when():  # a shorter deadline (the head's) than the pending keep-alive one
+        if timer is not None:
             timer.cancel()
-            self._timer = loop.call_at(deadline, self._on_timer)
+        when = min(when, self.loop.time() + self._tick())
+        self._timer_at = when
+        self._timer = self.loop.call_at(when, self._on_timer)
+
+    def _cancel_timer(self) -> None:
+        timer = self._timer
+        if timer is not None:
+            timer.cancel()
+            self._timer = None
+        self._timer_at = _NEVER
 
     def _on_timer(self) -> None:
         self._timer = None
+        self._timer_at = _NEVER
         if self.closing:
             return
         now = self.loop.time()
-        if now < self._deadline:
-            self._timer = self.loop.call_at(self._deadline, self._on_timer)
-            return
-        if self._header_pending():
-            self._inbound_close("timeout", f"no complete PROXY header within {inbound.HEADER_TIMEOUT}s of accept")
-        elif self._reading_head:
-            self._refuse(408, "head_timeout", "request head not complete in time")
-        elif not self.queue:
-            self._close()  # an idle keep-alive connection
+        rex = self._rex
+        if rex is not None and now >= self._rdeadline:
+            self._rex = None
+            self._response_timeout(rex)
+            if self.closing:
+                return
+            rex = self._rex  # (a retry may have sent it again)
+        nxt = _NEVER
+        if self._header_pending() or self._reading_head or not self.queue:
+            if now >= self._deadline:
+                if self._header_pending():
+                    self._inbound_close(
+                        "timeout", f"no complete PROXY header within {inbound.HEADER_TIMEOUT}s of accept"
+                    )
+                elif self._reading_head:
+                    self._refuse(408, "head_timeout", "request head not complete in time")
+                else:
+                    self._close()  # an idle keep-alive connection
+                return
+            nxt = self._deadline
+        if rex is not None and self._rdeadline < nxt:
+            nxt = self._rdeadline
+        if nxt is not _NEVER:
+            self._schedule(nxt)
+        # else: a request is in flight with no response deadline pending; _next() or _attach() arms again
 
     # -- llhttp callbacks (request side)
     def on_message_begin(self) -> None:
@@ -955,6 +1048,10 @@ class HttpConnection(asyncio.Protocol):
                 te = v if te is None else te + b"," + v
             elif k == b"content-length":
                 ex.clen = int(v)  # llhttp has checked it: digits, and no second differing one
+            elif k == b"connection":
+                named = {t.strip().lower() for t in v.split(b",")} - _CONN_PLAIN
+                if named:
+                    ex.conn_tokens = named if ex.conn_tokens is None else ex.conn_tokens | named
         if method == b"CONNECT":
             raise _Refuse(501, "not_implemented", "CONNECT is not served")
         if te is not None:
@@ -1018,14 +1115,17 @@ class HttpConnection(asyncio.Protocol):
     # -- request processing
     def _begin(self, ex: Exchange) -> None:
         """The request at the head of the queue: route it and send it."""
-        binding = self.front.routes().lookup(ex.hostname, ex.url.decode("latin-1"))
-        if binding is None:
-            self._generate(ex, 404, "no_route")
-            return
+        table = self.front.routes()
+        binding = table.only
+        if binding is None or ex.url[:1] != b"/":
+            binding = table.lookup(ex.hostname, ex.url.decode("latin-1"))
+            if binding is None:
+                self._generate(ex, 404, "no_route")
+                return
         ex.binding = binding
         pool = ex.pool = binding.pool
         opts = pool.options
-        st = http_stats(pool)
+        ex.stats = st = http_stats(pool)
         st.active += 1
         pool.stats.accepted += 1
         if opts.http_max_body and ex.clen > opts.http_max_body:
@@ -1036,12 +1136,8 @@ class HttpConnection(asyncio.Protocol):
 
     def _upstream_head(self, ex: Exchange, opts: Any) -> bytes:
         """The head sent to the replica (module docstring, rule 4)."""
-        drop = _HOP
-        for k, v in ex.headers:
-            if k == b"connection":
-                named = {t.strip().lower() for t in v.split(b",")} - {b"close", b"keep-alive", b"upgrade", b""}
-                if named:
-                    drop = drop | named
+        extra = ex.conn_tokens  # fields named in the request's Connection (found in on_headers_complete)
+        drop = _HOP if extra is None else _HOP | extra
         trusted = self.trusted
         out = [b"%s %s HTTP/1.1\r\n" % (ex.method, ex.url)]
         add = out.append
@@ -1049,6 +1145,9 @@ class HttpConnection(asyncio.Protocol):
         host_value = None
         upgrade_value = None
         for k, v in ex.headers:
+            if k not in _REQ_SPECIAL and (extra is None or k not in extra):
+                add(b"%s: %s\r\n" % (k, v))  # (most fields: one set lookup)
+                continue
             if k in drop:
                 if k == b"upgrade":
                     upgrade_value = v
@@ -1069,17 +1168,19 @@ class HttpConnection(asyncio.Protocol):
             if k == b"host":
                 host_value = v
             add(b"%s: %s\r\n" % (k, v))
-        ip = self.client[0].encode() if self.client else b""
-        add(b"x-forwarded-for: %s\r\n" % (xff + b", " + ip if xff else ip))
-        add(b"x-forwarded-proto: %s\r\n" % (proto or b"http"))
         host_value = host_value or b""
-        add(b"x-forwarded-host: %s\r\n" % (host_fwd if host_fwd is not None else host_value))
-        add(b"x-forwarded-port: %s\r\n" % (port_fwd or str(self.site.port).encode()))
-        node = b'"[%s]"' % ip if b":" in ip else ip
-        mine = b"for=%s;proto=http" % node
-        if host_value:
-            mine += b';host="%s"' % host_value.replace(b'"', b"").replace(b"\\", b"")
-        add(b"forwarded: %s\r\n" % (fwd + b", " + mine if fwd else mine))
+        if xff is None and fwd is None and proto is None and host_fwd is None and port_fwd is None:
+            # Nothing kept from the client: the forwarding fields depend on the client and the Host only,
+            # the same on every request of a connection (kept per connection with the Host they were for).
+            cached = self._fwd
+            if cached is not None and cached[0] == host_value:
+                add(cached[1])
+            else:
+                tail = self._forwarding(host_value, None, None, None, None, None)
+                self._fwd = (host_value, tail)
+                add(tail)
+        else:
+            add(self._forwarding(host_value, xff, fwd, proto, host_fwd, port_fwd))
         if ex.upgrade and upgrade_value is not None:
             add(b"upgrade: %s\r\nconnection: upgrade\r\n" % upgrade_value)
         elif opts.proxy_protocol or opts.http_pool_max_idle == 0:
@@ -1087,6 +1188,31 @@ class HttpConnection(asyncio.Protocol):
         if ex.chunked:
             add(b"transfer-encoding: chunked\r\n")
         add(b"\r\n")
+        return b"".join(out)
+
+    def _forwarding(
+        self,
+        host_value: bytes,
+        xff: bytes | None,
+        fwd: bytes | None,
+        proto: bytes | None,
+        host_fwd: bytes | None,
+        port_fwd: bytes | None,
+    ) -> bytes:
+        """X-Forwarded-For/-Proto/-Host/-Port and Forwarded: the mesh's hop appended to what a trusted
+        client sent (arguments None: nothing kept)."""
+        ip = self.client[0].encode() if self.client else b""
+        out = [
+            b"x-forwarded-for: %s\r\n" % (xff + b", " + ip if xff else ip),
+            b"x-forwarded-proto: %s\r\n" % (proto or b"http"),
+            b"x-forwarded-host: %s\r\n" % (host_fwd if host_fwd is not None else host_value),
+            b"x-forwarded-port: %s\r\n" % (port_fwd or str(self.site.port).encode()),
+        ]
+        node = b'"[%s]"' % ip if b":" in ip else ip
+        mine = b"for=%s;proto=http" % node
+        if host_value:
+            mine += b';host="%s"' % host_value.replace(b'"', b"").replace(b"\\", b"")
+        out.append(b"forwarded: %s\r\n" % (fwd + b", " + mine if fwd else mine))
         return b"".join(out)
 
     def _choose(self, ex: Exchange) -> Host | None:
@@ -1282,13 +1408,15 @@ class HttpConnection(asyncio.Protocol):
             t.write(ex.head_out + pending)
         else:
             t.write(ex.head_out)
-        self._pause_read(False, 4)
+        if self._paused & 4:
+            self._pause_read(False, 4)
         if self._blocked and not up.paused:
             up.paused = True
             t.pause_reading()
-        if ex.timer is not None:
-            ex.timer.cancel()
-        ex.timer = self.loop.call_at(now + ex.pool.options.http_response_timeout, self._response_timeout, ex)  # type: ignore[union-attr]
+        self._rex = ex
+        self._rdeadline = due = now + ex.pool.options.http_response_timeout  # type: ignore[union-attr]
+        if due < self._timer_at:
+            self._schedule(due)
 
     def _last_chunk(self, ex: Exchange) -> bytes:
         if not ex.trailers:
@@ -1336,16 +1464,15 @@ class HttpConnection(asyncio.Protocol):
     def _response_head(self, ex: Exchange, up: UpstreamConn) -> None:
         status = up.status
         interim = 100 <= status < 200 and status != 101
-        if not interim and ex.timer is not None:
-            ex.timer.cancel()
-            ex.timer = None
+        if not interim and self._rex is ex:
+            self._rex = None
         pool: Pool = ex.pool  # type: ignore[assignment]
         opts = pool.options
         if status == 101 and not ex.upgrade:
             self._upstream_error(ex, up, "bad_response", "101 to a request that did not ask to upgrade")
             return
         if not interim:
-            http_stats(pool).upstream_time.observe(self.loop.time() - ex.t_sent)
+            (ex.stats or http_stats(pool)).upstream_time.observe(self.loop.time() - ex.t_sent)
             if status in opts.http_retry_on and self._may_retry(ex, "status"):
                 up.ex = None
                 up.close()
@@ -1355,15 +1482,20 @@ class HttpConnection(asyncio.Protocol):
         if status >= 200 and (ex.method == b"HEAD" or status in (204, 304)):
             up.no_body = True
         chunked = clen = False
-        out = [b"HTTP/1.1 %d %s\r\n" % (status, _reason(status))]
+        out = [_status_line(status)]
         add = out.append
         named: set[bytes] | None = None
-        for k, v in up.resp_headers:
-            if k == b"connection":
-                tokens = {t.strip().lower() for t in v.split(b",")} - {b"close", b"keep-alive", b"upgrade", b""}
+        headers = up.resp_headers
+        for k, v in headers:
+            if k == b"connection" and v.lower() not in _CONN_PLAIN:
+                tokens = {t.strip().lower() for t in v.split(b",")} - _CONN_PLAIN
                 if tokens:
                     named = tokens if named is None else named | tokens
-        for k, v in up.resp_headers:
+        for k, v in headers:
+            if k not in _RESP_SPECIAL:
+                if named is None or k not in named:
+                    add(b"%s: %s\r\n" % (k, v))  # (most fields: one set lookup)
+                continue
             if named is not None and k in named:
                 continue
             if k == b"transfer-encoding":
@@ -1414,12 +1546,30 @@ class HttpConnection(asyncio.Protocol):
         if up.no_body:
             up.done = True  # acted on when the parse of this read returns
 
-    def _response_body(self, ex: Exchange, up: UpstreamConn, body: bytes) -> None:
-        self._write_down(ex, b"%x\r\n%s\r\n" % (len(body), body) if up.chunked_out else body)
-
     def _write_down(self, ex: Exchange, data: bytes) -> None:
         ex.body_out += len(data)
-        self.transport.write(data)
+        wbuf = self._wbuf
+        if wbuf is not None:
+            wbuf.append(data)  # an upstream read is being parsed: sent once it is done (UpstreamConn.data_received)
+        else:
+            self.transport.write(data)
+
+    def _write_out(self, wbuf: list[bytes]) -> None:
+        """Send what an upstream read made for the client in one write (small pieces joined, large ones
+        handed over as they are: uvloop sends a list with one writev)."""
+        if len(wbuf) == 1:
+            self.transport.write(wbuf[0])
+        elif len(wbuf) == 2 and len(wbuf[1]) <= COALESCE_COPY:
+            self.transport.write(wbuf[0] + wbuf[1])
+        else:
+            self.transport.writelines(wbuf)
+
+    def _flush(self) -> None:
+        """Write what is collected now (before the transport changes hands or closes)."""
+        wbuf = self._wbuf
+        if wbuf:
+            self._wbuf = []
+            self._write_out(wbuf)
 
     def _response_done(self, ex: Exchange, up: UpstreamConn) -> None:
         if up.chunked_out:
@@ -1441,8 +1591,8 @@ class HttpConnection(asyncio.Protocol):
             pool: Pool = ex.pool  # type: ignore[assignment]
             if ex.status >= 500:
                 pool.report_failure(host)  # passive outlier detection on gateway errors too
-            elif host.via is not None or ex.status:
-                pool.report_success(host)
+            elif host.consecutive_failures:
+                pool.report_success(host)  # (it resets consecutive failures: nothing to do while there are none)
             self.front.release(host, up, pool.options)
         else:
             up.close()
@@ -1454,7 +1604,8 @@ class HttpConnection(asyncio.Protocol):
             self.queue.popleft()
         pool = ex.pool
         self._account(ex)  # (clears ex.pool)
-        self._wake(pool)
+        if pool is not None and pool.options.http_max_inflight:
+            self._wake(pool)
         if ex.close_after or not ex.body_done:
             self._close()
             return
@@ -1466,7 +1617,8 @@ class HttpConnection(asyncio.Protocol):
     def _next(self) -> None:
         if self.closing:
             return
-        self._pause_read(False, 1 | 2)
+        if self._paused & 3:
+            self._pause_read(False, 1 | 2)
         if self.queue:
             self._begin(self.queue[0])
         elif not self._reading_head:
@@ -1507,10 +1659,12 @@ class HttpConnection(asyncio.Protocol):
         if ex.timer is not None:
             ex.timer.cancel()
             ex.timer = None
+        if self._rex is ex:
+            self._rex = None
         pool = ex.pool
         if pool is None:
             return
-        hs = http_stats(pool)
+        hs = ex.stats or http_stats(pool)
         if ex.retry_counted:
             hs.retries_active -= 1
             ex.retry_counted = False
@@ -1541,7 +1695,6 @@ class HttpConnection(asyncio.Protocol):
 
     # -- failures
     def _response_timeout(self, ex: Exchange) -> None:
-        ex.timer = None
         up = ex.up
         if up is not None:
             up.ex = None
@@ -1721,9 +1874,9 @@ class HttpConnection(asyncio.Protocol):
 
     def _close(self) -> None:
         self.closing = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._cancel_timer()
+        if self._wbuf:
+            self._flush()
         self.transport.close()
 
     # -- upgrades
@@ -1736,9 +1889,10 @@ class HttpConnection(asyncio.Protocol):
             self.queue.popleft()
         self._count(ex, "1xx")  # host.active stays: the splice gives it back when the upgraded pair closes
         self.closing = True  # this protocol object is done; the splice carries the connection
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._cancel_timer()
+        if self._wbuf:
+            self._flush()  # the 101 goes before anything the splice sends
+        self._wbuf = None
         reg = self.site.registry
         if self in reg:
             reg.remove(self)
@@ -1782,11 +1936,19 @@ def _reason(status: int) -> bytes:
     if r is not None:
         return r.encode()
     try:
-        from http import HTTPStatus
-
         return HTTPStatus(status).phrase.encode()
     except ValueError:
         return b"Unknown"
+
+
+_STATUS_LINES: dict[int, bytes] = {}  # status -> b"HTTP/1.1 200 OK\r\n" (llhttp gives 100..999: bounded)
+
+
+def _status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        line = _STATUS_LINES[status] = b"HTTP/1.1 %d %s\r\n" % (status, _reason(status))
+    return line
 
 
 def _has_length(up: UpstreamConn) -> bool:
