@@ -15,7 +15,8 @@ Rules:
   ``KILL_AFTER`` seconds).  ``close()`` stops the listener, ends every connection and process, and removes
   the directory.
 - What ssh wrote on stderr when it failed (bad key, unknown host, no docker on the remote) is kept, bounded,
-  in ``last_error``, so the client's error says why rather than "server disconnected".
+  in ``last_error`` (until a later connection gets an answer), so the client's error says why rather than
+  "server disconnected".
 - If the agent dies, the processes' stdin pipes close: ssh sends EOF and the remote ``dial-stdio`` ends.
 """
 
@@ -27,6 +28,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 
 __all__ = ["SshBridge"]
 
@@ -100,12 +102,12 @@ class SshBridge:
             )
         except OSError as exc:
             self.last_error = f"cannot run {self.command[0]}: {exc}"
-            log.warning("ssh bridge %s: %s", self.label, self.last_error)
+            log.debug("ssh bridge %s: %s", self.label, self.last_error)
             return
         self.started += 1
         assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
         up = asyncio.ensure_future(_copy(reader, proc.stdin))
-        down = asyncio.ensure_future(_copy(proc.stdout, writer))
+        down = asyncio.ensure_future(_copy(proc.stdout, writer, self._answered))
         err = asyncio.ensure_future(_tail(proc.stderr))
         try:
             # Either direction ending ends the connection: the client closed (aiohttp dropped a pooled
@@ -122,11 +124,25 @@ class SshBridge:
             if proc.returncode not in (0, None, -15):
                 text = stderr.decode("utf-8", "replace").strip() or f"exit status {proc.returncode}"
                 self.last_error = f"{self.label}: {text}"
-                log.warning("ssh bridge: %s", self.last_error)
+                # debug only: the client's error carries it, and the watcher logs a repeated failure once
+                log.debug("ssh bridge: %s", self.last_error)
+
+    def _answered(self) -> None:
+        """The remote engine sent bytes: ssh works again, an earlier failure no longer explains anything."""
+        self.last_error = None
 
 
-async def _copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+async def _copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter, first: Callable[[], None] | None = None) -> None:
+    """Copy until EOF (then pass the EOF on); ``first()`` is called when the first bytes arrive."""
     try:
+        if first is not None:
+            data = await src.read(CHUNK)
+            if data:
+                first()
+                dst.write(data)
+                await dst.drain()
+            else:
+                return
         while data := await src.read(CHUNK):
             dst.write(data)
             await dst.drain()

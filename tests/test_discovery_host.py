@@ -320,7 +320,8 @@ async def test_tls_contexts_against_a_tls_engine(store, certs, tmp_path):
 
 
 SSHD = "/usr/sbin/sshd"
-HAVE_SSH = os.path.exists(SSHD) and shutil.which("ssh") is not None and shutil.which("docker") is not None
+SSH = shutil.which("ssh")  # the real client, looked up before any test puts its wrapper first on PATH
+HAVE_SSH = os.path.exists(SSHD) and SSH is not None and shutil.which("docker") is not None
 
 
 class Sshd:
@@ -357,7 +358,7 @@ class Sshd:
         bin_dir = d / f"bin_{key}"
         bin_dir.mkdir(exist_ok=True)
         wrapper = bin_dir / "ssh"
-        wrapper.write_text(f'#!/bin/sh\nexec {shutil.which("ssh")} -F {d / f"ssh_config_{key}"} "$@"\n')
+        wrapper.write_text(f'#!/bin/sh\nexec {SSH} -F {d / f"ssh_config_{key}"} "$@"\n')
         wrapper.chmod(0o755)
         return bin_dir
 
@@ -428,10 +429,15 @@ async def test_ssh_host_through_a_real_sshd(sshd, fake, store):
 async def test_ssh_refused_key_is_an_error_with_sshs_words(sshd, monkeypatch):
     import getpass
 
-    monkeypatch.setenv("PATH", f"{sshd.client_bin('stranger')}:{os.environ['PATH']}")
+    path = os.environ["PATH"]
+    monkeypatch.setenv("PATH", f"{sshd.client_bin('stranger')}:{path}")
     async with Engine(resolve_docker_host(f"ssh://{getpass.getuser()}@127.0.0.1:{sshd.port}", {}), timeout=20) as e:
         with pytest.raises(EngineUnavailable, match=r"\(ssh: ssh://.*Permission denied \(publickey\)"):
             await e.ping()
+        # the key is fixed: the next connection works, and the old failure is forgotten
+        monkeypatch.setenv("PATH", f"{sshd.client_bin()}:{path}")
+        assert await e.ping() is True
+        assert e.bridge.last_error is None
 
 
 # -- mesh run: the same resolution at start-up -------------------------------------------------------------
