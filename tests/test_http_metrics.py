@@ -14,9 +14,10 @@ import logging
 
 import aiohttp
 import pytest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
-from mesh.admin import AdminServer, MeshState
+from mesh.admin import AdminServer, MeshState, openmetrics_from_text
 from mesh.logs import setup_logging
 from mesh.metrics import merge_snapshots, render_text, snapshot
 from mesh.proxy.http import HTTP_BUCKETS
@@ -128,9 +129,13 @@ async def test_http_metrics_exact_after_known_traffic():
         await t.run()
         snap = snapshot(t.mesh)
         json.dumps(snap)  # what a worker sends over its pipe
-        m = parse(render_text(merge_snapshots([snap])))
+        text = render_text(merge_snapshots([snap]))
+        m = parse(text)
     finally:
         await t.close()
+    # the OpenMetrics form (what Prometheus asks for first) passes prometheus_client's strict parser
+    om = {f.name: f.type for f in openmetrics_families(openmetrics_from_text(text.encode()).decode())}
+    assert om["mesh_http_requests"] == "counter" and om["mesh_http_request_duration_seconds"] == "histogram"
     shop, flaky, empty = (dict(service=s, port=t.port) for s in ("shop", "flaky", "empty"))
     assert m["mesh_http_requests_total"] == {
         L(**shop, method="GET", code_class="2xx"): 5,
