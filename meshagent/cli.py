@@ -619,6 +619,8 @@ async def _serve(args: argparse.Namespace, source: Any, admin_addr: tuple[str, i
         elif pool is not None and pool.failed.is_set() and not stop.is_set():
             log.error("a worker keeps crashing; exiting")
             rc = EXIT_RUNTIME
+        if upgrades is not None and stop.is_set():
+            await upgrades.wait_pending()
     finally:
         loop.remove_signal_handler(signal.SIGUSR2)
         for t in (*tasks, admin_retry):

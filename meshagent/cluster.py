@@ -591,6 +591,8 @@ async def run_cluster_agent(
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         for w in waiters:
             w.cancel()
+        if upgrades is not None and stop.is_set():
+            await upgrades.wait_pending()
         if upgrades is not None and upgrades.finished.is_set():
             log.info("the listening sockets were handed over: draining for up to %.1fs, then exiting", settings.grace)
     finally:

@@ -96,6 +96,7 @@ class HandoverServer:
         self.timeout = timeout
         self.released = asyncio.Event()
         self.handovers = 0  # descriptors sets sent (a new agent that gave up still counts)
+        self.in_progress = False  # a new agent holds our sockets and has not released us yet
         self._sock: socket.socket | None = None
         self._ino: int | None = None
         self._task: asyncio.Task[None] | None = None
@@ -184,7 +185,11 @@ class HandoverServer:
         conn.setblocking(False)
         self.handovers += 1
         log.info("handover: sent %d socket(s) to pid %s; serving until it has taken over", len(fds), peer)
-        ask = await reader.readline()  # no timeout: until the new agent releases us or goes away
+        self.in_progress = True
+        try:
+            ask = await reader.readline()  # no timeout: until the new agent releases us or goes away
+        finally:
+            self.in_progress = False
         if ask is None:
             log.warning("handover: pid %s went away before taking over; still serving", peer)
             return
@@ -319,6 +324,8 @@ def request_takeover(path: str, timeout: float = DEFAULT_TIMEOUT) -> tuple[Takeo
             conn.settimeout(max(deadline - time.monotonic(), 0.001))
             data, fds, flags, _ = socket.recv_fds(conn, 65536, FD_BATCH)
             received.extend(fds)
+            for fd in fds:  # a process this one starts (workers, a SIGUSR2 successor) must not inherit them
+                os.set_inheritable(fd, False)
             if flags & socket.MSG_CTRUNC:
                 raise ValueError("descriptors truncated in transit")
             if not data:
@@ -499,6 +506,17 @@ class Upgrades:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await server._task  # until the new agent has its answer
         self.finished.set()
+
+    async def wait_pending(self) -> None:
+        """Stopping (SIGTERM) while a new agent holds this agent's sockets but has not released it yet
+        (Swarm's start-first stops the old task as soon as the new one runs): give it up to the timeout
+        to finish, so that the sockets go to it rather than the ports closing under it."""
+        server = self.server
+        if server is None or not server.in_progress:
+            return
+        log.info("handover: a new agent is taking the sockets over; waiting up to %.1fs for it", self.timeout)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.finished.wait(), self.timeout)
 
     async def close(self) -> None:
         if self._watch is not None:

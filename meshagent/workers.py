@@ -196,7 +196,11 @@ class WorkerPool:
             kind, host, port = key
             while len(socks) < self.n:
                 try:
-                    socks.append(bind_socket(host, port, udp=kind == "dgram", reuse_port=True))
+                    sock = bind_socket(host, port, udp=kind == "dgram", reuse_port=True)
+                    # a socket handed over by a one-process agent has no SO_REUSEPORT: set it, so that
+                    # the other workers' sockets can join it in one port group
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                    socks.append(sock)
                 except OSError as exc:
                     failed.append(key)
                     log.error("%s %s:%d: %s; retrying", role, host, port, exc.strerror or exc)
@@ -604,6 +608,8 @@ def _receive_sockets(fdsock: socket.socket | None, entries: list[dict[str, Any]]
     while len(fds) < len(entries):
         data, got, flags, _ = socket.recv_fds(fdsock, 256, 200)
         fds.extend(got)
+        for fd in got:  # like every socket Python opens: not inherited by processes this one starts
+            os.set_inheritable(fd, False)
         if not data or flags & socket.MSG_CTRUNC:
             for fd in fds:
                 os.close(fd)

@@ -26,7 +26,18 @@ import aiohttp
 import pytest
 
 from meshagent.handover import request_takeover
-from tests.test_cli import Agent, Conn, EchoBackend, _gone, clean_env, echo_once, write_atomic
+from tests.test_cli import (
+    LISTEN,
+    Agent,
+    Conn,
+    EchoBackend,
+    _gone,
+    _socket_inodes,
+    _tcp_sockets,
+    clean_env,
+    echo_once,
+    write_atomic,
+)
 from tests.util import reserved_port, wait_for
 
 pytestmark = pytest.mark.uvloop_only  # real processes; the test's own loop only drives clients
@@ -56,6 +67,7 @@ class Load:
     ok: int = 0
     connections: int = 0
     errors: dict[str, int] = field(default_factory=dict)
+    error_span: list[float] = field(default_factory=list)  # monotonic times of the first and last error
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task] = field(default_factory=list)
 
@@ -80,6 +92,9 @@ class Load:
         else:
             kind = type(exc).__name__
         self.errors[kind] = self.errors.get(kind, 0) + 1
+        self.error_span[1:] = [time.monotonic()]
+        if len(self.error_span) == 1:
+            self.error_span.insert(0, self.error_span[0])
 
     async def _client(self, ident: int, per_conn: int) -> None:
         n = 0
@@ -111,7 +126,8 @@ class Load:
         await asyncio.gather(*self._tasks)
 
     def __repr__(self) -> str:
-        return f"<Load ok={self.ok} connections={self.connections} errors={self.errors}>"
+        span = self.error_span[-1] - self.error_span[0] if self.error_span else 0.0
+        return f"<Load ok={self.ok} connections={self.connections} errors={self.errors} over {span:.2f}s>"
 
 
 @pytest.fixture
@@ -248,6 +264,7 @@ async def test_sigusr2_restarts_under_load_refuse_and_reset_nothing(tmp_path, ba
             assert not load.errors, (i, load, agent.log)
         assert agent.proc is not None and agent.proc.returncode == 0  # the first one exited 0
         await load.stop()
+        print("sigusr2:", load)
         assert not load.errors, load
         os.kill(pids[-1], signal.SIGTERM)
         await wait_for(lambda: _gone(pids[-1]), timeout=15, what="last agent exits")
@@ -291,12 +308,44 @@ async def test_workers_handover_under_load(tmp_path, backends):
                 assert await ready(admin)
                 assert not load.errors, (i, load, old.log, new.log)
             await load.stop()
+            print("workers handover:", load)
             assert not load.errors, load
         finally:
             if load is not None:
                 await load.stop()
             for a in agents:
                 await a.stop()
+
+
+async def test_one_process_hands_over_to_two_workers_without_leaking_sockets(tmp_path, backends):
+    """A one-process agent hands its port to ``--workers 2``: the new parent keeps that socket (now with
+    SO_REUSEPORT) for worker 0 and binds a second for worker 1; each worker holds its own socket only
+    (handed-over descriptors are close-on-exec: no worker inherits the parent's copy)."""
+    path = tmp_path / "mesh.yaml"
+    port = free_port()
+    write_atomic(path, config(port, [b.port for b in backends]))
+    sock = str(tmp_path / "handover.sock")
+    base = ("--config", str(path), "--admin", "off", "--handover", sock, "--grace", "5")
+    old = await Agent(*base).start()
+    new = None
+    try:
+        await old.wait_log("handover: serving")
+        inherited = {ino for st, ino in _tcp_sockets(port) if st == LISTEN}
+        assert len(inherited) == 1
+        new = await Agent(*base, "--workers", "2", "--log-format", "json").start()
+        await new.wait_log("handover: serving", timeout=30)
+        assert await old.wait(15) == 0, old.log
+        listening = {ino for st, ino in _tcp_sockets(port) if st == LISTEN}
+        assert inherited < listening and len(listening) == 2  # the same kernel socket, and one more
+        workers = worker_pids(new)
+        held = [_socket_inodes(pid) & listening for pid in workers]
+        assert len(held) == 2 and all(len(h) == 1 for h in held) and held[0] != held[1], (held, inherited, new.log)
+        for _ in range(20):
+            assert await echo_once(port) == b"ping\n"
+    finally:
+        await old.stop()
+        if new is not None:
+            await new.stop()
 
 
 def worker_pids(agent: Agent) -> list[int]:
