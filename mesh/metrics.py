@@ -257,6 +257,9 @@ class StatsReader:
                     route_row["http"] = _http_route(getattr(pool, "http", None))
                     if pool is pools[0]:  # listener-wide: on its first route only
                         route_row["http_listener"] = _http_listener(http_front.stats)
+                inbound = getattr(listener, "inbound_stats", None)  # incoming PROXY headers (accept_proxy)
+                if inbound is not None and pool is pools[0] and _inbound_used(inbound, pools):
+                    route_row["inbound"] = {"headers": inbound.headers, "closed": dict(inbound.closed)}
                 sni = getattr(listener, "sni_stats", None)
                 if sni is not None and pool is pools[0]:  # listener-wide: on its first route only
                     route_row["tls"] = {"routed": sni.routed, "closed": dict(sni.closed)}
@@ -281,6 +284,14 @@ class StatsReader:
 _BUCKETS = {"connect_time": list(CONNECT_BUCKETS), "duration": list(DURATION_BUCKETS), "http": list(HTTP_BUCKETS)}
 _HTTP_HISTOGRAMS = ("duration", "upstream_time")
 _STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+
+
+def _inbound_used(inbound: Any, pools: list[Any]) -> bool:
+    """Export a listener's incoming-PROXY counters once some route on it accepts the header, or once they
+    counted anything (a route that stopped accepting keeps its series)."""
+    if inbound.headers or any(inbound.closed.values()):
+        return True
+    return any(getattr(getattr(p, "options", None), "accept_proxy", None) for p in pools)
 
 
 def _http_route(hs: Any) -> dict[str, Any]:
@@ -555,14 +566,14 @@ def merge_snapshots(snaps: Sequence[dict[str, Any]]) -> dict[str, Any]:
                     "failed": dict(r["failed"]),
                     "removed": _copy_counters(r["removed"]),
                 }
-                for extra in ("udp", "tls", "http_listener"):
+                for extra in ("udp", "tls", "http_listener", "inbound"):
                     if extra in r:
                         into[extra] = _copy_nested(r[extra])
                 if "http" in r:
                     into["http"] = _copy_http(r["http"])
                 hosts_of[key] = {}
             else:
-                for extra in ("udp", "tls", "http_listener"):
+                for extra in ("udp", "tls", "http_listener", "inbound"):
                     if extra in r:
                         _sum_into(into.setdefault(extra, {}), r[extra])
                 if "http" in r:
@@ -742,10 +753,17 @@ _HELP = {
         "HTTP requests answered before any route took them (404 no_route, 400/408/414/431/501 ...: the "
         "connection is then closed), by status and reason.",
     ),
+    # incoming PROXY headers (accept_proxy), per listener
+    "mesh_inbound_proxy_headers_total": ("counter", "Connections whose incoming PROXY header was accepted."),
+    "mesh_inbound_proxy_closed_total": (
+        "counter",
+        "Connections closed in the incoming PROXY header phase, by reason: timeout, bad_header, "
+        "untrusted_header, missing_header, incomplete.",
+    ),
 }
 
 
-_ONLY_WHEN_USED = ("mesh_udp_", "mesh_tls_", "mesh_http_")
+_ONLY_WHEN_USED = ("mesh_udp_", "mesh_tls_", "mesh_http_", "mesh_inbound_")
 
 
 def _esc(value: str) -> str:
@@ -786,6 +804,15 @@ def render_text(merged: dict[str, Any]) -> str:
             lines["mesh_tls_routed_total"].append(f"mesh_tls_routed_total{{{tl}}} {r['tls']['routed']}\n")
             for reason, n in sorted(r["tls"]["closed"].items()):
                 lines["mesh_tls_closed_total"].append(f'mesh_tls_closed_total{{{tl},reason="{reason}"}} {n}\n')
+        if "inbound" in r:
+            il = f'port="{r["port"]}",listen_host="{_esc(r["listen_host"])}"'
+            lines["mesh_inbound_proxy_headers_total"].append(
+                f"mesh_inbound_proxy_headers_total{{{il}}} {r['inbound']['headers']}\n"
+            )
+            for reason, n in sorted(r["inbound"]["closed"].items()):
+                lines["mesh_inbound_proxy_closed_total"].append(
+                    f'mesh_inbound_proxy_closed_total{{{il},reason="{_esc(reason)}"}} {n}\n'
+                )
         if "http" in r:
             _render_http(lines, rl, r["http"], http_bounds)
         if "http_listener" in r:

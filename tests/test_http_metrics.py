@@ -327,3 +327,47 @@ async def test_agent_with_two_workers_merges_http_series(tmp_path):
         rc = await agent.stop()
         listen.close()
     assert rc == 0, agent.log.read_text()[-3000:]
+
+
+async def test_incoming_proxy_header_counters_are_exported_per_listener():
+    """``accept_proxy`` on an http port: accepted headers and refusals (missing, bad) are exported per
+    listener (mesh_inbound_proxy_*); a port without accept_proxy exports nothing of the kind."""
+    from mesh.proxyproto import encode_v1
+
+    a = await HttpBackend("a").start()
+    mesh = Mesh()
+    try:
+        port = await serve(mesh, lambda p: [service("shop", p, [a], accept_proxy=("127.0.0.0/8",))])
+        plain = await serve_more(mesh, service("plain", 0, [a]))
+        header = encode_v1(("203.0.113.7", 40000), ("127.0.0.1", port))
+        for first in (header + req("GET", "/echo", "x"), req("GET", "/echo", "x"), b"PROXY TCP4 1.2.3.4 nope 1 2\r\n"):
+            async with Client(port) as c:
+                await c.send(first)
+                if first.startswith(header):
+                    assert (await c.response()).status == 200
+                else:
+                    assert await c.closed()
+        async with Client(plain) as c:
+            assert await exchange(c, "GET", "/echo", "x") == 200
+        (site,) = [x for x in mesh.listeners() if x.port == port]
+        await wait_for(lambda: sum(site.inbound_stats.closed.values()) == 2, what="two refusals")
+        m = parse(render_text(merge_snapshots([snapshot(mesh)])))
+    finally:
+        await mesh.shutdown(1)
+    lst = dict(port=port, listen_host="127.0.0.1")
+    assert m["mesh_inbound_proxy_headers_total"] == {L(**lst): 1}
+    assert m["mesh_inbound_proxy_closed_total"] == {
+        L(**lst, reason="missing_header"): 1,
+        L(**lst, reason="bad_header"): 1,
+        L(**lst, reason="timeout"): 0,
+        L(**lst, reason="untrusted_header"): 0,
+        L(**lst, reason="incomplete"): 0,
+    }
+
+
+async def serve_more(mesh: Mesh, svc: Service) -> int:
+    """Add ``svc`` (port 0) to the mesh's table; return the port its new listener got."""
+    before = set(id(x) for x in mesh.listeners())
+    await mesh.apply(RoutingTable(mesh.table.version + 1, (*mesh.table.services, svc)))
+    (new,) = [x for x in mesh.listeners() if id(x) not in before]
+    return new.port
