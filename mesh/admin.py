@@ -29,12 +29,13 @@ process -- its event loop and its descriptor limit -- with the data plane, so it
   request: of the accept), a deadline, not an inactivity timer (slowloris); at most ``MAX_HEAD`` bytes.
   Between requests a connection may stay idle ``keepalive_timeout`` seconds (aiohttp's keep-alive timer).
 - At most ``max_connections`` connections (and an eighth of the descriptor limit).  A new one beyond that
-  evicts the oldest connection still waiting for its request head, if any (a client with a request in
-  progress is never evicted), else it is closed at once.
+  evicts the oldest connection still waiting for its request head, else the one whose last request head
+  ended longest ago if that was over ``head_timeout`` ago (an idle keep-alive connection, or a long stream,
+  which reconnects), else it is closed at once: a request younger than that is never cut.
 - Admin connections never take a descriptor from the data plane's reserve: an accepted admin socket whose
   descriptor number is in the reserve (``admin_fd_limits()``: ``mesh.listener.FD_RESERVE`` under the limit,
-  or its top eighth for a small limit) is closed at once, and the oldest connection waiting for its head
-  goes too.
+  or its top eighth for a small limit) is closed at once, and the connection a newcomer over the cap
+  would evict goes too (its descriptor back to the data plane).
 - Bad requests and handler errors log one line (no traceback), at most one per ``ERROR_LOG_INTERVAL``
   seconds with the count since the last line.
 - Every refusal is counted (``AdminStats``) and exported as ``mesh_admin_*`` on /metrics.
@@ -102,7 +103,7 @@ _HEALTH_NAMES = ((1, "failed_health_check"), (2, "ejected"))
 
 # Bounds of the admin server (module docstring, "Hostile clients").
 HEAD_TIMEOUT = 10.0  # seconds for a whole request head
-KEEPALIVE_TIMEOUT = 15.0  # idle seconds between requests
+KEEPALIVE_TIMEOUT = 75.0  # idle seconds between requests (longer than common scrape intervals)
 MAX_CONNECTIONS = 64
 MAX_HEAD = 32 * 1024  # aiohttp's own limits are per line and per field; this is for the whole head
 ERROR_LOG_INTERVAL = 10.0
@@ -283,6 +284,7 @@ class AdminServer:
         self.sock = sock  # an already bound listening socket to serve on (e.g. inherited), else host:port
         self.stats = AdminStats()
         self._waiting: dict[_Guard, None] = {}  # connections waiting for a request head, oldest first
+        self._served: dict[_Guard, float] = {}  # the others: when their last request head ended
         self._errors = _ErrorLog(self.stats)
 
     def _app(self) -> web.Application:
@@ -357,6 +359,17 @@ class AdminServer:
         if runner is not None:
             await self.dashboard.close()
             await runner.cleanup()
+
+    def _victim(self) -> _Guard | None:
+        """The connection to close for a newcomer: the oldest one still waiting for its request head
+        (slowloris, idle since the accept), else the one whose last head ended longest ago if that was
+        more than ``head_timeout`` ago (an idle keep-alive connection, or a long stream); None when every
+        connection has a request younger than that."""
+        if self._waiting:
+            return next(iter(self._waiting))
+        for guard, ended in self._served.items():
+            return guard if time.monotonic() - ended > self.head_timeout else None
+        return None
 
     # -- handlers -------------------------------------------------------------------------------------
     async def _index(self, request: web.Request) -> web.Response:
@@ -538,13 +551,15 @@ class _Guard(asyncio.Protocol):
             reason = "fd_reserve"
         elif st.open >= min(srv.max_connections, cap):
             reason = "over_cap"
-        if reason is not None and srv._waiting:
-            # the oldest connection still waiting for its head goes (slowloris, idle): over the cap, the
-            # newcomer takes its place; in the reserve, the descriptor goes back to the data plane
-            st.closed["evicted"] += 1
-            next(iter(srv._waiting))._drop()
-            if reason == "over_cap":
-                reason = None
+        if reason is not None:
+            victim = srv._victim()
+            if victim is not None:
+                # over the cap, the newcomer takes its place; in the reserve, the descriptor goes back to
+                # the data plane
+                st.closed["evicted"] += 1
+                victim._drop()
+                if reason == "over_cap":
+                    reason = None
         if reason is not None:
             st.closed[reason] += 1
             self.inner = None
@@ -560,13 +575,17 @@ class _Guard(asyncio.Protocol):
         self.head_bytes = 0
         self.tail = b""
         srv = self.server
+        srv._served.pop(self, None)
         srv._waiting[self] = None
         loop = asyncio.get_running_loop()
         self.timer = loop.call_at(loop.time() + srv.head_timeout, self._head_timeout)
 
     def _end_head(self) -> None:
         self.in_head = False
-        self.server._waiting.pop(self, None)
+        srv = self.server
+        srv._waiting.pop(self, None)
+        srv._served.pop(self, None)
+        srv._served[self] = time.monotonic()  # re-inserted: the dict stays oldest first
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -582,6 +601,7 @@ class _Guard(asyncio.Protocol):
 
     def _drop(self) -> None:
         self.server._waiting.pop(self, None)
+        self.server._served.pop(self, None)
         if self.transport is not None:
             self.transport.abort()
 
@@ -618,6 +638,7 @@ class _Guard(asyncio.Protocol):
             self.timer.cancel()
             self.timer = None
         self.server._waiting.pop(self, None)
+        self.server._served.pop(self, None)
         if self.counted:
             self.counted = False
             self.server.stats.open -= 1

@@ -159,6 +159,36 @@ async def test_connection_cap_closes_newcomers_when_every_connection_is_busy():
         await mesh.shutdown(1)
 
 
+async def test_idle_keepalive_connections_give_way_to_newcomers_after_the_head_timeout():
+    server, mesh = await admin(max_connections=4, head_timeout=0.3)
+    conns = []
+    try:
+        for _ in range(4):  # four kept-alive connections, each after one answered request
+            r, w = await asyncio.open_connection("127.0.0.1", server.address[1])
+            w.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            async with asyncio.timeout(3):
+                await r.readuntil(b"ok\n")
+            conns.append((r, w))
+        # at once: their requests are younger than the head timeout, so the newcomer is refused
+        r, w = await asyncio.open_connection("127.0.0.1", server.address[1])
+        w.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        async with asyncio.timeout(3):
+            with contextlib.suppress(ConnectionResetError):
+                assert await r.read() == b""
+        w.close()
+        assert server.stats.closed["over_cap"] == 1
+        # later: the oldest idle one is evicted for the newcomer, which is answered
+        await asyncio.sleep(0.4)
+        assert (await get(server, "/healthz"))[0] == 200
+        assert server.stats.closed["evicted"] == 1
+        assert await closed_within(conns[:1], timeout=2) == 1
+    finally:
+        for _, w in conns:
+            w.close()
+        await server.stop()
+        await mesh.shutdown(1)
+
+
 async def test_a_thousand_malformed_requests_log_a_few_lines():
     server, mesh = await admin()
     records: list[logging.LogRecord] = []
