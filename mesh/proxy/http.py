@@ -80,6 +80,12 @@ Per request:
    with backpressure (a side whose write buffer passes ``WRITE_HIGH`` pauses
    reading the other).
 
+Closing while the client may still be sending a body the mesh will not read (413,
+or a response that came before the request body was read) is a lingering close:
+the mesh half-closes after the response and reads and discards until the client
+closes, at most ``LINGER_TIME`` seconds and ``LINGER_BYTES`` bytes, so the client
+reads the response instead of a reset.
+
 Generated responses carry a short plain body and are counted by reason
 (``HttpStats.generated``): 400 bad_request, 404 no_route, 405/501
 not_implemented, 408 head_timeout, 413 body_too_large, 414/431 head_too_large,
@@ -128,6 +134,8 @@ log = logging.getLogger(__name__)
 
 PIPELINE_DEPTH = 2  # requests read ahead of the one being answered before reading pauses
 RETRY_BODY_LIMIT = 64 * 1024  # request bodies kept for a retry
+LINGER_TIME = 5.0  # lingering close (HttpConnection._close): the longest wait for the client to stop sending
+LINGER_BYTES = 64 << 20  # ... and the most bytes read and discarded meanwhile (more than socket buffers hold)
 COALESCE_COPY = 16 * 1024  # a response head and body piece up to this size are joined into one write
 _NEVER = float("inf")
 BODY_PAUSE = 256 * 1024  # request body bytes buffered before upstream is ready: then reading pauses
@@ -733,6 +741,7 @@ class HttpConnection(asyncio.Protocol):
         "_head_bytes",
         "_inbound",
         "_last",
+        "_linger",
         "_paused",
         "_rdeadline",
         "_reading_head",
@@ -783,6 +792,7 @@ class HttpConnection(asyncio.Protocol):
         self._rex: Exchange | None = None  # the request waiting for its response head (response timeout)
         self._rdeadline = 0.0  # ... until then
         self._fwd: tuple[bytes, bytes] | None = None  # (Host, the forwarding fields for it): _upstream_head
+        self._linger = -1  # >= 0: lingering after the last response (_close), the bytes still accepted
 
     # -- asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -843,6 +853,8 @@ class HttpConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.closing or self._last:
+            if self._linger >= 0:
+                self._discard(len(data))
             return  # after a request without keep-alive nothing more is read (RFC 9112 9.6)
         if self._inbound is not None:
             data = self._inbound_bytes(data)  # type: ignore[assignment]
@@ -880,6 +892,9 @@ class HttpConnection(asyncio.Protocol):
                 self._refuse(400, "bad_request", text)
 
     def eof_received(self) -> bool:
+        if self._linger >= 0:
+            self._linger_end()  # the client is done sending: close now
+            return False
         if self._inbound is not None:
             if self._header_pending():
                 self._inbound_close("incomplete", "the client closed before its PROXY header was complete")
@@ -903,6 +918,7 @@ class HttpConnection(asyncio.Protocol):
         self._inbound = None
         self.closing = True
         self._cancel_timer()
+        self._linger = -1
         self._wbuf = None
         while self.queue:
             self._abandon(self.queue.popleft())
@@ -1607,7 +1623,7 @@ class HttpConnection(asyncio.Protocol):
         if pool is not None and pool.options.http_max_inflight:
             self._wake(pool)
         if ex.close_after or not ex.body_done:
-            self._close()
+            self._close(linger=not ex.body_done)
             return
         if self.eof and not self.queue:
             self._close()
@@ -1844,7 +1860,7 @@ class HttpConnection(asyncio.Protocol):
             if self.site.access_log:
                 self._log(ex, "-")
             if close:
-                self._close()
+                self._close(linger=not ex.body_done)
             else:
                 self._next()
             return
@@ -1870,13 +1886,41 @@ class HttpConnection(asyncio.Protocol):
             reset(self.transport)  # a response is half sent: an error page now would be read as its rest
             return
         self.transport.write(_RESPONSES[(status, True)])
-        self._close()
+        self._close(linger=status == 413)
 
-    def _close(self) -> None:
+    def _close(self, linger: bool = False) -> None:
+        """Close the client connection.  ``linger``: the client may still be sending a request body the
+        mesh will not read (413, or a response before the body was read): closing with unread bytes would
+        reset the connection, and a client still sending would see the reset instead of the response.  So
+        the mesh half-closes after the response and reads and discards what comes until the client closes,
+        for at most ``LINGER_TIME`` seconds and ``LINGER_BYTES`` bytes (nginx's lingering close)."""
         self.closing = True
         self._cancel_timer()
         if self._wbuf:
             self._flush()
+        transport = self.transport
+        if linger and self._linger < 0 and not self.eof and not transport.is_closing() and transport.can_write_eof():
+            self._linger = LINGER_BYTES
+            transport.write_eof()  # after the response: the client reads it, then EOF
+            if self._paused:
+                self._paused = 0
+                transport.resume_reading()
+            loop = self.loop
+            self._timer_at = when = loop.time() + LINGER_TIME
+            self._timer = loop.call_at(when, self._linger_end)
+            return
+        transport.close()
+
+    def _discard(self, n: int) -> None:
+        """Bytes read while lingering (``_close``)."""
+        self._linger -= n
+        if self._linger < 0:
+            self._linger_end()
+
+    def _linger_end(self) -> None:
+        self._timer = None
+        self._timer_at = _NEVER
+        self._linger = -1
         self.transport.close()
 
     # -- upgrades
