@@ -477,7 +477,14 @@ class StackLab:
         return state == "completed"
 
     def agent_logs(self) -> str:
-        return self.docker("service", "logs", "--raw", "mesh_agent", check=False, timeout=60)
+        """Every mesh_agent task's output (old tasks' too); the agent logs to stderr, which the CLI passes on
+        as its own stderr."""
+        res = subprocess.run(["docker", "-H", self.manager.host, "service", "logs", "--raw", "mesh_agent"],
+                             capture_output=True, timeout=60, check=False)  # fmt: skip
+        text = (res.stdout + res.stderr).decode(errors="replace")
+        if res.returncode != 0 or ("handover" not in text and "mesh" not in text):
+            raise StackLabError(f"docker service logs mesh_agent: exit {res.returncode}: {text[-2000:]}")
+        return text
 
     def diagnostics(self) -> str:
         out = [self.docker("service", "ls", check=False)]

@@ -55,6 +55,20 @@ FIGURES: dict[str, object] = {}
 HANDOVER = stack_uses_handover()
 
 
+# imports every extension module (.so) of the image's site-packages; prints "<module> ok|<error>" per module
+IMPORT_EXTENSIONS = """
+import importlib, pathlib, sysconfig
+site = pathlib.Path(sysconfig.get_paths()["purelib"])
+for so in sorted(site.rglob("*.so")):
+    name = ".".join(so.relative_to(site).with_suffix("").parts).split(".cpython-")[0]
+    try:
+        importlib.import_module(name)
+        print(name, "ok")
+    except Exception as exc:
+        print(name, repr(exc).replace(chr(10), " "))
+"""
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -154,9 +168,16 @@ def test_every_node_serves_the_demo_and_counts(stack: StackLab):
             counts.append(visits)
     assert counts == sorted(counts) and len(set(counts)) == len(counts), counts
     assert len(seen) >= 2, seen
-    # the image's uvloop loads (its C extension's libraries are in the image)
+    # the agent runs on uvloop: its C extension's libraries are in the image (librt, libpthread, ...)
     logs = stack.agent_logs()
+    assert logs.count("cluster agent on node") >= len(ALL_NODES), logs[-3000:]
     assert "uvloop is not available" not in logs, logs[-3000:]
+    # and so does every other C extension the wheels brought (aiohttp's parser, httptools, yarl, PyYAML ...)
+    out = stack.sl.manager.docker("run", "--rm", "--network", "none", "--entrypoint", "python3",
+                                  stack.images.ids[AGENT_TAG], "-c", IMPORT_EXTENSIONS, timeout=60)  # fmt: skip
+    loaded = dict(line.split(" ", 1) for line in out.splitlines())
+    assert {"uvloop.loop", "httptools.parser.parser", "aiohttp._http_parser", "yaml._yaml"} <= loaded.keys(), out
+    assert set(loaded.values()) == {"ok"}, out
     assert LAB_DIFFERENCES  # listed in the module docstring and docs/deploy.md
 
 
@@ -236,4 +257,9 @@ def test_agent_upgrade_under_load(stack: StackLab):
                                 "outage_s": {str(i): round(s, 2) for i, s in rep.outage.items()}}  # fmt: skip
     print(f"\nagent upgrade under load (handover={HANDOVER}): {rep}")
     assert rep.ok > 0
+    if HANDOVER:
+        # every node's new agent got its sockets from the old one (not bound anew after it left)
+        logs = stack.agent_logs()
+        print("\n".join(line for line in logs.splitlines() if "handover" in line or "handed over" in line))
+        assert logs.count("handover: received ") >= len(ALL_NODES), logs[-4000:]
     assert rep.failed == 0, str(rep)
