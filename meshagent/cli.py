@@ -301,9 +301,6 @@ def _run_cluster(args: argparse.Namespace, admin_addr: tuple[str, int] | None) -
     if args.config:
         print("mesh: --cluster follows the swarm; it takes no --config", file=sys.stderr)
         return EXIT_USAGE
-    if args.workers > 1:
-        print("mesh: --cluster runs one data-plane process (--workers is not supported yet)", file=sys.stderr)
-        return EXIT_USAGE
     if not args.token_file:
         print("mesh: --cluster needs --token-file FILE (or MESH_TOKEN_FILE)", file=sys.stderr)
         return EXIT_USAGE
@@ -333,6 +330,8 @@ def _run_cluster(args: argparse.Namespace, admin_addr: tuple[str, int] | None) -
                     metrics=not args.no_metrics,
                     handover=args.handover,
                     handover_timeout=args.handover_timeout,
+                    workers=args.workers,
+                    worker_args=_worker_args(args),
                 )
             )
         )
@@ -533,11 +532,9 @@ async def _serve(args: argparse.Namespace, source: Any, admin_addr: tuple[str, i
     if args.workers > 1:
         from meshagent.workers import WorkerPool
 
-        worker_args = ["--grace", str(args.grace), "--log-level", args.log_level, "--log-format", args.log_format]
+        worker_args = _worker_args(args)
         if args.node:
             worker_args += ["--node", args.node]
-        if args.access_log:
-            worker_args.append("--access-log")
         pool = WorkerPool(args.workers, worker_args)
         if upgrades is not None and upgrades.contested:
             pool.rebind_max = 2.0
@@ -645,6 +642,14 @@ async def _serve(args: argparse.Namespace, source: Any, admin_addr: tuple[str, i
     return rc
 
 
+def _worker_args(args: argparse.Namespace) -> list[str]:
+    """What every worker process is started with (``python -m meshagent worker ...``)."""
+    out = ["--grace", str(args.grace), "--log-level", args.log_level, "--log-format", args.log_format]
+    if args.access_log:
+        out.append("--access-log")
+    return out
+
+
 def upgrades_factory(args: argparse.Namespace, offers: Callable[[], Any], stop_accepting: Callable[[], Any]) -> Any:
     """For SIGUSR2 without --handover: an ``Upgrades`` serving a fresh private path."""
 
@@ -749,6 +754,7 @@ def _worker_command(argv: list[str]) -> int:
     p.add_argument("--log-format", default="text")
     p.add_argument("--node", default=None)
     p.add_argument("--access-log", action="store_true")
+    p.add_argument("--token-file", default=None)  # cluster mode: the token that seals tunnel headers
     try:
         args = p.parse_args(argv)
     except SystemExit as exc:
@@ -763,5 +769,6 @@ def _worker_command(argv: list[str]) -> int:
             node=args.node,
             access_log=args.access_log,
             sockets_fd=args.sockets_fd,
+            token_file=args.token_file,
         )
     )

@@ -36,7 +36,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +49,7 @@ from discovery.engine import Engine, EngineError, resolve_docker_host
 from discovery.localtasks import LocalTasks
 from mesh.dashboard import Dashboard
 from mesh.errors import ConfigError
+from mesh.pool import Pool
 from mesh.proxy.preamble import endpoint_target
 from mesh.routing import RoutingTable, format_hostport, parse_hostport
 from meshagent.clusterview import DASHBOARD_TARGET, ClusterView, NodeReport
@@ -98,6 +99,47 @@ def _manager_addresses(info: dict[str, Any], control_port: int) -> list[tuple[st
     return sorted(set(out))
 
 
+class TunnelPools:
+    """``--workers N``: this process has no data plane, yet its tunnel servers dial the node's local
+    replicas through pools as a one-process agent's Mesh does (``local_host``): a refused replica is
+    retried on another local one of the service, and UDP sessions re-choose.  Pools are kept by
+    (service, protocol, port, match) across tables, so ejections survive; no health checks run here
+    (the workers run them for their own pools)."""
+
+    def __init__(self, local_node: str) -> None:
+        self.local_node = local_node
+        self.pools: dict[tuple[Any, ...], Pool] = {}
+        self._index: dict[tuple[str, int, str], tuple[Pool, Any]] | None = None
+
+    def apply(self, table: RoutingTable) -> None:
+        pools: dict[tuple[Any, ...], Pool] = {}
+        for svc, route in table.routes():
+            if not any(e.via is None for e in route.endpoints):
+                continue  # no local replica: nothing a tunnel could dial
+            key = (svc.name, route.protocol, route.listen_host, route.port, route.match)
+            options = svc.options.for_protocol(route.protocol)
+            pool = self.pools.get(key)
+            if pool is None:
+                pool = Pool(svc.name, route, options, local_node=self.local_node)
+            else:
+                pool.update(route, options)
+            pools[key] = pool
+        self.pools = pools
+        self._index = None
+
+    def local_host(self, endpoint_id: str, port: int, transport: str = "stream") -> tuple[Pool, Any] | None:
+        index = self._index
+        if index is None:
+            index = {}
+            for (_, protocol, _, _, _), pool in self.pools.items():
+                kind = "udp" if protocol == "udp" else "stream"
+                for host in pool.hosts:
+                    if host.via is None:
+                        index.setdefault((host.endpoint.id, host.port, kind), (pool, host))
+            self._index = index
+        return index.get((endpoint_id, port, "udp" if transport == "udp" else "stream"))
+
+
 class ClusterAgent:
     """The cluster-mode agent of one node (see the module docstring).
 
@@ -119,6 +161,9 @@ class ClusterAgent:
         bind: str = "0.0.0.0",
         control_wait: float = 20.0,
         mesh_factory: Callable[..., Any] | None = None,
+        workers: int = 1,
+        worker_args: Sequence[str] = (),
+        token_file: str | None = None,
     ) -> None:
         self.host = resolve_docker_host(docker_host, os.environ)
         self.token = token
@@ -128,6 +173,13 @@ class ClusterAgent:
         self.bind = bind
         self.control_wait = control_wait
         self._mesh_factory = mesh_factory
+        # --workers N: the data plane runs in N worker processes (meshagent/workers.py) fed with the
+        # localized table; this process keeps the cluster state, the tunnel and control servers.
+        # ``mesh`` is then the WorkerPool, and the tunnels dial through ``tunnel_pools``.
+        self.workers = workers
+        self.worker_args = list(worker_args)
+        self.token_file = token_file
+        self.tunnel_pools: TunnelPools | None = None
         self.engine = Engine(self.host)
         self.node_id = ""
         self.manager = False
@@ -176,10 +228,11 @@ class ClusterAgent:
         self.advertise = self.advertise or str(swarm.get("NodeAddr") or "") or None
         self.managers = _manager_addresses(info, self.control_port)
         self.mesh = self._make_mesh()
-        from mesh.admin import MeshState
-
+        if self.workers > 1:
+            self.tunnel_pools = TunnelPools(self.node_id)
+            await self.mesh.start()
         self.dashboard = Dashboard(
-            MeshState(self.mesh), node=self.node_id, info=self.dashboard_info, collect=ClusterView(self)
+            self.admin_state(), node=self.node_id, info=self.dashboard_info, collect=ClusterView(self)
         )
         await self.report.start()
         await self.tunnel.start()
@@ -234,6 +287,12 @@ class ClusterAgent:
             await self.mesh.shutdown(grace)
         await self.engine.close()
 
+    def admin_state(self) -> Any:
+        """The admin API's view of the data plane: the Mesh, or the worker pool (counters summed)."""
+        from mesh.admin import MeshState, WorkerPoolState
+
+        return WorkerPoolState(self.mesh) if self.workers > 1 else MeshState(self.mesh)
+
     # -- handover (meshagent/handover.py) --------------------------------------------
     def offers(self) -> list[Any]:
         """Every listening socket of this agent, for a successor: the data plane's, the tunnel (TCP and
@@ -282,6 +341,13 @@ class ClusterAgent:
             log.error("cluster agent: %s stopped: %r", task.get_name(), task.exception())
 
     def _make_mesh(self) -> Any:
+        if self.workers > 1:
+            from meshagent.workers import WorkerPool
+
+            if not self.token_file:
+                raise ConfigError("--cluster --workers N needs --token-file (the workers seal tunnel headers)")
+            args = [*self.worker_args, "--node", self.node_id, "--token-file", self.token_file]
+            return WorkerPool(self.workers, args)
         if self._mesh_factory is not None:
             return self._mesh_factory(local_node=self.node_id, tunnel_header=self.tunnel_auth.host_header)
         from mesh.runtime import Mesh
@@ -346,7 +412,11 @@ class ClusterAgent:
             self._version += 1
             table = RoutingTable(version=self._version, services=table.services)
             try:
-                await self.mesh.apply(table)
+                if self.tunnel_pools is not None:
+                    self.tunnel_pools.apply(table)
+                    await self.mesh.publish(table)
+                else:
+                    await self.mesh.apply(table)
             except Exception:
                 log.exception("applying table version %d failed; keeping the previous one", table.version)
                 continue
@@ -367,9 +437,10 @@ class ClusterAgent:
     def _resolve_udp(self, target: str) -> tuple[Any, Any] | None:
         """A UDP tunnel target: a local udp endpoint of a mesh service, as the data plane's own (pool, host)."""
         ep_id, _, port = target.rpartition(":")
-        if self.mesh is None or not port.isdigit():
+        local_host = getattr(self.tunnel_pools or self.mesh, "local_host", None)
+        if local_host is None or not port.isdigit():
             return None
-        return self.mesh.local_host(ep_id, int(port), "udp")
+        return local_host(ep_id, int(port), "udp")
 
     def _resolve(self, target: str) -> LocalTarget | Awaitable[LocalTarget | None] | None:
         if target == DASHBOARD_TARGET:  # a manager asks for this node's dashboard view (clusterview)
@@ -403,7 +474,7 @@ class ClusterAgent:
     def _with_pool(self, target: str, found: LocalTarget) -> LocalTarget:
         """The data plane's own pool and host for the target, so that the tunnel shares their health,
         ejections and counts and can retry on another local replica of the service."""
-        local_host = getattr(self.mesh, "local_host", None)
+        local_host = getattr(self.tunnel_pools or self.mesh, "local_host", None)
         ep_id, _, port = target.rpartition(":")
         if local_host is None or not port.isdigit():
             return found
@@ -501,10 +572,10 @@ def _local_targets(table: RoutingTable) -> dict[str, LocalTarget]:
 def agent_admin(agent: ClusterAgent, host: str, port: int, *, metrics: bool = True) -> Any:
     """The node's one admin server: the admin API (``/metrics``, ``/v1/table`` ...) of the agent's data
     plane, as on a single-node agent, plus ``/v1/cluster/status`` (``ClusterAgent.status()``)."""
-    from mesh.admin import AdminServer, MeshState
+    from mesh.admin import AdminServer
 
     views = {STATUS_PATH: ("cluster agent: node, role, managers, cluster state, applied table, tunnel", agent.status)}
-    return AdminServer(MeshState(agent.mesh), host, port, metrics=metrics, views=views, dashboard=agent.dashboard)
+    return AdminServer(agent.admin_state(), host, port, metrics=metrics, views=views, dashboard=agent.dashboard)
 
 
 async def run_cluster_agent(
@@ -514,6 +585,8 @@ async def run_cluster_agent(
     metrics: bool = True,
     handover: str | None = None,
     handover_timeout: float = 5.0,
+    workers: int = 1,
+    worker_args: Sequence[str] = (),
 ) -> int:
     """Run the agent until SIGTERM/SIGINT; returns the exit code.  Raises ``ConfigError`` for bad
     settings, an unusable token file or an engine that is not a swarm node (the CLI exits 2).
@@ -536,6 +609,9 @@ async def run_cluster_agent(
         advertise=settings.advertise,
         bind=settings.bind,
         control_wait=settings.control_wait,
+        workers=workers,
+        worker_args=worker_args,
+        token_file=settings.token_file,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -565,6 +641,7 @@ async def run_cluster_agent(
         close_listeners(admin_server)
 
     upgrades = None
+    rc = 0
     tasks: list[asyncio.Task[Any]] = []
     if handover:
         upgrades = Upgrades(handover, offers, stop_accepting, timeout=handover_timeout)
@@ -584,10 +661,14 @@ async def run_cluster_agent(
 
             async def complete() -> None:
                 await agent.wait_applied()
+                if workers > 1:
+                    await agent.mesh.wait_ready()  # every worker accepts on the sockets
                 await upgrades.complete()
 
             tasks.append(asyncio.create_task(complete(), name="handover-complete"))
             waiters.append(asyncio.create_task(upgrades.finished.wait()))
+        if workers > 1:
+            waiters.append(asyncio.create_task(agent.mesh.failed.wait()))
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         for w in waiters:
             w.cancel()
@@ -595,6 +676,9 @@ async def run_cluster_agent(
             await upgrades.wait_pending()
         if upgrades is not None and upgrades.finished.is_set():
             log.info("the listening sockets were handed over: draining for up to %.1fs, then exiting", settings.grace)
+        if workers > 1 and agent.mesh.failed.is_set() and not stop.is_set():
+            log.error("a worker keeps crashing; exiting")
+            rc = 1
     finally:
         for t in tasks:
             t.cancel()
@@ -604,4 +688,4 @@ async def run_cluster_agent(
             await admin_server.stop()
         await agent.stop(settings.grace)
         INHERITED.close_all()
-    return 0
+    return rc

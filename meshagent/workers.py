@@ -508,6 +508,7 @@ async def worker_main(
     node: str | None,
     access_log: bool = False,
     sockets_fd: int | None = None,
+    token_file: str | None = None,
 ) -> int:
     """Body of ``python -m meshagent worker``: apply tables from the parent until told (or signalled) to stop."""
     from mesh.listener import INHERITED
@@ -519,7 +520,15 @@ async def worker_main(
     if fdsock is not None:
         INHERITED.strict = True  # every port comes from the parent (one accept queue for all workers)
     reader, writer = await asyncio.open_unix_connection(sock=sock, limit=MAX_MESSAGE)
-    mesh = _make_mesh(Mesh, node=node, access_log=access_log)
+    if token_file:  # a worker of the cluster agent: tunnel headers (TCP and UDP) sealed with the token
+        from cluster.token import read_token
+        from mesh.proxy.preamble import TunnelAuth
+
+        auth = TunnelAuth(read_token(token_file))
+        mesh = Mesh(local_node=node or None, reuse_port=True, access_log=access_log,
+                    tunnel_header=auth.host_header, tunnel_auth=auth)  # fmt: skip
+    else:
+        mesh = _make_mesh(Mesh, node=node, access_log=access_log)
     stop = asyncio.Event()
 
     def on_stop(sig: signal.Signals) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from cluster.control import ControlServer
@@ -41,7 +42,10 @@ async def tunnel_accepts(port: int) -> bool:
     return True
 
 
-async def test_cluster_agent_handover_under_load(fake, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_cluster_agent_handover_under_load(fake, tmp_path: Path, workers: int) -> None:
+    """With ``--workers 2`` the published port is served by two worker processes (one SO_REUSEPORT socket
+    each, both handed over), the tunnel and control by the agent process."""
     backend = await EchoBackend("t1").start()
     control_port, tunnel_port, port, admin = free_port(), free_port(), free_port(), free_port()
     fake.swarm = {"LocalNodeState": "active", "NodeID": "n1", "ControlAvailable": False, "NodeAddr": "127.0.0.1",
@@ -65,7 +69,8 @@ async def test_cluster_agent_handover_under_load(fake, tmp_path: Path) -> None:
     token.chmod(0o600)
     argv = ("--cluster", "--token-file", str(token), "--docker", f"unix://{fake.sock}",
             "--control-port", str(control_port), "--tunnel-port", str(tunnel_port), "--bind", "127.0.0.1",
-            "--admin", f"127.0.0.1:{admin}", "--handover", str(tmp_path / "handover.sock"), "--grace", "5")  # fmt: skip
+            "--admin", f"127.0.0.1:{admin}", "--handover", str(tmp_path / "handover.sock"), "--grace", "5",
+            "--workers", str(workers))  # fmt: skip
     agents = [await Agent(*argv, env=clean_env()).start()]
     load = None
     probes = {"accepted": 0, "refused": 0}
@@ -88,7 +93,7 @@ async def test_cluster_agent_handover_under_load(fake, tmp_path: Path) -> None:
             new = await Agent(*argv, env=clean_env()).start()
             agents.append(new)
             # the published port, the tunnel over TCP and UDP, the admin API
-            await new.wait_log("handover: received 4 socket(s)", timeout=30)
+            await new.wait_log(f"handover: received {3 + workers} socket(s)", timeout=30)
             for role in ("tcp 0.0.0.0:", "tunnel 127.0.0.1:", "udp-tunnel 127.0.0.1:", "admin 127.0.0.1:"):
                 assert role in next(ln for ln in new.lines if "handover: received" in ln), new.log
             await old.wait_log("stopped accepting and drains", timeout=30)
@@ -96,11 +101,17 @@ async def test_cluster_agent_handover_under_load(fake, tmp_path: Path) -> None:
             assert await old.wait(20) == 0, old.log
             assert await ready(admin), new.log
             assert not load.errors, (i, load, old.log, new.log)
+        # one node, one table: the workers' counters are summed by the agent's admin API
+        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{admin}/v1/table") as r:
+            doc = await r.json()
+        assert doc["runtime"]["processes"] == workers, doc["runtime"]
+        (route,) = [x for svc in doc["services"] for x in svc["routes"]]
+        assert route["runtime"]["accepted"] > 0, route
         await load.stop()
         stop_probe.set()
         await prober
         assert not load.errors, load
-        print("cluster handover:", load, probes)
+        print(f"cluster handover, {workers} worker(s):", load, probes)
         assert probes["refused"] == 0 and probes["accepted"] > 0, probes
     finally:
         stop_probe.set()
