@@ -55,16 +55,16 @@ import logging
 import random
 import zlib
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 from urllib.parse import quote
 
 from aiohttp import web
 
 from mesh.errors import MeshError, ProtocolError
-from mesh.routing import RoutingTable, Service, TableError, format_hostport
+from mesh.routing import Service, TableError, format_hostport
 
-from .state import ClusterState, ServicePart, parse_node
+from .state import ClusterState, ServicePart, parse_node, parse_service
 
 __all__ = [
     "DEFAULT_CONTROL_PORT",
@@ -670,6 +670,9 @@ class ControlClient:
         self._applied_digest = ""
         self._after = ""  # the digest the server sent last (opaque to us)
         self._received: ClusterState | None = None  # the state ``_after`` names (a delta's base)
+        # service name -> (its options as received last, parsed): a delta that changes endpoints only
+        # does not parse and check the same options again
+        self._options: dict[str, tuple[Any, Any]] = {}
         # start at a random manager: the workers of a cluster spread over its managers
         self._index = self._rng.randrange(1 << 16)
         self._failures = 0
@@ -753,7 +756,10 @@ class ControlClient:
         """One long-poll.  Returns the new state, or None when nothing changed."""
         self.stats.polls += 1
         query = f"after={quote(self._after, safe='')}&wait={self.wait:g}&delta=1"
-        answer = await self._request(manager, f"{PATH}?{query}")
+        return self._receive(await self._request(manager, f"{PATH}?{query}"))
+
+    def _receive(self, answer: _Answer) -> ClusterState | None:
+        """The state one answer carries (None for 204); raises on a bad one (see ``_poll``)."""
         if answer.status == 204:
             return None
         if answer.status == 401:
@@ -766,10 +772,14 @@ class ControlClient:
             body = _gunzip(body, self.max_response)
         elif encoding != "identity":
             raise ProtocolError(f"unsupported Content-Encoding {encoding!r}")
-        try:
-            data: Any = json.loads(body)
-        except ValueError as exc:
-            raise ProtocolError(f"state is not JSON: {exc}") from exc
+        split = _split_compact(body)
+        if split is not None:
+            data, raw = split
+        else:
+            try:
+                data, raw = json.loads(body), {}
+            except ValueError as exc:
+                raise ProtocolError(f"state is not JSON: {exc}") from exc
         if not isinstance(data, dict):
             raise ProtocolError("state is not a JSON object")
         digest = data.get("digest")
@@ -781,7 +791,7 @@ class ControlClient:
             raise ProtocolError("answered 200 with an unchanged digest")
         self.stats.bytes_received += len(body)
         if "base" in data:
-            state = self._apply_delta(data, digest)
+            state = self._apply_delta(data, digest, raw)
             self.stats.deltas += 1
         else:
             state = ClusterState.from_dict(data)
@@ -826,9 +836,14 @@ class ControlClient:
         self._conn, self._conn_to = conn, manager
         return conn
 
-    def _apply_delta(self, data: dict[str, Any], digest: str) -> ClusterState:
+    def _apply_delta(self, data: dict[str, Any], digest: str, raw: Mapping[str, bytes] = {}) -> ClusterState:
         """The state a delta describes, from the one it is based on; its content must hash to the
-        announced digest (else: ProtocolError, and the next poll asks for a full snapshot)."""
+        announced digest (else: ProtocolError, and the next poll asks for a full snapshot).
+
+        ``raw``: each changed service's bytes as received (``_split_compact``).  A service's hash is taken of
+        them, not of a re-serialisation: the server sends its canonical form, so they are the bytes it hashed.
+        Should they not be (a server that formats differently), the digest is checked once more over the
+        canonical form before the delta is refused."""
         base = self._received
         if base is None or data.get("base") != self._after:
             self._after = ""  # we do not hold its base: ask for everything
@@ -836,18 +851,31 @@ class ControlClient:
         services, nodes, version = data.get("services"), data.get("nodes"), data.get("version")
         if not isinstance(services, dict) or not isinstance(nodes, dict) or not isinstance(version, int):
             raise ProtocolError("delta needs 'services' and 'nodes' objects and an integer 'version'")
-        changed_dicts = {name: d for name, d in services.items() if d is not None}
-        for name, d in changed_dicts.items():
+        index, held = base._service_index(), base.table.services
+        changes: dict[str, tuple[Service, ServicePart] | None] = {}
+        for name, d in services.items():
+            if d is None:
+                changes[name] = None
+                self._options.pop(name, None)
+                continue
             if not isinstance(d, dict) or d.get("name") != name:
                 raise TableError(f"delta: service {name!r} is not a service object of that name")
-        parsed = RoutingTable.from_dict({"services": list(changed_dicts.values())}).services
-        changes: dict[str, tuple[Service, ServicePart] | None] = {
-            name: None for name, d in services.items() if d is None
-        }
-        for svc in parsed:
-            changes[svc.name] = (svc, ServicePart.of(changed_dicts[svc.name]))
+            i = index.get(name)
+            opts = d.get("options")
+            hit = self._options.get(name)
+            svc = parse_service(d, held[i] if i is not None else None,
+                                hit[1] if hit is not None and hit[0] == opts else None)  # fmt: skip
+            if hit is None or hit[1] is not svc.options:
+                self._options[name] = (opts, svc.options)
+            body = raw.get(name)
+            changes[name] = (svc, ServicePart.raw(name, body) if body is not None else ServicePart.of(d))
         node_changes = {nid: (None if n is None else parse_node(nid, n)) for nid, n in nodes.items()}
         state = base.with_changes(version, changes, node_changes)
+        if state.digest != digest and raw:
+            # not the canonical bytes after all: the same content, hashed as the server should have
+            canonical = {name: (None if v is None else (v[0], ServicePart.of(services[name])))
+                         for name, v in changes.items()}  # fmt: skip
+            state = base.with_changes(version, canonical, node_changes)
         if state.digest != digest:
             self._after = ""
             raise ProtocolError(f"delta gives digest {state.digest}, not the announced {digest}")
@@ -872,6 +900,62 @@ class ControlClient:
     def __repr__(self) -> str:
         mgr = format_hostport(*self.manager) if self.manager else None
         return f"<ControlClient manager={mgr} digest={self._applied_digest or None} failures={self._failures}>"
+
+
+_DECODER = json.JSONDecoder()
+
+
+def _split_compact(body: bytes) -> tuple[dict[str, Any], dict[str, bytes]] | None:
+    """``json.loads(body)`` for a compact (no whitespace), ASCII JSON object, plus the bytes of each value of
+    its top-level ``"services"`` object, when that is an object (a delta's): {name: bytes}.  Parsed once, by
+    the C scanner, one value at a time.  None when the body is not of that shape (the caller then uses
+    ``json.loads``, which names what is wrong)."""
+    if not body.startswith(b"{") or not body.isascii():
+        return None
+    text = body.decode("ascii")
+    scan = _DECODER.raw_decode
+    out: dict[str, Any] = {}
+    raw: dict[str, bytes] = {}
+    try:
+        i = 1
+        while text[i] != "}":
+            key, i = scan(text, i)
+            if not isinstance(key, str) or text[i] != ":":
+                return None
+            i += 1
+            if key == "services" and text[i] == "{":
+                services: dict[str, Any] = {}
+                raw = {}
+                i += 1
+                while text[i] != "}":
+                    name, i = scan(text, i)
+                    if not isinstance(name, str) or text[i] != ":":
+                        return None
+                    start = i + 1
+                    value, i = scan(text, start)
+                    services[name] = value
+                    raw[name] = body[start:i]
+                    if text[i] == ",":
+                        i += 1
+                        if text[i] == "}":
+                            return None
+                    elif text[i] != "}":
+                        return None
+                i += 1
+                out[key] = services
+            else:
+                out[key], i = scan(text, i)
+            if text[i] == ",":
+                i += 1
+                if text[i] == "}":
+                    return None
+            elif text[i] != "}":
+                return None
+        if i + 1 != len(text):
+            return None
+    except (ValueError, IndexError):
+        return None
+    return out, raw
 
 
 def _prime_parts(state: ClusterState, data: dict[str, Any]) -> None:

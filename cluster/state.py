@@ -42,9 +42,12 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from mesh.routing import Route, RoutingTable, Service, TableError, format_hostport
+from mesh.routing import Endpoint, Match, Route, RoutingTable, Service, ServiceOptions, TableError, format_hostport
 
-__all__ = ["NODE_AVAILABILITIES", "NODE_STATES", "ClusterState", "Localizer", "NodeInfo", "ServicePart", "localize"]
+__all__ = [
+    "NODE_AVAILABILITIES", "NODE_STATES", "ClusterState", "Localizer", "NodeInfo", "ServicePart", "localize",
+    "parse_service",
+]  # fmt: skip
 
 
 _FIELDS: dict[type, tuple[str, ...]] = {}
@@ -99,6 +102,12 @@ class ServicePart:
         body = _canonical(service_dict)
         h = _hash(body)
         return cls(body, h, f"{service_dict['name']}={h};".encode())
+
+    @classmethod
+    def raw(cls, name: str, body: bytes) -> ServicePart:
+        """The part of service ``name`` from its JSON as received (the sender's canonical form)."""
+        h = _hash(body)
+        return cls(body, h, f"{name}={h};".encode())
 
 
 # Swarm's own vocabulary (NodeStatus.State, NodeSpec.Availability).
@@ -363,6 +372,57 @@ class ClusterState:
         return f"<ClusterState v{self.version} digest={self.digest} nodes={len(self.nodes)} services={len(self.table.services)}>"
 
 
+_ROUTE_KEYS = frozenset({"port", "listen_host", "protocol", "endpoints", "match"})
+
+
+def parse_service(d: Any, previous: Service | None = None, options: ServiceOptions | None = None) -> Service:
+    """A service from its wire form (``RoutingTable.from_dict``'s rules and errors), reusing the Endpoint
+    objects of ``previous`` (the same service in the state a delta is based on) that equal the ones ``d``
+    lists, and ``options`` when the caller knows ``d``'s options are the ones it was parsed from.
+
+    What a delta costs follows what changed: a rolling update of one task in a 50-task service builds and
+    validates one new Endpoint, and the 49 others are the objects the subscriber already holds (validated
+    when they arrived; the Localizer recognises them by identity).  Route and Service are still built by
+    their checked constructors.  Anything unusual (a field this parser does not know) takes the general
+    path, so errors are the same as ``RoutingTable.from_dict``'s."""
+    if not isinstance(d, dict) or not isinstance(d.get("routes"), list) or not isinstance(d.get("name"), str):
+        return _parse_service_slow(d)
+    if options is None:
+        options = _parse_service_slow({"name": d["name"], "options": d.get("options"), "routes": []}).options
+    old: dict[str, Endpoint] = {}
+    if previous is not None:
+        for r in previous.routes:
+            for e in r.endpoints:
+                old[e.id] = e
+    try:
+        routes = []
+        for r in d["routes"]:
+            if not isinstance(r, dict) or not r.keys() <= _ROUTE_KEYS or not isinstance(r.get("endpoints", []), list):
+                return _parse_service_slow(d)
+            eps = []
+            for e in r.get("endpoints", ()):
+                o = old.get(e.get("id")) if type(e) is dict else None
+                if (o is not None and len(e) == 7 and e.get("address") == o.address and e.get("port") == o.port
+                        and e.get("node") == o.node and e.get("state") == o.state and e.get("via") == o.via
+                        and e.get("weight") == o.weight and type(e.get("port")) is int
+                        and type(e.get("weight")) is int):  # fmt: skip
+                    eps.append(o)
+                else:
+                    eps.append(Endpoint(**e))
+            routes.append(Route(port=r["port"], listen_host=r.get("listen_host", "0.0.0.0"),
+                                protocol=r.get("protocol", "tcp"), match=Match(**(r.get("match") or {})),
+                                endpoints=tuple(eps)))  # fmt: skip
+        return Service(name=d["name"], routes=tuple(routes), options=options)
+    except TableError:
+        raise
+    except (TypeError, KeyError, AttributeError, ValueError) as exc:
+        raise TableError(f"malformed routing table: {exc!r}") from exc
+
+
+def _parse_service_slow(d: Any) -> Service:
+    return RoutingTable.from_dict({"services": [d]}).services[0]
+
+
 def parse_node(node_id: str, n: Any) -> NodeInfo:
     _check(isinstance(n, dict), f"cluster state: node {node_id!r} must be an object")
     unknown = set(n) - {"addr", "state", "availability", "tunnel"}
@@ -407,36 +467,56 @@ def _localize_service(
     draining: Collection[str],
     memo: dict | None = None,
     seen: dict | None = None,
+    vias: dict[str, str | None] | None = None,
+    used: set[str] | None = None,
+    local_ids: set[str] | None = None,
 ) -> Service:
-    """One service of ``localize``.  ``memo`` (from the last call for this service) maps (endpoint,
-    address, via, state) to the localised endpoint made then; ``seen`` collects this call's for the next."""
+    """One service of ``localize``.
+
+    ``memo`` (from the last call for this service) maps an endpoint id to (endpoint, address, via, state,
+    localised endpoint) as made then; ``seen`` collects this call's for the next.  A memo entry is used only
+    for an endpoint equal to the one it was made from (the same object when the client reused it), so it
+    never changes the result.  ``vias``: node id -> that node's tunnel "addr:port", or None when its tasks
+    take nothing from here; a caller may keep it across calls as long as it drops the nodes that changed.
+    ``used`` and ``local_ids`` collect the node ids the service's endpoints are on and its task ids on this
+    node (what the Localizer watches)."""
+    if vias is None:
+        vias = {}
     routes = []
-    vias: dict[str, str | None] = {}  # node id -> its tunnel "addr:port", or None when it takes nothing
     for route in svc.routes:
         endpoints = []
         for ep in route.endpoints:
-            if ep.node == self_node_id:
-                node = nodes.get(ep.node)
+            nid = ep.node
+            if used is not None:
+                used.add(nid)
+            if nid == self_node_id:
+                if local_ids is not None:
+                    local_ids.add(ep.id)
+                node = nodes.get(nid)
                 if node is None or not node.usable:
                     continue
                 address = local_addresses.get(ep.id)
                 if address is None:
                     continue
-                key = (ep, address, None, "draining" if ep.id in draining else ep.state)
+                via = None
+                state = "draining" if ep.id in draining else ep.state
             else:
                 try:
-                    via = vias[ep.node]
+                    via = vias[nid]
                 except KeyError:
-                    node = nodes.get(ep.node)
-                    via = vias[ep.node] = node.tunnel_addr if node is not None and node.usable else None
+                    node = nodes.get(nid)
+                    via = vias[nid] = node.tunnel_addr if node is not None and node.usable else None
                 if via is None:
                     continue
-                key = (ep, ep.address, via, ep.state)
-            out = memo.get(key) if memo is not None else None
-            if out is None:
-                out = replace(ep, address=key[1], via=key[2], state=key[3])
+                address, state = ep.address, ep.state
+            m = memo.get(ep.id) if memo is not None else None
+            if m is not None and (m[0] is ep or m[0] == ep) and m[1] == address and m[2] == via and m[3] == state:
+                out = m[4]
+            else:
+                out = replace(ep, address=address, via=via, state=state)
+                m = (ep, address, via, state, out)
             if seen is not None:
-                seen[key] = out
+                seen[ep.id] = m
             endpoints.append(out)
         # the endpoints are a subset of a validated route's, already sorted: no need to check them again
         routes.append(_trusted(Route, port=route.port, endpoints=tuple(endpoints), listen_host=route.listen_host,
@@ -456,13 +536,14 @@ class Localizer:
     One per node (it remembers that node's last answers); not thread-safe.
     """
 
-    __slots__ = ("_cache", "_digest", "_local", "_memo", "_nodes", "_self", "localized", "reused")
+    __slots__ = ("_cache", "_digest", "_local", "_memo", "_nodes", "_self", "_vias", "localized", "reused")
 
     def __init__(self) -> None:
         # service name -> (service hash, node ids it uses, local task ids, local key, localised service)
         self._cache: dict[str, tuple[str, frozenset[str], tuple[str, ...], tuple, Service]] = {}
         self._memo: dict[str, dict] = {}  # service name -> its localised endpoints (see _localize_service)
         self._nodes: dict[str, NodeInfo] = {}
+        self._vias: dict[str, str | None] = {}  # node id -> its tunnel, or None (see _localize_service)
         self._local: set[str] = set()  # services with tasks on this node (they depend on local_addresses)
         self._digest = ""  # of the last state localised
         self._self = ""
@@ -490,11 +571,13 @@ class Localizer:
 
     def _localize(self, svc: Service, part: ServicePart, nodes: Mapping[str, NodeInfo], self_node_id: str,
                   local_addresses: Mapping[str, str], draining: Collection[str]) -> Service:  # fmt: skip
-        used = frozenset(ep.node for r in svc.routes for ep in r.endpoints)
-        local_ids = tuple(sorted({ep.id for r in svc.routes for ep in r.endpoints if ep.node == self_node_id}))
-        key = tuple((local_addresses.get(i), i in draining) for i in local_ids)
+        used: set[str] = set()
+        local_set: set[str] = set()
         seen: dict = {}
-        loc = _localize_service(svc, nodes, self_node_id, local_addresses, draining, self._memo.get(svc.name), seen)
+        loc = _localize_service(svc, nodes, self_node_id, local_addresses, draining, self._memo.get(svc.name), seen,
+                                self._vias, used, local_set)  # fmt: skip
+        local_ids = tuple(sorted(local_set))
+        key = tuple((local_addresses.get(i), i in draining) for i in local_ids)
         self._memo[svc.name] = seen
         self.localized += 1
         self._cache[svc.name] = (part.hash, used, local_ids, key, loc)
@@ -511,6 +594,8 @@ class Localizer:
         cache = self._cache
         again = set(changed)
         if changed_nodes:
+            for nid in changed_nodes:
+                self._vias.pop(nid, None)
             again.update(name for name, hit in cache.items() if hit[1] & changed_nodes)
         for name in self._local:
             hit = cache[name]
@@ -539,7 +624,9 @@ class Localizer:
         )
         previous, self._cache = self._cache, {}
         if self_node_id != self._self:
-            previous, self._memo = {}, {}
+            previous, self._memo, self._vias = {}, {}, {}
+        for nid in changed_nodes:
+            self._vias.pop(nid, None)
         self._local = set()
         out = []
         for svc, part in zip(state.table.services, state.parts(), strict=True):

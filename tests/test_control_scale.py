@@ -8,15 +8,16 @@ import asyncio
 import gzip
 import json
 import random
+from dataclasses import replace
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from cluster.control import ControlClient, ControlServer, _Connection, _delta_body, _gunzip
-from cluster.state import ClusterState, Localizer, NodeInfo, ServicePart, localize
+from cluster.control import ControlClient, ControlServer, _Answer, _Connection, _delta_body, _gunzip, _split_compact
+from cluster.state import ClusterState, Localizer, NodeInfo, ServicePart, localize, parse_service
 from mesh.errors import ProtocolError
-from mesh.routing import Endpoint, Match, Route, RoutingTable, Service, ServiceOptions
+from mesh.routing import Endpoint, Match, Route, RoutingTable, Service, ServiceOptions, TableError
 from tests.util import wait_for
 
 TOKEN = "0123456789abcdef-scale-token"
@@ -208,10 +209,13 @@ def test_random_deltas_give_the_state_digest_and_bytes_of_full_snapshots(seed: i
         state = derived
 
 
+@pytest.mark.parametrize("received", ["bytes", "parsed"])
 @pytest.mark.parametrize("seed", [7, 8, 9, 10])
-def test_random_deltas_over_the_wire_body_apply_to_the_servers_state(seed: int) -> None:
+def test_random_deltas_over_the_wire_body_apply_to_the_servers_state(seed: int, received: str) -> None:
     """What the server sends (``_delta_body``) and what the subscriber makes of it (``_apply_delta``): the same
-    state and digest as the server's, for states the server built from scratch each time (as the watcher does)."""
+    state and digest as the server's, for states the server built from scratch each time (as the watcher does).
+    "bytes": the whole answer path (services hashed from the bytes received, endpoints reused from the base);
+    "parsed": the delta as a parsed object only (services hashed from their canonical form)."""
     rng = random.Random(seed)
     services = {s.name: s for s in (A1, B1, C1, BIG)}
     nodes = {n.id: n for n in NODES}
@@ -227,12 +231,97 @@ def test_random_deltas_over_the_wire_body_apply_to_the_servers_state(seed: int) 
                            tuple(nodes.values())).reuse(server_state)  # fmt: skip
         body = _delta_body(server_state, new, new.digest, server_state.digest)
         cli._after, cli._received = server_state.digest, held
-        got = cli._apply_delta(json.loads(body), new.digest)
+        if received == "bytes" and new.digest != server_state.digest:  # (a server answers 200 on a change only)
+            got = cli._receive(_Answer(200, {}, body))
+        else:
+            got = cli._apply_delta(json.loads(body), new.digest)
         assert got == new and got.digest == new.digest and got.wire() == new.wire(), f"step {step}"
+        for svc in got.table.services:  # an endpoint the base held, unchanged, is the object the base held
+            before = {e.id: e for r in held.table.services[held._service_index()[svc.name]].routes
+                      for e in r.endpoints} if svc.name in held._service_index() else {}  # fmt: skip
+            for e in (e for r in svc.routes for e in r.endpoints):
+                assert before.get(e.id) != e or before[e.id] is e, f"step {step}"
         # the Localizer follows the delta's lineage and still equals localize()
         assert loc(got, "n1", local) == localize(got, "n1", local), f"step {step}"
         server_state, held = new, got
     assert loc.reused > loc.localized
+
+
+def test_split_compact_gives_json_loads_and_each_services_bytes() -> None:
+    s1, s2 = _st(1, A1, B1), _st(2, A2, C1, BIG)
+    body = _delta_body(s1, s2, s2.digest, s1.digest)
+    data, raw = _split_compact(body)
+    assert data == json.loads(body)
+    parts = {s.name: p.json for s, p in zip(s2.table.services, s2.parts(), strict=True)}
+    assert raw == {"a": parts["a"], "big": parts["big"], "c": parts["c"], "b": b"null"}
+    snap = s2.wire()  # a snapshot: no top-level "services"
+    assert _split_compact(snap) == (json.loads(snap), {})
+    for bad in (b" " + body, body + b" ", body[:-1], body + b"}", b'{"a":1,}', b'{"a":1 }', b"[1]", b"{}x",
+                '{"a":"\u00e9"}'.encode(), b'{"services":{"a":1,}}'):  # fmt: skip
+        got = _split_compact(bad)
+        assert got is None or got[0] == json.loads(bad), bad
+
+
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        pytest.param(lambda d: json.dumps(d).encode(), id="whitespace"),
+        pytest.param(
+            lambda d: json.dumps(
+                {
+                    **d,
+                    "services": {k: None if v is None else dict(reversed(v.items())) for k, v in d["services"].items()},
+                },
+                separators=(",", ":"),
+            ).encode(),
+            id="compact-unsorted",
+        ),
+    ],
+)
+def test_a_delta_not_in_canonical_form_applies_by_its_content(mangle) -> None:
+    """A server that formats its JSON otherwise: the bytes do not hash to the digest, the content does."""
+    s1 = _st(1, A1, B1, BIG)
+    s2 = _st(2, A2, _svc("big", 9000, *BIG.routes[0].endpoints[1:]), C1).reuse(s1)
+    body = mangle(json.loads(_delta_body(s1, s2, s2.digest, s1.digest)))
+    cli = ControlClient([("127.0.0.1", 1)], TOKEN, lambda st: None)
+    cli._after, cli._received = s1.digest, ClusterState.from_json(s1.wire())
+    got = cli._receive(_Answer(200, {}, body))
+    assert got == s2 and got.digest == s2.digest and got.wire() == s2.wire()
+
+
+PARSE_ERRORS = [
+    ({"name": "a", "routes": [{"port": 70000, "endpoints": []}]}, "listen port out of range"),
+    ({"name": "a", "routes": [{"port": 80, "endpoints": [{"id": "x", "address": "1.2.3.4", "port": 0}]}]},
+     "port out of range"),
+    ({"name": "a", "routes": [{"port": 80, "endpoints": [{"id": "a1", "address": "10.1.0.1", "port": 80,
+                                                            "node": "n1", "bogus": 1}]}]}, "malformed"),
+    ({"name": "a", "routes": [{"port": 80, "endpoints": [dict(id="a1", address="10.1.0.1", port=80, node="n1")] * 2}]},
+     "duplicate endpoint ids"),
+    ({"name": "a", "routes": [{"port": 80, "endpoints": []}], "options": {"retries": -1}}, "retries"),
+    ({"name": "a", "routes": "x"}, "malformed"),
+    ({"name": "a", "routes": [{"endpoints": []}]}, "malformed"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("d", "message"), PARSE_ERRORS)
+def test_parse_service_refuses_what_routing_table_refuses(d: dict, message: str) -> None:
+    with pytest.raises(TableError, match=message):
+        RoutingTable.from_dict({"services": [d]})
+    with pytest.raises(TableError, match=message):
+        parse_service(d, A1)
+
+
+def test_parse_service_reuses_equal_endpoints_of_the_previous_service_only() -> None:
+    d = json.loads(ServicePart.of(RoutingTable(services=(A2,)).to_dict()["services"][0]).json)
+    got = parse_service(d, A1)
+    assert got == A2
+    a1 = A1.routes[0].endpoints[0]
+    assert got.routes[0].endpoints[0] is a1  # unchanged: the object held
+    assert got.routes[0].endpoints[1] is not A2.routes[0].endpoints[1]  # new: built (and checked)
+    d["routes"][0]["endpoints"][0]["weight"] = 2  # one field differs: built again
+    assert parse_service(d, A1).routes[0].endpoints[0] == replace(a1, weight=2)
+    d["routes"][0]["endpoints"][0]["weight"] = True  # equal to 1 in Python, not the same JSON: not reused
+    assert parse_service(d, A1).routes[0].endpoints[0] is not a1
 
 
 def test_a_tampered_delta_is_refused_and_the_next_poll_asks_for_everything() -> None:
