@@ -411,9 +411,9 @@ def server_sockets(server: Any) -> list[Any]:
     out: list[Any] = []
     if server is None:
         return out
-    own = getattr(server, "_server", None)
-    if own is not None:
-        out.extend(getattr(own, "sockets", None) or ())
+    own = getattr(server, "_server", None)  # an asyncio server (not an AppRunner's web.Server)
+    if own is not None and hasattr(own, "sockets"):
+        out.extend(own.sockets or ())
     for site in list(getattr(server, "sites", ())):
         out.extend(getattr(getattr(site, "_server", None), "sockets", None) or ())
     return out
@@ -424,7 +424,7 @@ def close_listeners(server: Any) -> None:
     if server is None:
         return
     own = getattr(server, "_server", None)
-    if own is not None:
+    if own is not None and hasattr(own, "sockets"):
         own.close()
     for site in list(getattr(server, "sites", ())):
         inner = getattr(site, "_server", None)
