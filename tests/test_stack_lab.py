@@ -240,7 +240,7 @@ def test_agent_upgrade_under_load(stack: StackLab):
         load.wait_requests(200)
         before = set(stack.sl.running_tasks("mesh_agent"))
         assert len(before) == len(ALL_NODES)
-        t0 = time.monotonic()
+        t0, since = time.monotonic(), time.time()
         # the CLI's own progress monitor may return before the last node's task is replaced: wait for
         # a new task on every node (and none of the old ones) and the update's state "completed"
         stack.docker("service", "update", "--detach", "--force", "mesh_agent")
@@ -250,6 +250,10 @@ def test_agent_upgrade_under_load(stack: StackLab):
         stack.wait_demo(6, timeout=60)
         mark = load.requests()
         load.wait_requests(mark + 300)
+        # the old agents drained and exited 0 (after a handover, or on SIGTERM), none crashed or was killed
+        stack.wait(lambda: len(stack.exit_codes("mesh_agent", since, time.time())) >= len(ALL_NODES), 30,
+                   "every old agent to exit")  # fmt: skip
+        exits = stack.exit_codes("mesh_agent", since, time.time())
     finally:
         rep = load.stop()
     FIGURES["agent_upgrade"] = {"handover": HANDOVER, "requests": rep.ok + rep.failed, "failed": rep.failed,
@@ -263,3 +267,4 @@ def test_agent_upgrade_under_load(stack: StackLab):
         print("\n".join(line for line in logs.splitlines() if "handover" in line or "handed over" in line))
         assert logs.count("handover: received ") >= len(ALL_NODES), logs[-4000:]
     assert rep.failed == 0, str(rep)
+    assert set(exits.values()) == {"0"}, exits
