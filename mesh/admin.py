@@ -459,8 +459,12 @@ class AdminServer:
         table = self.state.table()
         if table is None:
             return web.json_response({"error": "no routing table applied yet"}, status=503)
-        merged = merge_snapshots(await self.state.snapshots())
-        return web.json_response(table_with_runtime(table, merged), dumps=_dumps)
+        snaps = await self.state.snapshots()
+        # Off the loop, like /metrics: at thousands of endpoints merging, building and serialising the document
+        # takes hundreds of milliseconds, and the data plane shares this loop.  The table is immutable and the
+        # snapshots are plain dicts detached from the live stats.
+        body = await asyncio.to_thread(_table_body, table, snaps)
+        return web.Response(body=body, content_type="application/json")
 
 
 class AdminStats:
@@ -738,6 +742,11 @@ def openmetrics_from_text(text: bytes) -> bytes:
 
 def _dumps(obj: Any) -> str:
     return json.dumps(obj, indent=1, sort_keys=True)
+
+
+def _table_body(table: RoutingTable, snaps: list[dict[str, Any]]) -> bytes:
+    """The /v1/table document, serialised (runs in a thread)."""
+    return _dumps(table_with_runtime(table, merge_snapshots(snaps))).encode()
 
 
 def table_with_runtime(table: RoutingTable, merged: dict[str, Any], now: float | None = None) -> dict[str, Any]:

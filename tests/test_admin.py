@@ -58,8 +58,6 @@ class Plane:
         return lst.port
 
 
-
-
 def table_for(version: int, ports: dict[str, tuple[int, list[int]]], **opts) -> RoutingTable:
     """{service: (listen port, [backend ports])} -> a table on 127.0.0.1."""
     return RoutingTable(
@@ -830,3 +828,22 @@ async def test_views_are_served_and_listed():
         AdminServer(plane.state(), port=0, views={"/metrics": ("no", status)})
     with pytest.raises(ValueError, match="must start with '/'"):
         AdminServer(plane.state(), port=0, views={"v1/x": ("no", status)})
+
+
+async def test_a_large_v1_table_is_complete():
+    """/v1/table of 500 services x 10 endpoints (5,000), built in a thread off the data plane's loop."""
+    plane = Plane()
+    table = table_for(3, {f"svc{i:03d}": (0, [closed_port()] * 10) for i in range(500)})
+    await plane.apply(table)
+    server = AdminServer(plane.state(), port=0)
+    await server.start()
+    try:
+        status, ctype, body = await get(server, "/v1/table")
+        assert status == 200 and ctype.startswith("application/json")
+        doc = json.loads(body)
+        assert doc["runtime"]["applied_version"] == 3 and len(doc["services"]) == 500
+        eps = [ep for s in doc["services"] for ep in s["routes"][0]["endpoints"]]
+        assert len(eps) == 5000 and all(ep["runtime"]["up"] is True for ep in eps)
+    finally:
+        await server.stop()
+        await plane.close()
