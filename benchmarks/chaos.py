@@ -23,9 +23,12 @@ bytes it verified, the agent's descriptors and RSS (its whole process tree) befo
 what the fault itself saw (``detail``).  ``must_pass`` says whether the data plane's probe must see 0 failures
 under that fault; the faults that exhaust a shared resource by design say which (``by_design``).
 
-The faults target the agent's every listening port it has here: the published tcp port, the published http
-port and the admin API.  The tunnel and control ports exist only in cluster mode, whose agent needs a swarm
-manager's Engine API to start (``mesh run --cluster`` reads /info first): they are reported as skipped.
+The faults target every listening port the agent has: the published tcp port, the published http port and the
+admin API of the static-config agent, and the tunnel and control ports of a fourth agent, ``mesh run --cluster``
+with a cluster token on loopback.  That agent reads a swarm node's /info before it binds anything, so the runner
+gives it a small fake Engine API (``--engine`` child, a unix socket): a one-node swarm whose manager is this
+agent, one service publishing the probe's tcp port to an echo replica on 127.0.0.1.  Its probe goes through
+that published port (tcp only).
 
 Every loop is bounded in count and time; ``--quick`` scales counts and durations down (CI: tests/test_chaos.py).
 Results: benchmarks/results/chaos-<date>-<commit>.json (``--out`` to choose), and a table on stdout.
@@ -119,6 +122,111 @@ async def _replica_main() -> None:
     echo = await loop.create_server(_Echo, LOOPBACK, int(os.environ.get("CHAOS_ECHO_PORT", "0")), backlog=4096)
     http = await loop.create_server(_Http, LOOPBACK, int(os.environ.get("CHAOS_HTTP_PORT", "0")), backlog=4096)
     print(f"PORTS {echo.sockets[0].getsockname()[1]} {http.sockets[0].getsockname()[1]}", flush=True)
+    await asyncio.Event().wait()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fake engine child: a one-node swarm manager, so that `mesh run --cluster` opens its tunnel and control ports
+
+
+def _engine_state(publish: str, echo: int) -> dict[str, Any]:
+    """One manager node (127.0.0.1), one service publishing ``publish`` to the echo replica on this host."""
+    node = {
+        "ID": "chaosnode",
+        "Description": {"Hostname": "chaos"},
+        "Status": {"State": "ready", "Addr": LOOPBACK},
+        "Spec": {"Availability": "active", "Role": "manager"},
+        "ManagerStatus": {"Addr": f"{LOOPBACK}:2377", "Leader": True},
+    }
+    service = {
+        "ID": "chaossvc",
+        "Version": {"Index": 1},
+        "Spec": {
+            "Name": "chaos",
+            "Labels": {"mesh.publish": f"{publish}:{echo}"},
+            "Mode": {"Replicated": {"Replicas": 1}},
+        },
+    }
+    task = {
+        "ID": "chaostask",
+        "ServiceID": "chaossvc",
+        "NodeID": "chaosnode",
+        "Slot": 1,
+        "Status": {"State": "running", "ContainerStatus": {"ContainerID": "c" * 64}},
+        "DesiredState": "running",
+        "NetworksAttachments": [],
+    }
+    net = {"bridge": {"NetworkID": "net-bridge", "IPAddress": LOOPBACK}}
+    container = {
+        "Id": "c" * 64,
+        "Names": ["/chaos.1.chaostask"],
+        "Labels": {"com.docker.swarm.task.id": "chaostask", "com.docker.swarm.service.id": "chaossvc"},
+        "State": "running",
+        "Status": "Up 5 seconds",
+        "Created": 1_700_000_000,
+        "HostConfig": {"NetworkMode": "default"},
+        "NetworkSettings": {"Networks": net},
+    }
+    inspect = {
+        "Id": container["Id"],
+        "Name": "/chaos.1.chaostask",
+        "Created": "2023-11-14T22:13:20.123456789Z",
+        "State": {"Status": "running", "Running": True, "Paused": False},
+        "Config": {"Labels": container["Labels"]},
+        "HostConfig": {"NetworkMode": "default"},
+        "NetworkSettings": {"Networks": net},
+    }
+    info = {
+        "Name": "chaos",
+        "Swarm": {
+            "LocalNodeState": "active",
+            "NodeID": "chaosnode",
+            "ControlAvailable": True,
+            "NodeAddr": LOOPBACK,
+            "RemoteManagers": [{"NodeID": "chaosnode", "Addr": f"{LOOPBACK}:2377"}],
+        },
+    }
+    return {"node": node, "service": service, "task": task, "container": container, "inspect": inspect, "info": info}
+
+
+async def _engine_main(sock: str, state: dict[str, Any]) -> None:
+    import re
+
+    from aiohttp import web
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        path = re.sub(r"^/v\d+\.\d+", "", request.path)
+        if path == "/_ping":
+            return web.Response(text="OK")
+        if path == "/version":
+            return web.json_response({"ApiVersion": "1.41", "Version": "chaos"})
+        if path == "/info":
+            return web.json_response(state["info"])
+        if path == "/events":
+            resp = web.StreamResponse()
+            resp.content_type = "application/json"
+            await resp.prepare(request)
+            await asyncio.Event().wait()  # nothing happens in this swarm
+        if path == "/containers/json":
+            return web.json_response([state["container"]])
+        if path.startswith("/containers/"):
+            return web.json_response(state["inspect"])
+        if path == "/services":
+            return web.json_response([state["service"]])
+        if path.startswith("/services/"):
+            return web.json_response(state["service"])
+        if path == "/tasks":
+            return web.json_response([state["task"]])
+        if path == "/nodes":
+            return web.json_response([state["node"]])
+        return web.json_response({"message": f"not here: {path}"}, status=404)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    await web.UnixSite(runner, sock).start()
+    print("ENGINE", flush=True)
     await asyncio.Event().wait()
 
 
@@ -488,6 +596,54 @@ class Agent:
             await self.child.stop(signal.SIGTERM, timeout=10)
 
 
+class ClusterAgentRun(Agent):
+    """``mesh run --cluster`` on loopback against the fake engine child (a one-node swarm whose manager is this
+    agent): it opens the tunnel and control ports, and publishes the ``probe`` port to the first echo replica."""
+
+    def __init__(self, name: str, workdir: Path) -> None:
+        super().__init__(name, workdir)
+        self.ports.update(tunnel=free_port(), control=free_port())
+        self.engine: Child | None = None
+
+    async def start(self) -> None:
+        sock = self.dir / "docker.sock"
+        state = _engine_state(f"{LOOPBACK}:{self.ports['probe']}", int(self.probe_eps[0].rsplit(":", 1)[1]))
+        (self.dir / "engine.json").write_text(json.dumps(state))
+        argv = [sys.executable, "-m", "benchmarks.chaos", "--engine", str(sock), str(self.dir / "engine.json")]
+        self.engine = await Child.start(f"{self.name}-engine", argv, self.dir / "engine.log")
+        await self.engine.line("ENGINE")
+        token = self.dir / "token"
+        token.write_text(os.urandom(24).hex())
+        token.chmod(0o600)
+        argv = [sys.executable, "-m", "meshagent", "run", "--cluster", "--token-file", str(token)]
+        argv += ["--docker", f"unix://{sock}", "--bind", LOOPBACK, "--advertise", LOOPBACK]
+        argv += ["--tunnel-port", str(self.ports["tunnel"]), "--control-port", str(self.ports["control"])]
+        argv += ["--admin", f"{LOOPBACK}:{self.ports['admin']}", "--log-level", "warning", "--grace", "2"]
+        self.child = await Child.start(self.name, argv, self.dir / "agent.log")
+        deadline = time.monotonic() + 30
+        while True:
+            if self.child.proc.returncode is not None:
+                raise BenchError(f"agent {self.name} exited:\n{self.child.tail()}")
+            doc = await self.admin_json("/readyz", timeout=1.0)
+            if doc and doc.get("ready"):
+                break
+            if time.monotonic() > deadline:
+                raise BenchError(f"agent {self.name} not ready in 30 s:\n{self.child.tail()}")
+            await asyncio.sleep(0.1)
+        try:
+            (await _connect(self.ports["probe"], 5.0)).close()
+        except OSError as exc:
+            raise BenchError(f"cluster agent {self.name} does not serve its published port: {exc}") from None
+
+    async def reload(self, timeout: float = 10.0) -> bool:
+        raise BenchError("the cluster agent follows its (fake) swarm, not a file")
+
+    async def stop(self) -> None:
+        await super().stop()
+        if self.engine is not None:
+            await self.engine.stop()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # fault toolbox
 
@@ -660,7 +816,13 @@ async def _slowloris(ctx: Ctx, which: str) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     closed_at: list[float] = []
     t0 = loop.time()
-    head = b"GET / HTTP/1.1\r\nHost: chaos\r\nX-a: " if which in ("web", "admin") else b"S"
+    # what each port's server reads first, left unfinished: an HTTP head, a PROXY v2 signature (the tunnel)
+    if which == "tunnel":
+        head = b"\r\n\r\n\x00\r\nQUIT\n"
+    elif which in ("web", "admin", "control"):
+        head = b"GET / HTTP/1.1\r\nHost: chaos\r\nX-a: "
+    else:
+        head = b"S"
 
     async def drip(s: socket.socket) -> None:
         try:
@@ -702,13 +864,17 @@ for _which, _label in (("probe", "published tcp"), ("web", "published http"), ("
     )(lambda ctx, w=_which: _slowloris(ctx, w))
 
 
-@fault("tunnel-control", "garbage and slowloris on the tunnel and control ports", must_pass=False)
-async def _tunnel_control(ctx: Ctx) -> dict[str, Any]:
-    return {
-        "skipped": "the tunnel and control ports exist only in cluster mode (mesh run --cluster), whose agent "
-        "reads a swarm node's /info from the Docker Engine API before it binds them; this runner uses no engine. "
-        "tests/test_tunnel.py and tests/test_control.py cover garbage on those servers in-process"
-    }
+for _which in ("tunnel", "control"):
+    fault(
+        f"garbage-{_which}",
+        f"cluster mode's {_which} port: connections sending random bytes (TLS-like, HTTP-like, raw), half reset",
+        agent="cluster",
+    )(lambda ctx, w=_which: _garbage(ctx, w))
+    fault(
+        f"slowloris-{_which}",
+        f"cluster mode's {_which} port: many connections sending a byte a second",
+        agent="cluster",
+    )(lambda ctx, w=_which: _slowloris(ctx, w))
 
 
 @fault("idle-15000", "15,000 idle client connections: 12,000 on the http port, 3,000 on the tcp port (proxied)")
@@ -1246,6 +1412,12 @@ async def run_fault(ctx: Ctx, f: Fault) -> dict[str, Any]:
     if error:
         out["error"] = error
     out["findings"] = detail.pop("findings", [])
+    # a replica that died would fail the probe for reasons outside the agent: say so
+    for r in ctx.replicas:
+        if r.child.proc.returncode is not None:
+            out["findings"].append(
+                f"replica {r.child.name} exited (code {r.child.proc.returncode}): not the agent's doing"
+            )
     if "skipped" in detail:
         out["skipped"] = detail["skipped"]
     return out
@@ -1256,12 +1428,10 @@ async def _start_env(workdir: Path, agent: Agent, interval: float, replicas: lis
     agent.victim_eps = [f"{LOOPBACK}:{r.echo}" for r in replicas]
     agent.web_eps = [f"{LOOPBACK}:{r.http}" for r in replicas]
     await agent.start()
-    return await Probe.start(
-        f"probe-{agent.name}",
-        workdir,
-        [f"tcp:{LOOPBACK}:{agent.ports['probe']}", f"http:{LOOPBACK}:{agent.ports['web']}"],
-        interval,
-    )
+    targets = [f"tcp:{LOOPBACK}:{agent.ports['probe']}"]
+    if not isinstance(agent, ClusterAgentRun):
+        targets.append(f"http:{LOOPBACK}:{agent.ports['web']}")
+    return await Probe.start(f"probe-{agent.name}", workdir, targets, interval)
 
 
 async def run_faults(names: list[str], quick: bool, interval: float, workdir: Path) -> list[dict[str, Any]]:
@@ -1278,6 +1448,8 @@ async def run_faults(names: list[str], quick: bool, interval: float, workdir: Pa
                 agent = Agent("agent-workers", workdir, workers=2)
             elif group == "fdlimit":
                 agent = Agent("agent-fdlimit", workdir, nofile=FD_LIMIT)
+            elif group == "cluster":
+                agent = ClusterAgentRun("agent-cluster", workdir)
             else:
                 agent = Agent("agent", workdir)
             probe = await _start_env(workdir, agent, interval, replicas)
@@ -1471,10 +1643,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--soak", type=float, default=None, metavar="SECONDS", help="run the soak for SECONDS instead")
     ap.add_argument("--interval", type=float, default=0.005, help="probe interval in seconds (default 0.005)")
     ap.add_argument("--out", default=None, help="result file (default benchmarks/results/chaos-<date>-<commit>.json)")
+    ap.add_argument("--keep", action="store_true", help="keep the working directory (agent logs, configs)")
     ap.add_argument("--replica", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--probe", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--engine", nargs=2, default=None, metavar=("SOCK", "STATE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
+    if args.engine:
+        sock, state = args.engine
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(_engine_main(sock, json.loads(Path(state).read_text())))
+        return 0
     if args.replica or args.probe:
         try:
             import uvloop
@@ -1507,8 +1686,12 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m benchmarks.chaos " + " ".join(argv if argv is not None else sys.argv[1:])
     doc = _doc(command, args.quick)
     doc["probe"]["interval_s"] = args.interval
-    with tempfile.TemporaryDirectory(prefix="mesh-chaos-") as tmp:
-        workdir = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        if args.keep:
+            workdir = Path(tempfile.mkdtemp(prefix="mesh-chaos-"))
+            print(f"chaos: logs and configs kept in {workdir}", file=sys.stderr)
+        else:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mesh-chaos-")))
         try:
             if args.soak:
                 doc["soak"] = asyncio.run(run_soak(args.soak, args.interval, workdir))
