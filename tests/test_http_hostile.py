@@ -738,6 +738,30 @@ async def test_forwarding_fields_of_a_trusted_client_are_extended():
     await b.close()
 
 
+async def test_forwarding_fields_follow_each_request_on_one_connection():
+    """The mesh keeps the fields it makes per connection and Host: every request still gets its own Host's,
+    and a trusted client's own fields when a request carries them."""
+    b = await HttpBackend().start()
+    lst, pool = start_front(b, hosts=(), http_trusted=("127.0.0.0/8",))
+    hosts = ["a.example.com", "b.example.com", "a.example.com", "b.example.com:8080"]
+    async with Client(lst.port) as c:
+        for h in hosts:
+            await c.send(get(host=h))
+            assert (await c.response()).status == 200
+        await c.send(get(host="a.example.com", extra="X-Forwarded-For: 6.6.6.6\r\n"))
+        assert (await c.response()).status == 200
+        await c.send(get(host="a.example.com"))
+        assert (await c.response()).status == 200
+    got = [(r.value("x-forwarded-host"), r.value("forwarded"), r.value("x-forwarded-for")) for r in b.requests]
+    want = [(h, f'for=127.0.0.1;proto=http;host="{h}"', "127.0.0.1") for h in hosts]
+    a = "a.example.com"
+    want += [(a, f'for=127.0.0.1;proto=http;host="{a}"', "6.6.6.6, 127.0.0.1")]
+    want += [(a, f'for=127.0.0.1;proto=http;host="{a}"', "127.0.0.1")]
+    assert got == want
+    await finish(lst, pool)
+    await b.close()
+
+
 async def test_hop_by_hop_fields_and_those_named_in_connection_are_dropped():
     b = await HttpBackend().start()
     lst, pool = start_front(b)

@@ -136,6 +136,7 @@ PIPELINE_DEPTH = 2  # requests read ahead of the one being answered before readi
 RETRY_BODY_LIMIT = 64 * 1024  # request bodies kept for a retry
 LINGER_TIME = 5.0  # lingering close (HttpConnection._close): the longest wait for the client to stop sending
 LINGER_BYTES = 64 << 20  # ... and the most bytes read and discarded meanwhile (more than socket buffers hold)
+FORWARDING_CACHE = 16  # Hosts per connection whose forwarding fields are kept
 COALESCE_COPY = 16 * 1024  # a response head and body piece up to this size are joined into one write
 _NEVER = float("inf")
 BODY_PAUSE = 256 * 1024  # request body bytes buffered before upstream is ready: then reading pauses
@@ -791,7 +792,7 @@ class HttpConnection(asyncio.Protocol):
         self._timer_at = _NEVER  # when ``_timer`` fires
         self._rex: Exchange | None = None  # the request waiting for its response head (response timeout)
         self._rdeadline = 0.0  # ... until then
-        self._fwd: tuple[bytes, bytes] | None = None  # (Host, the forwarding fields for it): _upstream_head
+        self._fwd: dict[bytes, bytes] | None = None  # Host -> the forwarding fields for it (_upstream_head)
         self._linger = -1  # >= 0: lingering after the last response (_close), the bytes still accepted
 
     # -- asyncio callbacks
@@ -1187,14 +1188,16 @@ class HttpConnection(asyncio.Protocol):
         host_value = host_value or b""
         if xff is None and fwd is None and proto is None and host_fwd is None and port_fwd is None:
             # Nothing kept from the client: the forwarding fields depend on the client and the Host only,
-            # the same on every request of a connection (kept per connection with the Host they were for).
-            cached = self._fwd
-            if cached is not None and cached[0] == host_value:
-                add(cached[1])
-            else:
-                tail = self._forwarding(host_value, None, None, None, None, None)
-                self._fwd = (host_value, tail)
-                add(tail)
+            # the same on every request of a connection (kept per connection by Host, a few Hosts at most).
+            cache = self._fwd
+            if cache is None:
+                cache = self._fwd = {}
+            tail = cache.get(host_value)
+            if tail is None:
+                if len(cache) >= FORWARDING_CACHE:
+                    cache.clear()
+                tail = cache[host_value] = self._forwarding(host_value, None, None, None, None, None)
+            add(tail)
         else:
             add(self._forwarding(host_value, xff, fwd, proto, host_fwd, port_fwd))
         if ex.upgrade and upgrade_value is not None:
