@@ -61,7 +61,9 @@ LINK_PREFIX = "198.18.200"
 GUARD = "198.18.0.0/15"
 SWARM_POOL = "198.19.128.0/17"
 IMAGE = "meshtest/busybox:latest"
-MAX_NODES = 3
+# nodes 1-3 are the usual lab; 4 and 5 (198.18.200.14/15, docker subnets 198.18.216-225.0/24) exist only
+# while a test needs more swarm managers (tests/test_cluster_managers_lab.py), which removes them again
+MAX_NODES = 5
 # every lab uses the same addresses: labs of concurrent test sessions on one machine take turns
 LOCK_FILE = Path("/run/mtest.lock")
 LOCK_TIMEOUT = float(os.environ.get("MTEST_LOCK_TIMEOUT", "1200"))
@@ -673,6 +675,20 @@ class DockerLab:
             if live_restore is not None:
                 n.set_live_restore(live_restore)
             return n
+
+    def remove_node(self, i: int) -> None:
+        """Remove node i entirely (dockerd, its data, netns, veth and routes); a later ``node(i)`` starts
+        it afresh.  Make it leave its swarm first (``swarm_leave``): this only forces its own side."""
+        with self._lock:
+            n = self.nodes.pop(i, None)
+            if n is None:
+                return
+            with contextlib.suppress(LabError):
+                if n.alive() and n.docker("info", "--format", "{{.Swarm.LocalNodeState}}", check=False) == "active":
+                    n.docker("swarm", "leave", "--force", check=False, timeout=30)
+            n.teardown()
+            for s in n.subnets:
+                _quiet("ip", "route", "del", s, "via", n.addr, "dev", self.bridge)
 
     def _load_image(self, n: Node) -> None:
         """The same image (same ID) on every node: import once, then save/load."""

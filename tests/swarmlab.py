@@ -196,10 +196,13 @@ class LoadLoop:
 
 
 class SwarmLab:
-    """Three swarm nodes (``MANAGER`` + ``WORKERS``) and their agents."""
+    """Three swarm nodes (``MANAGER`` + ``WORKERS``), optionally more managers, and their agents."""
 
-    def __init__(self, lab: DockerLab) -> None:
+    def __init__(self, lab: DockerLab, *, extra_managers: tuple[int, ...] = ()) -> None:
+        """``extra_managers``: more nodes (4, 5) that join as managers, so that the swarm has several;
+        ``close()`` demotes and removes them again (the lab's other tests expect one manager)."""
         self.lab = lab
+        self.extra_managers = extra_managers
         self.nodes: dict[int, Node] = {}
         self.node_ids: dict[int, str] = {}
         self.agents: dict[int, Agent] = {}
@@ -217,6 +220,9 @@ class SwarmLab:
         for i in WORKERS:
             self.nodes[i] = self.lab.node(i, live_restore=False)  # a swarm node cannot live-restore
             self.node_ids[i] = self.lab.swarm_join(i, MANAGER)
+        for i in self.extra_managers:
+            self.nodes[i] = self.lab.node(i, live_restore=False)
+            self.node_ids[i] = self.lab.swarm_join(i, MANAGER, as_manager=True)
         self.token_file.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -329,6 +335,27 @@ class SwarmLab:
             timeout, f"node {i} to be ready in the swarm again",
         )  # fmt: skip
 
+    def remove_manager(self, i: int) -> None:
+        """Demote manager node i (never ``MANAGER``), make it leave, and remove the lab node."""
+        if i == MANAGER:
+            raise SwarmLabError(f"node {i} holds the lab's swarm; it cannot be removed")
+        self.stop_agent(i)
+        node_id = self.node_ids.pop(i, None)
+        if node_id and self.manager.alive():
+            self.manager.docker("node", "demote", node_id, check=False, timeout=60)
+            # a manager leaving with --force would cost the raft a member it still counts
+            self.wait(
+                lambda: self.manager.docker("node", "inspect", "--format", "{{.Spec.Role}}", node_id, check=False)
+                == "worker",
+                30, f"node {i} to be demoted",
+            )  # fmt: skip
+        n = self.nodes.pop(i)
+        if n.alive():
+            n.docker("swarm", "leave", "--force", check=False, timeout=60)
+        if node_id and self.manager.alive():
+            self.manager.docker("node", "rm", "--force", node_id, check=False, timeout=60)
+        self.lab.remove_node(i)
+
     # -- services ---------------------------------------------------------------------
     def create_service(self, name: str, replicas: int, labels: dict[str, str], *, cmd: list[str] = ECHO,
                        extra: tuple[str, ...] = ()) -> None:  # fmt: skip
@@ -391,6 +418,10 @@ class SwarmLab:
         finally:
             # Leave the shared lab as the discovery tests expect it: node 1 standalone (live-restore) and
             # node 2 a single-node swarm (its tests join node 3 themselves when they need a worker).
+            for i in self.extra_managers:
+                if i in self.nodes:
+                    with contextlib.suppress(Exception):
+                        self.remove_manager(i)
             for i in WORKERS:
                 if i in self.nodes:
                     with contextlib.suppress(Exception):
