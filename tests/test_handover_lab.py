@@ -48,26 +48,30 @@ def _targets(sl: SwarmLab) -> list[tuple[int, str, int]]:
 
 
 def test_agent_upgrades_under_load_from_every_node_fail_nothing(swarm: SwarmLab) -> None:
-    """A worker's agent and the manager's agent are each replaced twice (``--handover``) under load on all
-    three nodes' published port: 0 failed requests; each old agent exits 0."""
+    """A worker's agent and the manager's agent are each replaced twice (``--handover``; the second time
+    by an agent with ``--workers 2``) under load on all three nodes' published port: 0 failed requests;
+    each old agent exits 0."""
     sl = swarm
     # every node serves all six replicas before the load starts
     sl.wait(lambda: all(len(sl.endpoints(i, WEB) or ()) == 6 for i in ALL), 60, "every agent routes 6 replicas")
     load = LoadLoop(_targets(sl), threads=6, max_requests=40000, max_seconds=120).start()
     steps = []
     try:
-        for i in (WORKERS[0], MANAGER, WORKERS[0], MANAGER):
+        # the second round moves both agents to --workers 2: the published port served by two worker
+        # processes, the tunnel (which the other nodes dial) and control by the agent process
+        for i, workers in ((WORKERS[0], 1), (MANAGER, 1), (WORKERS[0], 2), (MANAGER, 2)):
             before = load.requests()
             old = sl.agents[i]
             t0 = time.monotonic()
-            sl.start_agent(i, "--handover", handover_path(sl, i), "--grace", "5")
+            sl.start_agent(i, "--handover", handover_path(sl, i), "--grace", "5", "--workers", str(workers))
             new = sl.agents[i]
             rc = old.proc.wait(30)
             assert rc == 0, old.log_tail()
             log = new.log_tail(20000)
             assert "handover: received" in log and "the old agent" in log, log
             sl.wait(lambda b=before: load.requests() > b + 200, 30, "load flowing after the upgrade")
-            steps.append(f"node {i}: old agent exited {time.monotonic() - t0:.1f}s after the new one started")
+            steps.append(f"node {i} (new agent with {workers} worker(s)): old agent exited "
+                         f"{time.monotonic() - t0:.1f}s after the new one started")  # fmt: skip
     finally:
         res = load.stop()
     print(f"\nagent upgrades under load: {res}\n  " + "\n  ".join(steps))
