@@ -418,6 +418,39 @@ async def test_a_hung_old_agent_keeps_its_ports_and_the_new_one_binds_once_it_is
             await new.stop()
 
 
+async def test_sigterm_while_a_successor_holds_the_sockets_waits_for_its_release(tmp_path, backends):
+    """Swarm's start-first stops the old task as soon as the new one runs, possibly between the sockets
+    being sent and the release: the old agent then waits (up to --handover-timeout) for the release, so the
+    ports pass to the successor instead of closing.  The successor here is the test process itself."""
+    path = tmp_path / "mesh.yaml"
+    port = free_port()
+    write_atomic(path, config(port, [backends[0].port]))
+    sock = str(tmp_path / "handover.sock")
+    old = await Agent("--config", str(path), "--admin", "off", "--handover", sock, "--handover-timeout", "20").start()
+    taken = None
+    try:
+        await old.wait_log("handover: serving")
+        taken, why = await asyncio.to_thread(request_takeover, sock, 5.0)
+        assert why == "ok" and taken is not None
+        await old.wait_log("serving until it has taken over")
+        old.signal(signal.SIGTERM)
+        await old.wait_log("a new agent is taking the sockets over; waiting up to 20.0s")
+        assert old.proc is not None and old.proc.returncode is None
+        (_, listener) = taken.sockets[0]
+        assert await asyncio.to_thread(taken.release, 5.0)
+        assert await old.wait(15) == 0, old.log
+        # the port never closed: the kernel socket is the test's now, a connect waits in its queue
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            listener.setblocking(True)
+            conn, _ = listener.accept()
+            conn.close()
+    finally:
+        if taken is not None:
+            for _, s in taken.sockets:
+                s.close()
+        await old.stop()
+
+
 # -- the protocol against a misbehaving old side (in-process, real unix sockets) ------------------------
 
 
