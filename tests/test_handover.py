@@ -418,6 +418,51 @@ async def test_a_hung_old_agent_keeps_its_ports_and_the_new_one_binds_once_it_is
             await new.stop()
 
 
+async def test_a_hung_old_parent_of_workers_shares_its_port_groups_until_it_is_gone(tmp_path, backends):
+    """``--workers 2``: the old parent is SIGSTOPped (its workers still serve).  The new agent gives up the
+    handover after the timeout; its SO_REUSEPORT sockets join the old workers' port groups, so both serve
+    the port, while the admin API (no SO_REUSEPORT) waits for the old parent; once that one is killed its
+    workers drain and exit (their control channel closed) and the new agent serves alone, ready."""
+    path = tmp_path / "mesh.yaml"
+    with reserved_port() as port:
+        admin = free_port()
+        write_atomic(path, config(port, [backends[0].port]))
+        sock = str(tmp_path / "handover.sock")
+        argv = ("--config", str(path), "--admin", f"127.0.0.1:{admin}", "--handover", sock,
+                "--handover-timeout", "1", "--workers", "2", "--log-format", "json")  # fmt: skip
+        old = await Agent(*argv).start()
+        new = None
+        try:
+            await old.wait_log("handover: serving", timeout=30)
+            old_workers = worker_pids(old)
+            old.signal(signal.SIGSTOP)
+            new = await Agent(*argv).start()
+            await new.wait_log("did not answer within 1.0s; binding normally")
+            await new.wait_log("the admin port is held by the old agent; retrying")
+            await wait_for(lambda: len(worker_pids(new)) == 2, timeout=20, what="the new workers")
+            new_workers = worker_pids(new)
+            await wait_for(
+                lambda: {p for p in new_workers if _socket_inodes(p) & {i for st, i in _tcp_sockets(port) if st == LISTEN}}
+                == set(new_workers),
+                timeout=20,
+                what="the new workers listen beside the old ones",
+            )  # fmt: skip
+            for _ in range(10):
+                assert await echo_once(port) == b"ping\n"
+            old.signal(signal.SIGKILL)
+            await old.wait(10)
+            await wait_for(lambda: all(_gone(p) for p in old_workers), timeout=20, what="the old workers exit")
+            await wait_for(lambda: ready(admin), timeout=10, what="the new agent ready after the old one is gone")
+            for _ in range(10):
+                assert await echo_once(port) == b"ping\n"
+        finally:
+            if old.proc is not None and old.proc.returncode is None:
+                old.signal(signal.SIGCONT)
+            await old.stop()
+            if new is not None:
+                await new.stop()
+
+
 async def test_sigterm_while_a_successor_holds_the_sockets_waits_for_its_release(tmp_path, backends):
     """Swarm's start-first stops the old task as soon as the new one runs, possibly between the sockets
     being sent and the release: the old agent then waits (up to --handover-timeout) for the release, so the
