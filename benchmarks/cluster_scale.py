@@ -67,6 +67,8 @@ class Case:
     wait: float = 20.0  # the subscribers' long-poll wait (the agent's default)
     backoff_cap: float = 2.0  # the agent's
     seed: int = 1
+    receive_only: bool = False  # subscribers only receive answers (no parse, check or localisation; see _receiver)
+    profile: str = ""  # a directory: each subscriber process writes cProfile stats of the change phase there
 
     def resolved(self) -> Case:
         c = replace(self)
@@ -273,10 +275,23 @@ async def _subscribers(conn, index: int, node_ids: list[str], managers: list[tup
 
     prober = asyncio.create_task(apply_probe())
     rng = random.Random(case.seed * 1000 + index)
+    receiver = _receiver_class(ControlClient) if case.receive_only else None
+
+    def received_for(i: int):
+        def on_received(version: int) -> None:
+            records[i].append((version, time.monotonic()))
+            last[i] = version
+
+        return on_received
+
     for i, node in enumerate(node_ids):
         order = list(managers)
-        c = ControlClient(order, TOKEN, on_state_for(i, node), wait=case.wait, backoff_cap=case.backoff_cap,
-                          rng=random.Random(rng.random()))  # fmt: skip
+        if receiver is not None and i > 0:  # the probe's subscriber applies (its data plane is probed)
+            c = receiver(order, TOKEN, received_for(i), wait=case.wait, backoff_cap=case.backoff_cap,
+                         rng=random.Random(rng.random()))  # fmt: skip
+        else:
+            c = ControlClient(order, TOKEN, on_state_for(i, node), wait=case.wait, backoff_cap=case.backoff_cap,
+                              rng=random.Random(rng.random()))  # fmt: skip
         clients.append(c)
     for c in clients:
         await c.start()
@@ -311,6 +326,7 @@ async def _subscribers(conn, index: int, node_ids: list[str], managers: list[tup
         return ok, failed, why
 
     probing: asyncio.Task | None = None
+    profiler: Any = None
     cmd_q: asyncio.Queue = asyncio.Queue()
     loop.add_reader(conn.fileno(), lambda: cmd_q.put_nowait(conn.recv()))
     try:
@@ -337,6 +353,16 @@ async def _subscribers(conn, index: int, node_ids: list[str], managers: list[tup
             elif cmd == "probe_end":
                 probe_end.set()
                 conn.send(await probing)
+            elif cmd == "profile_start":
+                import cProfile
+
+                profiler = cProfile.Profile(time.process_time)
+                profiler.enable()
+                conn.send("profiling")
+            elif cmd == "profile_stop":
+                profiler.disable()
+                profiler.dump_stats(os.path.join(args[0], f"subscribers-{index}.pstats"))
+                conn.send("profiled")
             elif cmd == "stats":
                 keys = ("polls", "applied", "failures", "failovers")
                 conn.send({k: sum(getattr(c.stats, k) for c in clients) for k in keys} | {
@@ -352,6 +378,36 @@ async def _subscribers(conn, index: int, node_ids: list[str], managers: list[tup
         await mesh.shutdown(0.5)
         backend.close()
         conn.send("stopped")
+
+
+def _receiver_class(base: type) -> type:
+    """A subscriber that only receives: the real client's HTTP (``_request``, the kept-alive connection), then
+    the answer's version read from its last bytes, and ``after`` set to the digest the server sent (its ETag),
+    with nothing parsed, checked or localised.  With these, change -> received measures the manager's fan-out
+    alone: what a real cluster sees before each node spends its own CPU on its own apply."""
+    import re
+    import zlib
+
+    from mesh.errors import ProtocolError
+
+    version_at_end = re.compile(rb'"version":(\d+)\}+$')
+
+    class Receiver(base):  # type: ignore[misc,valid-type]
+        def _receive(self, answer):
+            if answer.status != 200:
+                return super()._receive(answer)
+            body = answer.body
+            if answer.headers.get("content-encoding") == "gzip":
+                body = zlib.decompress(body, 16 + zlib.MAX_WBITS)
+            m = version_at_end.search(body)
+            self._after = answer.headers.get("etag", "")
+            if m is None or not self._after:
+                raise ProtocolError("answer without a version or an ETag")
+            self.stats.applied += 1  # (received)
+            self._on_state(int(m.group(1)))
+            return None
+
+    return Receiver
 
 
 def _rss() -> int:
@@ -426,6 +482,9 @@ async def run_case(case: Case, *, log=print) -> dict[str, Any]:
         bytes0 = _server_bytes(servers)
         fallback_bytes = 0
         changed0 = sum(s.stats.changed for s in servers)
+        if case.profile:
+            os.makedirs(case.profile, exist_ok=True)
+            await pool.ask("profile_start")
         sub0 = await pool.ask("stats")
         cpu0 = time.process_time()
         start = time.monotonic()
@@ -456,6 +515,8 @@ async def run_case(case: Case, *, log=print) -> dict[str, Any]:
         settled = await _wait_progress(pool, final, case.subscribers, case.settle)
         cpu = time.process_time() - cpu0
         sub1 = await pool.ask("stats")
+        if case.profile:
+            await pool.ask("profile_stop", case.profile, timeout=case.settle)
         # the subscribers' own CPU while the changes were applied (HTTP, parse, digest check, localisation)
         sub_cpu = sum(b["cpu"] - a["cpu"] for a, b in zip(sub0, sub1, strict=True))
         sub_applied = sum(b["applied"] - a["applied"] for a, b in zip(sub0, sub1, strict=True))
@@ -504,6 +565,7 @@ async def run_case(case: Case, *, log=print) -> dict[str, Any]:
             "managers": case.managers,
             "changes": case.changes,
             "rate_per_s": case.rate,
+            "receive_only": case.receive_only,
             "burst": case.burst,
             "state_bytes": len(state.to_json()),
             "initial_sync_s": round(initial_sync, 4),
@@ -637,6 +699,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--managers", type=int, default=1)
     ap.add_argument("--down", type=float, default=1.0, help="seconds the control server is away on restart")
     ap.add_argument("--settle", type=float, default=120.0)
+    ap.add_argument(
+        "--receive-only",
+        action="store_true",
+        help="subscribers only receive each answer (the manager's fan-out, without the nodes' apply)",
+    )
+    ap.add_argument("--profile-dir", default="", help="subscriber processes write cProfile stats of the changes here")
     ap.add_argument("--out", type=Path, help="result file (default benchmarks/results/cluster-scale-<time>.json)")
     args = ap.parse_args(argv)
     for name in ("subscribers", "tasks", "changes", "processes", "managers", "services"):
@@ -644,7 +712,8 @@ def main(argv: list[str] | None = None) -> int:
         if v is not None and v < (0 if name in ("processes", "services") else 1):
             ap.error(f"--{name} must be >= 1")
     base = dict(services=args.services, burst=args.burst, processes=args.processes, managers=args.managers,
-                down=args.down, settle=args.settle)  # fmt: skip
+                down=args.down, settle=args.settle, profile=args.profile_dir,
+                receive_only=args.receive_only)  # fmt: skip
     if args.changes is not None:
         base["changes"] = args.changes
     if args.rate is not None:

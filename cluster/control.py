@@ -670,9 +670,6 @@ class ControlClient:
         self._applied_digest = ""
         self._after = ""  # the digest the server sent last (opaque to us)
         self._received: ClusterState | None = None  # the state ``_after`` names (a delta's base)
-        # service name -> (its options as received last, parsed): a delta that changes endpoints only
-        # does not parse and check the same options again
-        self._options: dict[str, tuple[Any, Any]] = {}
         # start at a random manager: the workers of a cluster spread over its managers
         self._index = self._rng.randrange(1 << 16)
         self._failures = 0
@@ -856,17 +853,11 @@ class ControlClient:
         for name, d in services.items():
             if d is None:
                 changes[name] = None
-                self._options.pop(name, None)
                 continue
             if not isinstance(d, dict) or d.get("name") != name:
                 raise TableError(f"delta: service {name!r} is not a service object of that name")
             i = index.get(name)
-            opts = d.get("options")
-            hit = self._options.get(name)
-            svc = parse_service(d, held[i] if i is not None else None,
-                                hit[1] if hit is not None and hit[0] == opts else None)  # fmt: skip
-            if hit is None or hit[1] is not svc.options:
-                self._options[name] = (opts, svc.options)
+            svc = parse_service(d, held[i] if i is not None else None)
             body = raw.get(name)
             changes[name] = (svc, ServicePart.raw(name, body) if body is not None else ServicePart.of(d))
         node_changes = {nid: (None if n is None else parse_node(nid, n)) for nid, n in nodes.items()}

@@ -35,6 +35,7 @@ reuses the localised services whose content, nodes and local tasks did not chang
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -373,6 +374,7 @@ class ClusterState:
 
 
 _ROUTE_KEYS = frozenset({"port", "listen_host", "protocol", "endpoints", "match"})
+_ENDPOINT_KEYS = frozenset({"address", "id", "node", "port", "state", "via", "weight"})
 
 
 def parse_service(d: Any, previous: Service | None = None, options: ServiceOptions | None = None) -> Service:
@@ -388,7 +390,7 @@ def parse_service(d: Any, previous: Service | None = None, options: ServiceOptio
     if not isinstance(d, dict) or not isinstance(d.get("routes"), list) or not isinstance(d.get("name"), str):
         return _parse_service_slow(d)
     if options is None:
-        options = _parse_service_slow({"name": d["name"], "options": d.get("options"), "routes": []}).options
+        options = _options(d.get("options"))
     old: dict[str, Endpoint] = {}
     if previous is not None:
         for r in previous.routes:
@@ -401,14 +403,14 @@ def parse_service(d: Any, previous: Service | None = None, options: ServiceOptio
                 return _parse_service_slow(d)
             eps = []
             for e in r.get("endpoints", ()):
-                o = old.get(e.get("id")) if type(e) is dict else None
-                if (o is not None and len(e) == 7 and e.get("address") == o.address and e.get("port") == o.port
-                        and e.get("node") == o.node and e.get("state") == o.state and e.get("via") == o.via
-                        and e.get("weight") == o.weight and type(e.get("port")) is int
-                        and type(e.get("weight")) is int):  # fmt: skip
-                    eps.append(o)
-                else:
-                    eps.append(Endpoint(**e))
+                if type(e) is dict and e.keys() == _ENDPOINT_KEYS:
+                    o = old.get(e["id"])
+                    if (o is not None and e["address"] == o.address and e["node"] == o.node and e["port"] == o.port
+                            and e["state"] == o.state and e["via"] == o.via and e["weight"] == o.weight
+                            and type(e["port"]) is int and type(e["weight"]) is int):  # fmt: skip
+                        eps.append(o)
+                        continue
+                eps.append(Endpoint(**e))
             routes.append(Route(port=r["port"], listen_host=r.get("listen_host", "0.0.0.0"),
                                 protocol=r.get("protocol", "tcp"), match=Match(**(r.get("match") or {})),
                                 endpoints=tuple(eps)))  # fmt: skip
@@ -417,6 +419,31 @@ def parse_service(d: Any, previous: Service | None = None, options: ServiceOptio
         raise
     except (TypeError, KeyError, AttributeError, ValueError) as exc:
         raise TableError(f"malformed routing table: {exc!r}") from exc
+
+
+_OPTIONS: list[tuple[Any, ServiceOptions]] = []  # the last options parsed (most services share a few)
+
+
+def _options(raw: Any) -> ServiceOptions:
+    """``ServiceOptions`` of a service's wire form, remembered: equal wire forms parse to equal options."""
+    for known, opts in _OPTIONS:
+        if _same_json(known, raw):
+            return opts
+    opts = _parse_service_slow({"name": "-", "options": raw, "routes": []}).options
+    _OPTIONS.insert(0, (copy.deepcopy(raw), opts))
+    del _OPTIONS[8:]
+    return opts
+
+
+def _same_json(a: Any, b: Any) -> bool:
+    """Equal JSON values, types included (``1``, ``1.0`` and ``true`` differ: they may not parse alike)."""
+    if type(a) is not type(b):
+        return False
+    if type(a) is dict:
+        return a.keys() == b.keys() and all(_same_json(v, b[k]) for k, v in a.items())
+    if type(a) is list:
+        return len(a) == len(b) and all(_same_json(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
 
 
 def _parse_service_slow(d: Any) -> Service:

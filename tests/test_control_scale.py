@@ -300,6 +300,10 @@ PARSE_ERRORS = [
     ({"name": "a", "routes": [{"port": 80, "endpoints": []}], "options": {"retries": -1}}, "retries"),
     ({"name": "a", "routes": "x"}, "malformed"),
     ({"name": "a", "routes": [{"endpoints": []}]}, "malformed"),
+    # as many fields as an endpoint of the previous service has, all others equal to its: still refused
+    ({"name": "a", "routes": [{"port": 8080, "endpoints": [{"address": "10.1.0.1", "id": "a1", "node": "n1",
+                                                              "port": 80, "state": "running", "bogus": None,
+                                                              "weight": 1}]}]}, "malformed"),
 ]  # fmt: skip
 
 
@@ -309,6 +313,25 @@ def test_parse_service_refuses_what_routing_table_refuses(d: dict, message: str)
         RoutingTable.from_dict({"services": [d]})
     with pytest.raises(TableError, match=message):
         parse_service(d, A1)
+
+
+def test_parse_service_options_remembered_only_for_the_same_json() -> None:
+    """Options are parsed once per distinct wire form; 3, 3.0 and true are distinct (they may not parse alike)."""
+    forms = [{"retries": 3}, {"retries": 3.0}, {"retries": True}, {"retries": 3}, {"balance": "least-conn"},
+             {"balance": "bogus"}, {"retries": 3}, {"health_check": {"path": "/h", "expect_status": [200]}}, {}]  # fmt: skip
+    for opts in forms * 2:
+        d = {"name": "a", "options": opts, "routes": [{"port": 80, "endpoints": []}]}
+        try:
+            want: object = RoutingTable.from_dict({"services": [d]}).services[0]
+        except TableError as exc:
+            want = type(exc)
+        try:
+            got: object = parse_service(d, None)
+        except TableError as exc:
+            got = type(exc)
+        assert got == want, opts
+        if isinstance(want, Service):
+            assert got.options == want.options
 
 
 def test_parse_service_reuses_equal_endpoints_of_the_previous_service_only() -> None:
