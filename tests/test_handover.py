@@ -237,13 +237,24 @@ async def test_without_handover_a_restart_refuses_connections(tmp_path, backends
 MARKER = "SIGUSR2: started pid "
 
 
-async def test_sigusr2_restarts_under_load_refuse_and_reset_nothing(tmp_path, backends):
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_sigusr2_restarts_under_load_refuse_and_reset_nothing(tmp_path, backends, workers):
     """SIGUSR2 (no --handover) three times: each time a new process with a new PID takes the sockets over
-    and the old one drains and exits 0; the load sees nothing."""
+    and the old one drains and exits 0 (with --workers 2, its workers too); the load sees nothing."""
     path = tmp_path / "mesh.yaml"
-    port, admin = free_port(), free_port()
+    held = contextlib.ExitStack()
+    port = held.enter_context(reserved_port()) if workers > 1 else free_port()
+    admin = free_port()
     write_atomic(path, config(port, [b.port for b in backends]))
-    agent = await Agent("--config", str(path), "--admin", f"127.0.0.1:{admin}", "--grace", "5").start()
+    try:
+        await _sigusr2_under_load(path, port, admin, workers)
+    finally:
+        held.close()
+
+
+async def _sigusr2_under_load(path: Path, port: int, admin: int, workers: int) -> None:
+    argv = ("--config", str(path), "--admin", f"127.0.0.1:{admin}", "--grace", "5", "--workers", str(workers))
+    agent = await Agent(*argv).start()
     pids = [agent_pid(agent)]
     load = None
     try:
@@ -264,7 +275,7 @@ async def test_sigusr2_restarts_under_load_refuse_and_reset_nothing(tmp_path, ba
             assert not load.errors, (i, load, agent.log)
         assert agent.proc is not None and agent.proc.returncode == 0  # the first one exited 0
         await load.stop()
-        print("sigusr2:", load)
+        print(f"sigusr2, {workers} worker(s):", load)
         assert not load.errors, load
         os.kill(pids[-1], signal.SIGTERM)
         await wait_for(lambda: _gone(pids[-1]), timeout=15, what="last agent exits")
