@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import socket
 import subprocess
@@ -380,7 +381,10 @@ class StackLab:
 
     def create_token(self) -> None:
         # docs/deploy.md: openssl rand -hex 32 | docker secret create mesh_token -
-        token = subprocess.run(["openssl", "rand", "-hex", "32"], capture_output=True, check=True).stdout
+        if shutil.which("openssl"):
+            token = subprocess.run(["openssl", "rand", "-hex", "32"], capture_output=True, check=True).stdout
+        else:  # the same 64 hex digits
+            token = (secrets.token_hex(32) + "\n").encode()
         self.docker("secret", "create", "mesh_token", "-", input=token)
         self.secret = True
 
