@@ -22,6 +22,7 @@ upgraded (``docker service update --force mesh_agent``), and each node's outage.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -103,6 +104,31 @@ def test_demo_app_healthcheck_and_sigterm():
             proc.wait()
         proc.stdout.close()
         proc.stderr.close()
+
+
+def _build_offline():
+    spec = importlib.util.spec_from_file_location("build_offline", ROOT / "compose" / "build_offline.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_build_offline_reads_the_dockerfiles(tmp_path):
+    """The offline images take ENTRYPOINT/CMD/EXPOSE/HEALTHCHECK from the Dockerfiles; what it cannot
+    translate is refused with the file and line."""
+    b = _build_offline()
+    agent = b.dockerfile_config(ROOT / "compose" / "Dockerfile")
+    assert agent["Entrypoint"] == ["mesh"] and agent["Cmd"][:2] == ["run", "--cluster"]
+    web = b.dockerfile_config(ROOT / "compose" / "demo" / "Dockerfile")
+    assert web["Healthcheck"]["Test"] == ["CMD", "python", "/app.py", "--healthcheck"]
+    assert web["Healthcheck"]["Interval"] == 2 * 10**9 and web["ExposedPorts"] == {"8000/tcp": {}}
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM x\n\nCMD python /app.py\n")
+    with pytest.raises(b.BuildError, match=r"Dockerfile:3: only the exec form"):
+        b.dockerfile_config(bad)
+    bad.write_text('HEALTHCHECK --interval=2 CMD ["true"]\n')
+    with pytest.raises(b.BuildError, match=r"Dockerfile:1: bad duration '2'"):
+        b.dockerfile_config(bad)
 
 
 # -- the lab ---------------------------------------------------------------------------------------
