@@ -410,6 +410,13 @@ def _receiver_class(base: type) -> type:
     return Receiver
 
 
+def _machine_busy() -> float:
+    """CPU seconds the whole machine spent busy so far (/proc/stat: user, nice, system, irq, softirq, steal)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / os.sysconf("SC_CLK_TCK")
+
+
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -487,6 +494,7 @@ async def run_case(case: Case, *, log=print) -> dict[str, Any]:
             await pool.ask("profile_start")
         sub0 = await pool.ask("stats")
         cpu0 = time.process_time()
+        busy0, load0 = _machine_busy(), os.getloadavg()[0]
         start = time.monotonic()
         interval = 1.0 / case.rate
         n = 0
@@ -515,6 +523,7 @@ async def run_case(case: Case, *, log=print) -> dict[str, Any]:
         settled = await _wait_progress(pool, final, case.subscribers, case.settle)
         cpu = time.process_time() - cpu0
         sub1 = await pool.ask("stats")
+        busy1, load1, window = _machine_busy(), os.getloadavg()[0], time.monotonic() - start
         if case.profile:
             await pool.ask("profile_stop", case.profile, timeout=case.settle)
         # the subscribers' own CPU while the changes were applied (HTTP, parse, digest check, localisation)
@@ -531,6 +540,8 @@ async def run_case(case: Case, *, log=print) -> dict[str, Any]:
             f"manager CPU {cpu / case.changes * 1000:.1f} ms/change; subscriber CPU "
             f"{sub_cpu / max(1, sub_applied) * 1000:.2f} ms per applied state ({sub_applied} applied; "
             f"{sub_gc / max(1, sub_applied) * 1000:.2f} ms of it in the garbage collector)")  # fmt: skip
+        log(f"  meanwhile other processes used {busy1 - busy0 - cpu - sub_cpu:.1f} s of CPU "
+            f"in {window:.1f} s (load average {load0:.1f} -> {load1:.1f})")  # fmt: skip
 
         # -- restart: every subscriber keeps its last table; the probe data planes keep serving
         probe_window = case.down + 40.0  # an upper bound: ended once everybody resubscribed
@@ -583,6 +594,13 @@ async def run_case(case: Case, *, log=print) -> dict[str, Any]:
             "subscriber_cpu_per_apply_s": round(sub_cpu / max(1, sub_applied), 6),
             "subscriber_gc_per_apply_s": round(sub_gc / max(1, sub_applied), 6),
             "subscriber_applies": sub_applied,
+            # the machine while the changes were applied: everything else on it (other engineers' tests) used
+            # others_cpu_s of the 2 cores' change_window_s * cpus
+            "change_window_s": round(window, 3),
+            "machine_cpu_busy_s": round(busy1 - busy0, 2),
+            "others_cpu_s": round(busy1 - busy0 - cpu - sub_cpu, 2),
+            "loadavg_1m_start": load0,
+            "loadavg_1m_end": load1,
             "resubscribe_s": None if resubscribe is None else round(resubscribe, 4),
             "outage_s": None if outage is None else round(outage, 4),
             "restart_down_s": case.down,
