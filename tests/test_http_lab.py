@@ -543,10 +543,11 @@ def test_rolling_update_across_nodes_under_keepalive_load_fails_no_request(rolle
 @pytest.mark.lab
 @pytest.mark.xfail(
     strict=True,
-    reason="the manager node's agent lists a new task before the agent of the task's node accepts it as a "
-    "tunnel target: its requests there are refused (unknown_target), each refusal counts as a connect "
-    "failure (mesh/proxy/http.py _upstream_lost -> Pool.report_failure), and 3 in a row eject the healthy "
-    "new replica for base_ejection_time (10 s): the manager node's clients do not reach it meanwhile",
+    reason="the manager node's agent applies a cluster state ~20 ms before the agent of a new task's node "
+    "has it; the tunnel connections it opens to the new task meanwhile are refused as unknown_target "
+    "(meshagent/cluster.py _resolve: the task is neither listed locally nor in that node's cluster state "
+    "yet, so _resolve_soon does not wait), each refusal counts as a connect failure (mesh/proxy/http.py "
+    "_upstream_lost -> Pool.report_failure) and 3 in a row eject the healthy new replica for 10 s",
 )
 def test_every_node_reaches_each_new_replica_as_soon_as_it_serves(rolled):
     """Once a new replica answers the clients of one node, it answers those of every node within 2 s
@@ -580,10 +581,11 @@ def update_state(sl: SwarmLab, service: str) -> str:
 @pytest.mark.lab
 @pytest.mark.xfail(
     strict=True,
-    reason="502 bursts on the manager node: its agent lists a new task before the agent of the task's node "
-    "accepts it as a tunnel target (refused: unknown_target); when the other replica is draining at that "
-    "moment (the updater moves on as soon as the new task runs), mesh/proxy/http.py _upstream_lost -> "
-    "_retry finds no other usable host and answers 502 (no Pool.last_resort fallback, unlike a failed connect)",
+    reason="502 bursts on the manager node (4-20 per update): its agent routes to a new task ~20 ms before "
+    "the agent of the task's node accepts it as a tunnel target (refused: unknown_target, see the xfail "
+    "above); the updater marks the other replica for shutdown as soon as the new one runs, so at that moment "
+    "the new task is the only usable host and the retry after the refusal finds none (mesh/proxy/http.py "
+    "_retry: _choose -> None -> 502 upstream_failed)",
 )
 def test_rolling_update_of_replicas_on_another_node_fails_no_request(swarm):
     """The two one.test replicas both run on node 1; `docker service update --force` (parallelism 1)
