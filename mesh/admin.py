@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import gzip
 import inspect
 import ipaddress
 import json
@@ -60,6 +59,7 @@ import resource
 import socket
 import sys
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
@@ -72,12 +72,15 @@ from mesh.listener import FD_RESERVE
 from mesh.metrics import (
     MetricsExporter,
     WorkerStats,
+    encode_pieces,
     failed_by_reason,
+    gc_paused,
     http_summary,
     make_registry,
     merge_snapshots,
     route_key,
-    snapshot,
+    run_off_loop,
+    snapshot_async,
 )
 from mesh.routing import RoutingTable, format_hostport
 
@@ -154,7 +157,8 @@ class MeshState:
         return bool(ready()) if callable(ready) else True
 
     async def snapshots(self) -> list[dict[str, Any]]:
-        return [snapshot(self.mesh)]
+        # in slices, yielding to the loop between them: the data plane shares it (StatsReader)
+        return [await snapshot_async(self.mesh)]
 
 
 class CallbackState:
@@ -188,6 +192,7 @@ class WorkerPoolState:
     def __init__(self, pool: Any) -> None:
         self.pool = pool
         self._stats = WorkerStats()
+        self._lock = asyncio.Lock()
 
     def table(self) -> RoutingTable | None:
         return self.pool.table
@@ -196,7 +201,12 @@ class WorkerPoolState:
         return bool(self.pool.ready())
 
     async def snapshots(self) -> list[dict[str, Any]]:
-        return self._stats.combine(await self.pool.stats(), self.pool.pids())
+        answers = await self.pool.stats()
+        pids = self.pool.pids()
+        # In a thread (it walks every host of a retired worker's routes), one scrape at a time: WorkerStats
+        # keeps state between calls.
+        async with self._lock:
+            return await run_off_loop(self._stats.combine, answers, pids)
 
 
 def parse_admin_address(text: str) -> tuple[str, int]:
@@ -435,36 +445,58 @@ class AdminServer:
     async def _metrics(self, request: web.Request) -> web.Response:
         if self._exporter is None:
             raise web.HTTPNotFound(text="metrics are off (--no-metrics)\n")
-        snaps = await self.state.snapshots()
-        # Rendering thousands of series takes milliseconds: do it off the loop so the data plane keeps
-        # moving.  The snapshots are plain dicts, already detached from the live stats.
         gz = "gzip" in request.headers.get("Accept-Encoding", "")
         om = OPENMETRICS in request.headers.get("Accept", "")
-        body, content_type = await asyncio.to_thread(self._render, snaps, gz, om)
+        # The snapshot yields to the loop every few hundred hosts; rendering thousands of series takes
+        # tens of milliseconds and runs in a thread, so the data plane keeps moving.  The snapshots are
+        # plain dicts, already detached from the live stats.  No cyclic GC meanwhile (``gc_paused``).
+        with gc_paused():
+            snaps = await self.state.snapshots()
+            pieces, content_type = await run_off_loop(self._render, snaps, gz, om)
+            del snaps  # freed before the collector is back, so its next young collection is small
         headers = {"Content-Type": content_type}
         if gz:
             headers["Content-Encoding"] = "gzip"
-        return web.Response(body=body, headers=headers)
+        return await _send_pieces(request, pieces, headers)
 
-    def _render(self, snaps: list[dict[str, Any]], gz: bool, om: bool = False) -> tuple[bytes, str]:
+    def _render(self, snaps: list[dict[str, Any]], gz: bool, om: bool = False) -> tuple[list[bytes], str]:
+        """The body as pieces of ~200 kB (runs in a thread): 5,000 endpoints make ~18 MB, and one join,
+        encode or compress of that much holds the GIL -- and so the data plane's loop -- for tens of ms."""
         assert self._exporter is not None
-        body, content_type = self._exporter.render(snaps)
-        body += self.stats.render(len(self._waiting)).encode()
+        pieces, content_type = self._exporter.render_pieces(snaps)
+        pieces.append(self.stats.render(len(self._waiting)).encode())
         if om:
-            body, content_type = openmetrics_from_text(body), OPENMETRICS_CONTENT_TYPE
-        # Prometheus asks for gzip; at level 1 the ~3.5 MB of 1,000 endpoints shrink ~25x in ~4 ms.
-        return (gzip.compress(body, 1) if gz else body), content_type
+            pieces, content_type = openmetrics_pieces(pieces), OPENMETRICS_CONTENT_TYPE
+        if gz:
+            # Prometheus asks for gzip; at level 1 the ~3.5 MB of 1,000 endpoints shrink ~25x in ~4 ms.
+            z = zlib.compressobj(1, zlib.DEFLATED, 31)  # wbits 31: the gzip container
+            pieces = [c for c in (*(z.compress(p) for p in pieces), z.flush()) if c]
+        return pieces, content_type
 
     async def _table(self, request: web.Request) -> web.Response:
         table = self.state.table()
         if table is None:
             return web.json_response({"error": "no routing table applied yet"}, status=503)
-        snaps = await self.state.snapshots()
         # Off the loop, like /metrics: at thousands of endpoints merging, building and serialising the document
         # takes hundreds of milliseconds, and the data plane shares this loop.  The table is immutable and the
         # snapshots are plain dicts detached from the live stats.
-        body = await asyncio.to_thread(_table_body, table, snaps)
-        return web.Response(body=body, content_type="application/json")
+        with gc_paused():
+            snaps = await self.state.snapshots()
+            pieces = await run_off_loop(_table_body, table, snaps)
+            del snaps
+        return await _send_pieces(request, pieces, {"Content-Type": "application/json; charset=utf-8"})
+
+
+async def _send_pieces(request: web.Request, pieces: list[bytes], headers: dict[str, str]) -> web.StreamResponse:
+    """Answer with a body given as pieces, written one by one (with its Content-Length): a big body is
+    never joined into one buffer, on the loop or off it."""
+    resp = web.StreamResponse(headers=headers)
+    resp.content_length = sum(len(p) for p in pieces)
+    await resp.prepare(request)
+    for p in pieces:
+        await resp.write(p)
+    await resp.write_eof()
+    return resp
 
 
 class AdminStats:
@@ -714,6 +746,31 @@ _COMMENT = re.compile(rb"^# (HELP|TYPE) (\S+)(.*)$", re.MULTILINE)
 _COUNTER = re.compile(rb"^# TYPE (\S+)_total counter$", re.MULTILINE)
 
 
+def openmetrics_pieces(pieces: list[bytes]) -> list[bytes]:
+    """``openmetrics_from_text`` of pieces split at line ends (the concatenation of the result is that of
+    the whole text), converted piece by piece."""
+    counters: set[bytes] = set()
+    for p in pieces:
+        counters.update(_COUNTER.findall(p))
+    out = [_COMMENT.sub(_om_rewrite(counters), p) for p in pieces]
+    if out and out[-1] and not out[-1].endswith(b"\n"):
+        out.append(b"\n")
+    out.append(b"# EOF\n")
+    return out
+
+
+def _om_rewrite(counters: set[bytes]) -> Callable[[re.Match[bytes]], bytes]:
+    def rewrite(m: re.Match[bytes]) -> bytes:
+        kind, name, rest = m.group(1), m.group(2), m.group(3)
+        if name.endswith(b"_total") and name[:-6] in counters:
+            name = name[:-6]
+        if kind == b"TYPE" and rest == b" untyped":
+            rest = b" unknown"
+        return b"# " + kind + b" " + name + rest
+
+    return rewrite
+
+
 def openmetrics_from_text(text: bytes) -> bytes:
     """The Prometheus text exposition (format 0.0.4) ``text`` in the OpenMetrics 1.0 text format.
 
@@ -724,17 +781,7 @@ def openmetrics_from_text(text: bytes) -> bytes:
     prometheus_client would take about a second per scrape, and Prometheus asks for OpenMetrics first.
     tests/test_admin.py reads the result with prometheus_client's OpenMetrics parser.
     """
-    counters = set(_COUNTER.findall(text))
-
-    def rewrite(m: re.Match[bytes]) -> bytes:
-        kind, name, rest = m.group(1), m.group(2), m.group(3)
-        if name.endswith(b"_total") and name[:-6] in counters:
-            name = name[:-6]
-        if kind == b"TYPE" and rest == b" untyped":
-            rest = b" unknown"
-        return b"# " + kind + b" " + name + rest
-
-    body = _COMMENT.sub(rewrite, text)
+    body = _COMMENT.sub(_om_rewrite(set(_COUNTER.findall(text))), text)
     if body and not body.endswith(b"\n"):
         body += b"\n"
     return body + b"# EOF\n"
@@ -744,9 +791,10 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, indent=1, sort_keys=True)
 
 
-def _table_body(table: RoutingTable, snaps: list[dict[str, Any]]) -> bytes:
-    """The /v1/table document, serialised (runs in a thread)."""
-    return _dumps(table_with_runtime(table, merge_snapshots(snaps))).encode()
+def _table_body(table: RoutingTable, snaps: list[dict[str, Any]]) -> list[bytes]:
+    """The /v1/table document, serialised in pieces (runs in a thread; the bytes of ``_dumps``)."""
+    doc = table_with_runtime(table, merge_snapshots(snaps))
+    return encode_pieces(json.JSONEncoder(indent=1, sort_keys=True).iterencode(doc), 16384)
 
 
 def table_with_runtime(table: RoutingTable, merged: dict[str, Any], now: float | None = None) -> dict[str, Any]:

@@ -35,11 +35,18 @@ Rules:
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
+import functools
+import gc
+import json
 import logging
 import os
+import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
@@ -57,17 +64,26 @@ __all__ = [
     "FAILURE_REASONS",
     "LAG_BUCKETS",
     "REMOVED_ENDPOINT",
+    "SNAPSHOT_SLICE",
     "SNAPSHOT_VERSION",
     "DiscoveryMetrics",
     "MetricsExporter",
     "StatsReader",
     "WorkerStats",
+    "encode_pieces",
     "failed_by_reason",
+    "gc_paused",
     "http_summary",
+    "json_bytes",
+    "json_pieces",
     "make_registry",
     "merge_snapshots",
+    "render_lines",
     "render_text",
+    "run_off_loop",
     "snapshot",
+    "snapshot_async",
+    "stats_message",
 ]
 
 SNAPSHOT_VERSION = 1
@@ -90,14 +106,20 @@ _HEALTH_EJECTED = 2
 # Reading live stats into snapshots
 # ---------------------------------------------------------------------------------------------------------
 class _Ledger:
-    """Per pool: the hosts seen so far, and the folded totals of hosts that left the pool."""
+    """Per pool: the hosts seen so far, and the folded totals of hosts that left the pool.
 
-    __slots__ = ("__weakref__", "pool", "removed", "seen")
+    ``sync()`` runs on every ``Pool.on_change`` (table updates and health changes) and at every snapshot, so
+    it is cheap when the pool's host tuple is the one it saw last: only the departed hosts still carrying
+    connections are looked at.  The full comparison runs when the tuple changed (a table update)."""
+
+    __slots__ = ("__weakref__", "departed", "last", "pool", "removed", "seen")
 
     def __init__(self, pool: Any) -> None:
         self.pool = pool
         self.seen: dict[int, Any] = {}  # id(host) -> host; strong refs, so ids are not reused meanwhile
         self.removed = HostStats()
+        self.last: tuple[Any, ...] | None = None  # pool.hosts at the last sync
+        self.departed: list[Any] = []  # hosts that left the pool and still carried connections then
         ref = weakref.WeakMethod(self.sync)
 
         def on_change(_pool: Any) -> None:
@@ -108,22 +130,37 @@ class _Ledger:
         pool.on_change.append(on_change)
         self.sync()
 
-    def sync(self) -> list[Any]:
-        """Fold idle departed hosts into ``removed``; return the hosts to export (current + departed busy)."""
+    def sync(self) -> Sequence[Any]:
+        """Fold idle departed hosts into ``removed``; return the hosts to export: the pool's current ones
+        first, then the departed ones still carrying connections."""
         current = self.pool.hosts
+        if current is self.last:
+            if not self.departed:
+                return current
+            busy = []
+            for host in self.departed:
+                if host.active > 0:
+                    busy.append(host)
+                else:
+                    _fold(self.removed, host.stats)
+                    self.seen.pop(id(host), None)
+            self.departed = busy
+            return [*current, *busy]
         now_ids = {id(h) for h in current}
-        out = list(current)
+        busy = []
         for hid, host in list(self.seen.items()):
             if hid in now_ids:
                 continue
             if host.active > 0:
-                out.append(host)  # left the table but still carries connections: keep exporting it
+                busy.append(host)  # left the table but still carries connections: keep exporting it
                 continue
             _fold(self.removed, host.stats)
             del self.seen[hid]
         for host in current:
             self.seen[id(host)] = host
-        return out
+        self.last = current
+        self.departed = busy
+        return [*current, *busy] if busy else current
 
 
 def _fold(acc: HostStats, stats: HostStats) -> None:
@@ -150,6 +187,128 @@ def _counters(stats: HostStats) -> dict[str, Any]:
     }
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Big documents without long pauses of the loop
+# ---------------------------------------------------------------------------------------------------------
+_gc_lock = threading.Lock()
+_gc_depth = 0
+_gc_was_enabled = False
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Hold off the cyclic garbage collector while a snapshot, a render or an encoding runs (nestable, from
+    any thread; the collector is enabled again when the last one ends, if it was enabled before).
+
+    Why: a scrape of 5,000 endpoints builds hundreds of thousands of short-lived dicts and lists that are
+    alive until it ends.  They survive the young collections, and the full collection they set off scans
+    every object of the process with the GIL held: 45-85 ms here, a stall of the data plane's loop even
+    when the scrape runs in a thread.  These documents are trees (no reference cycles): reference counting
+    frees them when the scrape ends, so pausing the collector for that long loses nothing."""
+    global _gc_depth, _gc_was_enabled
+    with _gc_lock:
+        if _gc_depth == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_depth += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_depth -= 1
+            if _gc_depth == 0 and _gc_was_enabled:
+                gc.enable()
+
+
+_off_loop: concurrent.futures.ThreadPoolExecutor | None = None
+_off_loop_lock = threading.Lock()
+
+
+async def run_off_loop(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` in the one thread that renders admin documents (/metrics, /v1/table, the
+    dashboard).  One thread, not one per request: each CPU-bound thread competes with the event loop's
+    thread for the GIL, and with several of them the loop waited 100-200 ms at a time for its turn (at a
+    load of 8 on 2 cores) where one costs what any busy thread costs.  Concurrent requests queue here."""
+    global _off_loop
+    if _off_loop is None:
+        with _off_loop_lock:
+            if _off_loop is None:
+                _off_loop = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mesh-render")
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(_off_loop, functools.partial(fn, *args, **kwargs))
+
+
+_PIECE = 2000  # containers and items the C encoder gets in one call: well under a millisecond
+_compact = json.JSONEncoder(separators=(",", ":"))
+_compact_sorted = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
+
+
+def json_bytes(obj: Any, *, sort_keys: bool = False) -> bytes:
+    """``json.dumps(obj, separators=(",", ":"), sort_keys=sort_keys).encode()``, the same bytes, for a big
+    document in a thread: the C encoder holds the GIL for a whole call (26 ms for a 5,000-endpoint
+    snapshot here), so the document is cut into pieces of about ``_PIECE`` items, each encoded in one call,
+    and the event loop's thread gets the GIL between them.  Runs with the collector paused (``gc_paused``)."""
+    return b"".join(json_pieces(obj, sort_keys=sort_keys))
+
+
+def json_pieces(obj: Any, *, sort_keys: bool = False) -> list[bytes]:
+    """``json_bytes`` as a list of pieces (their concatenation), none of them big."""
+    enc = _compact_sorted if sort_keys else _compact
+    out: list[str] = []
+    with gc_paused():
+        _encode_pieces(obj, enc, sort_keys, out)
+        return encode_pieces(out, 256)
+
+
+def _weight(o: Any, budget: int) -> int:
+    """``budget`` less the items in ``o``'s containers, stopping below 0 (then ``o`` is split)."""
+    t = type(o)
+    if t is dict:
+        budget -= len(o)
+        items: Iterable[Any] = o.values()
+    elif t is list or t is tuple:
+        budget -= len(o)
+        items = o
+    else:
+        return budget
+    for v in items:
+        if budget < 0:
+            break
+        tv = type(v)
+        if tv is dict or tv is list or tv is tuple:
+            budget = _weight(v, budget)
+    return budget
+
+
+def _encode_pieces(o: Any, enc: json.JSONEncoder, sort_keys: bool, out: list[str]) -> None:
+    t = type(o)
+    if _weight(o, _PIECE) >= 0 or (t is dict and not all(type(k) is str for k in o)):
+        out.append(enc.encode(o))
+        return
+    if t is dict:
+        out.append("{")
+        first = True
+        for k in sorted(o) if sort_keys else o:
+            if not first:
+                out.append(",")
+            first = False
+            out.append(enc.encode(k))
+            out.append(":")
+            _encode_pieces(o[k], enc, sort_keys, out)
+        out.append("}")
+        return
+    out.append("[")
+    for i, v in enumerate(o):
+        if i:
+            out.append(",")
+        _encode_pieces(v, enc, sort_keys, out)
+    out.append("]")
+
+
+# Host rows a snapshot builds between two yields to the loop (``StatsReader.snapshot_async``): ~1 ms here.
+SNAPSHOT_SLICE = 250
+
+
 class StatsReader:
     """Turns the live stats of a process's listeners into snapshots; keeps, between calls, the ledgers that
     make counters monotonic (hosts removed from a pool, listeners removed from the process).
@@ -159,6 +318,24 @@ class StatsReader:
     listen_host, port[, protocol]) of the table's routes whose port could not be bound.  ``info()`` returns ``table_version`` and ``table_applied``
     (wall-clock seconds), either may be missing.  ``clock`` must be the pools' clock (``time.monotonic``
     unless injected) so an ejection's expiry can be turned into seconds left.
+
+    Two ways to take a snapshot, giving the same document: ``snapshot()`` at once, and ``snapshot_async()``
+    (what the admin API and the workers use), which yields to the event loop every ``SNAPSHOT_SLICE`` host
+    rows so a scrape of thousands of endpoints never holds the data plane's loop for more than about a
+    millisecond at a time.  What keeps the counters exact while the loop runs between slices:
+
+    - Per pool, the list of hosts to export and the copy of the ledger's ``removed`` totals are taken in
+      the same slice (``_Ledger.sync``), so a host folded into ``removed`` later (it left the table and went
+      idle meanwhile) is counted once: as its own row, whose counters are read later.  A host added later
+      waits for the next snapshot.  Rows are read after that, so counters are as of their slice or later.
+    - Snapshots of one reader never overlap: ``snapshot_async`` holds a lock, so each starts after the
+      previous one ended and every counter it reads is at least what the previous one read (two scrapes at
+      once are served one after the other).  Do not mix ``snapshot()`` into a reader that another task is
+      reading with ``snapshot_async()``.
+    - A pool whose ledger appeared while the snapshot ran (a table applied between two slices) keeps it:
+      only ledgers of pools known at the start and no longer served are dropped.
+    - The table version and unbound routes are read at the start, so the version is never newer than the
+      rows (at worst older, for one scrape).
     """
 
     def __init__(
@@ -176,6 +353,8 @@ class StatsReader:
         self._ledgers: dict[int, _Ledger] = {}
         self._listeners: dict[int, Any] = {}  # id -> listener seen at the last snapshot (strong refs)
         self._fd_retired = 0  # fd_exhausted of listeners that are gone
+        self._lock: asyncio.Lock | None = None
+        self.slices = 0  # yields to the loop by snapshot_async, in total (tests read it)
 
     def _ledger(self, pool: Any) -> _Ledger:
         led = self._ledgers.get(id(pool))
@@ -190,7 +369,33 @@ class StatsReader:
 
     def snapshot(self) -> dict[str, Any]:
         """A JSON-able dict of every counter, histogram and state gauge of this process (see module doc)."""
-        now = self._clock()
+        steps = self._steps(None)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    async def snapshot_async(self, slice_hosts: int = SNAPSHOT_SLICE) -> dict[str, Any]:
+        """``snapshot()``, yielding to the event loop every ``slice_hosts`` host rows (class doc)."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock, _gc_paused_async():
+            steps = self._steps(max(1, slice_hosts))
+            while True:
+                try:
+                    next(steps)
+                except StopIteration as done:
+                    return done.value
+                self.slices += 1
+                await asyncio.sleep(0)
+
+    def _steps(self, slice_hosts: int | None) -> Generator[None, None, dict[str, Any]]:
+        """The snapshot, as a generator that yields between slices of about ``slice_hosts`` host rows (never
+        when None) and returns the document."""
+        info = self._info()
+        unbound = list(self._unbound()) if self._unbound is not None else []
+        known_pools = set(self._ledgers)
         routes = []
         live_pools: set[int] = set()
         listeners = {id(lst): lst for lst in self._listeners_of()}
@@ -199,44 +404,28 @@ class StatsReader:
                 self._fd_retired += gone.fd_exhausted
         self._listeners = listeners
         fd_exhausted = self._fd_retired
+        budget = slice_hosts
         for listener in listeners.values():
             fd_exhausted += listener.fd_exhausted
             # every route served on the listener (a tcp port has one; http/tls ports may have several)
             bindings = getattr(listener, "bindings", None)
             pools = [b.pool for b in bindings] if bindings else [listener.pool]
-            udp_site = listener if getattr(listener, "protocol", "tcp") == "udp" else None
+            protocol = getattr(listener, "protocol", "tcp")
+            udp_site = listener if protocol == "udp" else None
             http_front = getattr(listener, "http", None)  # mesh.proxy.http.HttpFront of an http listener
             for pool in pools:
-                pool_now = pool.clock() if hasattr(pool, "clock") else now
+                # The export list and the removed totals in one slice (class doc), with the route's counters.
                 led = self._ledger(pool)
                 live_pools.add(id(pool))
-                rs = pool.stats
-                hosts = []
+                exported = led.sync()
                 n_current = len(pool.hosts)
-                for i, h in enumerate(led.sync()):
-                    ep = h.endpoint
-                    ejected_left = h.ejected_until - pool_now if h.health & _HEALTH_EJECTED else 0.0
-                    row: dict[str, Any] = {
-                        "id": ep.id,
-                        "address": ep.hostport,
-                        "via": h.via,
-                        "node": ep.node,
-                        "weight": h.weight,
-                        "active": h.active,
-                        "health": h.health,
-                        "draining": h.draining,
-                        "listed": i < n_current,  # departed hosts still carrying connections come last
-                        "ejected_seconds_left": max(0.0, ejected_left),
-                    }
-                    row.update(_counters(h.stats))
-                    if udp_site is not None:
-                        row["udp"] = _udp_host(udp_site, h)
-                    hosts.append(row)
+                rs = pool.stats
+                hosts: list[dict[str, Any]] = []
                 route_row = {
                     "service": pool.service,
                     "port": pool.route.port,
                     "listen_host": pool.route.listen_host,
-                    "protocol": getattr(listener, "protocol", "tcp"),
+                    "protocol": protocol,
                     # what the listener is bound to: the route's port, or the one chosen for port 0
                     "bound_port": listener.port if listener.listening else None,
                     "listening": bool(listener.listening),
@@ -264,12 +453,25 @@ class StatsReader:
                 if sni is not None and pool is pools[0]:  # listener-wide: on its first route only
                     route_row["tls"] = {"routed": sni.routed, "closed": dict(sni.closed)}
                 routes.append(route_row)
-        if self._unbound is not None:
-            for service, listen_host, port, *protocol in self._unbound():
-                routes.append(_unbound_route(service, listen_host, port, *protocol))
-        for pid in [k for k in self._ledgers if k not in live_pools]:
-            del self._ledgers[pid]  # the port is no longer served: its counters end with it
-        info = self._info()
+                start = 0
+                total = len(exported)
+                while start < total:
+                    if budget is not None and budget <= 0:
+                        yield
+                        budget = slice_hosts
+                    end = total if budget is None else min(total, start + budget)
+                    _host_rows(hosts, exported, start, end, n_current, pool, udp_site, self._clock)
+                    if budget is not None:
+                        budget -= end - start
+                    start = end
+                if budget is not None:
+                    budget -= 1  # a route row costs about one host row
+        for service, listen_host, port, *protocol in unbound:
+            routes.append(_unbound_route(service, listen_host, port, *protocol))
+        for pid in known_pools - live_pools:
+            # not served at the start: the port is no longer served, its counters end with it (a ledger
+            # made while this snapshot ran, for a pool of a table applied meanwhile, is kept)
+            self._ledgers.pop(pid, None)
         return {
             "v": SNAPSHOT_VERSION,
             "pid": os.getpid(),
@@ -279,6 +481,56 @@ class StatsReader:
             "fd_exhausted": fd_exhausted,
             "routes": routes,
         }
+
+
+@contextlib.asynccontextmanager
+async def _gc_paused_async() -> Any:
+    with gc_paused():
+        yield
+
+
+def _host_rows(
+    out: list[dict[str, Any]],
+    exported: Sequence[Any],
+    start: int,
+    end: int,
+    n_current: int,
+    pool: Any,
+    udp_site: Any,
+    clock: Callable[[], float],
+) -> None:
+    """Append the rows of ``exported[start:end]`` to ``out``: one dict per host, its two histograms as
+    dicts of a copied counts list (the shape ``merge_snapshots`` and the worker protocol read)."""
+    pool_now = pool.clock() if hasattr(pool, "clock") else clock()
+    for i in range(start, end):
+        h = exported[i]
+        ep = h.endpoint
+        st = h.stats
+        ct = st.connect_time
+        du = st.duration
+        health = h.health
+        ejected_left = h.ejected_until - pool_now if health & _HEALTH_EJECTED else 0.0
+        row = {
+            "id": ep.id,
+            "address": ep.hostport,
+            "via": h.via,
+            "node": ep.node,
+            "weight": h.weight,
+            "active": h.active,
+            "health": health,
+            "draining": h.draining,
+            "listed": i < n_current,  # departed hosts still carrying connections come last
+            "ejected_seconds_left": ejected_left if ejected_left > 0.0 else 0.0,
+            "connections": st.connections,
+            "bytes_in": st.bytes_in,
+            "bytes_out": st.bytes_out,
+            "ejections": st.ejections,
+            "connect_time": {"counts": ct.counts.copy(), "sum": ct.sum},
+            "duration": {"counts": du.counts.copy(), "sum": du.sum},
+        }
+        if udp_site is not None:
+            row["udp"] = _udp_host(udp_site, h)
+        out.append(row)
 
 
 _BUCKETS = {"connect_time": list(CONNECT_BUCKETS), "duration": list(DURATION_BUCKETS), "http": list(HTTP_BUCKETS)}
@@ -490,8 +742,32 @@ def reader_for(mesh: Any) -> StatsReader:
 
 
 def snapshot(mesh: Any) -> dict[str, Any]:
-    """The JSON-able stats snapshot of one ``Mesh`` (what a worker sends to the parent)."""
+    """The JSON-able stats snapshot of one ``Mesh``, taken at once (tests, tools)."""
     return reader_for(mesh).snapshot()
+
+
+async def stats_message(mesh: Any, request_id: Any) -> bytes:
+    """A worker's answer to the parent's stats request, as the control channel's JSON line
+    (``{"type": "stats", "id": ..., "snapshot": ...}``): the snapshot taken in slices, encoded in pieces
+    in a thread (``json_bytes``; one ``json.dumps`` of 5,000 endpoints held the GIL 26 ms), with the cyclic
+    collector paused until the document is freed."""
+    with gc_paused():
+        snap = await snapshot_async(mesh)
+        msg = {"type": "stats", "id": request_id, "snapshot": snap}
+        del snap
+        line = await asyncio.to_thread(_json_line, msg)
+        del msg
+    return line
+
+
+def _json_line(msg: dict[str, Any]) -> bytes:
+    return json_bytes(msg) + b"\n"
+
+
+async def snapshot_async(mesh: Any, slice_hosts: int = SNAPSHOT_SLICE) -> dict[str, Any]:
+    """The same snapshot, yielding to the loop every ``slice_hosts`` host rows (``StatsReader``): what the
+    admin API and a worker answering the parent's stats request use on the data plane's loop."""
+    return await reader_for(mesh).snapshot_async(slice_hosts)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -773,7 +1049,14 @@ def _esc(value: str) -> str:
 
 
 def render_text(merged: dict[str, Any]) -> str:
-    """The Prometheus text format (0.0.4) of a merged snapshot, written directly.
+    """The Prometheus text format (0.0.4) of a merged snapshot, written directly (``render_lines`` joined)."""
+    return "".join(render_lines(merged))
+
+
+def render_lines(merged: dict[str, Any]) -> list[str]:
+    """The lines of ``render_text``: a big exposition is then encoded in pieces (``encode_pieces``), never as
+    one string of tens of megabytes (one such join or encode holds the GIL for tens of milliseconds here,
+    page faults included, and the data plane's loop waits for it).
 
     Written directly rather than as metric families through ``generate_latest``: 1000 endpoints make
     ~45,000 samples, mostly histogram buckets, and prometheus_client's encoder over families took ~20x as
@@ -857,7 +1140,22 @@ def render_text(merged: dict[str, Any]) -> str:
             continue  # udp and tls families appear once such a route exists
         out.append(f"# HELP {name} {doc}\n# TYPE {name} {kind}\n")
         out.extend(lines[name])
-    return "".join(out)
+    return out
+
+
+def encode_pieces(chunks: Iterable[str], lines: int = 2048) -> list[bytes]:
+    """``chunks`` (lines, or JSON tokens) as UTF-8 pieces of about ``lines`` chunks each: no single big
+    string or bytes is built, and each join/encode is short (the GIL changes hands between them)."""
+    out: list[bytes] = []
+    batch: list[str] = []
+    for c in chunks:
+        batch.append(c)
+        if len(batch) >= lines:
+            out.append("".join(batch).encode())
+            batch.clear()
+    if batch:
+        out.append("".join(batch).encode())
+    return out
 
 
 def _render_udp(lines: dict[str, list[str]], rl: str, r: dict[str, Any]) -> None:
@@ -1102,5 +1400,10 @@ class MetricsExporter:
         Always the text format, even when the scraper prefers OpenMetrics: every Prometheus accepts it, and
         the mesh part is written by ``render_text`` (fast) rather than through prometheus_client's encoders.
         """
+        pieces, content_type = self.render_pieces(snapshots)
+        return b"".join(pieces), content_type
+
+    def render_pieces(self, snapshots: Sequence[dict[str, Any]]) -> tuple[list[bytes], str]:
+        """``render``'s body as a list of pieces of about 200 kB (what /metrics writes out one by one)."""
         head = generate_latest(self.registry) if self.registry is not None else b""
-        return head + render_text(merge_snapshots(snapshots)).encode(), CONTENT_TYPE_PLAIN_0_0_4
+        return [head, *encode_pieces(render_lines(merge_snapshots(snapshots)))], CONTENT_TYPE_PLAIN_0_0_4

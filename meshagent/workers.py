@@ -396,7 +396,8 @@ class WorkerPool:
                 return
             w.last_seen = time.monotonic()
             try:
-                msg = json.loads(line)
+                # a stats answer is megabytes at thousands of endpoints: decoded off the loop
+                msg = json.loads(line) if len(line) < 65536 else await asyncio.to_thread(json.loads, line)
                 kind = msg["type"]
             except (ValueError, KeyError, TypeError):
                 log.warning("worker %d sent a malformed control message: %r", w.index, line[:200])
@@ -543,9 +544,9 @@ async def worker_main(
     # SIGHUP is the parent's business (reload); a terminal hangup must not kill the workers.
     loop.add_signal_handler(signal.SIGHUP, lambda: None)
 
-    async def send(msg: dict[str, Any]) -> None:
+    async def send(msg: dict[str, Any] | bytes) -> None:
         try:
-            writer.write(_encode(msg))
+            writer.write(msg if isinstance(msg, bytes) else _encode(msg))
             await writer.drain()
         except (ConnectionError, OSError):
             stop.set()
@@ -554,7 +555,7 @@ async def worker_main(
     await send({"type": "hello", "pid": os.getpid(), "index": index})
 
     async def serve() -> None:
-        from mesh.metrics import snapshot
+        from mesh.metrics import stats_message
 
         while True:
             try:
@@ -576,7 +577,8 @@ async def worker_main(
                     await mesh.apply(table)
                     await send({"type": "applied", "version": table.version})
                 elif kind == "stats":
-                    await send({"type": "stats", "id": msg.get("id"), "snapshot": snapshot(mesh)})
+                    # the snapshot in slices, its JSON in a thread: the data plane shares this loop
+                    await send(await stats_message(mesh, msg.get("id")))
                 elif kind == "ping":
                     await send({"type": "pong", "id": msg.get("id")})
                 elif kind == "shutdown":

@@ -547,3 +547,124 @@ def test_discovery_hooks_match_the_watcher():
 
     params = inspect.signature(Watcher).parameters
     assert set(DiscoveryMetrics().hooks()) <= set(params)
+
+
+# -- snapshots in slices (StatsReader.snapshot_async): exact and monotonic while the loop runs between them ----
+
+
+def _conns(snap, port: int = 80) -> dict[str, int]:
+    """Per-endpoint connection counters of a snapshot's route on ``port`` (removed totals: "_removed")."""
+    (r,) = [r for r in snap["routes"] if r["port"] == port]
+    return {**{h["id"]: h["connections"] for h in r["hosts"]}, REMOVED_ENDPOINT: r["removed"]["connections"]}
+
+
+def _run_steps(rd: StatsReader, slice_hosts: int, between) -> dict:
+    """Take a snapshot in slices of ``slice_hosts`` rows, calling ``between(i)`` after slice i (what the loop
+    may do while ``snapshot_async`` waits); returns the snapshot and how many slices it took."""
+    steps = rd._steps(slice_hosts)
+    i = 0
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+        between(i)
+        i += 1
+
+
+def test_snapshot_in_slices_equals_the_whole_snapshot():
+    pools = [make_pool(7, service=f"s{i}", port=100 + i) for i in range(3)]
+    for p in pools:
+        for k, h in enumerate(p.hosts):
+            traffic(h, k + 1, 10, 20)
+    host(pools[1], "e3").health |= EJECTED
+    host(pools[1], "e3").ejected_until = 130.0
+    rd = reader(pools, {"table_version": 9})
+    whole = rd.snapshot()
+    sliced = _run_steps(rd, 2, lambda i: None)
+    assert {**sliced, "pid": 0} == {**whole, "pid": 0}
+    assert sum(len(r["hosts"]) for r in whole["routes"]) == 21
+
+
+def test_table_applied_between_slices_counts_each_connection_once_and_never_less():
+    pool = make_pool(6)
+    # a first route of two hosts fills the first slice; the pool under test is synced (its export list
+    # and removed totals taken) at the end of that slice and its rows are read after the loop ran
+    rd = reader([make_pool(2, service="first", port=79), pool])
+    for k, h in enumerate(pool.hosts):
+        traffic(h, 10 * (k + 1), 1, 1)  # e1: 10 ... e6: 60 -> 210
+    e2 = host(pool, "e2")
+    e2.active = 1
+    s0 = rd.snapshot()
+    assert sum(_conns(s0).values()) == 210
+
+    def between(i: int) -> None:
+        if i == 0:
+            # the table drops e1 (idle: folded into the removed totals at once) and e2 (busy: kept), and
+            # e2's connection closes and it is folded too, while the snapshot waits for its next slice
+            pool.update(Route(port=80, endpoints=tuple(ep(k) for k in range(3, 7))), ServiceOptions())
+            traffic(e2, 1, 1, 1)
+            e2.active = 0
+            pool.update(Route(port=80, endpoints=tuple(ep(k) for k in range(3, 7))), ServiceOptions())
+
+    s1 = _run_steps(rd, 2, between)
+    c1 = _conns(s1)
+    assert sum(c1.values()) == 211  # e1 once: as its own row (listed when the slice began), not in removed
+    assert c1["e1"] == 10 and c1["e2"] == 21 and c1[REMOVED_ENDPOINT] == 0
+    s2 = rd.snapshot()
+    c2 = _conns(s2)
+    assert c2 == {"e3": 30, "e4": 40, "e5": 50, "e6": 60, REMOVED_ENDPOINT: 31}
+    sums = [sum(_conns(s).values()) for s in (s0, s1, s2)]
+    assert sums == [210, 211, 211]
+    # each series that stays never goes down
+    for a, b in ((s0, s1), (s1, s2)):
+        ca, cb = _conns(a), _conns(b)
+        assert all(cb[k] >= ca[k] for k in ca.keys() & cb.keys())
+
+
+def test_a_pool_created_between_slices_keeps_its_ledger():
+    a = make_pool(4, port=80)
+    b = make_pool(2, service="new", port=81)
+    listeners = [listener(a)]
+    rd = StatsReader(lambda: listeners, clock=lambda: 100.0)
+    rd.snapshot()
+
+    def between(i: int) -> None:
+        if i == 0:  # a table adds a port: the runtime's on_pool hook calls watch() at once
+            rd.watch(b)
+            listeners.append(listener(b))
+
+    _run_steps(rd, 1, between)
+    assert id(b) in rd._ledgers  # not dropped as "no longer served"
+    traffic(host(b, "e2"), 5, 1, 1)
+    b.update(Route(port=81, endpoints=(ep(1),)), ServiceOptions())
+    snap = rd.snapshot()
+    (r,) = [r for r in snap["routes"] if r["service"] == "new"]
+    assert r["removed"]["connections"] == 5
+
+
+async def test_concurrent_async_snapshots_run_one_after_the_other():
+    import asyncio
+
+    pool = make_pool(40)
+    rd = reader([pool])
+    order: list[str] = []
+
+    async def take(name: str) -> dict:
+        order.append(f"{name} start")
+        snap = await rd.snapshot_async(slice_hosts=5)
+        order.append(f"{name} end")
+        return snap
+
+    async def traffic_meanwhile() -> None:
+        for _ in range(30):
+            for h in pool.hosts:
+                traffic(h, 1, 1, 1)
+            await asyncio.sleep(0)
+
+    s1, s2, _ = await asyncio.gather(take("a"), take("b"), traffic_meanwhile())
+    assert order == ["a start", "b start", "a end", "b end"]
+    assert rd.slices >= 2 * (40 // 5 - 1)  # each yielded to the loop between its slices
+    c1, c2 = _conns(s1), _conns(s2)
+    assert all(c2[k] >= c1[k] for k in c1)  # b read every host after a had finished
+    assert sum(c2.values()) > sum(c1.values())

@@ -7,7 +7,9 @@
 Rules:
 
 - No cost on the hot path.  A view is built from the same ``mesh.metrics`` snapshots /metrics reads (plain
-  ints the proxy keeps anyway); nothing is added per connection or per chunk.
+  ints the proxy keeps anyway); nothing is added per connection or per chunk.  Only the snapshot runs on
+  the data plane's loop (in slices, ``StatsReader.snapshot_async``); merging, building the view, rates and
+  JSON run in a thread, so a watched dashboard of thousands of replicas never holds the loop for long.
 - One sampler for every watcher (``Feed``).  It runs only while at least one stream is open, takes one
   snapshot per ``interval`` (0.5 s: two updates a second at most), serialises the view once and hands the
   same bytes to every stream.  A watcher that reads slowly skips samples (latest wins); it never makes the
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import socket
 import time
@@ -32,7 +33,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from importlib import resources
 from typing import Any
 
-from mesh.metrics import failed_by_reason, http_summary, merge_snapshots
+from mesh.metrics import failed_by_reason, gc_paused, http_summary, json_pieces, merge_snapshots, run_off_loop
 from mesh.routing import RoutingTable
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "asset",
     "build_view",
     "discovery_summary",
+    "rate_base",
     "replica_state",
 ]
 
@@ -256,46 +258,75 @@ def add_rates(view: dict[str, Any], prev: Mapping[str, Any] | None) -> dict[str,
     Services get ``rates``: ``accepted`` (new connections/s), ``bytes`` (both directions), ``failed`` (all
     reasons) and ``failed_by_reason``, and for http routes ``requests`` (requests/s) and ``by_class``; replicas get ``rates``: ``connections`` and ``bytes``.  A rate is null
     on the first sample and for what ``prev`` did not have.  Counters that went down (a process restarted
-    without its totals) count as 0, never as a negative rate.
+    without its totals) count as 0, never as a negative rate.  ``prev`` may also be the ``rate_base`` of
+    the earlier view (what ``Feed`` keeps between samples).
     """
-    dt = 0.0 if prev is None else view["generated_at"] - prev["generated_at"]
-    view["interval_seconds"] = round(dt, 3) if prev is not None else None
-    old_svc: dict[tuple[str, int], Mapping[str, Any]] = {}
-    old_rep: dict[tuple[str, int, str, str], Mapping[str, Any]] = {}
-    if prev is not None:
-        for s in prev["services"]:
-            old_svc[(s["name"], s["port"])] = s
-            for rep in s["replicas"]:
-                old_rep[(s["name"], s["port"], rep["node"], rep["id"])] = rep
+    base = None if prev is None else (prev if _BASE_TIME in prev else rate_base(prev))
+    dt = 0.0 if base is None else view["generated_at"] - base[_BASE_TIME]
+    view["interval_seconds"] = round(dt, 3) if base is not None else None
+    old = base or {}
     for s in view["services"]:
-        o = old_svc.get((s["name"], s["port"]))
-        bytes_now = s["bytes_in"] + s["bytes_out"]
+        k = f"s\0{s['name']}\0{s['port']}\0"
+        known = base is not None and k + "accepted" in old
         failed_now = sum(s["failed"].values())
         s["rates"] = {
-            "accepted": _rate(s["accepted"], o and o["accepted"], dt),
-            "bytes": _rate(bytes_now, o and o["bytes_in"] + o["bytes_out"], dt),
-            "failed": _rate(failed_now, o and sum(o["failed"].values()), dt),
+            "accepted": _rate(s["accepted"], old.get(k + "accepted"), dt),
+            "bytes": _rate(s["bytes_in"] + s["bytes_out"], old.get(k + "bytes"), dt),
+            "failed": _rate(failed_now, old.get(k + "failed"), dt),
             "failed_by_reason": {
-                reason: _rate(n, o and o["failed"].get(reason, 0), dt) for reason, n in s["failed"].items()
+                reason: _rate(n, old.get(k + "failed\0" + reason, 0) if known else None, dt)
+                for reason, n in s["failed"].items()
             },
         }
         h = s.get("http")
         if h is not None:
-            oh = o and o.get("http")
-            s["rates"]["requests"] = _rate(h["requests"], oh and oh["requests"], dt)
+            had_http = k + "requests" in old
+            s["rates"]["requests"] = _rate(h["requests"], old.get(k + "requests"), dt)
             s["rates"]["by_class"] = {
-                cls: _rate(n, oh and oh["by_class"].get(cls, 0), dt) for cls, n in h["by_class"].items()
+                cls: _rate(n, old.get(k + "class\0" + cls, 0) if had_http else None, dt)
+                for cls, n in h["by_class"].items()
             }
         for node, ing in s["ingress"].items():
-            oi = o and o["ingress"].get(node)
-            ing["rate"] = _rate(ing["accepted"], oi and oi["accepted"], dt)
+            ing["rate"] = _rate(ing["accepted"], old.get(k + "ingress\0" + node), dt)
+        rk = f"r\0{s['name']}\0{s['port']}\0"
         for rep in s["replicas"]:
-            orep = old_rep.get((s["name"], s["port"], rep["node"], rep["id"]))
+            r = f"{rk}{rep['node']}\0{rep['id']}\0"
             rep["rates"] = {
-                "connections": _rate(rep["connections"], orep and orep["connections"], dt),
-                "bytes": _rate(rep["bytes_in"] + rep["bytes_out"], orep and orep["bytes_in"] + orep["bytes_out"], dt),
+                "connections": _rate(rep["connections"], old.get(r + "c"), dt),
+                "bytes": _rate(rep["bytes_in"] + rep["bytes_out"], old.get(r + "b"), dt),
             }
     return view
+
+
+_BASE_TIME = "\0t"
+
+
+def rate_base(view: Mapping[str, Any]) -> dict[str, float]:
+    """What ``add_rates`` needs of a view, as one flat dict of str -> number.  Such a dict holds no object
+    the cyclic garbage collector tracks, so a feed keeping it between samples adds nothing to the young
+    collections (the view itself is ~10 objects per replica: a 5,000-replica view kept alive cost a 10-60
+    ms collection after each sample here, with the GIL held)."""
+    base: dict[str, float] = {_BASE_TIME: view["generated_at"]}
+    for s in view["services"]:
+        k = f"s\0{s['name']}\0{s['port']}\0"
+        base[k + "accepted"] = s["accepted"]
+        base[k + "bytes"] = s["bytes_in"] + s["bytes_out"]
+        base[k + "failed"] = sum(s["failed"].values())
+        for reason, n in s["failed"].items():
+            base[k + "failed\0" + reason] = n
+        h = s.get("http")
+        if h is not None:
+            base[k + "requests"] = h["requests"]
+            for cls, n in h["by_class"].items():
+                base[k + "class\0" + cls] = n
+        for node, ing in s["ingress"].items():
+            base[k + "ingress\0" + node] = ing["accepted"]
+        rk = f"r\0{s['name']}\0{s['port']}\0"
+        for rep in s["replicas"]:
+            r = f"{rk}{rep['node']}\0{rep['id']}\0"
+            base[r + "c"] = rep["connections"]
+            base[r + "b"] = rep["bytes_in"] + rep["bytes_out"]
+    return base
 
 
 # -- the shared sampler ---------------------------------------------------------------------------------------
@@ -325,7 +356,7 @@ class Feed:
         self.watchers = 0
         self.samples = 0  # samples taken (tests and the benchmark read it)
         self.seq = 0
-        self.view: dict[str, Any] | None = None
+        self._base: dict[str, float] | None = None  # rate_base of the last sample (not the view: GC)
         self.body = b""
         self.event = b""
         self._taken_at = 0.0
@@ -343,13 +374,12 @@ class Feed:
 
     async def sample(self) -> dict[str, Any]:
         """Take one sample now (rates against the previous one) and publish it to the watchers."""
-        async with self._lock:
+        async with self._lock, _gc_paused():
             view = await self._collect()
-            add_rates(view, self.view)
-            view["interval_target_seconds"] = self.interval
-            body = json.dumps(view, separators=(",", ":"), sort_keys=True).encode()
-            self.view, self.body = view, body
-            self.event = b"event: view\nid: %d\ndata: %s\n\n" % (self.seq + 1, body)
+            # Rates and JSON in a thread: thousands of replicas take tens of milliseconds, and the data plane
+            # shares this loop.  ``view`` is this sample's own; the previous one is only read.
+            body, event, base = await run_off_loop(self._finish, view, self._base, self.seq + 1)
+            self.body, self.event, self._base = body, event, base
             self.seq += 1
             self.samples += 1
             self._taken_at = self._clock()
@@ -358,10 +388,21 @@ class Feed:
                 fut.set_result(None)
             return view
 
+    def _finish(
+        self, view: dict[str, Any], prev: dict[str, float] | None, seq: int
+    ) -> tuple[bytes, bytes, dict[str, float]]:
+        with gc_paused():
+            add_rates(view, prev)
+            view["interval_target_seconds"] = self.interval
+            pieces = json_pieces(view, sort_keys=True)  # in pieces: the loop's thread gets the GIL between them
+            body = b"".join(pieces)
+            event = b"".join([b"event: view\nid: %d\ndata: " % seq, *pieces, b"\n\n"])
+            return body, event, rate_base(view)
+
     async def current(self) -> bytes:
         """The JSON of a fresh view: the running sampler's latest when it is younger than one interval,
         else a new sample (so ``GET /v1/dashboard`` without a stream open gives current totals)."""
-        if not (self.running and self.view is not None and self._clock() - self._taken_at < self.interval):
+        if not (self.running and self._base is not None and self._clock() - self._taken_at < self.interval):
             await self.sample()
         return self.body
 
@@ -457,16 +498,20 @@ class Dashboard:
 
     async def node_view(self) -> dict[str, Any]:
         """The totals view of this node's data plane (no rates)."""
-        merged = merge_snapshots(await self.state.snapshots())
-        info = self.info() if self.info is not None else None
-        return build_view(
-            self.state.table(),
-            merged,
-            node=self.node,
-            now=self._clock(),
-            discovery=discovery_summary(self.discovery),
-            cluster=info,
-        )
+        with gc_paused():
+            snaps = await self.state.snapshots()
+            info = self.info() if self.info is not None else None
+            # Merged and built in a thread (off the data plane's loop, like /metrics): the snapshots are plain
+            # dicts detached from the live stats, the table is immutable, the discovery summary a copy.
+            return await run_off_loop(
+                _node_view,
+                self.state.table(),
+                snaps,
+                node=self.node,
+                now=self._clock(),
+                discovery=discovery_summary(self.discovery),
+                cluster=None if info is None else dict(info),
+            )
 
     async def _make(self) -> dict[str, Any]:
         if self._collect is not None:
@@ -475,6 +520,17 @@ class Dashboard:
 
     async def close(self) -> None:
         await self.feed.close()
+
+
+@contextlib.asynccontextmanager
+async def _gc_paused() -> Any:
+    # the whole sample (its view is ~10 objects per replica) without cyclic GC: see mesh.metrics.gc_paused
+    with gc_paused():
+        yield
+
+
+def _node_view(table: RoutingTable | None, snaps: list[dict[str, Any]], **kw: Any) -> dict[str, Any]:
+    return build_view(table, merge_snapshots(snaps), **kw)
 
 
 def _local_node(state: Any) -> str | None:
