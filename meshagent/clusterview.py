@@ -20,6 +20,9 @@ Rules:
   answer: its replicas are then shown as the manager sees them (remote, via its tunnel) and the node is marked
   unreachable, with the error.
 - ``ingress`` of a service says how many connections each node accepted on the published port.
+- An http service's ``http`` figures (requests by class and method, active, queued, retries, upstream
+  reuse, upgrades, generated responses) are the sums over the nodes that answered, each node counting the
+  requests its own port accepted; the mean times are weighted by requests.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from typing import Any
 
 from aiohttp import web
 
+from mesh.metrics import json_bytes, run_off_loop
 from mesh.proxy.preamble import TunnelAuth, tunnel_header
 
 __all__ = [
@@ -88,7 +92,8 @@ class NodeReport:
             self.unauthorized += 1
             return web.Response(status=401, text="a cluster token is required\n")
         view = await self._view()
-        return web.Response(body=json.dumps(view, separators=(",", ":")).encode(), content_type="application/json")
+        body = await run_off_loop(json_bytes, view)  # in pieces, off the loop: see mesh.metrics.json_bytes
+        return web.Response(body=body, content_type="application/json")
 
 
 class FetchError(Exception):
@@ -169,6 +174,7 @@ def merge_node_views(
                 **{k: s[k] for k in ("name", "port", "protocol", "listen_host", "bound_port", "listening")},
                 "accepted": 0, "active": 0, "connections": 0, "bytes_in": 0, "bytes_out": 0, "retries": 0,
                 "failed": {}, "connect_failures": {}, "healthy": 0, "endpoints": 0, "ingress": {}, "replicas": [],
+                "http": None,
             }  # fmt: skip
         return services[key]
 
@@ -181,6 +187,8 @@ def merge_node_views(
             for field in ("failed", "connect_failures"):
                 for reason, n in s[field].items():
                     into[field][reason] = into[field].get(reason, 0) + n
+            if s.get("http") is not None:
+                into["http"] = _add_http(into["http"], s["http"])
             into["ingress"][node_id] = {
                 "accepted": s["accepted"],
                 "failed": sum(s["failed"].values()),
@@ -198,6 +206,8 @@ def merge_node_views(
                 _add_replica(into, rep)
     for s in services.values():
         s["replicas"].sort(key=lambda r: (r["node"], r["id"]))
+        if s["http"] is not None:
+            s["http"] = _finish_http(s["http"])
     node_ids = sorted(set(nodes) | set(answered), key=lambda n: (n != me, n))
     out = dict(own)
     out.update(
@@ -207,6 +217,47 @@ def merge_node_views(
         services=[services[k] for k in sorted(order)],
     )
     return out
+
+
+_HTTP_SUMS = ("requests", "active", "queued", "retries", "upstream_reused", "upstream_new", "upgrades")
+_HTTP_BY = ("by_class", "by_method", "retries_by_reason", "generated")
+
+
+def _add_http(into: dict[str, Any] | None, h: Mapping[str, Any]) -> dict[str, Any]:
+    """Sum one node's http figures of a service (``mesh.metrics.http_summary`` plus hosts and paths) into
+    ``into``: every node accepts requests for the service on its own published port.  The mean times are
+    weighted by each node's requests (the upstream one by its requests sent upstream); hosts and paths are
+    the service's rules, the same on every node."""
+    if into is None:
+        into = {k: h.get(k, 0) for k in _HTTP_SUMS}
+        into.update({k: dict(h.get(k) or {}) for k in _HTTP_BY})
+        into["hosts"], into["paths"] = list(h.get("hosts") or []), list(h.get("paths") or [])
+        into["_weights"] = [0, 0.0, 0, 0.0]
+    else:
+        for k in _HTTP_SUMS:
+            into[k] += h.get(k, 0)
+        for k in _HTTP_BY:
+            counts = into[k]
+            for name, n in (h.get(k) or {}).items():
+                counts[name] = counts.get(name, 0) + n
+    w = into["_weights"]
+    upstream = h.get("upstream_reused", 0) + h.get("upstream_new", 0)
+    if h.get("duration_mean_seconds") is not None and h.get("requests"):
+        w[0] += h["requests"]
+        w[1] += h["duration_mean_seconds"] * h["requests"]
+    if h.get("upstream_mean_seconds") is not None and upstream:
+        w[2] += upstream
+        w[3] += h["upstream_mean_seconds"] * upstream
+    return into
+
+
+def _finish_http(h: dict[str, Any]) -> dict[str, Any]:
+    n, total, n_up, total_up = h.pop("_weights")
+    h["duration_mean_seconds"] = round(total / n, 6) if n else None
+    h["upstream_mean_seconds"] = round(total_up / n_up, 6) if n_up else None
+    for k in ("by_method", "retries_by_reason", "generated"):
+        h[k] = dict(sorted(h[k].items()))
+    return h
 
 
 def _add_replica(into: dict[str, Any], rep: Mapping[str, Any]) -> None:
@@ -270,7 +321,8 @@ class ClusterView:
             }
             if view is not None and view.get("cluster"):
                 facts[n.id]["role"] = view["cluster"].get("role")
-        return merge_node_views(own, others, facts, now=own["generated_at"])
+        # in the render thread: thousands of replicas per node are copied (the data plane shares this loop)
+        return await run_off_loop(merge_node_views, own, others, facts, now=own["generated_at"])
 
     async def _ask(self, node: Any) -> tuple[dict[str, Any] | None, str | None]:
         self.fetches += 1

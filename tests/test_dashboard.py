@@ -699,6 +699,66 @@ def test_merge_node_views_counts_each_replica_once_by_its_own_node():
                               "w2": {"accepted": 6, "failed": 1, "listening": True}}  # fmt: skip
 
 
+def _http_figures(
+    requests: dict, *, active: int, reused: int, new: int, dur: tuple, retries: dict, generated: dict
+) -> dict:
+    """A node view's http figures of a service, as build_view makes them (http_summary of a merged row)."""
+    from mesh.metrics import http_summary
+
+    buckets = 12
+    row = {
+        "requests": requests, "generated": generated, "retries": retries, "active": active, "queued": 1,
+        "pool_new": new, "pool_reused": reused, "upgrades": 1,
+        "duration": {"counts": [dur[0]] + [0] * buckets, "sum": dur[1]},
+        "upstream_time": {"counts": [reused + new] + [0] * buckets, "sum": 0.001 * (reused + new)},
+    }  # fmt: skip
+    return {**http_summary(row), "hosts": ["shop.example"], "paths": ["/api"]}
+
+
+def test_merge_node_views_sums_http_figures():
+    from meshagent.clusterview import merge_node_views
+
+    own = _node_view("m1", [("a", "m1", None, 5)], 10)
+    w2 = _node_view("w2", [("b", "w2", None, 7)], 6)
+    own["services"][0]["http"] = _http_figures(
+        {"GET": {"2xx": 8, "5xx": 1}, "POST": {"2xx": 1}}, active=2, reused=7, new=3, dur=(10, 1.0),
+        retries={"connect": 2}, generated={"503": {"no_endpoint": 1}},
+    )  # fmt: skip
+    w2["services"][0]["http"] = _http_figures(
+        {"GET": {"2xx": 20, "4xx": 10}}, active=1, reused=25, new=5, dur=(30, 6.0),
+        retries={"connect": 1, "status_503": 4}, generated={"503": {"no_endpoint": 2}, "502": {"refused": 1}},
+    )  # fmt: skip
+    facts = {"m1": {"reachable": True}, "w2": {"reachable": True}}
+    view = merge_node_views(own, {"w2": w2}, facts, now=51.0)
+    (svc,) = view["services"]
+    h = svc["http"]
+    assert h == {
+        "requests": 40,
+        "by_class": {"1xx": 0, "2xx": 29, "3xx": 0, "4xx": 10, "5xx": 1},
+        "by_method": {"GET": 39, "POST": 1},
+        "active": 3,
+        "queued": 2,
+        "retries": 7,
+        "retries_by_reason": {"connect": 3, "status_503": 4},
+        "generated": {"502 refused": 1, "503 no_endpoint": 3},
+        "upstream_reused": 32,
+        "upstream_new": 8,
+        "upgrades": 2,
+        "duration_mean_seconds": 0.175,  # (0.1 x 10 + 0.2 x 30) / 40
+        "upstream_mean_seconds": 0.001,
+        "hosts": ["shop.example"],
+        "paths": ["/api"],
+    }
+    # the rates of the cluster feed read these figures like a node's
+    later = merge_node_views(own, {"w2": w2}, facts, now=52.0)
+    later["services"][0]["http"]["requests"] += 8
+    add_rates(later, view)
+    assert later["services"][0]["rates"]["requests"] == 8.0
+    # tcp services (and a cluster of nodes without http figures) keep "http": null
+    plain = merge_node_views(_node_view("m1", [], 1), {}, {"m1": {}}, now=1.0)
+    assert plain["services"][0]["http"] is None
+
+
 @pytest.mark.uvloop_only
 async def test_a_manager_reads_another_agents_view_through_its_tunnel(tmp_path):
     from types import SimpleNamespace
