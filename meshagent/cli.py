@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         const="",
         default=None,
-        help="discover services from Docker (default engine: $DOCKER_HOST or /var/run/docker.sock)",
+        help="discover services from Docker (default engine, as the docker CLI finds it: $DOCKER_HOST, $DOCKER_CONTEXT, the current docker context, /var/run/docker.sock)",
     )
     run.add_argument("--workers", type=_positive_int, default=1, metavar="N", help="data-plane processes (default 1)")
     run.add_argument(
