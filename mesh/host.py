@@ -39,6 +39,7 @@ class Host:
     __slots__ = (
         "active",
         "address",
+        "connected",
         "consecutive_failures",
         "dial",
         "draining",
@@ -69,6 +70,9 @@ class Host:
         self.consecutive_failures = 0
         self.ejections = 0
         self.ejected_until = 0.0
+        # False for a host that joined a running pool and has not had a successful connect yet
+        # (``Pool.update``): its connect failures eject it only briefly (``mesh.pool``).
+        self.connected = True
         self.stats = HostStats()
         self.endpoint = endpoint
         self.weight = endpoint.weight
@@ -95,5 +99,6 @@ class Host:
         return (
             f"<Host {self.endpoint.id} {self.endpoint.hostport}{via} w={self.weight} active={self.active} "
             f"health={health_text(self.health)}{' draining' if self.draining else ''} "
-            f"fails={self.consecutive_failures} ejections={self.ejections}{ej}>"
+            f"fails={self.consecutive_failures} ejections={self.ejections}{ej}"
+            f"{'' if self.connected else ' never-connected'}>"
         )

@@ -27,6 +27,15 @@ State rules (one ``Pool`` per (service, route); one ``Host`` per ``Endpoint.key`
   (so a two-host route with the default 50 % can still shed its broken half).
   A host over the threshold that may not be ejected keeps counting and is
   ejected at its next failure once the bound allows it.
+- A host that joins a running pool (a new key in ``update()``: a scale-up, a
+  rolling update's new task) is *never-connected* until its first successful
+  connect (``report_success``).  Its ejections last at most
+  ``NEW_HOST_EJECTION`` x its ejection count (capped by the usual time): a new
+  replica dialled a moment before its application listens, or before the agent
+  of its node knows it, is back within a second rather than out for
+  ``base_ejection_time``.  A new host that keeps failing still backs off, by
+  ``NEW_HOST_EJECTION`` per ejection up to ``max_ejection_time``.  The hosts a
+  pool is created with count as connected (as in slow start).
 - Last resort: when a connection's attempts failed and no usable host is left
   to retry on, ``last_resort`` offers a live host it has not tried that is
   ejected (or failing active checks), so two flapping endpoints fail a client
@@ -79,7 +88,7 @@ from mesh.host import EJECTED, FAILED_ACTIVE_HC, HEALTHY, Host
 from mesh.routing import Route, ServiceOptions
 from mesh.stats import RouteStats
 
-__all__ = ["EJECTED", "FAILED_ACTIVE_HC", "HEALTHY", "SLOW_START_MIN", "Host", "Pool"]
+__all__ = ["EJECTED", "FAILED_ACTIVE_HC", "HEALTHY", "NEW_HOST_EJECTION", "SLOW_START_MIN", "Host", "Pool"]
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +99,9 @@ _INF = float("inf")
 # connections spill to the least loaded remote host.
 SPILL_FACTOR = 2.0
 SPILL_SLACK = 8
+
+# A never-connected host's ejection time per ejection (module docstring).
+NEW_HOST_EJECTION = 1.0
 
 # Slow start: a ramping host's factor at the start of its ramp (it grows linearly to 1).
 SLOW_START_MIN = 0.1
@@ -280,6 +292,7 @@ class Pool:
     def report_success(self, host: Host) -> None:
         """A connect to ``host`` succeeded: reset its consecutive failures."""
         host.consecutive_failures = 0
+        host.connected = True
 
     def report_failure(self, host: Host) -> None:
         """A connect to ``host`` failed: count it, and eject the host when it reached
@@ -300,6 +313,8 @@ class Pool:
             host.ejections >>= min(halvings, 63)
         host.ejections += 1
         duration = min(opts.base_ejection_time * host.ejections, opts.max_ejection_time)
+        if not host.connected:
+            duration = min(duration, NEW_HOST_EJECTION * host.ejections)
         host.ejected_until = now + duration
         host.health |= EJECTED
         host.consecutive_failures = 0
@@ -308,7 +323,7 @@ class Pool:
         if host.ejected_until < self._next_expiry:
             self._next_expiry = host.ejected_until
         log.warning(
-            "service %s port %d: ejected endpoint %s (%s) for %.1fs after %d connect failures in a row (ejection #%d)",
+            "service %s port %d: ejected endpoint %s (%s) for %.1fs after %d connect failures in a row (ejection #%d%s)",
             self.service,
             self.port,
             host.endpoint.id,
@@ -316,6 +331,7 @@ class Pool:
             duration,
             opts.consecutive_failures,
             host.ejections,
+            "" if host.connected else ", never connected yet",
         )
         self._recompute()
 
@@ -374,6 +390,7 @@ class Pool:
             host = old.get(ep.key)
             if host is None:
                 host = Host(ep)
+                host.connected = not ramp  # joined a running pool: never connected yet
                 joined = True
             else:
                 was_draining = host.draining

@@ -12,8 +12,10 @@ Wiring (docs/cluster.md, "The agent")::
        │
     agent: localize(state, node, LocalTasks) ──RoutingTable──▶ mesh.runtime.Mesh.apply
            TunnelServer: resolve(task) in the CURRENT localized table (local endpoints of mesh
-           services only, draining ones included; a task the state places here that the local
-           listing has not seen yet is waited for, up to 1 s); allowed peers = the nodes' addresses
+           services only, draining ones included; a target not known here yet -- a task the
+           state places here that the local listing has not seen, or one another agent's newer
+           state places here -- is waited for, up to 1 s, unless its container went away here);
+           allowed peers = the nodes' addresses
     admin API (mesh.admin.AdminServer): the data plane's /metrics, /v1/table ... and /v1/cluster/status;
     its dashboard (/ui/) on a manager shows every node (meshagent.clusterview: the manager asks each
     node's NodeReport through the tunnel, target "@dashboard", only while someone watches)
@@ -59,6 +61,9 @@ __all__ = ["STATUS_PATH", "ClusterAgent", "ClusterSettings", "agent_admin", "run
 log = logging.getLogger(__name__)
 
 STATUS_PATH = "/v1/cluster/status"
+# How long a sealed tunnel header naming a target this agent does not know yet waits for its local
+# listing / cluster state to catch up before it is refused as unknown_target (``ClusterAgent._resolve``).
+LATE_TARGET_WAIT = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +213,10 @@ class ClusterAgent:
         self._dirty = asyncio.Event()
         self._localize = Localizer()  # localize() that re-localises only the services that changed
         self._tasks: list[asyncio.Task[Any]] = []
+        # Tunnel targets not known here when their header arrived (``_resolve``): how many waited for this
+        # agent's listing / cluster state to catch up, were then found, or were refused after the wait.
+        self.late_target_wait = LATE_TARGET_WAIT
+        self.late_targets = {"waited": 0, "found": 0, "refused": 0}
         self.report = NodeReport(self._node_view, token)  # this node's dashboard view, for the managers
         self.dashboard: Dashboard | None = None  # set in start(); agent_admin serves it
 
@@ -449,26 +458,35 @@ class ClusterAgent:
         if found is not None:
             return self._with_pool(target, found)
         task = target.rsplit(":", 1)[0]
-        if task in self._state_local and task not in self.local.gone:
-            # The manager already lists a new task on this node, and another node chose it
-            # before our own listing caught up: list now and wait a moment for it.
-            return self._resolve_soon(target)
-        self._log_unknown(target)
-        return None
+        if task in self.local.gone:
+            self._log_unknown(target)  # its container went away here: refuse at once (the dialer retries)
+            return None
+        # Another node chose a task this agent does not know yet: the manager lists it on this node
+        # and our own listing is behind, or another agent applied a cluster state this one has not
+        # received yet (the manager's agent is ~20 ms ahead of the others).  The header is sealed with
+        # the cluster token, so it is a peer agent's word: list now and wait a bounded moment for this
+        # agent to catch up rather than refuse a healthy new replica (each refusal counts against it
+        # on the dialling node).
+        return self._resolve_soon(target)
 
-    async def _resolve_soon(self, target: str, timeout: float = 1.0) -> LocalTarget | None:
+    async def _resolve_soon(self, target: str, timeout: float | None = None) -> LocalTarget | None:
+        waits = self.late_targets
+        waits["waited"] += 1
         self.local.poke()
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        deadline = loop.time() + (self.late_target_wait if timeout is None else timeout)
+        task = target.rsplit(":", 1)[0]
         while (found := self._targets.get(target)) is None:
             remaining = deadline - loop.time()
-            if remaining <= 0:
+            if remaining <= 0 or task in self.local.gone:
+                waits["refused"] += 1
                 self._log_unknown(target)
                 return None
             try:
                 await asyncio.wait_for(self._applied.wait(), remaining)
             except TimeoutError:
                 pass
+        waits["found"] += 1
         return self._with_pool(target, found)
 
     def _with_pool(self, target: str, found: LocalTarget) -> LocalTarget:
@@ -533,6 +551,7 @@ class ClusterAgent:
                 "bytes_in": t.bytes_in,
                 "bytes_out": t.bytes_out,
                 "refused": dict(t.refused),
+                "late_targets": dict(self.late_targets),
             },
             "udp_tunnel": None if self.udp_tunnel is None else self.udp_tunnel.status(),
         }

@@ -3,6 +3,7 @@ the node's one admin server serves /v1/cluster/status beside the data plane's AP
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -11,10 +12,16 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from cluster.control import ControlServer
+from cluster.state import ClusterState, NodeInfo
 from mesh.errors import ConfigError
+from mesh.proxy.preamble import TunnelAuth, tunnel_header
+from mesh.routing import Endpoint, Route, RoutingTable, Service, ServiceOptions
 from meshagent.cli import UsageError, _status_as_admin
 from meshagent.cluster import STATUS_PATH, ClusterAgent, ClusterSettings, agent_admin
 from tests.fakeengine import FakeContainer, running_fake_engine
+from tests.test_cli import EchoBackend
+from tests.test_handover import free_port
 from tests.util import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,6 +169,58 @@ async def test_the_admin_server_serves_cluster_status(fake) -> None:
     finally:
         await admin.stop()
         await agent.stop(0.1)
+
+
+async def _tunnel(port: int, target: str, payload: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(tunnel_header(("192.0.2.7", 40000), ("127.0.0.1", 80), target, TunnelAuth(TOKEN)) + payload)
+    return r, w
+
+
+@pytest.mark.uvloop_only
+async def test_a_tunnel_target_this_agent_learns_a_moment_later_is_waited_for(fake) -> None:
+    """The lab's rolling update: another agent applied a cluster state placing a new task on this node ~20 ms
+    before this agent got it.  A sealed header naming that task waits (bounded) for this agent's state and is
+    then forwarded instead of refused as unknown_target; a target that never turns up is refused after the
+    wait; every wait is counted in /v1/cluster/status."""
+    backend = await EchoBackend("t1").start()
+    control = ControlServer(TOKEN, "127.0.0.1", 0)
+    await control.start()
+    fake.swarm = {"LocalNodeState": "active", "NodeID": "n1", "ControlAvailable": False, "NodeAddr": "127.0.0.1",
+                  "RemoteManagers": [{"NodeID": "m1", "Addr": "127.0.0.1:2377"}]}  # fmt: skip
+    fake.add(FakeContainer(id="a" * 64, name="web.1.t1", labels={"com.docker.swarm.task.id": "t1"}, ip="127.0.0.1"))
+    nodes = (NodeInfo("n1", "127.0.0.1", tunnel=7481),)
+    control.publish(ClusterState(table=RoutingTable(version=1, services=()), nodes=nodes))
+    agent = ClusterAgent(f"unix://{fake.sock}", TOKEN, tunnel_port=0, control_port=control.port, bind="127.0.0.1")
+    agent.late_target_wait = 2.0
+    await agent.start(info_timeout=5)
+    writers = []
+    try:
+        await asyncio.wait_for(agent.wait_applied(), 10)
+        port = agent.tunnel.port
+        r, w = await _tunnel(port, f"t1:{backend.port}", b"ping")
+        writers.append(w)
+        await wait_for(lambda: agent.late_targets["waited"] == 1, what="the header waiting")
+        route = Route(port=free_port(), endpoints=(Endpoint("t1", "10.0.0.9", backend.port, node="n1"),))
+        table = RoutingTable(version=2, services=(Service(name="web", routes=(route,), options=ServiceOptions()),))
+        control.publish(ClusterState(table=table, nodes=nodes))
+        assert await asyncio.wait_for(r.readexactly(4), 5) == b"ping"
+        assert agent.late_targets == {"waited": 1, "found": 1, "refused": 0}
+        # a target that never turns up here: refused (reset, no byte back) once the wait is over
+        agent.late_target_wait = 0.2
+        r, w = await _tunnel(port, "t9:80", b"ping")
+        writers.append(w)
+        with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+            await asyncio.wait_for(r.readexactly(1), 5)
+        assert agent.late_targets == {"waited": 2, "found": 1, "refused": 1}
+        assert agent.status()["tunnel"]["late_targets"] == agent.late_targets
+        assert agent.tunnel.stats.refused == {"unknown_target": 1}
+    finally:
+        for w in writers:
+            w.close()
+        await agent.stop(0.1)
+        await control.stop()
+        await backend.close()
 
 
 FAKE_ENGINE = """

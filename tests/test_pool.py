@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 
 from mesh.balancer import HashRing, LeastConn, RoundRobin
-from mesh.pool import EJECTED, FAILED_ACTIVE_HC, Host, Pool
+from mesh.pool import EJECTED, FAILED_ACTIVE_HC, NEW_HOST_EJECTION, Host, Pool
 from mesh.routing import Endpoint, Route, ServiceOptions
 
 
@@ -185,6 +185,42 @@ def test_ejection_count_decays_after_healthy_periods():
     fail(pool, h, 1)
     assert h.ejections == 2
     assert h.ejected_until - clock.now == 20
+
+
+def test_a_new_host_that_never_connected_is_ejected_only_briefly(caplog):
+    """Scale-up / rolling update: a replica that joins a running pool and is dialled before it listens (or
+    before its node's agent knows it) is out for NEW_HOST_EJECTION x its ejections, not base_ejection_time;
+    once it connected, the usual times apply."""
+    clock = Clock()
+    pool = make_pool(n=2, clock=clock, consecutive_failures=3, base_ejection_time=10, max_ejection_time=300)
+    pool.update(Route(8080, endpoints(3)), pool.options)
+    old, new = pool.hosts[0], pool.hosts[2]
+    assert (old.connected, new.connected) == (True, False)
+    durations = []
+    with caplog.at_level(logging.WARNING, logger="mesh.pool"):
+        for _ in range(3):
+            fail(pool, new, 3)
+            durations.append(new.ejected_until - clock.now)
+            clock.now = new.ejected_until
+            pool.choose()
+            assert new.health == 0
+    assert durations == [NEW_HOST_EJECTION, 2 * NEW_HOST_EJECTION, 3 * NEW_HOST_EJECTION]
+    assert caplog.records[0].getMessage().endswith("(ejection #1, never connected yet)")
+    # a never-connected host that keeps failing backs off, one NEW_HOST_EJECTION more each time
+    new.ejections = 20
+    fail(pool, new, 3)
+    assert new.ejected_until - clock.now == 21 * NEW_HOST_EJECTION
+    clock.now = new.ejected_until
+    pool.choose()
+    pool.report_success(new)
+    assert new.connected
+    new.ejections = 0
+    fail(pool, new, 3)
+    assert new.ejected_until - clock.now == 10
+    clock.now = new.ejected_until
+    pool.choose()
+    fail(pool, old, 3)  # the hosts the pool started with count as connected
+    assert old.health == EJECTED and old.ejected_until - clock.now == 10
 
 
 def test_failure_of_a_removed_host_does_not_eject():
