@@ -64,6 +64,11 @@ STATUS_PATH = "/v1/cluster/status"
 # How long a sealed tunnel header naming a target this agent does not know yet waits for its local
 # listing / cluster state to catch up before it is refused as unknown_target (``ClusterAgent._resolve``).
 LATE_TARGET_WAIT = 1.0
+# A tunnel or control port another process holds (an old agent without --handover during a start-first
+# update) is tried again after BIND_RETRY_INITIAL seconds, doubling to BIND_RETRY_MAX: short, because
+# the old agent goes away any moment (like mesh.runtime's REBIND_* for the data-plane ports).
+BIND_RETRY_INITIAL = 0.25
+BIND_RETRY_MAX = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +218,11 @@ class ClusterAgent:
         self._dirty = asyncio.Event()
         self._localize = Localizer()  # localize() that re-localises only the services that changed
         self._tasks: list[asyncio.Task[Any]] = []
+        # Ports that could not be bound yet ("tunnel", "udp-tunnel", "control" -> the error): retried
+        # with backoff (``_rebind_loop``), not ready meanwhile.
+        self.unbound: dict[str, str] = {}
+        self._control_bound = False
+        self._admin_inner: Any = None
         # Tunnel targets not known here when their header arrived (``_resolve``): how many waited for this
         # agent's listing / cluster state to catch up, were then found, or were refused after the wait.
         self.late_target_wait = LATE_TARGET_WAIT
@@ -244,16 +254,15 @@ class ClusterAgent:
             self.admin_state(), node=self.node_id, info=self.dashboard_info, collect=ClusterView(self)
         )
         await self.report.start()
-        await self.tunnel.start()
-        self.udp_tunnel = UdpTunnelServer(
-            self._resolve_udp, self._peer_allowed, host=self.bind, port=self.tunnel.port, auth=self.tunnel_auth
-        )
-        self.udp_tunnel.start()
+        if self.manager:
+            self.control_server = ControlServer(self.token, self.bind, self.control_port)
+        if not await self._bind_servers():
+            # Another process holds a port (an old agent without --handover during a start-first
+            # update): keep trying with backoff, not ready meanwhile, rather than exit.
+            self._spawn(self._rebind_loop(), "cluster-rebind")
         if self.manager:
             from discovery.cluster import ClusterWatcher
 
-            self.control_server = ControlServer(self.token, self.bind, self.control_port)
-            await self.control_server.start()
             self.watcher = ClusterWatcher(self.engine, self._manager_state, tunnel_port=self.tunnel_port)
             self._spawn(self.watcher.run(), "cluster-watcher")
         else:
@@ -274,8 +283,54 @@ class ClusterAgent:
             ", ".join(format_hostport(*m) for m in self.managers) or "-",
         )  # fmt: skip
 
+    async def _bind_servers(self) -> bool:
+        """Bind what is not bound yet: the tunnel (TCP, then UDP on the same port number) and, on a
+        manager, the control server.  True when all are bound; the failures are in ``unbound``."""
+        unbound: dict[str, str] = {}
+        if self.tunnel._acceptor is None:
+            try:
+                await self.tunnel.start()
+            except OSError as exc:
+                unbound["tunnel"] = str(exc)
+        if self.udp_tunnel is None and self.tunnel._acceptor is not None:
+            udp = UdpTunnelServer(
+                self._resolve_udp, self._peer_allowed, host=self.bind, port=self.tunnel.port, auth=self.tunnel_auth
+            )
+            try:
+                udp.start()
+                self.udp_tunnel = udp
+            except OSError as exc:
+                unbound["udp-tunnel"] = str(exc)
+        server = self.control_server
+        if server is not None and not self._control_bound:
+            try:
+                await server.start()
+                self._control_bound = True
+            except OSError as exc:
+                unbound["control"] = str(exc)
+                if server._runner is not None:
+                    await server._runner.cleanup()  # its next start() sets up a new one
+        if unbound and unbound != self.unbound:
+            log.warning("not ready: %s; retrying", "; ".join(f"{k}: {v}" for k, v in unbound.items()))
+        elif self.unbound and not unbound:
+            log.info("tunnel and control ports bound on retry: ready")
+        self.unbound = unbound
+        return not unbound
+
+    async def _rebind_loop(self) -> None:
+        delay = BIND_RETRY_INITIAL
+        while True:
+            await asyncio.sleep(delay)
+            if await self._bind_servers():
+                return
+            delay = min(delay * 2, BIND_RETRY_MAX)
+
+    def ready(self) -> bool:
+        """The data plane is ready and the tunnel (and, on a manager, the control port) is bound."""
+        return not self.unbound and self._admin_inner is not None and self._admin_inner.ready()
+
     async def stop(self, grace: float = 5.0) -> None:
-        if self.control_server is not None:
+        if self.control_server is not None and self._control_bound:
             await self.control_server.stop()
         if self.control_client is not None:
             await self.control_client.stop()
@@ -297,10 +352,13 @@ class ClusterAgent:
         await self.engine.close()
 
     def admin_state(self) -> Any:
-        """The admin API's view of the data plane: the Mesh, or the worker pool (counters summed)."""
-        from mesh.admin import MeshState, WorkerPoolState
+        """The admin API's view of the data plane: the Mesh, or the worker pool (counters summed);
+        ready (/readyz) only while the tunnel and control ports are bound too (``ready``)."""
+        from mesh.admin import CallbackState, MeshState, WorkerPoolState
 
-        return WorkerPoolState(self.mesh) if self.workers > 1 else MeshState(self.mesh)
+        inner = WorkerPoolState(self.mesh) if self.workers > 1 else MeshState(self.mesh)
+        self._admin_inner = inner
+        return CallbackState(inner.table, self.ready, inner.snapshots)
 
     # -- handover (meshagent/handover.py) --------------------------------------------
     def offers(self) -> list[Any]:
@@ -316,7 +374,7 @@ class ClusterAgent:
             out.append(Offer("stream", self.bind, self.tunnel_port, "tunnel", acceptor.listen_socket))
         if self.udp_tunnel is not None and self.udp_tunnel.listen_socket is not None:
             out.append(Offer("dgram", self.bind, self.tunnel_port, "udp-tunnel", self.udp_tunnel.listen_socket))
-        if self.control_server is not None:
+        if self.control_server is not None and self._control_bound:
             out += [Offer("stream", self.bind, self.control_port, "control", s)
                     for s in server_sockets(self.control_server._runner)]  # fmt: skip
         return out
@@ -332,7 +390,7 @@ class ClusterAgent:
             self.tunnel._acceptor.close()
         if self.udp_tunnel is not None:
             self.udp_tunnel.close()
-        if self.control_server is not None:
+        if self.control_server is not None and self._control_bound:
             close_listeners(self.control_server._runner)
 
     async def wait_applied(self) -> None:
@@ -554,6 +612,7 @@ class ClusterAgent:
                 "late_targets": dict(self.late_targets),
             },
             "udp_tunnel": None if self.udp_tunnel is None else self.udp_tunnel.status(),
+            "unbound": dict(self.unbound),
         }
         if self.control_client is not None:
             s = self.control_client.stats

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -221,6 +222,48 @@ async def test_a_tunnel_target_this_agent_learns_a_moment_later_is_waited_for(fa
         await agent.stop(0.1)
         await control.stop()
         await backend.close()
+
+
+@pytest.mark.uvloop_only
+async def test_a_tunnel_port_held_by_another_process_is_retried_and_the_agent_is_not_ready_meanwhile(fake) -> None:
+    """A start-first update from agents without --handover: the old agent holds the tunnel port (TCP and UDP).
+    The new agent starts anyway (it used to exit 2), answers /readyz 503 naming nothing bound on it yet, and
+    binds both once the old one lets go."""
+    control = ControlServer(TOKEN, "127.0.0.1", 0)
+    await control.start()
+    fake.swarm = {"LocalNodeState": "active", "NodeID": "n1", "ControlAvailable": False, "NodeAddr": "127.0.0.1",
+                  "RemoteManagers": [{"NodeID": "m1", "Addr": "127.0.0.1:2377"}]}  # fmt: skip
+    control.publish(ClusterState(table=RoutingTable(version=1, services=()), nodes=()))
+    old_tcp = socket.create_server(("127.0.0.1", 0))
+    port = old_tcp.getsockname()[1]
+    old_udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    old_udp.bind(("127.0.0.1", port))
+    agent = ClusterAgent(f"unix://{fake.sock}", TOKEN, tunnel_port=port, control_port=control.port, bind="127.0.0.1")
+    admin = None
+    try:
+        await agent.start(info_timeout=5)
+        admin = agent_admin(agent, "127.0.0.1", 0)
+        await admin.start()
+        readyz = "http://{}:{}/readyz".format(*admin.address)
+        await asyncio.wait_for(agent.wait_applied(), 10)
+        assert set(agent.unbound) == {"tunnel"} and "in use" in agent.unbound["tunnel"]
+        assert agent.status()["unbound"] == agent.unbound
+        assert (await _get(readyz))[0] == 503
+        old_tcp.close()
+        await wait_for(lambda: set(agent.unbound) == {"udp-tunnel"}, 5, what="the TCP tunnel bound")
+        assert (await _get(readyz))[0] == 503
+        old_udp.close()
+        await wait_for(lambda: not agent.unbound, 5, what="the UDP tunnel bound")
+        assert (await _get(readyz))[0] == 200
+        _, w = await asyncio.open_connection("127.0.0.1", port)  # the new agent accepts on it
+        w.close()
+    finally:
+        old_tcp.close()
+        old_udp.close()
+        if admin is not None:
+            await admin.stop()
+        await agent.stop(0.1)
+        await control.stop()
 
 
 FAKE_ENGINE = """
