@@ -893,6 +893,7 @@ class _Ticker:
         return self
 
     async def __aexit__(self, *exc) -> None:
+        await asyncio.sleep(0.003)  # one more wake-up: a stall that just ended is recorded
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
