@@ -414,6 +414,9 @@ class StatsReader:
             udp_site = listener if protocol == "udp" else None
             http_front = getattr(listener, "http", None)  # mesh.proxy.http.HttpFront of an http listener
             for pool in pools:
+                if budget is not None and budget <= 0:  # between two routes (many small or empty ones)
+                    yield
+                    budget = slice_hosts
                 # The export list and the removed totals in one slice (class doc), with the route's counters.
                 led = self._ledger(pool)
                 live_pools.add(id(pool))

@@ -588,38 +588,46 @@ def test_snapshot_in_slices_equals_the_whole_snapshot():
 
 def test_table_applied_between_slices_counts_each_connection_once_and_never_less():
     pool = make_pool(6)
-    # a first route of two hosts fills the first slice; the pool under test is synced (its export list
-    # and removed totals taken) at the end of that slice and its rows are read after the loop ran
+    # slices of 2 rows: [the first route] [this pool's export list and removed totals, e1, e2] [e3, e4] [e5, e6]
     rd = reader([make_pool(2, service="first", port=79), pool])
     for k, h in enumerate(pool.hosts):
         traffic(h, 10 * (k + 1), 1, 1)  # e1: 10 ... e6: 60 -> 210
-    e2 = host(pool, "e2")
-    e2.active = 1
+    e6 = host(pool, "e6")
+    e6.active = 1
     s0 = rd.snapshot()
     assert sum(_conns(s0).values()) == 210
 
     def between(i: int) -> None:
-        if i == 0:
-            # the table drops e1 (idle: folded into the removed totals at once) and e2 (busy: kept), and
-            # e2's connection closes and it is folded too, while the snapshot waits for its next slice
-            pool.update(Route(port=80, endpoints=tuple(ep(k) for k in range(3, 7))), ServiceOptions())
-            traffic(e2, 1, 1, 1)
-            e2.active = 0
-            pool.update(Route(port=80, endpoints=tuple(ep(k) for k in range(3, 7))), ServiceOptions())
+        if i == 1:
+            # after e1 and e2 were read: the table drops e5 (idle: folded into the removed totals at once) and
+            # e6 (busy: kept), then e6's connection closes and a second table folds it too -- all before
+            # their rows are read
+            pool.update(Route(port=80, endpoints=tuple(ep(k) for k in range(1, 5))), ServiceOptions())
+            traffic(e6, 1, 1, 1)
+            e6.active = 0
+            pool.update(Route(port=80, endpoints=tuple(ep(k) for k in range(1, 5))), ServiceOptions())
 
     s1 = _run_steps(rd, 2, between)
     c1 = _conns(s1)
-    assert sum(c1.values()) == 211  # e1 once: as its own row (listed when the slice began), not in removed
-    assert c1["e1"] == 10 and c1["e2"] == 21 and c1[REMOVED_ENDPOINT] == 0
+    # e5 and e6 once each: as their own rows (listed when the route's slice began), not in the removed totals
+    assert c1 == {"e1": 10, "e2": 20, "e3": 30, "e4": 40, "e5": 50, "e6": 61, REMOVED_ENDPOINT: 0}
     s2 = rd.snapshot()
     c2 = _conns(s2)
-    assert c2 == {"e3": 30, "e4": 40, "e5": 50, "e6": 60, REMOVED_ENDPOINT: 31}
+    assert c2 == {"e1": 10, "e2": 20, "e3": 30, "e4": 40, REMOVED_ENDPOINT: 111}
     sums = [sum(_conns(s).values()) for s in (s0, s1, s2)]
     assert sums == [210, 211, 211]
     # each series that stays never goes down
     for a, b in ((s0, s1), (s1, s2)):
         ca, cb = _conns(a), _conns(b)
         assert all(cb[k] >= ca[k] for k in ca.keys() & cb.keys())
+
+
+def test_many_empty_routes_still_yield():
+    pools = [make_pool(0, service=f"s{i}", port=1000 + i) for i in range(40)]
+    rd = reader(pools)
+    slices = []
+    snap = _run_steps(rd, 5, slices.append)
+    assert len(snap["routes"]) == 40 and len(slices) >= 40 // 5 - 1
 
 
 def test_a_pool_created_between_slices_keeps_its_ledger():
