@@ -1654,7 +1654,12 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(_engine_main(sock, json.loads(Path(state).read_text())))
         return 0
-    if args.replica or args.probe:
+    if args.replica:
+        # the default loop: uvloop 0.23 aborted (SIGABRT) a replica whose echo clients reset mid-write
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(_replica_main())
+        return 0
+    if args.probe:
         try:
             import uvloop
 
@@ -1662,14 +1667,11 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             runner = asyncio.Runner()
         with runner, contextlib.suppress(KeyboardInterrupt):
-            if args.replica:
-                runner.run(_replica_main())
-            else:
-                targets = []
-                for t in args.probe.split(","):
-                    kind, host, port = t.split(":")
-                    targets.append((kind, (host, int(port))))
-                runner.run(_probe_main(targets, args.interval))
+            targets = []
+            for t in args.probe.split(","):
+                kind, host, port = t.split(":")
+                targets.append((kind, (host, int(port))))
+            runner.run(_probe_main(targets, args.interval))
         return 0
 
     if args.list:
