@@ -1574,14 +1574,17 @@ class HttpConnection(asyncio.Protocol):
             self.transport.write(data)
 
     def _write_out(self, wbuf: list[bytes]) -> None:
-        """Send what an upstream read made for the client in one write (small pieces joined, large ones
-        handed over as they are: uvloop sends a list with one writev)."""
+        """Send what an upstream read made for the client: a head and a body piece of at most
+        ``COALESCE_COPY`` bytes in one write; larger pieces as they are, one write each (uvloop's
+        ``writelines`` of a head and a large piece cost 20% more CPU per 1 MiB response here)."""
+        write = self.transport.write
         if len(wbuf) == 1:
-            self.transport.write(wbuf[0])
+            write(wbuf[0])
         elif len(wbuf) == 2 and len(wbuf[1]) <= COALESCE_COPY:
-            self.transport.write(wbuf[0] + wbuf[1])
+            write(wbuf[0] + wbuf[1])
         else:
-            self.transport.writelines(wbuf)
+            for data in wbuf:
+                write(data)
 
     def _flush(self) -> None:
         """Write what is collected now (before the transport changes hands or closes)."""
