@@ -1052,6 +1052,32 @@ async def test_response_timeout_gives_504():
     await b.close()
 
 
+async def test_deadlines_of_later_requests_on_one_connection():
+    """The head, response and keep-alive deadlines share one lazy timer per connection: each request's
+    response timeout still fires on time after earlier requests moved it, and the keep-alive deadline after
+    the last answer still closes the connection."""
+    b = await HttpBackend().start()
+    lst, pool = start_front(b, http_response_timeout=0.3, http_head_timeout=2.0, http_keepalive_timeout=0.8)
+    async with Client(lst.port) as c:
+        for _ in range(3):
+            await c.send(get())
+            assert (await c.response()).status == 200
+        for _ in range(2):
+            t0 = time.monotonic()
+            await c.send(get("/stall"))
+            r = await c.response()
+            assert r.status == 504 and r.value("connection") == "keep-alive"  # the connection stays
+            assert 0.25 <= time.monotonic() - t0 <= 1.5
+        await c.send(get())
+        assert (await c.response()).status == 200
+        t0 = time.monotonic()
+        assert await c.closed(timeout=4)
+        assert 0.7 <= time.monotonic() - t0 <= 2.5
+    assert pool.http.generated == {(504, "upstream_timeout"): 2}
+    await finish(lst, pool)
+    await b.close()
+
+
 async def test_refused_connect_gives_502():
     from tests.backends import closed_port
 
