@@ -16,9 +16,10 @@ replica that sent it (``X-Bench-Backend``), so each peer is checked to route eve
 before it is measured; a peer that misroutes is skipped with the reason.  The mesh rows run once the data plane
 serves ``protocol: http`` (``'http' in mesh.listener.FRONTS``); until then they are skipped, saying so.
 
-Before/after in one sitting: ``mesh-<N>@<rev>`` (e.g. ``--peers mesh-1,mesh-1@HEAD~2,haproxy``) is the mesh as
-it was at git revision ``<rev>`` of this checkout (``git archive`` into the work directory; run from there),
-interleaved with the others like any peer.
+Before/after in one sitting: ``mesh-1@<rev>`` (e.g. ``--peers mesh-1,mesh-1@HEAD~2,haproxy``) is the mesh as it
+was at git revision ``<rev>`` of this checkout (``git archive`` into the work directory; run from there),
+interleaved with the others like any peer.  One worker only (workers are spawned with ``python -m meshagent``
+from the working directory, which would be this checkout's code).
 """
 
 from __future__ import annotations
@@ -108,8 +109,9 @@ def make_http_peer(name: str, workdir, *, proxy_cpus: str | None = None):
     if m is None:
         return _peer_by_name(name, workdir, proxy_cpus=proxy_cpus)
     workers = int(m.group(1))
-    if workers < 1:
-        raise BenchError(f"peer {name!r}: the mesh needs at least 1 worker")
+    if workers != 1:
+        # Workers are spawned as ``python -m meshagent`` from the working directory: this checkout's code.
+        raise BenchError(f"peer {name!r}: a revision runs with 1 worker only (mesh-1@<rev>)")
     return MeshHttpPeerAt(workdir, proxy_cpus if workers == 1 else None, workers, not m.group(2), m.group(3))
 
 
