@@ -496,7 +496,7 @@ class UpstreamConn(asyncio.Protocol):
         # What this read makes for the client (the response head, body bytes, the last chunk) is collected
         # and written once at the end: one send per upstream read rather than one per piece.
         conn = ex.conn
-        conn._wbuf = wbuf = []
+        conn._wbuf = []
         try:
             try:
                 self.parser.feed_data(data)
@@ -517,10 +517,13 @@ class UpstreamConn(asyncio.Protocol):
             if self.done and self.ex is ex:
                 conn._response_done(ex, self)
         finally:
-            if conn._wbuf is wbuf:
+            # (_close flushes and _upgraded sends what was collected before the transport changes hands;
+            # a closing connection's leftovers, after an abort, are dropped with it)
+            pending = conn._wbuf
+            if pending is not None:
                 conn._wbuf = None
-                if wbuf:
-                    conn._write_out(wbuf)
+                if pending and not conn.closing:
+                    conn._write_out(pending)
 
     def eof_received(self) -> bool:
         self.reusable = False
