@@ -6,8 +6,9 @@
 
 What it runs (all on loopback):
 
-- replicas: ``python -m benchmarks.chaos --replica`` children, each an echo server (backpressure both ways) and a
-  small HTTP/1.1 keep-alive server that answers ``GET /<token>`` with ``<token>`` repeated; the faulty backends
+- replicas: four ``python -m benchmarks.chaos --replica`` children (two behind the probed services, two behind
+  the victim service, so the faults' bulk traffic does not slow the probe's replicas), each an echo server
+  (backpressure both ways) and a small HTTP/1.1 keep-alive server that answers ``GET /<token>`` with ``<token>`` repeated; the faulty backends
   (reset, never-read, black hole, flapping) live in the runner itself;
 - the agent: ``python -m meshagent run --config FILE`` (static config: ``probe`` and ``victim`` tcp services and
   a ``web`` http service, admin API on a free port); a second one under ``prlimit --nofile`` for fd exhaustion;
@@ -1424,9 +1425,12 @@ async def run_fault(ctx: Ctx, f: Fault) -> dict[str, Any]:
 
 
 async def _start_env(workdir: Path, agent: Agent, interval: float, replicas: list[Replica]) -> Probe:
-    agent.probe_eps = [f"{LOOPBACK}:{r.echo}" for r in replicas]
-    agent.victim_eps = [f"{LOOPBACK}:{r.echo}" for r in replicas]
-    agent.web_eps = [f"{LOOPBACK}:{r.http}" for r in replicas]
+    """With 4 replicas the probe's services (probe, web) get the first two and the victim the others, so that
+    the victim's bulk traffic does not slow the probe's replicas (single-threaded Python echo servers)."""
+    probed, victim = (replicas[:2], replicas[2:]) if len(replicas) >= 4 else (replicas, replicas)
+    agent.probe_eps = [f"{LOOPBACK}:{r.echo}" for r in probed]
+    agent.victim_eps = [f"{LOOPBACK}:{r.echo}" for r in victim]
+    agent.web_eps = [f"{LOOPBACK}:{r.http}" for r in probed]
     await agent.start()
     targets = [f"tcp:{LOOPBACK}:{agent.ports['probe']}"]
     if not isinstance(agent, ClusterAgentRun):
@@ -1439,7 +1443,7 @@ async def run_faults(names: list[str], quick: bool, interval: float, workdir: Pa
     for n in names:
         groups.setdefault(FAULTS[n].agent, []).append(FAULTS[n])
     results: dict[str, dict[str, Any]] = {}
-    replicas = [await Replica.start(f"replica-{i}", workdir) for i in range(2)]
+    replicas = [await Replica.start(f"replica-{i}", workdir) for i in range(4)]
     scale = 0.12 if quick else 1.0
     seconds = 1.0 if quick else 2.0
     try:
