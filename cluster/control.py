@@ -42,6 +42,11 @@ Client rules:
   applied, so equal states from different managers apply once.
 - ``after`` is the digest string the server sent, not one the client computes, so
   agents of different versions cannot make each other spin.
+
+TLS (optional, ``ControlTLS``; docs/cluster.md, "The control channel's TLS"): the server serves HTTPS with a
+certificate and key from files; a client verifies it against a CA file and a fixed server name
+(``DEFAULT_TLS_NAME``, not the address: managers come and go by address), and sends the token only after
+the handshake verified.  With ``mutual`` the server also requires a client certificate from that CA.
 """
 
 from __future__ import annotations
@@ -52,7 +57,9 @@ import hmac
 import inspect
 import json
 import logging
+import os
 import random
+import ssl
 import zlib
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -61,18 +68,21 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from mesh.errors import MeshError, ProtocolError
+from mesh.errors import ConfigError, MeshError, ProtocolError
 from mesh.routing import Service, TableError, format_hostport
 
 from .state import ClusterState, ServicePart, parse_node, parse_service
 
 __all__ = [
     "DEFAULT_CONTROL_PORT",
+    "DEFAULT_TLS_NAME",
     "ControlAuthError",
     "ControlClient",
     "ControlClientStats",
     "ControlServer",
     "ControlServerStats",
+    "ControlTLS",
+    "ControlTLSError",
     "backoff_delay",
 ]
 
@@ -87,10 +97,126 @@ DEFAULT_HISTORY = 32  # states a server can answer deltas from
 DEFAULT_COALESCE = 0.02  # seconds from a publish to waking the subscribers
 COMPRESS_MIN = 1024  # bodies below this are sent as they are
 BACKLOG = 4096  # a restarted manager is reconnected to by every subscriber at about the same time
+# The name a client checks in the managers' certificate (a DNS SAN).  Managers are reached by address (the
+# engine's Swarm.RemoteManagers), and those change when nodes are promoted, demoted or readdressed: one
+# cluster certificate carrying a fixed name, shared as a secret by every manager, keeps working through that,
+# where IP SANs would need a new certificate for every manager change.  The trust is in the CA file.
+DEFAULT_TLS_NAME = "mesh-control"
 
 
 class ControlAuthError(MeshError):
     """A manager rejected our token (HTTP 401)."""
+
+
+class ControlTLSError(ProtocolError):
+    """The TLS handshake with a manager failed (its certificate did not verify, or it speaks plain HTTP):
+    nothing was sent, least of all the token."""
+
+
+def _read_pem(path: str, flag: str) -> None:
+    """Check at start-up that ``path`` is a readable file, naming it and the flag otherwise."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(1 << 20)
+    except OSError as exc:
+        raise ConfigError(f"{flag}: cannot read the file: {exc.strerror or exc}", source=path) from exc
+    if b"-----BEGIN " not in data:
+        raise ConfigError(f"{flag}: not a PEM file (no '-----BEGIN ' line)", source=path)
+
+
+class ControlTLS:
+    """TLS for the control channel: a server context (managers) and a client context (subscribers), both
+    loaded from files once, at start-up (the only blocking reads).
+
+    ``cert``/``key``: this node's certificate chain and its key (PEM): the managers' server certificate,
+    and a subscriber's client certificate (presented when the manager asks for one).  ``ca``: the CA a
+    client verifies the manager's certificate with (and, with ``mutual``, the manager a client's).
+    ``name``: the name the manager's certificate must carry (a DNS SAN; ``DEFAULT_TLS_NAME``).
+    Raises ``ConfigError`` naming the file (or the flag) for a missing or unreadable file, a key that does
+    not match its certificate, or a combination that cannot work.
+    """
+
+    __slots__ = ("ca", "cert", "client", "key", "mutual", "name", "server")
+
+    def __init__(
+        self,
+        ca: str,
+        cert: str | None = None,
+        key: str | None = None,
+        *,
+        name: str = DEFAULT_TLS_NAME,
+        mutual: bool = False,
+    ) -> None:
+        if (cert is None) != (key is None):
+            raise ConfigError("--control-tls-cert and --control-tls-key go together: give both or neither")
+        if mutual and cert is None:
+            raise ConfigError("--control-tls-mutual needs --control-tls-cert and --control-tls-key (the client's)")
+        if not name:
+            raise ConfigError("--control-tls-name must not be empty")
+        self.ca, self.cert, self.key, self.name, self.mutual = ca, cert, key, name, mutual
+        _read_pem(ca, "--control-tls-ca")
+        client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        client.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            client.load_verify_locations(cafile=ca)
+        except ssl.SSLError as exc:
+            raise ConfigError(f"--control-tls-ca: no usable CA certificate: {exc}", source=ca) from exc
+        self.server: ssl.SSLContext | None = None
+        if cert is not None and key is not None:
+            _read_pem(cert, "--control-tls-cert")
+            _read_pem(key, "--control-tls-key")
+            server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            server.minimum_version = ssl.TLSVersion.TLSv1_2
+            try:
+                server.load_cert_chain(cert, key)
+                client.load_cert_chain(cert, key)
+            except ssl.SSLError as exc:
+                if "KEY_VALUES_MISMATCH" in str(exc):
+                    raise ConfigError(
+                        f"--control-tls-key {key} is not the key of this certificate", source=cert
+                    ) from exc
+                raise ConfigError(
+                    f"--control-tls-cert/--control-tls-key: cannot load the certificate and key ({key}): {exc}",
+                    source=cert,
+                ) from exc
+            if mutual:
+                server.verify_mode = ssl.CERT_REQUIRED
+                server.load_verify_locations(cafile=ca)
+            self.server = server
+        self.client = client
+
+    @classmethod
+    def from_files(
+        cls,
+        ca: str | None,
+        cert: str | None = None,
+        key: str | None = None,
+        *,
+        name: str | None = None,
+        mutual: bool = False,
+    ) -> ControlTLS | None:
+        """The TLS of the ``--control-tls-*`` flags; None (plain HTTP) when none is given.  Every node of a
+        cluster gets the same flags (the role is known only at run time), so the CA is what turns TLS on."""
+        if ca is None:
+            if cert is not None or key is not None or mutual or name is not None:
+                raise ConfigError(
+                    "--control-tls-cert/-key/-name/-mutual need --control-tls-ca: every node verifies the "
+                    "managers with it (give all nodes the same --control-tls-* flags)"
+                )
+            return None
+        return cls(os.fspath(ca), cert, key, name=name or DEFAULT_TLS_NAME, mutual=mutual)
+
+    def server_context(self) -> ssl.SSLContext:
+        """The manager's context; ``ConfigError`` when this node has no certificate to serve."""
+        if self.server is None:
+            raise ConfigError(
+                "this node is a manager: serving the control channel over TLS needs --control-tls-cert "
+                "and --control-tls-key"
+            )
+        return self.server
+
+    def __repr__(self) -> str:
+        return f"<ControlTLS ca={self.ca} cert={self.cert} name={self.name} mutual={self.mutual}>"
 
 
 def backoff_delay(failures: int, rng: random.Random, base: float = 0.1, cap: float = 10.0) -> float:
@@ -161,6 +287,7 @@ class ControlServer:
         max_wait: float = DEFAULT_MAX_WAIT,
         history: int = DEFAULT_HISTORY,
         coalesce: float = DEFAULT_COALESCE,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         if not token:
             raise ValueError("ControlServer needs a non-empty token")
@@ -176,6 +303,7 @@ class ControlServer:
         self.max_wait = max_wait
         self.history = history
         self.coalesce = coalesce
+        self.tls = tls  # serve HTTPS with this context (``ControlTLS.server_context()``); None: plain HTTP
         self.stats = ControlServerStats()
         self._state: ClusterState | None = None
         self._digest = ""
@@ -254,15 +382,22 @@ class ControlServer:
 
         # a socket handed over by the previous agent (meshagent/handover.py) keeps its accept queue
         inherited = INHERITED.take("stream", self.host, self.port) if self.port else None
+        # TLS is per connection: an inherited socket serves it as well as a fresh one
         if inherited is not None:
-            site: web.BaseSite = web.SockSite(self._runner, inherited, backlog=BACKLOG)
+            site: web.BaseSite = web.SockSite(self._runner, inherited, backlog=BACKLOG, ssl_context=self.tls)
         else:
-            site = web.TCPSite(self._runner, self.host, self.port, backlog=BACKLOG)
+            site = web.TCPSite(self._runner, self.host, self.port, backlog=BACKLOG, ssl_context=self.tls)
         await site.start()
         server = site._server
         assert server is not None
         self.port = server.sockets[0].getsockname()[1]
-        log.info("control server listening on %s", format_hostport(self.host, self.port))
+        log.info(
+            "control server listening on %s (%s)",
+            format_hostport(self.host, self.port),
+            "plain HTTP"
+            if self.tls is None
+            else "TLS" + (", client certificates required" if self.tls.verify_mode == ssl.CERT_REQUIRED else ""),
+        )
 
     async def stop(self) -> None:
         """Answer waiting subscribers with 503 and close."""
@@ -348,7 +483,8 @@ class ControlServer:
                 self._waiters.discard(waiter)
 
     def __repr__(self) -> str:
-        return f"<ControlServer {format_hostport(self.host, self.port)} digest={self._digest or None}>"
+        tls = " tls" if self.tls is not None else ""
+        return f"<ControlServer {format_hostport(self.host, self.port)}{tls} digest={self._digest or None}>"
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:
@@ -608,10 +744,12 @@ def _gunzip(body: bytes, limit: int) -> bytes:
 
 
 class ControlClientStats:
-    __slots__ = ("applied", "bytes_received", "deltas", "failovers", "failures", "polls", "snapshots", "unauthorized")
+    __slots__ = ("applied", "bytes_received", "deltas", "failovers", "failures", "polls", "snapshots", "tls_failures",
+                 "unauthorized")  # fmt: skip
 
     def __init__(self) -> None:
         self.polls = 0
+        self.tls_failures = 0  # handshakes that failed (certificate not verified, peer not TLS): no token sent
         self.applied = 0
         self.failures = 0
         self.unauthorized = 0
@@ -649,6 +787,7 @@ class ControlClient:
         backoff_cap: float = 10.0,
         max_response: int = DEFAULT_MAX_RESPONSE,
         rng: random.Random | None = None,
+        tls: ControlTLS | None = None,
     ) -> None:
         if not token:
             raise ValueError("ControlClient needs a non-empty token")
@@ -663,6 +802,7 @@ class ControlClient:
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
         self.max_response = max_response
+        self.tls = tls  # verify the managers with it and speak HTTPS; None: plain HTTP
         self._rng = rng or random.Random()
         self.stats = ControlClientStats()
         self.state: ClusterState | None = None
@@ -719,6 +859,11 @@ class ControlClient:
             except ControlAuthError as exc:
                 self.stats.unauthorized += 1
                 log.error("control: manager %s rejected our token: %s", format_hostport(*manager), exc)
+                self._failure(manager, None)
+                continue
+            except ControlTLSError as exc:
+                self.stats.tls_failures += 1
+                log.error("control: %s", exc)
                 self._failure(manager, None)
                 continue
             except (TimeoutError, OSError, ProtocolError, TableError) as exc:
@@ -813,11 +958,23 @@ class ControlClient:
             assert conn is not None
             try:
                 answer = await conn.request(head, self.wait + self.grace)
-            except _Closed:
+            except _Closed as exc:
                 self._disconnect()
                 if reused:
                     continue
-                raise
+                if self.tls is None:
+                    # what a TLS manager does with a plain request: closes without a byte
+                    raise ProtocolError(
+                        f"manager {format_hostport(*manager)} closed a new connection without answering: if it "
+                        "serves the control port over TLS, give this node --control-tls-ca"
+                    ) from exc
+                # TLS 1.3: a manager with --control-tls-mutual refuses a client certificate after the handshake
+                # ended on our side (the request, token included, went encrypted to the verified manager)
+                raise ProtocolError(
+                    f"manager {format_hostport(*manager)} closed a new TLS connection without answering: if it "
+                    "requires client certificates (--control-tls-mutual), give this node --control-tls-cert and "
+                    "--control-tls-key from its --control-tls-ca"
+                ) from exc
             except BaseException:
                 self._disconnect()
                 raise
@@ -828,8 +985,37 @@ class ControlClient:
 
     async def _connect(self, manager: tuple[str, int]) -> _Connection:
         loop = asyncio.get_running_loop()
+        tls = self.tls
         async with asyncio.timeout(self.connect_timeout):
-            _, conn = await loop.create_connection(lambda: _Connection(self.max_response), *manager)
+            if tls is None:
+                _, conn = await loop.create_connection(lambda: _Connection(self.max_response), *manager)
+            else:
+                # create_connection returns after the handshake verified the manager's certificate: the
+                # token (in the request head) is never written to a peer that did not prove the name
+                try:
+                    _, conn = await loop.create_connection(
+                        lambda: _Connection(self.max_response), *manager,
+                        ssl=tls.client, server_hostname=tls.name, ssl_handshake_timeout=self.connect_timeout,
+                    )  # fmt: skip
+                except ssl.SSLCertVerificationError as exc:
+                    raise ControlTLSError(
+                        f"manager {format_hostport(*manager)}: its certificate did not verify against "
+                        f"--control-tls-ca {tls.ca} for the name {tls.name!r} ({exc.verify_message}); "
+                        "the token was not sent"
+                    ) from exc
+                except ssl.SSLError as exc:
+                    if exc.reason == "WRONG_VERSION_NUMBER":
+                        raise ControlTLSError(
+                            f"manager {format_hostport(*manager)} answered the TLS handshake without TLS: it "
+                            "serves the control port in plain HTTP (give the managers --control-tls-cert and "
+                            "--control-tls-key); the token was not sent"
+                        ) from exc
+                    raise ControlTLSError(
+                        f"manager {format_hostport(*manager)}: TLS handshake failed ({exc.reason or exc}): "
+                        "does it serve the control port over TLS (--control-tls-cert/--control-tls-key), "
+                        "and, with --control-tls-mutual there, is our --control-tls-cert from its CA? "
+                        "The token was not sent"
+                    ) from exc
         self._conn, self._conn_to = conn, manager
         return conn
 
