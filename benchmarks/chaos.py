@@ -1,6 +1,6 @@
 """The chaos runner: the real agent under one fault at a time, with a probe that never stops.
 
-    python -m benchmarks.chaos [--quick] [--fault NAME ...] [--out FILE]     # every fault (a few minutes)
+    python -m benchmarks.chaos [--quick] [--fault NAME ...] [--out FILE] [--keep]  # every fault (about 5 minutes)
     python -m benchmarks.chaos --soak SECONDS                                 # mixed traffic and reloads
     python -m benchmarks.chaos --list                                         # the faults, with what they do
 

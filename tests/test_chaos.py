@@ -55,7 +55,7 @@ def test_every_quick_fault_ran(quick_report: dict) -> None:
         assert f["agent_alive"], name
 
 
-@pytest.mark.parametrize("name", [n for n, f in FAULTS.items() if f.quick and f.must_pass and n != "tunnel-control"])
+@pytest.mark.parametrize("name", [n for n, f in FAULTS.items() if f.quick and f.must_pass])
 def test_the_data_plane_probe_sees_no_failure(quick_report: dict, name: str) -> None:
     f = _faults(quick_report)[name]
     during, after = f["probe"], f["probe_after"]
@@ -65,9 +65,7 @@ def test_the_data_plane_probe_sees_no_failure(quick_report: dict, name: str) -> 
     assert during["bytes_verified"] > 0
 
 
-@pytest.mark.parametrize(
-    "name", [n for n, f in FAULTS.items() if f.quick and not f.must_pass and n != "tunnel-control"]
-)
+@pytest.mark.parametrize("name", [n for n, f in FAULTS.items() if f.quick and not f.must_pass])
 def test_faults_by_design_leave_an_agent_that_serves_again(quick_report: dict, name: str) -> None:
     f = _faults(quick_report)[name]
     assert f["by_design"]
