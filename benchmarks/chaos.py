@@ -1590,7 +1590,19 @@ def _mb(n: int | None) -> str:
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    rows = [("fault", "probe req", "fail", "p99 ms", "after fail", "fds b/peak/a", "RSS MB b/peak/a", "verdict")]
+    rows = [
+        (
+            "fault",
+            "probe req",
+            "fail",
+            "p99 ms",
+            "verified KB",
+            "after fail",
+            "fds b/peak/a",
+            "RSS MB b/peak/a",
+            "verdict",
+        )
+    ]
     for r in results:
         p = r.get("probe") or {}
         a = r.get("probe_after") or {}
@@ -1611,6 +1623,7 @@ def table(results: list[dict[str, Any]]) -> str:
                 str(p.get("requests", "-")),
                 str(fails),
                 str(p.get("p99_ms", "-")),
+                str(round(p.get("bytes_verified", 0) / 1000)) if p else "-",
                 str(a.get("failures", "-")),
                 f"{r['fds_before']}/{r['fds_peak']}/{r['fds_after']}",
                 f"{_mb(r['rss_before'])}/{_mb(r['rss_peak'])}/{_mb(r['rss_after'])}",
