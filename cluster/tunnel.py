@@ -62,6 +62,7 @@ from mesh.listener import Acceptor
 from mesh.proxy.preamble import (
     MAX_HEADER_BODY,
     PP2_TYPE_MESH_TARGET,
+    TUNNEL_ACK,
     TunnelAuth,
     TunnelHeader,
     TunnelRefused,
@@ -134,11 +135,12 @@ class LocalTarget(NamedTuple):
 class TunnelStats:
     """Plain counters for metrics.  ``refused`` maps a reason in ``REFUSE_REASONS`` to a count."""
 
-    __slots__ = ("accepted", "active", "bytes_in", "bytes_out", "forwarded", "refused")
+    __slots__ = ("accepted", "acked", "active", "bytes_in", "bytes_out", "forwarded", "refused")
 
     def __init__(self) -> None:
         self.accepted = 0  # TCP connections accepted (before any check)
         self.forwarded = 0  # connections spliced to a local endpoint
+        self.acked = 0  # of those, acknowledged to a dialer that asked (PP2_TYPE_MESH_ACK)
         self.active = 0  # open tunnel connections
         self.bytes_in = 0  # dialer -> endpoint, added at close
         self.bytes_out = 0  # endpoint -> dialer, added at close
@@ -204,9 +206,10 @@ def _least_loaded_local(pool: Any, exclude: Collection[Host]) -> Host | None:
 
 
 class TunnelSplice(Splice):
-    """The splice of one tunnel connection, towards a local replica.  Retries stay local."""
+    """The splice of one tunnel connection, towards a local replica.  Retries stay local.
+    ``ack``: the dialer asked for ``TUNNEL_ACK``, sent once a local replica is connected."""
 
-    __slots__ = ()
+    __slots__ = ("ack",)
 
     def _next_host(self, tried: list[Host]) -> Host | None:
         return _least_loaded_local(self.pool, tried)
@@ -215,6 +218,10 @@ class TunnelSplice(Splice):
         super()._upstream_made(up, transport)
         if self.up is up:
             self.site.stats.forwarded += 1
+            if self.ack and not self._down_lost:
+                # before any byte of the replica (those arrive in later data_received calls)
+                self.transport.write(TUNNEL_ACK)
+                self.site.stats.acked += 1
 
     def _dial_failed(self, reason: str) -> None:
         self.reason = self.reason or reason
@@ -351,6 +358,7 @@ class _HeaderPhase(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         conn = TunnelSplice(srv, header.source)
+        conn.ack = header.ack
         conn.local = header.destination
         conn.transport = transport
         conn.pool = pool

@@ -29,6 +29,16 @@ a key refuses a header without the TLV, with a bad MAC ("auth"), with a timestam
 ``AUTH_WINDOW`` seconds off its clock ("stale"), or whose (timestamp, nonce) it already accepted within
 the window ("replay").  No extra round trip: the seal travels in the header.
 
+**Acknowledgement** (opt-in per connection): a header may carry a TLV of type
+``PP2_TYPE_MESH_ACK`` (0xE2, empty value; before the auth TLV, so the MAC covers it) asking the
+receiving agent to send ``TUNNEL_ACK`` (8 bytes) back once it has connected to the replica, before
+any byte of the replica.  A dialer can then tell a hung agent (the kernel accepts into its backlog,
+nothing ever comes back) from a slow replica, and treat no ack within its connect timeout as a failed
+connect.  The dialer sends the client's first bytes right after the header, as always: no extra round
+trip.  Receivers older than this TLV ignore it (unknown TLVs are skipped; the MAC covers whatever
+precedes the auth TLV) and send no ack: a dialer asks only receivers it knows to ack (docs/cluster.md,
+"Limits").
+
 The decoder for the tunnel (``parse_tunnel_header``) is strict and incremental:
 the 12-byte signature is checked on every byte as it arrives; the version must
 be 2 and the command PROXY; the family TCP over IPv4 or IPv6; the length at
@@ -58,8 +68,10 @@ __all__ = [
     "AUTH_WINDOW",
     "MAX_HEADER_BODY",
     "MAX_TARGET_LENGTH",
+    "PP2_TYPE_MESH_ACK",
     "PP2_TYPE_MESH_AUTH",
     "PP2_TYPE_MESH_TARGET",
+    "TUNNEL_ACK",
     "TunnelAuth",
     "TunnelHeader",
     "TunnelRefused",
@@ -75,6 +87,8 @@ MAX_TARGET_LENGTH = 255
 PP2_TYPE_MESH_AUTH = 0xE1  # timestamp (8) + nonce (8) + HMAC-SHA256 (32), the last TLV of a sealed header
 _AUTH_LEN = 48
 _AUTH_TLV_HEAD = bytes((PP2_TYPE_MESH_AUTH, 0, _AUTH_LEN))
+PP2_TYPE_MESH_ACK = 0xE2  # empty: "acknowledge once the replica is connected" (module docstring)
+TUNNEL_ACK = b"\x00MESH\x00OK"  # what a receiver sends back first when asked (8 bytes)
 AUTH_WINDOW = 30.0  # seconds a sealed header's timestamp may differ from the receiver's clock
 # Address block (36 bytes for IPv6) + one target TLV (3 + 255) + room for a few
 # small TLVs a future dialer might add (e.g. a CRC32C or unique id).
@@ -116,16 +130,23 @@ class TunnelHeader:
     destination: tuple[str, int]  # the published address the client connected to
     target: str  # "<task id>:<target port>" of the replica
     auth: bytes | None = None  # the PP2_TYPE_MESH_AUTH value, when the header is sealed
+    ack: bool = False  # the dialer asks for TUNNEL_ACK once the replica is connected (PP2_TYPE_MESH_ACK)
 
 
 def tunnel_header(
-    client_addr: tuple[str, int], dst_addr: tuple[str, int], target_id: str, auth: TunnelAuth | None = None
+    client_addr: tuple[str, int],
+    dst_addr: tuple[str, int],
+    target_id: str,
+    auth: TunnelAuth | None = None,
+    *,
+    ack: bool = False,
 ) -> bytes:
     """The bytes a dialer sends first on a tunnel connection.
 
     ``client_addr``: the original client (ip, port); ``dst_addr``: the address the
     client connected to; ``target_id``: "<task id>:<target port>" of the chosen replica;
-    ``auth``: seal it (cluster mode).  Raises ``ValueError`` naming the bad argument.
+    ``auth``: seal it (cluster mode); ``ack``: ask for ``TUNNEL_ACK``.  Raises ``ValueError``
+    naming the bad argument.
     """
     target = target_id.encode("utf-8")
     if not 0 < len(target) <= MAX_TARGET_LENGTH or not target_id.isprintable():
@@ -139,8 +160,9 @@ def tunnel_header(
         if not ok:
             raise ValueError(f"tunnel header {what} must be (ip, port 0-65535), got {addr!r}")
     if auth is None:
-        return proxyproto.encode_v2(client_addr, dst_addr, ((PP2_TYPE_MESH_TARGET, target),))
-    return auth.seal(client_addr, dst_addr, target)
+        tlvs = ((PP2_TYPE_MESH_TARGET, target), (PP2_TYPE_MESH_ACK, b"")) if ack else ((PP2_TYPE_MESH_TARGET, target),)
+        return proxyproto.encode_v2(client_addr, dst_addr, tlvs)
+    return auth.seal(client_addr, dst_addr, target, ack=ack)
 
 
 def host_tunnel_header(host: Any, client: tuple | None, local: tuple | None) -> bytes:
@@ -198,7 +220,8 @@ def parse_tunnel_header(buf: bytes | bytearray) -> tuple[TunnelHeader, int] | No
     if len(auths) > 1:
         raise TunnelRefused("tlv", "more than one auth TLV")
     auth = auths[0] if auths else None
-    return TunnelHeader(header.src, header.dst, _decode_target(targets[0]), auth), consumed
+    ack = any(t == PP2_TYPE_MESH_ACK for t, _ in header.tlvs)
+    return TunnelHeader(header.src, header.dst, _decode_target(targets[0]), auth, ack), consumed
 
 
 def _decode_target(raw: bytes) -> str:
@@ -244,12 +267,17 @@ class TunnelAuth:
     def _mac(self, unsealed: bytes) -> bytes:
         return hmac.new(self._key, unsealed, hashlib.sha256).digest()
 
-    def seal(self, client: tuple[str, int], dst: tuple[str, int], target: bytes) -> bytes:
-        """A tunnel header for ``target`` with the auth TLV last and its MAC filled in."""
+    def seal(self, client: tuple[str, int], dst: tuple[str, int], target: bytes, *, ack: bool = False) -> bytes:
+        """A tunnel header for ``target`` (asking for an ack with ``ack``) with the auth TLV last and its
+        MAC filled in."""
         stamp = int(self._clock() * 1000).to_bytes(8, "big") + self._nonce(8)
-        unsealed = proxyproto.encode_v2(
-            client, dst, ((PP2_TYPE_MESH_TARGET, target), (PP2_TYPE_MESH_AUTH, stamp + bytes(32)))
+        auth = (PP2_TYPE_MESH_AUTH, stamp + bytes(32))
+        tlvs = (
+            ((PP2_TYPE_MESH_TARGET, target), (PP2_TYPE_MESH_ACK, b""), auth)
+            if ack
+            else ((PP2_TYPE_MESH_TARGET, target), auth)
         )
+        unsealed = proxyproto.encode_v2(client, dst, tlvs)
         return unsealed[:-32] + self._mac(unsealed)
 
     def host_header(self, host: Any, client: tuple | None, local: tuple | None) -> bytes:
