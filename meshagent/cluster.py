@@ -42,7 +42,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cluster.control import DEFAULT_CONTROL_PORT, ControlClient, ControlServer
+from cluster.control import DEFAULT_CONTROL_PORT, ControlClient, ControlServer, ControlTLS
 from cluster.state import ClusterState, Localizer
 from cluster.token import read_token
 from cluster.tunnel import DEFAULT_TUNNEL_PORT, LocalTarget, TunnelAuth, TunnelServer
@@ -83,6 +83,12 @@ class ClusterSettings:
     bind: str = "0.0.0.0"  # address of the control and tunnel servers
     control_wait: float = 20.0  # long-poll wait, seconds
     grace: float = 10.0  # seconds open connections get on shutdown
+    # --control-tls-*: TLS on the control channel (cluster.control.ControlTLS; off without a CA)
+    control_tls_ca: str | None = None
+    control_tls_cert: str | None = None
+    control_tls_key: str | None = None
+    control_tls_name: str | None = None
+    control_tls_mutual: bool = False
 
     def check(self) -> None:
         """Raise ``ConfigError`` naming the first bad setting."""
@@ -174,8 +180,10 @@ class ClusterAgent:
         workers: int = 1,
         worker_args: Sequence[str] = (),
         token_file: str | None = None,
+        control_tls: ControlTLS | None = None,
     ) -> None:
         self.host = resolve_docker_host(docker_host, os.environ)
+        self.control_tls = control_tls  # None: the control channel is plain HTTP
         self.token = token
         self.control_port = control_port
         self.tunnel_port = tunnel_port
@@ -255,7 +263,8 @@ class ClusterAgent:
         )
         await self.report.start()
         if self.manager:
-            self.control_server = ControlServer(self.token, self.bind, self.control_port)
+            tls = self.control_tls.server_context() if self.control_tls is not None else None
+            self.control_server = ControlServer(self.token, self.bind, self.control_port, tls=tls)
         if not await self._bind_servers():
             # Another process holds a port (an old agent without --handover during a start-first
             # update): keep trying with backoff, not ready meanwhile, rather than exit.
@@ -269,8 +278,9 @@ class ClusterAgent:
             # backoff capped at 2 s (not the client's 10 s): a returning manager is picked up
             # quickly, and one request per worker every 2 s is nothing for a manager
             self.control_client = ControlClient(
-                lambda: self.managers, self.token, self._on_state, wait=self.control_wait, backoff_cap=2.0
-            )
+                lambda: self.managers, self.token, self._on_state, wait=self.control_wait, backoff_cap=2.0,
+                tls=self.control_tls,
+            )  # fmt: skip
             await self.control_client.start()
         self._spawn(self.local.run(), "local-tasks")
         self._spawn(self._apply_loop(), "cluster-apply")
@@ -679,6 +689,10 @@ async def run_cluster_agent(
 
     settings.check()
     token = read_token(settings.token_file)
+    control_tls = ControlTLS.from_files(
+        settings.control_tls_ca, settings.control_tls_cert, settings.control_tls_key,
+        name=settings.control_tls_name, mutual=settings.control_tls_mutual,
+    )  # fmt: skip
     agent = ClusterAgent(
         settings.docker,
         token,
@@ -690,6 +704,7 @@ async def run_cluster_agent(
         workers=workers,
         worker_args=worker_args,
         token_file=settings.token_file,
+        control_tls=control_tls,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -766,4 +781,26 @@ async def run_cluster_agent(
             await admin_server.stop()
         await agent.stop(settings.grace)
         INHERITED.close_all()
+    if upgrades is not None and upgrades.finished.is_set() and not stop.is_set():
+        await _linger(stop)
     return rc
+
+
+async def _linger(stop: asyncio.Event) -> None:
+    """After handing the sockets over and draining: wait up to MESH_HANDOVER_LINGER seconds (0 by default;
+    the agent image sets it) for the SIGTERM that ends this task.  Under Swarm's ``start-first`` with a
+    HEALTHCHECK the new task counts as running only once it is healthy: an old task that exited on its
+    own before that would be restarted by Swarm, and take the sockets back from the new agent."""
+    raw = os.environ.get("MESH_HANDOVER_LINGER", "0")
+    try:
+        linger = float(raw)
+    except ValueError:
+        log.warning("MESH_HANDOVER_LINGER=%r is not a number of seconds; not lingering", raw)
+        return
+    if linger <= 0:
+        return
+    log.info("handed over and drained: waiting up to %.0fs for SIGTERM (MESH_HANDOVER_LINGER)", linger)
+    try:
+        await asyncio.wait_for(stop.wait(), linger)
+    except TimeoutError:
+        pass

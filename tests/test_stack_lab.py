@@ -113,12 +113,61 @@ def _build_offline():
     return mod
 
 
+def test_agent_healthcheck_asks_readyz_where_the_agent_command_line_says():
+    """The agent image's HEALTHCHECK (python -m meshagent.healthcheck): exit 0 only on /readyz 200 from the
+    admin address of --admin (its own, MESH_ADMIN, or the agent's command line), 1 on 503 or no answer."""
+    import http.server
+    import threading
+
+    from meshagent.healthcheck import admin_address
+
+    assert admin_address([], {}, ["mesh", "run", "--cluster", "--admin=127.0.0.1:9911"]) == "127.0.0.1:9911"
+    assert admin_address([], {}, ["mesh", "run", "--admin", "[::1]:9912"]) == "[::1]:9912"
+    assert admin_address([], {"MESH_ADMIN": "127.0.0.1:1"}, ["--admin=x:2"]) == "127.0.0.1:1"
+    assert admin_address(["--admin", "127.0.0.1:3"], {"MESH_ADMIN": "x:1"}, []) == "127.0.0.1:3"
+    assert admin_address([], {}, ["mesh", "run"]) == "127.0.0.1:9901"
+    status = {"code": 503}
+
+    class Readyz(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            code = status["code"] if self.path == "/readyz" else 404
+            self.send_response(code)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Readyz)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+
+    def health(admin: str) -> int:
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env.pop("MESH_ADMIN", None)
+        cmd = [sys.executable, "-m", "meshagent.healthcheck", "--admin", admin]
+        return subprocess.run(cmd, env=env, capture_output=True, timeout=30, check=False).returncode
+
+    try:
+        assert health(f"127.0.0.1:{port}") == 1  # not ready
+        status["code"] = 200
+        assert health(f"127.0.0.1:{port}") == 0
+        assert health("off") == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert health(f"127.0.0.1:{port}") == 1  # nothing listens
+
+
 def test_build_offline_reads_the_dockerfiles(tmp_path):
     """The offline images take ENTRYPOINT/CMD/EXPOSE/HEALTHCHECK from the Dockerfiles; what it cannot
     translate is refused with the file and line."""
     b = _build_offline()
     agent = b.dockerfile_config(ROOT / "compose" / "Dockerfile")
     assert agent["Entrypoint"] == ["mesh"] and agent["Cmd"][:2] == ["run", "--cluster"]
+    assert agent["Healthcheck"]["Test"] == ["CMD", "python", "-m", "meshagent.healthcheck"]
+    assert agent["Healthcheck"]["Interval"] == 2 * 10**9 and agent["Healthcheck"]["StartPeriod"] == 60 * 10**9
     web = b.dockerfile_config(ROOT / "compose" / "demo" / "Dockerfile")
     assert web["Healthcheck"]["Test"] == ["CMD", "python", "/app.py", "--healthcheck"]
     assert web["Healthcheck"]["Interval"] == 2 * 10**9 and web["ExposedPorts"] == {"8000/tcp": {}}
