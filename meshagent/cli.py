@@ -146,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--status HOST:PORT with the default --admin moves the admin API there",
     )
     cl.add_argument("--control-wait", type=_seconds, default=None, metavar="S", help="long-poll wait (20)")
+    # TLS on the control port (docs/cluster.md, "The control channel's TLS"): every node gets the same flags
+    cl.add_argument("--control-tls-ca", default=None, metavar="FILE", help="CA of the managers' certificate: TLS on")
+    cl.add_argument("--control-tls-cert", default=None, metavar="FILE", help="control certificate (served by managers)")
+    cl.add_argument("--control-tls-key", default=None, metavar="FILE", help="the control certificate's key")
+    cl.add_argument("--control-tls-name", default=None, metavar="NAME", help="name in that certificate (mesh-control)")
+    cl.add_argument("--control-tls-mutual", action="store_true", help="managers require client certificates too")
     run.add_argument(
         "--handover",
         metavar="PATH",
@@ -318,6 +324,11 @@ def _run_cluster(args: argparse.Namespace, admin_addr: tuple[str, int] | None) -
         "bind": args.bind,
         "control_wait": args.control_wait,
         "grace": args.grace,
+        "control_tls_ca": args.control_tls_ca,
+        "control_tls_cert": args.control_tls_cert,
+        "control_tls_key": args.control_tls_key,
+        "control_tls_name": args.control_tls_name,
+        "control_tls_mutual": args.control_tls_mutual,
     }
     settings = ClusterSettings(token_file=args.token_file, **{k: v for k, v in given.items() if v is not None})
     _raise_nofile(args.max_fds)

@@ -15,6 +15,7 @@ import ssl
 from pathlib import Path
 from typing import NamedTuple
 
+import aiohttp
 import pytest
 import trustme
 
@@ -24,7 +25,10 @@ from mesh.errors import ConfigError, ProtocolError
 from mesh.listener import INHERITED
 from mesh.routing import Endpoint, Route, RoutingTable, Service, ServiceOptions
 from meshagent.handover import HandoverServer, Offer, close_listeners, request_takeover, server_sockets
+from tests.fakeengine import running_fake_engine
+from tests.test_cli import Agent, clean_env, run_mesh_sync
 from tests.test_control import NODES, S1, S2, TOKEN
+from tests.test_handover import free_port
 from tests.util import wait_for
 
 
@@ -309,3 +313,77 @@ def test_misconfigurations_name_the_file(pki: Files, tmp_path: Path) -> None:
         ControlTLS(pki.ca).server_context()
     tls = ControlTLS.from_files(pki.ca, pki.cert, pki.key)
     assert tls is not None and tls.name == DEFAULT_TLS_NAME and tls.server is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# mesh run --cluster --control-tls-* (real agent processes, a fake engine)
+
+fake = pytest.fixture(running_fake_engine)
+
+
+def _token(tmp_path: Path) -> str:
+    p = tmp_path / "token"
+    p.write_text(TOKEN + "\n")
+    p.chmod(0o600)
+    return str(p)
+
+
+def test_the_agent_exits_2_naming_a_bad_tls_file(pki: Files, tmp_path: Path) -> None:
+    missing = str(tmp_path / "absent-ca.pem")
+    base = ("run", "--cluster", "--admin", "off", "--token-file", _token(tmp_path))
+    res = run_mesh_sync(*base, "--control-tls-ca", missing)
+    assert res.returncode == 2 and f"{missing}: --control-tls-ca: cannot read the file" in res.stderr, res.stderr
+    res = run_mesh_sync(*base, "--control-tls-cert", pki.cert, "--control-tls-key", pki.key)
+    assert res.returncode == 2 and "need --control-tls-ca" in res.stderr, res.stderr
+    other = _write(trustme.CA(), tmp_path, tag="-cli")
+    res = run_mesh_sync(*base, env=clean_env(MESH_CONTROL_TLS_CA=pki.ca, MESH_CONTROL_TLS_CERT=pki.cert,
+                                             MESH_CONTROL_TLS_KEY=other.key))  # fmt: skip
+    assert res.returncode == 2 and f"--control-tls-key {other.key} is not the key" in res.stderr, res.stderr
+
+
+@pytest.mark.uvloop_only
+async def test_a_worker_agent_subscribes_over_tls(fake, pki: Files, tmp_path: Path) -> None:
+    control_port, admin = free_port(), free_port()
+    fake.swarm = {"LocalNodeState": "active", "NodeID": "n1", "ControlAvailable": False, "NodeAddr": "127.0.0.1",
+                  "RemoteManagers": [{"NodeID": "m1", "Addr": "127.0.0.1:2377"}]}  # fmt: skip
+    manager = await _server(ControlTLS(pki.ca, pki.cert, pki.key, mutual=True), S1, port=control_port)
+    agent = Agent("--cluster", "--token-file", _token(tmp_path), "--docker", f"unix://{fake.sock}",
+                  "--control-port", str(control_port), "--tunnel-port", str(free_port()), "--bind", "127.0.0.1",
+                  "--admin", f"127.0.0.1:{admin}", "--grace", "1", "--control-tls-mutual",
+                  env=clean_env(MESH_CONTROL_TLS_CA=pki.ca, MESH_CONTROL_TLS_CERT=pki.cert,
+                                MESH_CONTROL_TLS_KEY=pki.key))  # fmt: skip
+    await agent.start()
+    try:
+        await agent.wait_log("control: subscribed to manager 127.0.0.1", timeout=30)
+        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{admin}/v1/cluster/status") as r:
+            doc = await r.json()
+        assert doc["state"]["digest"] == S1.digest, doc
+        assert manager.stats.changed == 1 and manager.stats.unauthorized == 0
+    finally:
+        await agent.stop()
+        await manager.stop()
+
+
+@pytest.mark.uvloop_only
+async def test_a_manager_agent_serves_the_control_port_over_tls(fake, pki: Files, tmp_path: Path) -> None:
+    control_port = free_port()
+    fake.swarm = {"LocalNodeState": "active", "NodeID": "m1", "ControlAvailable": True, "NodeAddr": "127.0.0.1",
+                  "RemoteManagers": [{"NodeID": "m1", "Addr": "127.0.0.1:2377"}]}  # fmt: skip
+    argv = ("--cluster", "--token-file", _token(tmp_path), "--docker", f"unix://{fake.sock}", "--control-port",
+            str(control_port), "--tunnel-port", str(free_port()), "--bind", "127.0.0.1", "--admin", "off",
+            "--grace", "1", "--control-tls-ca", pki.ca)  # fmt: skip
+    # a manager without a certificate to serve: a clear error at start
+    res = await asyncio.to_thread(run_mesh_sync, "run", *argv)
+    assert res.returncode == 2 and "this node is a manager" in res.stderr, res.stderr
+    agent = Agent(*argv, "--control-tls-cert", pki.cert, "--control-tls-key", pki.key)
+    await agent.start()
+    try:
+        await agent.wait_log(f"control server listening on 127.0.0.1:{control_port} (TLS)", timeout=30)
+        address = ("127.0.0.1", control_port)
+        assert await _client([address], [], ControlTLS(pki.ca), wait=0)._poll(address) is None  # 204 over TLS
+        plain = _client([address], [], None, wait=0)
+        with pytest.raises(ProtocolError, match="closed a new connection without answering"):
+            await plain._poll(address)
+        plain._disconnect()
+    finally:
+        await agent.stop()
