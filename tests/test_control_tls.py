@@ -12,6 +12,7 @@ import asyncio
 import logging
 import random
 import ssl
+import subprocess
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,7 +27,7 @@ from mesh.listener import INHERITED
 from mesh.routing import Endpoint, Route, RoutingTable, Service, ServiceOptions
 from meshagent.handover import HandoverServer, Offer, close_listeners, request_takeover, server_sockets
 from tests.fakeengine import running_fake_engine
-from tests.test_cli import Agent, clean_env, run_mesh_sync
+from tests.test_cli import ROOT, Agent, clean_env, run_mesh_sync
 from tests.test_control import NODES, S1, S2, TOKEN
 from tests.test_handover import free_port
 from tests.util import wait_for
@@ -387,3 +388,24 @@ async def test_a_manager_agent_serves_the_control_port_over_tls(fake, pki: Files
         plain._disconnect()
     finally:
         await agent.stop()
+
+
+async def test_the_certificate_recipe_of_deploy_md_works(tmp_path: Path) -> None:
+    """The openssl commands of docs/deploy.md ("TLS on the control port") make files a manager serves and a
+    worker verifies, with mutual TLS (the same certificate as client certificate)."""
+    doc = (ROOT / "docs" / "deploy.md").read_text()
+    block = next(b for b in doc.split("```sh\n")[1:] if "DNS:mesh-control" in b).split("```")[0]
+    script = "\n".join(ln for ln in block.replace("\\\n", " ").splitlines() if not ln.startswith("docker "))
+    res = await asyncio.to_thread(
+        subprocess.run, ["sh", "-ec", script], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 0, res.stderr
+    assert "docker secret create mesh_control_key control.key" in block
+    files = Files(str(tmp_path / "ca.pem"), str(tmp_path / "control.pem"), str(tmp_path / "control.key"))
+    srv = await _server(ControlTLS(*files, mutual=True))
+    try:
+        cli = _client([srv.address], [], ControlTLS(*files))
+        assert await cli._poll(srv.address) == S1
+        cli._disconnect()
+    finally:
+        await srv.stop()
