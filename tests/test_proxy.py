@@ -304,6 +304,72 @@ async def test_rst_from_backend_closes_client():
     await finish(lst, b)
 
 
+async def test_a_backend_reset_reaches_the_client_as_a_reset():
+    """A replica that resets before it finished sending must not look like a complete transfer: the client
+    gets a reset too, never a plain end of stream (the chaos runner's backend-reset fault)."""
+    b = await Backend("a", "rst").start()
+    lst = start_listener(make_pool([b.port], retries=0))
+    for _ in range(5):
+        r, w = await asyncio.open_connection("127.0.0.1", lst.port)
+        w.write(b"boom")
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(r.read(), 3)
+        w.close()
+    await finish(lst, b)
+
+
+async def test_a_backend_that_finishes_then_resets_leaves_the_client_a_complete_stream():
+    """A replica that sent everything and its FIN, then resets (unread bytes at its close): the client keeps
+    the whole response and a clean end of stream."""
+    b = await Backend("a", "push", push_bytes=3 * CHUNK).start()
+    lst = start_listener(make_pool([b.port]))
+    r, w = await asyncio.open_connection("127.0.0.1", lst.port)
+    got = b""
+    while len(got) < 3 * CHUNK:
+        chunk = await asyncio.wait_for(r.read(CHUNK), 5)
+        assert chunk, "end of stream before the whole response"
+        got += chunk
+    assert got == pattern(CHUNK) * 3
+    assert await asyncio.wait_for(r.read(), 5) == b""
+    for t in list(b.transports):  # the replica closes with a reset now that it has finished
+        t.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        t.abort()
+    w.close()
+    await finish(lst, b)
+
+
+async def test_a_client_that_resets_while_both_sides_are_stalled_frees_the_pair():
+    """Client and replica both stop reading, each with bytes on its way to the other, then the client resets:
+    the pair is closed at once (a graceful close would wait to flush the client's bytes to a replica that
+    never reads, holding both sides until the idle timeout; the chaos runner's client-never-read fault)."""
+    b = await Backend("a", "push", push_bytes=256 * 1024 * 1024).start()
+    lst = start_listener(make_pool([b.port]))
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", lst.port))
+    s.setblocking(False)
+    await wait_for(lambda: b.open == 1, what="the replica's connection")
+    for t in b.transports:
+        t.pause_reading()  # the replica never reads what the client sends
+    block = b"x" * 65536
+    sent, deadline = 0, time.monotonic() + 5
+    while time.monotonic() < deadline:  # fill every buffer between the client and the replica
+        try:
+            sent += s.send(block)
+        except BlockingIOError:
+            await asyncio.sleep(0.05)
+            try:
+                sent += s.send(block)
+            except BlockingIOError:
+                break
+    assert sent > 0
+    await asyncio.sleep(0.2)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    s.close()  # RST, with the replica's bytes unread
+    await wait_for(lambda: b.open == 0, timeout=3, what="the replica's side to close after the client's reset")
+    await finish(lst, b)
+
+
 async def test_client_reset_closes_backend():
     b = await Backend("a").start()
     lst = start_listener(make_pool([b.port]))

@@ -419,7 +419,13 @@ class Splice(asyncio.Protocol):
             task.cancel()
         up = self.up_transport
         if up is not None:
-            up.close()
+            if exc is not None:
+                # The client reset: pass it on.  A graceful close would wait to flush the client's bytes
+                # to a replica that may never read them (its own writes are blocked on this dead client),
+                # holding the pair until the idle timeout.
+                reset(up)
+            else:
+                up.close()
         self._release()
 
     # -- upstream callbacks ------------------------------------------------------------------------
@@ -439,9 +445,14 @@ class Splice(asyncio.Protocol):
         if self.reason is None:
             self.reason = "upstream_closed"
         self._kernel_close()
+        cut = exc is not None and not self._up_eof  # the replica reset (or died) before it finished sending
         self._up_eof = True
         if not self._down_lost:
-            self.transport.close()
+            if cut:
+                # Pass the reset on: a FIN would make a transfer the replica cut off look complete.
+                reset(self.transport)
+            else:
+                self.transport.close()
         self._release()
 
     def _first_byte(self, host: Host) -> None:
