@@ -167,9 +167,13 @@ class ControlTLS:
             _read_pem(key, "--control-tls-key")
             server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             server.minimum_version = ssl.TLSVersion.TLSv1_2
+
+            def no_password() -> str:  # OpenSSL would otherwise ask on the terminal
+                raise ConfigError("--control-tls-key: the key is encrypted; give an unencrypted key", source=key)
+
             try:
-                server.load_cert_chain(cert, key)
-                client.load_cert_chain(cert, key)
+                server.load_cert_chain(cert, key, password=no_password)
+                client.load_cert_chain(cert, key, password=no_password)
             except ssl.SSLError as exc:
                 if "KEY_VALUES_MISMATCH" in str(exc):
                     raise ConfigError(

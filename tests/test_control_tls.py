@@ -303,6 +303,11 @@ def test_misconfigurations_name_the_file(pki: Files, tmp_path: Path) -> None:
     other = _write(trustme.CA(), tmp_path, tag="-x")
     with pytest.raises(ConfigError, match=f"{pki.cert}: --control-tls-key {other.key} is not the key of this"):
         ControlTLS(pki.ca, pki.cert, other.key)
+    encrypted = tmp_path / "encrypted.key"
+    subprocess.run(["openssl", "pkey", "-in", pki.key, "-aes256", "-passout", "pass:secret", "-out", str(encrypted)],
+                   check=True, capture_output=True)  # fmt: skip
+    with pytest.raises(ConfigError, match=f"{encrypted}: --control-tls-key: the key is encrypted"):
+        ControlTLS(pki.ca, pki.cert, str(encrypted))
     with pytest.raises(ConfigError, match="--control-tls-cert and --control-tls-key go together"):
         ControlTLS(pki.ca, pki.cert)
     with pytest.raises(ConfigError, match="--control-tls-mutual needs --control-tls-cert"):
