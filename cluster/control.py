@@ -208,7 +208,7 @@ class ControlTLS:
                     "managers with it (give all nodes the same --control-tls-* flags)"
                 )
             return None
-        return cls(os.fspath(ca), cert, key, name=name or DEFAULT_TLS_NAME, mutual=mutual)
+        return cls(os.fspath(ca), cert, key, name=DEFAULT_TLS_NAME if name is None else name, mutual=mutual)
 
     def server_context(self) -> ssl.SSLContext:
         """The manager's context; ``ConfigError`` when this node has no certificate to serve."""

@@ -315,6 +315,8 @@ def test_misconfigurations_name_the_file(pki: Files, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="need --control-tls-ca"):
         ControlTLS.from_files(None, pki.cert, pki.key)
     assert ControlTLS.from_files(None) is None  # off by default
+    with pytest.raises(ConfigError, match="--control-tls-name must not be empty"):
+        ControlTLS.from_files(pki.ca, name="")
     with pytest.raises(ConfigError, match="this node is a manager: .* needs --control-tls-cert"):
         ControlTLS(pki.ca).server_context()
     tls = ControlTLS.from_files(pki.ca, pki.cert, pki.key)
