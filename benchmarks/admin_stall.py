@@ -5,10 +5,13 @@ One process per side (this checkout, and with ``--old DIR`` an extracted older t
 endpoints (listeners on 127.0.0.1 port 0), its ``AdminServer``, and a ticker on the loop that wakes every
 millisecond and records the longest gap between two wake-ups while curl (separate processes) fetches:
 /metrics, /v1/table, /v1/dashboard, and all of them at once (/metrics twice).  The same ticker measures, as a
-floor, the loop idle and the loop beside a thread of pure Python (the GIL changing hands).  Also timed: one
-``Mesh.apply`` of the whole table (new endpoints) on the loop.
+floor, the loop idle and the loop beside a thread of pure Python (the GIL changing hands).  Also ticked:
+``Mesh.apply`` of the whole table on a fresh mesh (``apply_new``: every listener new), of a table whose every
+endpoint changed (``apply``: 500 pools updated), and of one service of S x E endpoints replaced (``apply_one_pool``:
+one ``Pool.update`` of them all), each with the longest pause of the cyclic collector during it.
 
     python -m benchmarks.admin_stall --old /tmp/old --rounds 5 --json benchmarks/results/admin-stall.json
+    python -m benchmarks.admin_stall --old /tmp/old --apply-only --rounds 5 --turns 3 --json ...
 
 Numbers on a shared machine are noisy: compare old and new of one run only (they are interleaved).
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import statistics
@@ -73,7 +77,25 @@ def _busy(seconds: float) -> None:
         pass
 
 
-async def child(services: int, endpoints: int, rounds: int) -> dict:
+class _CollectorPauses:
+    """The longest pause of the cyclic garbage collector while in the block (gc.callbacks)."""
+
+    def __enter__(self) -> _CollectorPauses:
+        self.longest, self._t0 = 0.0, 0.0
+        gc.callbacks.append(self._cb)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._cb)
+
+    def _cb(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.longest = max(self.longest, time.perf_counter() - self._t0)
+
+
+async def child(services: int, endpoints: int, rounds: int, apply_only: bool = False) -> dict:
     from mesh.admin import AdminServer, MeshState
     from mesh.routing import Endpoint, Route, RoutingTable, Service, ServiceOptions
     from mesh.runtime import Mesh
@@ -85,22 +107,46 @@ async def child(services: int, endpoints: int, rounds: int) -> dict:
                 for j in range(endpoints))),), ServiceOptions())
             for i in range(services)))  # fmt: skip
 
+    def one_pool(version: int, base: int) -> RoutingTable:
+        return RoutingTable(version=version, services=(Service("big", (Route(port=0, listen_host="127.0.0.1",
+            endpoints=tuple(Endpoint(id=f"big-{j}", address="127.0.0.1", port=base + j, node="n1")
+                            for j in range(services * endpoints))),), ServiceOptions()),))  # fmt: skip
+
+    async def ticked(mesh: Mesh, t: RoutingTable) -> dict:
+        yields = getattr(mesh, "apply_yields", 0)
+        with _CollectorPauses() as gcp:
+            async with Ticker() as tk:
+                t0 = time.perf_counter()
+                await mesh.apply(t)
+                took = time.perf_counter() - t0
+        return {"took": took, "gap": tk.max_gap, "collector": gcp.longest,
+                "yields": getattr(mesh, "apply_yields", 0) - yields}  # fmt: skip
+
+    applies, applies_new, applies_pool = [], [], []
+    for k in range(rounds):  # a fresh mesh: every listener new (the first table of a process)
+        fresh = Mesh()
+        applies_new.append(await ticked(fresh, table(1, 20000 + 1000 * (k % 2))))
+        await fresh.shutdown(0)
+        fresh = Mesh()  # one service of S x E endpoints: one Pool of them all, then every endpoint replaced
+        await fresh.apply(one_pool(1, 30000))
+        applies_pool.append(await ticked(fresh, one_pool(2, 40000 + 1000 * (k % 2))))
+        await fresh.shutdown(0)
     mesh = Mesh()
     await mesh.apply(table(1, 20000))
-    applies = []
     for k in range(rounds):
-        async with Ticker() as t:
-            t0 = time.perf_counter()
-            await mesh.apply(table(2 + k, 21000 + 1000 * (k % 2)))  # every endpoint new
-            took = time.perf_counter() - t0
-            await asyncio.sleep(0.003)
-        applies.append({"took": took, "gap": t.max_gap})
+        applies.append(await ticked(mesh, table(2 + k, 21000 + 1000 * (k % 2))))  # every endpoint new
+    if apply_only:
+        await mesh.shutdown(1.0)
+        return {"services": services, "endpoints": services * endpoints, "apply": applies,
+                "apply_new": applies_new, "apply_one_pool": applies_pool, "source": sys.modules[Mesh.__module__].__file__,
+                "sliced_apply": hasattr(mesh, "apply_slice")}  # fmt: skip
     server = AdminServer(MeshState(mesh), port=0)
     await server.start()
     host, port = server.address
     from mesh import metrics
 
     out: dict = {"services": services, "endpoints": services * endpoints, "apply": applies,
+                 "apply_new": applies_new, "apply_one_pool": applies_pool,
                  "source": metrics.__file__, "sliced_snapshot": hasattr(metrics, "snapshot_async")}  # fmt: skip
     try:
         for paths in PATHS.values():  # warm
@@ -130,15 +176,25 @@ async def child(services: int, endpoints: int, rounds: int) -> dict:
     return out
 
 
+APPLIES = ("apply", "apply_new", "apply_one_pool")
+
+
 def _summary(side: list[dict]) -> dict:
     out = {}
-    for key in ("metrics", "table", "dashboard", "all", "idle", "busy_thread", "apply"):
-        if key == "apply":
-            gaps = [a["gap"] for run in side for a in run["apply"]]
+    for key in ("metrics", "table", "dashboard", "all", "idle", "busy_thread", *APPLIES):
+        if key not in side[0]:
+            continue
+        if key in APPLIES:
+            gaps = [a["gap"] for run in side for a in run[key]]
         else:
             gaps = [g for run in side for g in run[key]["gaps"]]
         out[key] = {"median_ms": round(statistics.median(gaps) * 1000, 1), "max_ms": round(max(gaps) * 1000, 1),
                     "min_ms": round(min(gaps) * 1000, 1), "n": len(gaps)}  # fmt: skip
+        if key in APPLIES:
+            for field in ("took", "collector"):
+                xs = [a[field] for run in side for a in run[key]]
+                out[key][f"{field}_median_ms"] = round(statistics.median(xs) * 1000, 1)
+            out[key]["yields_median"] = statistics.median(a["yields"] for run in side for a in run[key])
     return out
 
 
@@ -150,20 +206,22 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=2, help="processes per side, interleaved")
     ap.add_argument("--old", type=Path, help="an older source tree to compare with")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--apply-only", action="store_true", help="only the Mesh.apply measurements")
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
         sys.path.insert(0, str(args.child))
         import uvloop
 
-        print(json.dumps(uvloop.run(child(args.services, args.endpoints, args.rounds))))
+        print(json.dumps(uvloop.run(child(args.services, args.endpoints, args.rounds, args.apply_only))))
         return
     sides = {"new": ROOT} | ({"old": args.old.resolve()} if args.old else {})
     runs: dict[str, list[dict]] = {name: [] for name in sides}
     for turn in range(args.turns):
         for name in sorted(sides, reverse=True):  # old first
             cmd = [sys.executable, "-m", "benchmarks.admin_stall", "--child", str(sides[name]),
-                   "--services", str(args.services), "--endpoints", str(args.endpoints), "--rounds", str(args.rounds)]  # fmt: skip
+                   "--services", str(args.services), "--endpoints", str(args.endpoints), "--rounds", str(args.rounds),
+                   *(["--apply-only"] if args.apply_only else [])]  # fmt: skip
             done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True,
                                   env={**os.environ, "PYTHONPATH": str(sides[name])})  # fmt: skip
             runs[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -182,7 +240,7 @@ def main() -> None:
         "runs": runs,
     }
     for name, side in runs.items():
-        print(name, [r["source"] for r in side], "sliced snapshot:", [r["sliced_snapshot"] for r in side])
+        print(name, [r["source"] for r in side], [r.get("sliced_snapshot", r.get("sliced_apply")) for r in side])
     print(json.dumps(result["summary"], indent=1))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
