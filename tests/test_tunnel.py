@@ -1020,13 +1020,6 @@ async def test_a_receiver_acknowledges_once_the_replica_is_connected_and_only_wh
         await backend.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TimeoutError,
-    reason="the dialling side does not ask for the ack yet: a tunnel whose agent is hung (the kernel accepts "
-    "into its backlog, nothing comes back) has no deadline before its first byte, so the client waits and the "
-    "host is never ejected; needs mesh/proxy/splice.py and mesh/proxy/http.py (docs/cluster.md, Limits)",
-)
 async def test_a_dialer_treats_a_hung_agent_like_a_failed_connect() -> None:
     """A remote agent that is SIGSTOPped looks like a socket that never accept()s: the connect succeeds, the
     header goes out, nothing comes back.  The client should be answered through another node within about
@@ -1060,6 +1053,163 @@ async def test_a_dialer_treats_a_hung_agent_like_a_failed_connect() -> None:
             w.close()
         lst.close()
         lst.registry.abort_all()  # the one held by the hung agent (a half-closed client keeps it open)
+        await lst.registry.wait_empty(5.0)
+        hung.close()
+        await serving.stop()
+        await backend.stop()
+
+
+class _FakeAgent:
+    """A receiving agent that answers a tunnel header the way a test says: ``ack`` = a list of the pieces
+    of TUNNEL_ACK to send (each after the dialer has read the one before: ``held`` is awaited), then
+    ``greeting`` (the replica's first bytes; glued to the last piece when ``glue``), then an echo.
+    ``ack=None`` is an agent older than the ack TLV.  ``asked`` records whether each header asked."""
+
+    def __init__(self, ack: list[bytes] | None, greeting: bytes, glue: bool = False, held=None) -> None:
+        self.ack, self.greeting, self.glue, self.held = ack, greeting, glue, held
+        self.asked: list[bool] = []
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> _FakeAgent:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        buf = b""
+        while (res := parse_tunnel_header(buf)) is None:
+            buf += await reader.read(1)
+        header, consumed = res
+        self.asked.append(header.ack)
+        rest = buf[consumed:]
+        try:
+            pieces = list(self.ack) if (self.ack is not None and header.ack) else []
+            for i, piece in enumerate(pieces):
+                last = i == len(pieces) - 1
+                writer.write(piece + (self.greeting if last and self.glue else b""))
+                await writer.drain()
+                if not last and self.held is not None:
+                    sent = b"".join(pieces[: i + 1])
+                    await wait_for(lambda sent=sent: self.held(sent), what="ack piece read")
+            if not (pieces and self.glue):
+                writer.write(self.greeting)
+            if rest:
+                writer.write(rest)
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            await _close(writer)
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+
+async def _through_fake_agent(agent: _FakeAgent, connections: int = 1) -> Pool:
+    """Connections through a listener whose only host is reached through ``agent``: each gets exactly the
+    greeting and its own bytes back."""
+    from mesh.listener import Listener
+
+    ep = Endpoint("t1", "127.0.0.1", 9, node="n1", via=f"127.0.0.1:{agent.port}")
+    pool = Pool("svc", Route(port=0, endpoints=(ep,), listen_host="127.0.0.1"), ServiceOptions(connect_timeout=2.0))
+    lst = Listener("127.0.0.1", 0, pool, service="svc")
+    lst.start()
+    agent.held = lambda piece: any(s._ack_held == piece for s in lst.registry)
+    try:
+        for i in range(connections):
+            reader, writer = await asyncio.open_connection("127.0.0.1", lst.port)
+            writer.write(b"ping %d" % i)
+            want = agent.greeting + b"ping %d" % i
+            assert await asyncio.wait_for(reader.readexactly(len(want)), 5) == want
+            writer.write_eof()
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # nothing else (no ack byte)
+            await _close(writer)
+        await lst.registry.wait_empty(5.0)
+    finally:
+        lst.close()
+        lst.registry.abort_all()
+    return pool
+
+
+@pytest.mark.parametrize(
+    ("pieces", "glue"),
+    [
+        ([TUNNEL_ACK], False),
+        ([TUNNEL_ACK], True),
+        ([TUNNEL_ACK[:1], TUNNEL_ACK[1:5], TUNNEL_ACK[5:]], False),
+        ([TUNNEL_ACK[:3], TUNNEL_ACK[3:]], True),
+    ],
+    ids=["whole", "glued", "split-3", "split-glued"],
+)
+async def test_the_dialer_asks_for_the_ack_and_strips_it(pieces: list[bytes], glue: bool) -> None:
+    """The ack whole, glued to the replica's first bytes, or split across reads: the client never sees it,
+    and the host's success is reported."""
+    agent = await _FakeAgent(pieces, b"220 hi\r\n", glue=glue).start()
+    try:
+        pool = await _through_fake_agent(agent, connections=2)
+    finally:
+        await agent.stop()
+    assert agent.asked == [True, True]
+    assert pool.stats.connect_failures == {}
+    assert next(iter(pool.hosts)).connected
+
+
+async def test_an_agent_older_than_the_ack_keeps_working_and_is_not_asked_again() -> None:
+    """A receiver that ignores TLV 0xE2: its replica's bytes come first; they reach the client untouched,
+    the node is remembered as not acking (no header asks it, no deadline) until NO_ACK_RECHECK."""
+    from mesh.proxy import splice as splice_mod
+
+    agent = await _FakeAgent(None, b"\x00MESH\x00 not an ack").start()  # starts like the ack, then differs
+    try:
+        pool = await _through_fake_agent(agent, connections=3)
+        assert agent.asked == [True, False, False]
+        splice_mod._no_ack[f"127.0.0.1:{agent.port}"] -= splice_mod.NO_ACK_RECHECK  # time to ask again
+        await _through_fake_agent(agent, connections=1)
+        assert agent.asked == [True, False, False, True]
+    finally:
+        splice_mod._no_ack.pop(f"127.0.0.1:{agent.port}", None)
+        await agent.stop()
+    assert pool.stats.connect_failures == {}
+
+
+async def test_a_hung_agent_among_two_is_ejected_and_every_client_is_served() -> None:
+    """Two nodes' tunnels, one hung (listens, never accepts): every client connection is answered through
+    the other within the connect timeout, and the hung node's host is ejected."""
+    from mesh.host import EJECTED
+    from mesh.listener import Listener
+
+    backend = await Backend().start()
+    hung = socket.create_server(("127.0.0.1", 0), backlog=16)
+    serving = TunnelServer(
+        {f"t2:{backend.port}": LocalTarget("127.0.0.1", backend.port)}.get, {"127.0.0.1"}, "127.0.0.1", 0
+    )
+    await serving.start()
+    eps = (
+        Endpoint("t1", "127.0.0.1", backend.port, node="n1", via=f"127.0.0.1:{hung.getsockname()[1]}"),
+        Endpoint("t2", "127.0.0.1", backend.port, node="n2", via=f"127.0.0.1:{serving.port}"),
+    )
+    opts = ServiceOptions(connect_timeout=0.3, balance="round-robin", consecutive_failures=2)
+    pool = Pool("svc", Route(port=0, endpoints=eps, listen_host="127.0.0.1"), opts, rng=random.Random(1))
+    hung_host = next(h for h in pool.hosts if h.endpoint.id == "t1")
+    lst = Listener("127.0.0.1", 0, pool, service="svc")
+    lst.start()
+    try:
+        for i in range(8):
+            reader, writer = await asyncio.open_connection("127.0.0.1", lst.port)
+            writer.write(b"hello %d" % i)
+            assert await asyncio.wait_for(reader.readexactly(7), 2) == b"hello %d" % i
+            await _close(writer)
+        assert hung_host.health & EJECTED
+        assert pool.stats.connect_failures.get("timeout") == 2  # then ejected: no client goes there
+        assert hung_host.stats.ejections == 1
+    finally:
+        lst.close()
+        lst.registry.abort_all()
         await lst.registry.wait_empty(5.0)
         hung.close()
         await serving.stop()

@@ -71,7 +71,7 @@ async def dial(splice: Splice, host: Host) -> None:
     holding = True  # this task holds ``host.active += 1`` for ``host``
     try:
         while True:
-            proto = splice.upstream_protocol(splice, host)
+            proto = (splice.upstream_protocol if host.via is None else splice.tunnel_protocol)(splice, host)
             t0 = loop.time()
             splice._dial_expired = False
             timer = loop.call_at(t0 + timeout, splice._dial_timeout)

@@ -36,8 +36,9 @@ any byte of the replica.  A dialer can then tell a hung agent (the kernel accept
 nothing ever comes back) from a slow replica, and treat no ack within its connect timeout as a failed
 connect.  The dialer sends the client's first bytes right after the header, as always: no extra round
 trip.  Receivers older than this TLV ignore it (unknown TLVs are skipped; the MAC covers whatever
-precedes the auth TLV) and send no ack: a dialer asks only receivers it knows to ack (docs/cluster.md,
-"Limits").
+precedes the auth TLV) and send no ack.  The TCP splice asks (``host_tunnel_header(..., ack=True)``,
+``TunnelAuth.host_header(..., ack=True)``) except towards a node it has recently seen answer without an
+ack (``mesh.proxy.splice``); the HTTP front does not ask (docs/cluster.md, "Known limits").
 
 The decoder for the tunnel (``parse_tunnel_header``) is strict and incremental:
 the 12-byte signature is checked on every byte as it arrives; the version must
@@ -165,12 +166,12 @@ def tunnel_header(
     return auth.seal(client_addr, dst_addr, target, ack=ack)
 
 
-def host_tunnel_header(host: Any, client: tuple | None, local: tuple | None) -> bytes:
+def host_tunnel_header(host: Any, client: tuple | None, local: tuple | None, *, ack: bool = False) -> bytes:
     """The first bytes of a connection to ``host.via`` (another node's agent): ``tunnel_header``
-    with the target ``endpoint_target(host.endpoint)``."""
+    with the target ``endpoint_target(host.endpoint)`` (asking for ``TUNNEL_ACK`` with ``ack``)."""
     if client is None or local is None:
         raise ValueError(f"tunnel header for {host!r} needs the client and local addresses, got {client!r}, {local!r}")
-    return tunnel_header(client, local, endpoint_target(host.endpoint))
+    return tunnel_header(client, local, endpoint_target(host.endpoint), ack=ack)
 
 
 def proxy_header(version: str, src: tuple[str, int], dst: tuple[str, int]) -> bytes:
@@ -280,11 +281,11 @@ class TunnelAuth:
         unsealed = proxyproto.encode_v2(client, dst, tlvs)
         return unsealed[:-32] + self._mac(unsealed)
 
-    def host_header(self, host: Any, client: tuple | None, local: tuple | None) -> bytes:
+    def host_header(self, host: Any, client: tuple | None, local: tuple | None, *, ack: bool = False) -> bytes:
         """``host_tunnel_header``, sealed: what ``Mesh(tunnel_header=...)`` sends to another node."""
         if client is None or local is None:
             raise ValueError(f"tunnel header for {host!r} needs the client and local addresses")
-        return tunnel_header(client, local, endpoint_target(host.endpoint), auth=self)
+        return tunnel_header(client, local, endpoint_target(host.endpoint), auth=self, ack=ack)
 
     def seal_datagram_header(self, unsealed: bytes) -> bytes:
         """The UDP tunnel's sealed header (``mesh.udp``): ``unsealed`` + timestamp (8) + HMAC (32) over both."""

@@ -41,6 +41,14 @@ State rules:
   ``REPLAY_LIMIT``) until the first byte comes back: the remote agent refuses a
   target it cannot serve with a reset before any byte, and that is retried on
   another host like a failed connect (``tunnel_refused``), the kept bytes sent again.
+- Tunnel acknowledgement: the tunnel header asks for ``TUNNEL_ACK`` (TLV 0xE2), and a ``TunnelUpstream``
+  (only tunnel hosts get one) strips those 8 bytes, whole, split across reads or glued to the replica's
+  first bytes, before anything reaches the client.  From the connect on, a second ``call_at`` deadline of
+  ``connect_timeout`` runs until they arrive; expiry is a failed connect (``timeout`` counted, the host
+  reported, the kept bytes sent to another host), so a hung agent (the kernel accepts into its backlog,
+  nothing comes back) is ejected like a dead one.  An agent whose first bytes back are not the ack (older
+  than 0xE2) is remembered per node (its tunnel address) for ``NO_ACK_RECHECK`` seconds: towards it, no ack
+  is asked and no deadline held (the behaviour before the ack), then it is asked again.
 - Close: when the downstream transport, the dial task and the upstream transport
   are all gone, the host gets ``active -= 1`` and its stats (bytes, duration),
   the connection leaves the registry, the site hears ``released(splice)`` (access
@@ -63,7 +71,7 @@ from typing import TYPE_CHECKING, Any
 
 from mesh import logs
 from mesh.proxy.dial import dial
-from mesh.proxy.preamble import replica_header
+from mesh.proxy.preamble import TUNNEL_ACK, replica_header
 from mesh.proxy.zerocopy import AVAILABLE as ZERO_COPY_AVAILABLE
 from mesh.proxy.zerocopy import SPLICE_MIN, KernelPipe, socket_fd
 from mesh.routing import format_hostport
@@ -72,7 +80,17 @@ if TYPE_CHECKING:
     from mesh.host import Host
     from mesh.pool import Pool
 
-__all__ = ["IDLE_CHECKS", "PRECONNECT_LIMIT", "PRECONNECT_PAUSE", "WRITE_HIGH", "Splice", "Upstream", "reset"]
+__all__ = [
+    "IDLE_CHECKS",
+    "NO_ACK_RECHECK",
+    "PRECONNECT_LIMIT",
+    "PRECONNECT_PAUSE",
+    "WRITE_HIGH",
+    "Splice",
+    "TunnelUpstream",
+    "Upstream",
+    "reset",
+]
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +107,11 @@ _PAUSE_KERNEL = 4  # this direction moved to the kernel path (mesh.proxy.zerocop
 # Through a tunnel, what the client sent is kept (up to this much) until the first byte comes back, so that a
 # refusal by the remote agent (a reset before any byte) can be retried on another host like a failed connect.
 REPLAY_LIMIT = 64 * 1024
+# A node whose agent answered without TUNNEL_ACK (older than the ack TLV) is not asked for it, and held to no
+# ack deadline, for this many seconds; then it is asked again (an upgraded agent is noticed).
+NO_ACK_RECHECK = 60.0
+_no_ack: dict[Any, float] = {}  # tunnel address (Host.via) -> time.monotonic() it answered without the ack
+_ACK_LEN = len(TUNNEL_ACK)
 _NEVER = 1 << 62  # a read size no socket delivers: this direction never moves to the kernel
 
 
@@ -186,6 +209,42 @@ class Upstream(asyncio.Protocol):
             splice._upstream_lost(self, exc)
 
 
+class TunnelUpstream(Upstream):
+    """The endpoint side towards another node's agent: strips ``TUNNEL_ACK`` when the header asked for it
+    (``Splice._ack_held`` is not None) and passes everything after it on as ``Upstream`` does."""
+
+    __slots__ = ()
+
+    def data_received(self, data: bytes) -> None:
+        splice = self.splice
+        held = splice._ack_held
+        if held is None:
+            Upstream.data_received(self, data)
+            return
+        if held:
+            data = held + data
+        if len(data) < _ACK_LEN and TUNNEL_ACK.startswith(data):
+            splice._ack_held = data  # part of the ack: wait for the rest (the deadline still runs)
+            return
+        acked = data.startswith(TUNNEL_ACK)
+        splice._ack_result(self, acked)
+        if acked:
+            data = data[_ACK_LEN:]
+        if data:
+            Upstream.data_received(self, data)
+
+
+def _asks_ack(host: Host) -> bool:
+    """Whether to ask ``host``'s agent for TUNNEL_ACK (and hold it to the ack deadline)."""
+    since = _no_ack.get(host.via)
+    if since is None:
+        return True
+    if time.monotonic() - since < NO_ACK_RECHECK:
+        return False
+    _no_ack.pop(host.via, None)
+    return True
+
+
 class Splice(asyncio.Protocol):
     """The downstream side of one spliced connection pair, and its state (see the module docstring).
 
@@ -195,8 +254,11 @@ class Splice(asyncio.Protocol):
     """
 
     upstream_protocol = Upstream  # what the dialer connects with
+    tunnel_protocol = TunnelUpstream  # ... to a host with ``via`` (another node's agent)
 
     __slots__ = (
+        "_ack_handle",
+        "_ack_held",
         "_buf",
         "_dial_expired",
         "_dial_task",
@@ -262,6 +324,8 @@ class Splice(asyncio.Protocol):
         self._zc_down: KernelPipe | None = None  # downstream -> upstream through the kernel
         self._replay: bytearray | None = None  # through a tunnel: sent, no byte back yet (REPLAY_LIMIT)
         self._tried: list[Host] | None = None  # hosts whose tunnel refused this connection
+        self._ack_held: bytes | None = None  # through a tunnel that was asked for TUNNEL_ACK: what of it came
+        self._ack_handle: asyncio.TimerHandle | None = None  # the ack deadline
 
     # -- start (called by a front) -------------------------------------------------------------
     def _start(self, host: Host, buffered: bytes = b"") -> None:
@@ -331,7 +395,13 @@ class Splice(asyncio.Protocol):
         if keepalive_useful(self.options.idle_timeout):
             keepalive(transport)
         transport.set_write_buffer_limits(high=WRITE_HIGH)
-        header = self._preamble(host)
+        if host.via is not None and _asks_ack(host):
+            header = self.site.tunnel_header(host, self.client, self._local(), ack=True)
+            self._ack_held = b""
+            loop = self.loop
+            self._ack_handle = loop.call_at(loop.time() + self.options.connect_timeout, self._ack_expired, up)
+        else:
+            header = self._preamble(host)
         buf = self._buf
         self._buf = None
         if header:
@@ -440,7 +510,7 @@ class Splice(asyncio.Protocol):
         if self.up is not up:
             return
         if self._replay is not None and isinstance(exc, ConnectionResetError) and not self._down_lost:
-            if self._redial_after_refusal(up):
+            if self._redial(up, "tunnel_refused"):
                 return
         if self.reason is None:
             self.reason = "upstream_closed"
@@ -469,14 +539,53 @@ class Splice(asyncio.Protocol):
         else:
             replay += data  # type: ignore[operator]
 
-    def _redial_after_refusal(self, up: Upstream) -> bool:
+    def _ack_result(self, up: Upstream, acked: bool) -> None:
+        """The first bytes came back through a tunnel that was asked for the ack: they are ``TUNNEL_ACK``
+        (``acked``: the remote agent connected the replica, which is the success the dialer reports) or
+        not (an agent older than the ack TLV: remembered, see ``NO_ACK_RECHECK``)."""
+        self._ack_held = None
+        handle = self._ack_handle
+        if handle is not None:
+            handle.cancel()
+            self._ack_handle = None
+        if acked:
+            _no_ack.pop(up.host.via, None)
+            self._first_byte(up.host)
+        else:
+            _no_ack[up.host.via] = time.monotonic()
+
+    def _ack_expired(self, up: Upstream) -> None:
+        """No TUNNEL_ACK within the connect timeout (a hung agent): a failed connect."""
+        self._ack_handle = None
+        if self._done or self.up is not up or self._ack_held is None or self._down_lost:
+            return
+        self._ack_held = None
+        transport = self.up_transport
+        log.debug("%r: no tunnel ack from %r within %ss", self, up.host, self.options.connect_timeout)
+        if self._replay is not None:
+            if self._redial(up, "timeout"):
+                reset(transport)  # its connection_lost finds another upstream: nothing more to release
+                return
+        else:  # the client sent more than REPLAY_LIMIT: nothing to retry with
+            stats = self.pool.stats  # type: ignore[union-attr]
+            stats.connect_failed("timeout")
+            self.pool.report_failure(up.host)  # type: ignore[union-attr]
+            stats.connection_failed("timeout")
+        self.abort("timeout")
+
+    def _redial(self, up: Upstream, reason: str) -> bool:
         """The agent on the replica's node reset the tunnel before any byte came back (it refuses by
-        reset: unknown target, no local replica answered): retry on another host like a failed
-        connect, replaying what the client sent.  False when no host is left to try."""
+        reset: unknown target, no local replica answered; ``reason`` "tunnel_refused") or sent no ack in
+        time ("timeout"): retry on another host like a failed connect, replaying what the client sent.
+        False when no host is left to try."""
         host = up.host
         pool = self.pool
         stats = pool.stats  # type: ignore[union-attr]
-        stats.connect_failed("tunnel_refused")
+        self._ack_held = None
+        if self._ack_handle is not None:
+            self._ack_handle.cancel()
+            self._ack_handle = None
+        stats.connect_failed(reason)
         pool.report_failure(host)  # type: ignore[union-attr]
         tried = self._tried if self._tried is not None else []
         tried.append(host)
@@ -485,11 +594,11 @@ class Splice(asyncio.Protocol):
         replay = self._replay
         self._replay = None
         if nxt is None:
-            stats.connection_failed("tunnel_refused")
+            stats.connection_failed(reason)
             if self.reason is None:
-                self.reason = "tunnel_refused"
+                self.reason = reason
             return False
-        log.debug("%r: tunnel to %r refused; retrying on %r", self, host, nxt)
+        log.debug("%r: tunnel to %r failed (%s); retrying on %r", self, host, reason, nxt)
         stats.retries += 1
         self.nbytes -= len(replay)  # type: ignore[arg-type]  (counted again when they are sent again)
         host.active -= 1
@@ -654,6 +763,9 @@ class Splice(asyncio.Protocol):
         if self._pending > 0 or self._done:
             return
         self._done = True
+        if self._ack_handle is not None:
+            self._ack_handle.cancel()
+            self._ack_handle = None
         if self._idle_handle is not None:
             self._idle_handle.cancel()
             self._idle_handle = None
