@@ -97,6 +97,12 @@ DEFAULT_HISTORY = 32  # states a server can answer deltas from
 DEFAULT_COALESCE = 0.02  # seconds from a publish to waking the subscribers
 COMPRESS_MIN = 1024  # bodies below this are sent as they are
 BACKLOG = 4096  # a restarted manager is reconnected to by every subscriber at about the same time
+# Every node of the cluster can reach the control port: a request head (and, with TLS, the handshake) must end
+# within this deadline from its first byte (the accept, for a connection's first), else 408 and close.  Only the
+# head: a long-poll waits after it, up to ``wait`` seconds, and is never cut.
+DEFAULT_HEAD_TIMEOUT = 10.0
+MAX_HEAD = 16 * 1024  # a whole request head (ours is ~250 bytes); aiohttp's own limits are per line and field
+_408 = b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 # The name a client checks in the managers' certificate (a DNS SAN).  Managers are reached by address (the
 # engine's Swarm.RemoteManagers), and those change when nodes are promoted, demoted or readdressed: one
 # cluster certificate carrying a fixed name, shared as a secret by every manager, keeps working through that,
@@ -248,8 +254,8 @@ class ControlServerStats:
     """Plain counters, exported by metrics at scrape time."""
 
     __slots__ = (
-        "bad_requests", "bytes_sent", "changed", "deltas", "publishes", "requests", "snapshots", "unauthorized",
-        "unchanged", "waiting", "wakeups",
+        "bad_requests", "bytes_sent", "changed", "deltas", "head_timeouts", "heads_too_large", "publishes",
+        "requests", "snapshots", "unauthorized", "unchanged", "waiting", "wakeups",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -264,12 +270,163 @@ class ControlServerStats:
         self.publishes = 0  # publishes that changed the digest
         self.wakeups = 0  # times the waiting subscribers were woken (a burst of publishes is one)
         self.waiting = 0  # gauge: subscribers waiting now
+        self.head_timeouts = 0  # connections closed (408) for a request head not complete within head_timeout
+        self.heads_too_large = 0  # connections closed for a request head over MAX_HEAD bytes
 
     def __repr__(self) -> str:
         return (
             f"<ControlServerStats requests={self.requests} 200={self.changed} (delta {self.deltas}) "
-            f"204={self.unchanged} 401={self.unauthorized} 400={self.bad_requests} waiting={self.waiting}>"
+            f"204={self.unchanged} 401={self.unauthorized} 400={self.bad_requests} waiting={self.waiting} "
+            f"head_timeouts={self.head_timeouts}>"
         )
+
+
+class _GuardedSite(web.BaseSite):
+    """A site like aiohttp's ``TCPSite`` (or ``SockSite``, for a socket ``sock`` inherited through a handover)
+    whose connections are ``_HeadGuard``s around the runner's request handlers.  It is one of the runner's
+    ``sites`` with the asyncio server in ``_server``, like theirs: a handover lists and closes it the same way."""
+
+    __slots__ = ("_control", "_sock")
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        control: ControlServer,
+        sock: Any = None,
+        *,
+        ssl_context: ssl.SSLContext | None,
+        backlog: int,
+    ) -> None:
+        super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
+        self._control = control
+        self._sock = sock
+
+    @property
+    def name(self) -> str:
+        c = self._control
+        return f"{'https' if self._ssl_context else 'http'}://{format_hostport(c.host, c.port)}"
+
+    async def start(self) -> None:
+        await super().start()
+        handlers = self._runner.server
+        assert handlers is not None
+        control = self._control
+        stats, timeout = control.stats, control.head_timeout
+
+        def factory() -> _HeadGuard:
+            return _HeadGuard(handlers(), stats, timeout)
+
+        loop = asyncio.get_running_loop()
+        # with TLS, asyncio's SSL protocol wraps the guard: it sees plaintext, from the end of the handshake,
+        # which gets the same deadline (asyncio's default is 60 s)
+        tls: dict[str, Any] = {} if self._ssl_context is None else {
+            "ssl": self._ssl_context, "ssl_handshake_timeout": timeout}  # fmt: skip
+        if self._sock is not None:
+            self._server = await loop.create_server(factory, sock=self._sock, backlog=self._backlog, **tls)
+        else:
+            self._server = await loop.create_server(
+                factory, control.host, control.port, backlog=self._backlog, reuse_address=True, **tls
+            )
+
+
+class _HeadGuard(asyncio.Protocol):
+    """Wraps aiohttp's per-connection ``RequestHandler``: from the first byte of a request head (the accept,
+    for the first) the head must end (CRLF CRLF) within ``timeout``, a deadline, not an inactivity timer
+    (slowloris), else 408 and close; a head over ``MAX_HEAD`` bytes closes the connection.  Once the head has
+    ended, the request is the handler's (a long-poll waits up to ``wait`` seconds) until more bytes start the
+    next head; between requests aiohttp's keep-alive timer closes an idle connection.  Requests to the control
+    port carry no body.  Everything else is delegated.
+
+    The admin API has the same deadline in mesh/admin.py's ``_Guard``, interwoven with its connection cap and
+    eviction (which this port does not have): the two share the idea, not the code."""
+
+    __slots__ = ("head_bytes", "in_head", "inner", "stats", "tail", "timeout", "timer", "transport")
+
+    def __init__(self, inner: asyncio.Protocol, stats: ControlServerStats, timeout: float) -> None:
+        self.inner: asyncio.Protocol | None = inner
+        self.stats = stats
+        self.timeout = timeout
+        self.transport: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.in_head = True
+        self.head_bytes = 0
+        self.tail = b""
+
+    def __repr__(self) -> str:
+        return f"<control connection in_head={self.in_head} head_bytes={self.head_bytes}>"
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self._start_head()
+        self.inner.connection_made(transport)  # type: ignore[union-attr]
+
+    def _start_head(self) -> None:
+        self.in_head = True
+        self.head_bytes = 0
+        self.tail = b""
+        loop = asyncio.get_running_loop()
+        self.timer = loop.call_at(loop.time() + self.timeout, self._head_timeout)
+
+    def _end_head(self) -> None:
+        self.in_head = False
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _head_timeout(self) -> None:
+        self.timer = None
+        transport = self.transport
+        if not self.in_head or transport is None or transport.is_closing():
+            return
+        self.stats.head_timeouts += 1
+        transport.write(_408)
+        transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        inner = self.inner
+        if inner is None:
+            return
+        if not self.in_head:
+            self._start_head()
+        buf = self.tail + data
+        start = 0
+        while True:
+            end = buf.find(b"\r\n\r\n", start)
+            if end < 0:
+                break
+            self._end_head()
+            start = end + 4
+            if start < len(buf):
+                self._start_head()  # more bytes: a pipelined request
+        if self.in_head:
+            self.head_bytes += len(buf) - max(start, len(self.tail))
+            self.tail = buf[-3:]
+            if self.head_bytes > MAX_HEAD:
+                self.stats.heads_too_large += 1
+                if self.transport is not None:
+                    self.transport.abort()
+                return
+        inner.data_received(data)  # type: ignore[attr-defined]
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received() if self.inner is not None else None  # type: ignore[attr-defined]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        inner, self.inner = self.inner, None
+        if inner is not None:
+            inner.connection_lost(exc)
+        self.transport = None
+
+    def pause_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.resume_writing()
 
 
 class ControlServer:
@@ -292,11 +449,14 @@ class ControlServer:
         history: int = DEFAULT_HISTORY,
         coalesce: float = DEFAULT_COALESCE,
         tls: ssl.SSLContext | None = None,
+        head_timeout: float = DEFAULT_HEAD_TIMEOUT,
     ) -> None:
         if not token:
             raise ValueError("ControlServer needs a non-empty token")
         if max_wait <= 0:
             raise ValueError(f"max_wait must be > 0, got {max_wait!r}")
+        if not 0 < head_timeout < float("inf"):
+            raise ValueError(f"head_timeout must be > 0, got {head_timeout!r}")
         if history < 1:
             raise ValueError(f"history must be >= 1, got {history!r}")
         if coalesce < 0:
@@ -307,6 +467,7 @@ class ControlServer:
         self.max_wait = max_wait
         self.history = history
         self.coalesce = coalesce
+        self.head_timeout = head_timeout
         self.tls = tls  # serve HTTPS with this context (``ControlTLS.server_context()``); None: plain HTTP
         self.stats = ControlServerStats()
         self._state: ClusterState | None = None
@@ -387,10 +548,7 @@ class ControlServer:
         # a socket handed over by the previous agent (meshagent/handover.py) keeps its accept queue
         inherited = INHERITED.take("stream", self.host, self.port) if self.port else None
         # TLS is per connection: an inherited socket serves it as well as a fresh one
-        if inherited is not None:
-            site: web.BaseSite = web.SockSite(self._runner, inherited, backlog=BACKLOG, ssl_context=self.tls)
-        else:
-            site = web.TCPSite(self._runner, self.host, self.port, backlog=BACKLOG, ssl_context=self.tls)
+        site = _GuardedSite(self._runner, self, inherited, backlog=BACKLOG, ssl_context=self.tls)
         await site.start()
         server = site._server
         assert server is not None
