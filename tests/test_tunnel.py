@@ -1214,3 +1214,41 @@ async def test_a_hung_agent_among_two_is_ejected_and_every_client_is_served() ->
         hung.close()
         await serving.stop()
         await backend.stop()
+
+
+async def test_an_eof_before_the_ack_is_an_older_agent_not_a_hung_one() -> None:
+    """An agent older than the ack whose replica closes at once sends EOF first: the client gets the EOF, and
+    no ack deadline is left running (it would retry a connection the client already saw end)."""
+    from mesh.listener import Listener
+    from mesh.proxy import splice as splice_mod
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        buf = b""
+        while parse_tunnel_header(buf) is None:
+            buf += await reader.read(1)
+        writer.write_eof()
+        await reader.read()
+        await _close(writer)
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    via = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    ep = Endpoint("t1", "127.0.0.1", 9, node="n1", via=via)
+    pool = Pool("svc", Route(port=0, endpoints=(ep,), listen_host="127.0.0.1"), ServiceOptions(connect_timeout=2.0))
+    lst = Listener("127.0.0.1", 0, pool, service="svc")
+    lst.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", lst.port)
+        writer.write(b"x")
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        (conn,) = list(lst.registry)  # the client has not closed its side yet
+        assert conn._ack_handle is None and conn._ack_held is None
+        assert via in splice_mod._no_ack
+        await _close(writer)
+        await lst.registry.wait_empty(5.0)
+        assert pool.stats.connect_failures == {}
+    finally:
+        splice_mod._no_ack.pop(via, None)
+        lst.close()
+        lst.registry.abort_all()
+        server.close()
+        await server.wait_closed()

@@ -46,9 +46,9 @@ State rules:
   first bytes, before anything reaches the client.  From the connect on, a second ``call_at`` deadline of
   ``connect_timeout`` runs until they arrive; expiry is a failed connect (``timeout`` counted, the host
   reported, the kept bytes sent to another host), so a hung agent (the kernel accepts into its backlog,
-  nothing comes back) is ejected like a dead one.  An agent whose first bytes back are not the ack (older
-  than 0xE2) is remembered per node (its tunnel address) for ``NO_ACK_RECHECK`` seconds: towards it, no ack
-  is asked and no deadline held (the behaviour before the ack), then it is asked again.
+  nothing comes back) is ejected like a dead one.  An agent whose first bytes back are not the ack, or
+  an EOF (older than 0xE2), is remembered per node (its tunnel address) for ``NO_ACK_RECHECK`` seconds:
+  towards it, no ack is asked and no deadline held (the behaviour before the ack), then it is asked again.
 - Close: when the downstream transport, the dial task and the upstream transport
   are all gone, the host gets ``active -= 1`` and its stats (bytes, duration),
   the connection leaves the registry, the site hears ``released(splice)`` (access
@@ -232,6 +232,17 @@ class TunnelUpstream(Upstream):
             data = data[_ACK_LEN:]
         if data:
             Upstream.data_received(self, data)
+
+    def eof_received(self) -> bool:
+        splice = self.splice
+        held = splice._ack_held
+        if held is not None:
+            # EOF before the ack: an agent that does not ack (one that acks sends it before any replica byte
+            # or EOF, and refuses with a reset), whose replica closed at once.
+            splice._ack_result(self, False)
+            if held:
+                Upstream.data_received(self, held)
+        return Upstream.eof_received(self)
 
 
 def _asks_ack(host: Host) -> bool:
