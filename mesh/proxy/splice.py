@@ -526,14 +526,12 @@ class Splice(asyncio.Protocol):
         if self.reason is None:
             self.reason = "upstream_closed"
         self._kernel_close()
-        cut = exc is not None and not self._up_eof  # the replica reset (or died) before it finished sending
         self._up_eof = True
         if not self._down_lost:
-            if cut:
-                # Pass the reset on: a FIN would make a transfer the replica cut off look complete.
-                reset(self.transport)
-            else:
-                self.transport.close()
+            # Every byte the replica sent is passed on, then a FIN, also after a reset (HAProxy, nginx and
+            # Envoy do the same): a replica that answers and closes with request bytes unread resets, and
+            # passing that reset on would destroy an answer the client would otherwise get.
+            self.transport.close()
         self._release()
 
     def _first_byte(self, host: Host) -> None:
