@@ -917,7 +917,7 @@ async def test_scrapes_of_5000_endpoints_never_hold_the_loop_long():
     machine, 15-60 ms at a load of 8 on 2 cores).  Before this change the loop was held at once for the
     dashboard's whole sample (``old_dash``: snapshot, merge, view, rates, JSON; ~100 ms) and for each
     snapshot (``old``: 15-45 ms), on top of that floor.  The longest gap (best of three rounds) must stay
-    under ``floor + old_dash / 2`` and under ``floor + old``."""
+    under ``floor + old_dash / 2`` and under ``floor + old``, with ``floor`` the worst of the rounds."""
     import statistics
 
     from mesh.metrics import reader_for
@@ -959,9 +959,9 @@ async def test_scrapes_of_5000_endpoints_never_hold_the_loop_long():
             async with _Ticker() as ticker:
                 await asyncio.to_thread(_busy, took)
             floors.append(ticker.max_gap)
-            if min(gaps) < statistics.median(floors) + old_cost:
+            if min(gaps) < max(floors) + old_cost:
                 break
-        floor = statistics.median(floors)
+        floor = max(floors)  # the worst the GIL alone did in these rounds: a loaded machine (CI, other tests) moves it
         report = (
             f"longest loop gaps {[round(g * 1000, 1) for g in gaps]} ms; a busy thread's gaps "
             f"{[round(g * 1000, 1) for g in floors]} ms; before, on the loop at once: {old_cost * 1000:.1f} ms "
