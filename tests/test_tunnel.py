@@ -1252,3 +1252,49 @@ async def test_an_eof_before_the_ack_is_an_older_agent_not_a_hung_one() -> None:
         lst.registry.abort_all()
         server.close()
         await server.wait_closed()
+
+
+async def test_a_reset_after_the_ack_but_before_any_replica_byte_is_retried_elsewhere() -> None:
+    """The remote agent acknowledged (it reached the replica) and then died before a replica byte came back:
+    the client's kept bytes are sent through another node, as for any reset before the first byte (the ack
+    must not end the retry window: a manager agent SIGKILLed in the lab failed a request that way)."""
+    from mesh.listener import Listener
+
+    backend = await Backend().start()
+
+    async def ack_then_die(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)  # the header and the client's first bytes
+        writer.write(TUNNEL_ACK)
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    dying = await asyncio.start_server(ack_then_die, "127.0.0.1", 0)
+    serving = TunnelServer(
+        {f"t2:{backend.port}": LocalTarget("127.0.0.1", backend.port)}.get, {"127.0.0.1"}, "127.0.0.1", 0
+    )
+    await serving.start()
+    eps = (
+        Endpoint("t1", "127.0.0.1", backend.port, node="n1", via=f"127.0.0.1:{dying.sockets[0].getsockname()[1]}"),
+        Endpoint("t2", "127.0.0.1", backend.port, node="n2", via=f"127.0.0.1:{serving.port}"),
+    )
+    opts = ServiceOptions(connect_timeout=1.0, balance="round-robin", consecutive_failures=100)
+    pool = Pool("svc", Route(port=0, endpoints=eps, listen_host="127.0.0.1"), opts, rng=random.Random(1))
+    lst = Listener("127.0.0.1", 0, pool, service="svc")
+    lst.start()
+    try:
+        for i in range(6):
+            reader, writer = await asyncio.open_connection("127.0.0.1", lst.port)
+            writer.write(b"hello %d" % i)
+            assert await asyncio.wait_for(reader.readexactly(7), 3) == b"hello %d" % i
+            await _close(writer)
+        assert pool.stats.connect_failures.get("tunnel_refused", 0) >= 2  # half the picks went to the dying one
+    finally:
+        lst.close()
+        lst.registry.abort_all()
+        await lst.registry.wait_empty(5.0)
+        dying.close()
+        await serving.stop()
+        await backend.stop()

@@ -536,8 +536,9 @@ class Splice(asyncio.Protocol):
 
     def _first_byte(self, host: Host) -> None:
         """The first byte came back from upstream: no retry from here on; through a tunnel, this is
-        the success the dialer reports (the remote agent accepted the target)."""
-        if host.via is not None and self._replay is not None:
+        the success the dialer reports (the remote agent accepted the target; reported already at its ack
+        when it sent one)."""
+        if host.via is not None and self._replay is not None and _no_ack.get(host.via) is not None:
             self.pool.report_success(host)  # type: ignore[union-attr]
         self._replay = None
 
@@ -559,7 +560,10 @@ class Splice(asyncio.Protocol):
             self._ack_handle = None
         if acked:
             _no_ack.pop(up.host.via, None)
-            self._first_byte(up.host)
+            # The remote agent reached the replica: a success for balancing and ejection.  The client's bytes
+            # stay kept until a replica byte comes back, so a reset before that (the agent killed) is still
+            # retried elsewhere, as it was before the ack existed.
+            self.pool.report_success(up.host)  # type: ignore[union-attr]
         else:
             _no_ack[up.host.via] = time.monotonic()
 
