@@ -69,6 +69,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from mesh.errors import ConfigError, MeshError, ProtocolError
+from mesh.headguard import HeadGuard
 from mesh.routing import Service, TableError, format_hostport
 
 from .state import ClusterState, ServicePart, parse_node, parse_service
@@ -102,7 +103,6 @@ BACKLOG = 4096  # a restarted manager is reconnected to by every subscriber at a
 # head: a long-poll waits after it, up to ``wait`` seconds, and is never cut.
 DEFAULT_HEAD_TIMEOUT = 10.0
 MAX_HEAD = 16 * 1024  # a whole request head (ours is ~250 bytes); aiohttp's own limits are per line and field
-_408 = b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 # The name a client checks in the managers' certificate (a DNS SAN).  Managers are reached by address (the
 # engine's Swarm.RemoteManagers), and those change when nodes are promoted, demoted or readdressed: one
 # cluster certificate carrying a fixed name, shared as a secret by every manager, keeps working through that,
@@ -329,28 +329,18 @@ class _GuardedSite(web.BaseSite):
             )
 
 
-class _HeadGuard(asyncio.Protocol):
-    """Wraps aiohttp's per-connection ``RequestHandler``: from the first byte of a request head (the accept,
-    for the first) the head must end (CRLF CRLF) within ``timeout``, a deadline, not an inactivity timer
-    (slowloris), else 408 and close; a head over ``MAX_HEAD`` bytes closes the connection.  Once the head has
-    ended, the request is the handler's (a long-poll waits up to ``wait`` seconds) until more bytes start the
-    next head; between requests aiohttp's keep-alive timer closes an idle connection.  Requests to the control
-    port carry no body.  Everything else is delegated.
+class _HeadGuard(HeadGuard):
+    """A control-port connection: ``HeadGuard``'s request-head deadline (mesh/headguard.py, shared with the
+    admin API) and size cap, counted in ``ControlServerStats``.  Only the head is bounded: a long-poll waits
+    after its head, up to ``wait`` seconds; requests to the control port carry no body."""
 
-    The admin API has the same deadline in mesh/admin.py's ``_Guard``, interwoven with its connection cap and
-    eviction (which this port does not have): the two share the idea, not the code."""
+    __slots__ = ("stats",)
 
-    __slots__ = ("head_bytes", "in_head", "inner", "stats", "tail", "timeout", "timer", "transport")
+    max_head = MAX_HEAD
 
     def __init__(self, inner: asyncio.Protocol, stats: ControlServerStats, timeout: float) -> None:
-        self.inner: asyncio.Protocol | None = inner
+        super().__init__(inner, timeout)
         self.stats = stats
-        self.timeout = timeout
-        self.transport: asyncio.Transport | None = None
-        self.timer: asyncio.TimerHandle | None = None
-        self.in_head = True
-        self.head_bytes = 0
-        self.tail = b""
 
     def __repr__(self) -> str:
         return f"<control connection in_head={self.in_head} head_bytes={self.head_bytes}>"
@@ -360,73 +350,12 @@ class _HeadGuard(asyncio.Protocol):
         self._start_head()
         self.inner.connection_made(transport)  # type: ignore[union-attr]
 
-    def _start_head(self) -> None:
-        self.in_head = True
-        self.head_bytes = 0
-        self.tail = b""
-        loop = asyncio.get_running_loop()
-        self.timer = loop.call_at(loop.time() + self.timeout, self._head_timeout)
-
-    def _end_head(self) -> None:
-        self.in_head = False
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
-    def _head_timeout(self) -> None:
-        self.timer = None
-        transport = self.transport
-        if not self.in_head or transport is None or transport.is_closing():
-            return
+    def _timed_out(self) -> None:
         self.stats.head_timeouts += 1
-        transport.write(_408)
-        transport.close()
 
-    def data_received(self, data: bytes) -> None:
-        inner = self.inner
-        if inner is None:
-            return
-        if not self.in_head:
-            self._start_head()
-        buf = self.tail + data
-        start = 0
-        while True:
-            end = buf.find(b"\r\n\r\n", start)
-            if end < 0:
-                break
-            self._end_head()
-            start = end + 4
-            if start < len(buf):
-                self._start_head()  # more bytes: a pipelined request
-        if self.in_head:
-            self.head_bytes += len(buf) - max(start, len(self.tail))
-            self.tail = buf[-3:]
-            if self.head_bytes > MAX_HEAD:
-                self.stats.heads_too_large += 1
-                if self.transport is not None:
-                    self.transport.abort()
-                return
-        inner.data_received(data)  # type: ignore[attr-defined]
-
-    def eof_received(self) -> bool | None:
-        return self.inner.eof_received() if self.inner is not None else None  # type: ignore[attr-defined]
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        inner, self.inner = self.inner, None
-        if inner is not None:
-            inner.connection_lost(exc)
-        self.transport = None
-
-    def pause_writing(self) -> None:
-        if self.inner is not None:
-            self.inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        if self.inner is not None:
-            self.inner.resume_writing()
+    def _too_large(self) -> None:
+        self.stats.heads_too_large += 1
+        super()._too_large()
 
 
 class ControlServer:

@@ -68,6 +68,7 @@ from prometheus_client import CollectorRegistry
 
 from mesh.dashboard import ASSETS, Dashboard, asset, find_discovery
 from mesh.errors import ConfigError
+from mesh.headguard import HeadGuard
 from mesh.listener import FD_RESERVE
 from mesh.metrics import (
     MetricsExporter,
@@ -111,7 +112,6 @@ MAX_CONNECTIONS = 64
 MAX_HEAD = 32 * 1024  # aiohttp's own limits are per line and per field; this is for the whole head
 ERROR_LOG_INTERVAL = 10.0
 CLOSE_REASONS = ("over_cap", "evicted", "fd_reserve", "head_timeout", "head_too_large")
-_408 = b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
 OPENMETRICS = "application/openmetrics-text"
 OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
@@ -552,24 +552,18 @@ def admin_fd_limits() -> tuple[int, int]:
     return soft - reserve, max(1, soft // 8)
 
 
-class _Guard(asyncio.Protocol):
-    """Wraps aiohttp's per-connection ``RequestHandler`` to enforce the bounds of the module docstring.
+class _Guard(HeadGuard):
+    """An admin connection: ``HeadGuard``'s head deadline (mesh/headguard.py) plus the connection cap of the
+    module docstring -- connections waiting for a head and those served are tracked oldest first, so a
+    newcomer over the cap can evict one -- and the descriptor reserve."""
 
-    It watches the bytes for the end of each request head (CRLF CRLF): from the first byte of a head (or
-    the accept, for the first) the head must end within ``head_timeout``; once it has, the request is the
-    handler's business (a dashboard stream may last hours) until more bytes start the next head.  Between
-    requests aiohttp's keep-alive timer closes an idle connection.  Everything else is delegated."""
+    __slots__ = ("counted", "server")
 
-    __slots__ = ("counted", "head_bytes", "in_head", "inner", "server", "tail", "timer", "transport")
+    max_head = MAX_HEAD
 
     def __init__(self, server: AdminServer, inner: asyncio.Protocol) -> None:
+        super().__init__(inner, server.head_timeout)
         self.server = server
-        self.inner: asyncio.Protocol | None = inner
-        self.transport: asyncio.Transport | None = None
-        self.timer: asyncio.TimerHandle | None = None
-        self.in_head = True
-        self.head_bytes = 0
-        self.tail = b""
         self.counted = False
 
     def __repr__(self) -> str:
@@ -606,34 +600,24 @@ class _Guard(asyncio.Protocol):
         self._start_head()
         self.inner.connection_made(transport)  # type: ignore[union-attr]
 
-    def _start_head(self) -> None:
-        self.in_head = True
-        self.head_bytes = 0
-        self.tail = b""
+    def _head_started(self) -> None:
         srv = self.server
         srv._served.pop(self, None)
         srv._waiting[self] = None
-        loop = asyncio.get_running_loop()
-        self.timer = loop.call_at(loop.time() + srv.head_timeout, self._head_timeout)
 
-    def _end_head(self) -> None:
-        self.in_head = False
+    def _head_ended(self) -> None:
         srv = self.server
         srv._waiting.pop(self, None)
         srv._served.pop(self, None)
         srv._served[self] = time.monotonic()  # re-inserted: the dict stays oldest first
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
 
-    def _head_timeout(self) -> None:
-        self.timer = None
-        if not self.in_head or self.transport is None or self.transport.is_closing():
-            return
+    def _timed_out(self) -> None:
         self.server.stats.closed["head_timeout"] += 1
         self.server._waiting.pop(self, None)
-        self.transport.write(_408)
-        self.transport.close()
+
+    def _too_large(self) -> None:
+        self.server.stats.closed["head_too_large"] += 1
+        self._drop()
 
     def _drop(self) -> None:
         self.server._waiting.pop(self, None)
@@ -641,55 +625,12 @@ class _Guard(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
-    def data_received(self, data: bytes) -> None:
-        inner = self.inner
-        if inner is None:
-            return
-        if not self.in_head:
-            self._start_head()
-        buf = self.tail + data
-        start = 0
-        while True:
-            end = buf.find(b"\r\n\r\n", start)
-            if end < 0:
-                break
-            self._end_head()
-            start = end + 4
-            if start < len(buf):
-                self._start_head()  # more bytes: a pipelined request (or a body, for the admin API: none)
-        if self.in_head:
-            self.head_bytes += len(buf) - max(start, len(self.tail))
-            self.tail = buf[-3:]
-            if self.head_bytes > MAX_HEAD:
-                self.server.stats.closed["head_too_large"] += 1
-                self._drop()
-                return
-        inner.data_received(data)  # type: ignore[attr-defined]
-
-    def eof_received(self) -> bool | None:
-        return self.inner.eof_received() if self.inner is not None else None  # type: ignore[attr-defined]
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+    def _lost(self) -> None:
         self.server._waiting.pop(self, None)
         self.server._served.pop(self, None)
         if self.counted:
             self.counted = False
             self.server.stats.open -= 1
-        inner, self.inner = self.inner, None
-        if inner is not None:
-            inner.connection_lost(exc)
-        self.transport = None
-
-    def pause_writing(self) -> None:
-        if self.inner is not None:
-            self.inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        if self.inner is not None:
-            self.inner.resume_writing()
 
 
 class _ErrorLog:
