@@ -554,10 +554,7 @@ class Splice(asyncio.Protocol):
         (``acked``: the remote agent connected the replica, which is the success the dialer reports) or
         not (an agent older than the ack TLV: remembered, see ``NO_ACK_RECHECK``)."""
         self._ack_held = None
-        handle = self._ack_handle
-        if handle is not None:
-            handle.cancel()
-            self._ack_handle = None
+        self._cancel_ack()
         if acked:
             _no_ack.pop(up.host.via, None)
             # The remote agent reached the replica: a success for balancing and ejection.  The client's bytes
@@ -566,6 +563,12 @@ class Splice(asyncio.Protocol):
             self.pool.report_success(up.host)  # type: ignore[union-attr]
         else:
             _no_ack[up.host.via] = time.monotonic()
+
+    def _cancel_ack(self) -> None:
+        handle = self._ack_handle
+        if handle is not None:
+            handle.cancel()
+            self._ack_handle = None
 
     def _ack_expired(self, up: Upstream) -> None:
         """No TUNNEL_ACK within the connect timeout (a hung agent): a failed connect."""
@@ -595,9 +598,7 @@ class Splice(asyncio.Protocol):
         pool = self.pool
         stats = pool.stats  # type: ignore[union-attr]
         self._ack_held = None
-        if self._ack_handle is not None:
-            self._ack_handle.cancel()
-            self._ack_handle = None
+        self._cancel_ack()
         stats.connect_failed(reason)
         pool.report_failure(host)  # type: ignore[union-attr]
         tried = self._tried if self._tried is not None else []
@@ -776,9 +777,7 @@ class Splice(asyncio.Protocol):
         if self._pending > 0 or self._done:
             return
         self._done = True
-        if self._ack_handle is not None:
-            self._ack_handle.cancel()
-            self._ack_handle = None
+        self._cancel_ack()
         if self._idle_handle is not None:
             self._idle_handle.cancel()
             self._idle_handle = None
